@@ -1,0 +1,5 @@
+//! routerctl: the operator's CLI for routerd, and the simulated SGLang engine (`sim-worker`)
+//! used by tests, benchmarks and demos on machines without GPUs.
+
+pub mod cli;
+pub mod sim;

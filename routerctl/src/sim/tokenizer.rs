@@ -1,0 +1,112 @@
+//! The simulated engine's tokenizer: fixed-width chunks of characters hashed to token ids, plus
+//! the deterministic "model" that picks output tokens. Deterministic so that the same text always
+//! yields the same ids (what makes prefix caching observable) and the same answer.
+
+/// Size of the simulated vocabulary; output token ids are below it.
+pub const VOCAB: u32 = 32_000;
+
+/// Words the simulated model "says"; an output token id maps to one of them.
+const WORDS: &[&str] = &[
+    " the", " a", " of", " and", " to", " in", " is", " that", " it", " for", " on", " with",
+    " as", " was", " at", " by", " this", " model", " router", " cache", " token", " prefix",
+    " worker", " request", " stream", " batch", " GPU", " fleet", " Paris", " capital", " answer",
+    " simple", " fast", " because", " so", " then", " data", " memory", " time", " value",
+];
+
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    chars_per_token: usize,
+}
+
+impl Tokenizer {
+    pub fn new(chars_per_token: usize) -> Self {
+        Self { chars_per_token: chars_per_token.max(1) }
+    }
+
+    /// Splits `text` into chunks of `chars_per_token` characters (the last may be shorter) and
+    /// hashes each chunk. Equal prefixes of whole chunks give equal token prefixes.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text.len() / self.chars_per_token + 1);
+        let mut start = 0;
+        let mut count = 0;
+        for (i, _) in text.char_indices() {
+            if count == self.chars_per_token {
+                ids.push(hash_chunk(&text.as_bytes()[start..i]));
+                start = i;
+                count = 0;
+            }
+            count += 1;
+        }
+        if count > 0 {
+            ids.push(hash_chunk(&text.as_bytes()[start..]));
+        }
+        ids
+    }
+}
+
+fn hash_chunk(bytes: &[u8]) -> u32 {
+    // FNV-1a: stable across runs and platforms, unlike std's randomised hasher.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// A 64-bit mix (splitmix64 finaliser) used to derive deterministic outputs.
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A seed that identifies a prompt, so the same prompt always gets the same answer.
+pub fn prompt_seed(tokens: &[u32]) -> u64 {
+    tokens.iter().fold(0x1234_5678u64, |acc, t| mix64(acc ^ u64::from(*t)))
+}
+
+/// The `index`-th output token for a prompt with `seed`.
+pub fn output_token(seed: u64, index: u32) -> u32 {
+    (mix64(seed ^ (u64::from(index) << 32)) % u64::from(VOCAB)) as u32
+}
+
+/// The text of an output token.
+pub fn token_text(id: u32) -> &'static str {
+    WORDS[id as usize % WORDS.len()]
+}
+
+/// A deterministic log-probability in [-5, 0) for a token at a position.
+pub fn logprob(seed: u64, id: u32, position: usize) -> f64 {
+    let m = mix64(seed ^ u64::from(id) ^ ((position as u64) << 40));
+    -((m % 5000) as f64 + 1.0) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn chunks_are_fixed_width() {
+        let t = Tokenizer::new(4);
+        assert_eq!(t.encode("").len(), 0);
+        assert_eq!(t.encode("abcd").len(), 1);
+        assert_eq!(t.encode("abcde").len(), 2);
+        assert_eq!(t.encode("ééééé").len(), 2, "counts characters, not bytes");
+        assert_ne!(t.encode("abcd"), t.encode("abce"));
+    }
+
+    proptest! {
+        #[test]
+        fn shared_whole_chunks_share_tokens(prefix in "\\PC{0,40}", a in "\\PC{0,20}", b in "\\PC{0,20}") {
+            let t = Tokenizer::new(4);
+            let whole = prefix.chars().count() / 4;
+            let x = t.encode(&format!("{prefix}{a}"));
+            let y = t.encode(&format!("{prefix}{b}"));
+            prop_assert!(x.len() >= whole && y.len() >= whole);
+            prop_assert_eq!(&x[..whole], &y[..whole]);
+        }
+    }
+}

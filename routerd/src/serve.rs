@@ -1,0 +1,104 @@
+//! The accept loop every HTTP listener of the project runs on: one task per connection, all of
+//! them tracked, so a drain lets in-flight requests and streams finish within a grace period,
+//! and an abort drops every connection at once (what a crashing process looks like to peers).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How a server stops: `drain` stops accepting and lets open requests finish for up to
+/// `grace`; `abort` drops every connection immediately.
+#[derive(Clone, Debug)]
+pub struct Stop {
+    pub drain: CancellationToken,
+    pub abort: CancellationToken,
+    pub grace: Duration,
+}
+
+impl Stop {
+    pub fn new(grace: Duration) -> Self {
+        Self { drain: CancellationToken::new(), abort: CancellationToken::new(), grace }
+    }
+}
+
+/// How `serve` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every connection finished within the grace period.
+    Drained,
+    /// The grace period ran out; the remaining connections were dropped.
+    GraceExpired,
+    /// `abort` was cancelled.
+    Aborted,
+}
+
+/// Serves `app` on `listener` until `stop` says otherwise. Handlers can extract
+/// `ConnectInfo<SocketAddr>` for the peer address.
+pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.abort.cancelled() => {
+                conns.abort_all();
+                return Ended::Aborted;
+            }
+            _ = stop.drain.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(connection(stream, peer, app.clone(), stop.drain.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drained = async { while conns.join_next().await.is_some() {} };
+    tokio::select! {
+        _ = drained => Ended::Drained,
+        _ = tokio::time::sleep(stop.grace) => {
+            conns.abort_all();
+            Ended::GraceExpired
+        }
+        _ = stop.abort.cancelled() => {
+            conns.abort_all();
+            Ended::Aborted
+        }
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, app: Router, drain: CancellationToken) {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut app = app.clone();
+        async move {
+            use tower_service::Service;
+            Ok::<_, Infallible>(app.call(req).await.unwrap_or_else(|e: Infallible| match e {}))
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = drain.cancelled() => {}
+    }
+    // Finish the request in flight (streams included), then close instead of keeping alive.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
