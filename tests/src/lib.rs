@@ -1,0 +1,61 @@
+//! Helpers for the end-to-end tests: in-process simulated workers on 127.0.0.1:0, an HTTP
+//! client, and polling with a deadline instead of sleeps.
+
+use std::future::Future;
+use std::time::Duration;
+
+use routerctl::sim::{SimArgs, SimWorker};
+use serde_json::Value;
+
+/// A simulated worker on an ephemeral port, 20x faster than real time unless `tweak` says
+/// otherwise.
+pub async fn sim(tweak: impl FnOnce(&mut SimArgs)) -> SimWorker {
+    let mut args = SimArgs::ephemeral();
+    args.speed = 20.0;
+    tweak(&mut args);
+    SimWorker::start(args).await.expect("start sim worker")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().expect("http client")
+}
+
+pub async fn get_json(url: &str) -> Value {
+    client().get(url).send().await.expect("GET").json().await.expect("JSON body")
+}
+
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let resp = client().post(url).json(body).send().await.expect("POST");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON body"))
+}
+
+pub async fn stats(worker: &SimWorker) -> Value {
+    get_json(&format!("{}/sim/stats", worker.url())).await
+}
+
+/// Polls `check` until it returns true or `within` passes; panics with `what` on timeout.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
