@@ -24,8 +24,8 @@ pub async fn get_json(url: &str) -> Value {
     client().get(url).send().await.expect("GET").json().await.expect("JSON body")
 }
 
-pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let resp = client().post(url).json(body).send().await.expect("POST");
+pub async fn post_json(url: impl Into<String>, body: &Value) -> (u16, Value) {
+    let resp = client().post(url.into()).json(body).send().await.expect("POST");
     let status = resp.status().as_u16();
     (status, resp.json().await.expect("JSON body"))
 }
