@@ -81,7 +81,12 @@ pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, app: Router, drain: CancellationToken) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    drain: CancellationToken,
+) {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.clone();

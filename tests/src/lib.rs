@@ -54,8 +54,5 @@ where
 
 /// Splits an SSE body into its `data:` payloads.
 pub fn sse_events(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
 }

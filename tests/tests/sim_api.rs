@@ -39,8 +39,12 @@ async fn info_routes_have_sglang_shapes() {
 async fn generate_text_ids_and_batches() {
     let w = sim(|_| {}).await;
     let u = format!("{}/generate", w.url());
-    let (s, one) = post_json(&u, &json!({"text": "The capital of France is", "rid": "r1",
-        "sampling_params": {"max_new_tokens": 5}})).await;
+    let (s, one) = post_json(
+        &u,
+        &json!({"text": "The capital of France is", "rid": "r1",
+        "sampling_params": {"max_new_tokens": 5}}),
+    )
+    .await;
     assert_eq!(s, 200);
     let meta = &one["meta_info"];
     assert_eq!(meta["id"], "r1");
@@ -52,8 +56,12 @@ async fn generate_text_ids_and_batches() {
     assert_eq!(one["output_ids"].as_array().unwrap().len(), 5);
     assert!(!one["text"].as_str().unwrap().is_empty());
 
-    let (_, again) = post_json(&u, &json!({"text": "The capital of France is",
-        "sampling_params": {"max_new_tokens": 5}})).await;
+    let (_, again) = post_json(
+        &u,
+        &json!({"text": "The capital of France is",
+        "sampling_params": {"max_new_tokens": 5}}),
+    )
+    .await;
     assert_eq!(again["text"], one["text"], "deterministic model");
 
     let (s, ids) = post_json(&u, &json!({"input_ids": [1, 2, 3], "return_logprob": true})).await;
@@ -66,8 +74,12 @@ async fn generate_text_ids_and_batches() {
     assert_eq!(inlp[2][1], 3);
     assert_eq!(ids["meta_info"]["output_token_logprobs"].as_array().unwrap().len(), 16);
 
-    let (s, batch) = post_json(&u, &json!({"text": ["a b c d", "e f g h"],
-        "sampling_params": [{"max_new_tokens": 1}, {"max_new_tokens": 2}]})).await;
+    let (s, batch) = post_json(
+        &u,
+        &json!({"text": ["a b c d", "e f g h"],
+        "sampling_params": [{"max_new_tokens": 1}, {"max_new_tokens": 2}]}),
+    )
+    .await;
     assert_eq!(s, 200);
     let batch = batch.as_array().unwrap();
     assert_eq!(batch.len(), 2);
@@ -91,7 +103,11 @@ async fn bad_requests_get_sglang_errors() {
     assert!(body["message"].as_str().unwrap().contains("JSON decode error"));
     for (path, req, want) in [
         ("generate", json!({"sampling_params": {}}), "Either text or input_ids"),
-        ("generate", json!({"input_ids": [1], "sampling_params": {"max_new_tokens": 100}}), "maximum context length"),
+        (
+            "generate",
+            json!({"input_ids": [1], "sampling_params": {"max_new_tokens": 100}}),
+            "maximum context length",
+        ),
         ("v1/chat/completions", json!({"messages": []}), "messages must not be empty"),
         ("v1/completions", json!({"max_tokens": 2}), "prompt is required"),
         ("v1/embeddings", json!({}), "input is required"),
@@ -107,7 +123,11 @@ async fn bad_requests_get_sglang_errors() {
 async fn openai_routes() {
     let w = sim(|_| {}).await;
     let u = w.url();
-    let (s, c) = post_json(&format!("{u}/v1/completions"), &json!({"model": "m", "prompt": "Say hi", "max_tokens": 3})).await;
+    let (s, c) = post_json(
+        &format!("{u}/v1/completions"),
+        &json!({"model": "m", "prompt": "Say hi", "max_tokens": 3}),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["model"], "m");
@@ -125,18 +145,32 @@ async fn openai_routes() {
     assert_eq!(r["usage"]["total_tokens"], r["usage"]["prompt_tokens"].as_u64().unwrap() + 4);
     let (_, r2) = post_json(&format!("{u}/v1/chat/completions"), &chat).await;
     let prompt = r2["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert_eq!(r2["usage"]["prompt_tokens_details"]["cached_tokens"], prompt - 1, "repeat hits the cache");
+    assert_eq!(
+        r2["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt - 1,
+        "repeat hits the cache"
+    );
 
     let mut stream_req = chat.clone();
     stream_req["stream"] = json!(true);
     stream_req["stream_options"] = json!({"include_usage": true});
-    let body = client().post(format!("{u}/v1/chat/completions")).json(&stream_req).send().await.unwrap().text().await.unwrap();
+    let body = client()
+        .post(format!("{u}/v1/chat/completions"))
+        .json(&stream_req)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let events = sse_events(&body);
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, r["choices"][0]["message"]["content"].as_str().unwrap());
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));

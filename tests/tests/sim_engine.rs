@@ -16,9 +16,17 @@ async fn shared_prefix_and_multi_turn_hit_the_cache() {
     let w = sim(|_| {}).await;
     let u = format!("{}/generate", w.url());
     let system = "You are a helpful assistant who answers briefly. ".repeat(8); // 392 chars = 98 tokens
-    let (_, a) = post_json(&u, &json!({"text": format!("{system}Q: one?"), "sampling_params": {"max_new_tokens": 2}})).await;
+    let (_, a) = post_json(
+        &u,
+        &json!({"text": format!("{system}Q: one?"), "sampling_params": {"max_new_tokens": 2}}),
+    )
+    .await;
     assert_eq!(cached(&a), 0);
-    let (_, b) = post_json(&u, &json!({"text": format!("{system}Q: two?"), "sampling_params": {"max_new_tokens": 2}})).await;
+    let (_, b) = post_json(
+        &u,
+        &json!({"text": format!("{system}Q: two?"), "sampling_params": {"max_new_tokens": 2}}),
+    )
+    .await;
     assert_eq!(cached(&b), 98, "the shared system prompt is cached");
 
     // Multi-turn over chat: turn 2 resends turn 1 and its answer, which the cache holds.
@@ -95,7 +103,13 @@ async fn continuous_batching_queues_beyond_max_running() {
     let u = format!("{}/generate", w.url());
     let reqs = (0..6).map(|i| {
         let u = u.clone();
-        async move { post_json(&u, &json!({"text": format!("p{i}"), "sampling_params": {"max_new_tokens": 10}})).await }
+        async move {
+            post_json(
+                &u,
+                &json!({"text": format!("p{i}"), "sampling_params": {"max_new_tokens": 10}}),
+            )
+            .await
+        }
     });
     let all = tokio::spawn(futures_util::future::join_all(reqs));
     let (mut max_waiting, mut max_running) = (0, 0);
@@ -149,7 +163,10 @@ async fn streaming_delivers_first_event_before_the_end() {
     assert_eq!(last["meta_info"]["finish_reason"]["type"], "length");
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert!(first["meta_info"]["finish_reason"].is_null());
-    assert!(last["text"].as_str().unwrap().starts_with(first["text"].as_str().unwrap()), "cumulative text");
+    assert!(
+        last["text"].as_str().unwrap().starts_with(first["text"].as_str().unwrap()),
+        "cumulative text"
+    );
     w.shutdown().await;
 }
 
@@ -158,7 +175,9 @@ async fn batched_stream_tags_each_event_with_its_index() {
     let w = sim(|_| {}).await;
     let body = client()
         .post(format!("{}/generate", w.url()))
-        .json(&json!({"text": ["a", "b"], "stream": true, "sampling_params": {"max_new_tokens": 3}}))
+        .json(
+            &json!({"text": ["a", "b"], "stream": true, "sampling_params": {"max_new_tokens": 3}}),
+        )
         .send()
         .await
         .unwrap()
@@ -166,7 +185,8 @@ async fn batched_stream_tags_each_event_with_its_index() {
         .await
         .unwrap();
     let events = sse_events(&body);
-    let objs: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let objs: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(objs.len(), 6);
     for i in 0..2 {
         let mine: Vec<_> = objs.iter().filter(|o| o["index"] == i).collect();
@@ -193,7 +213,10 @@ async fn client_disconnect_aborts_streaming_and_plain_requests() {
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
-    eventually(Duration::from_secs(5), "stream aborted", || async { stats(&w).await["aborted"] == 1 }).await;
+    eventually(Duration::from_secs(5), "stream aborted", || async {
+        stats(&w).await["aborted"] == 1
+    })
+    .await;
 
     let err = client()
         .post(&u)

@@ -58,7 +58,11 @@ async fn both_legs_meet_on_the_room() {
     assert_eq!(dr.1["meta_info"]["input_token_logprobs"], json!([]), "decode never saw the prompt");
 
     // Second time: the prefill worker's cache hit is reported by the decode worker too.
-    let body = with_boot(json!({"text": "PD prompt for the pair", "sampling_params": {"max_new_tokens": 2}}), &p, json!(43));
+    let body = with_boot(
+        json!({"text": "PD prompt for the pair", "sampling_params": {"max_new_tokens": 2}}),
+        &p,
+        json!(43),
+    );
     let (pr, dr) = tokio::join!(
         post_json(format!("{}/generate", p.url()), &body),
         post_json(format!("{}/generate", d.url()), &body)
@@ -87,13 +91,22 @@ async fn batched_rooms_and_streaming_decode() {
         let u = format!("{}/generate", p.url());
         tokio::spawn(async move { post_json(&u, &b).await })
     };
-    let text = client().post(format!("{}/generate", d.url())).json(&body).send().await.unwrap().text().await.unwrap();
+    let text = client()
+        .post(format!("{}/generate", d.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let (s, pr) = prefill.await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(pr.as_array().unwrap().len(), 2);
     let events = sse_events(&text);
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let objs: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let objs: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(objs.len(), 6, "{text}");
     assert_eq!(objs.iter().filter(|o| o["index"] == 1).count(), 3);
     p.shutdown().await;
@@ -103,7 +116,11 @@ async fn batched_rooms_and_streaming_decode() {
 #[tokio::test]
 async fn openai_routes_carry_bootstrap_fields() {
     let (p, d) = pair(10.0).await;
-    let body = with_boot(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}), &p, json!(99));
+    let body = with_boot(
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+        &p,
+        json!(99),
+    );
     let (pr, dr) = tokio::join!(
         post_json(format!("{}/v1/chat/completions", p.url()), &body),
         post_json(format!("{}/v1/chat/completions", d.url()), &body)
@@ -144,13 +161,24 @@ async fn a_missing_leg_fails_after_the_bootstrap_timeout() {
         let took = t.elapsed();
         assert_eq!(s, 500, "{err}");
         let msg = err["message"].as_str().unwrap();
-        assert!(msg.contains("KVTransferError(bootstrap_room=1234)") && msg.contains("Bootstrapping"), "{msg}");
+        assert!(
+            msg.contains("KVTransferError(bootstrap_room=1234)") && msg.contains("Bootstrapping"),
+            "{msg}"
+        );
         assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
         assert_eq!(stats(w).await["bootstrap_timeouts"], 1);
     }
     // A streaming request gets its headers, then one error event and [DONE].
     let body = with_boot(json!({"text": "alone", "stream": true}), &p, json!(77));
-    let text = client().post(format!("{}/generate", d.url())).json(&body).send().await.unwrap().text().await.unwrap();
+    let text = client()
+        .post(format!("{}/generate", d.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let events = sse_events(&text);
     assert_eq!(events.len(), 2, "{text}");
     assert!(events[0].contains("KVTransferError"));

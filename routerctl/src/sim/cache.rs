@@ -91,8 +91,11 @@ impl PrefixCache {
                 }
                 Some(child) => {
                     let common = common_prefix(&self.nodes[child].key, rest);
-                    let next =
-                        if common < self.nodes[child].key.len() { self.split(child, common) } else { child };
+                    let next = if common < self.nodes[child].key.len() {
+                        self.split(child, common)
+                    } else {
+                        child
+                    };
                     self.touch(next);
                     pos += common;
                     node = next;

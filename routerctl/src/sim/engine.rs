@@ -248,7 +248,9 @@ impl Scheduler {
                 let _ = a.out.send(Event::Done);
                 counters.completed.fetch_add(1, Relaxed);
                 counters.running.fetch_sub(1, Relaxed);
-                counters.running_tokens.fetch_sub((a.job.tokens.len() + a.generated.len()) as u64, Relaxed);
+                counters
+                    .running_tokens
+                    .fetch_sub((a.job.tokens.len() + a.generated.len()) as u64, Relaxed);
                 if !a.job.skip_prefill {
                     finished.push(finished_sequence(&self.tokenizer, a));
                 }

@@ -34,7 +34,10 @@ impl SimError {
     }
 
     pub fn bootstrap_failed(room: u64, why: &str) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("KVTransferError(bootstrap_room={room}): {why}"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("KVTransferError(bootstrap_room={room}): {why}"),
+        )
     }
 
     pub fn body(&self) -> serde_json::Value {

@@ -28,7 +28,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
         "sim-worker listening on {} (model {}, role {}{})",
         worker.url(),
         a.model_path,
-        serde_json::to_value(a.role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        serde_json::to_value(a.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
         worker.bootstrap_addr.map(|b| format!(", bootstrap port {}", b.port())).unwrap_or_default()
     );
     let stop = worker.stopper();

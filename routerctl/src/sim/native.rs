@@ -27,7 +27,9 @@ pub async fn generate(State(state): State<Arc<SimState>>, body: Bytes) -> Respon
     let ids: Vec<String> =
         parsed.items.iter().map(|it| it.rid.clone().unwrap_or_else(|| state.new_id())).collect();
     if parsed.stream {
-        return sse_response(move |tx| stream(state, parsed.items, ids, parsed.batched, started, tx));
+        return sse_response(move |tx| {
+            stream(state, parsed.items, ids, parsed.batched, started, tx)
+        });
     }
     let runs = match start_all(&state, &parsed.items).await {
         Ok(r) => r,
@@ -41,7 +43,9 @@ pub async fn generate(State(state): State<Arc<SimState>>, body: Bytes) -> Respon
     let mut objs = Vec::with_capacity(outputs.len());
     for ((item, id), out) in parsed.items.iter().zip(&ids).zip(outputs) {
         match out {
-            Ok((meta, tokens)) => objs.push(output(&state, item, id, &meta, &tokens, true, started)),
+            Ok((meta, tokens)) => {
+                objs.push(output(&state, item, id, &meta, &tokens, true, started))
+            }
             Err(e) => return e.into_response(),
         }
     }
@@ -69,7 +73,8 @@ async fn stream(
     let mut steps = merge(runs);
     while let Some((i, step)) = steps.next().await {
         tokens[i].extend(step.token);
-        let mut obj = output(&state, &items[i], &ids[i], &metas[i], &tokens[i], step.finished, started);
+        let mut obj =
+            output(&state, &items[i], &ids[i], &metas[i], &tokens[i], step.finished, started);
         if batched {
             obj["index"] = json!(i);
         }

@@ -81,7 +81,10 @@ async fn respond(state: Arc<SimState>, parsed: Parsed, kind: Kind) -> Response {
         Err(e) => return e.into_response(),
     };
     let metas: Vec<Meta> = runs.iter().map(|r| r.meta).collect();
-    let outputs = futures_util::future::join_all(runs.into_iter().map(|mut r| async move { r.collect().await })).await;
+    let outputs = futures_util::future::join_all(
+        runs.into_iter().map(|mut r| async move { r.collect().await }),
+    )
+    .await;
     let mut choices = Vec::with_capacity(outputs.len());
     let mut completion_tokens = 0;
     for (i, out) in outputs.into_iter().enumerate() {
@@ -174,14 +177,20 @@ fn parse_embeddings(body: &Value, ctx: &super::request::Ctx) -> Result<Embedding
             Value::String(s) => Ok(ctx.tokenizer.encode(s)),
             Value::Array(ids) => ids
                 .iter()
-                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or("token ids must be integers".to_owned()))
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or("token ids must be integers".to_owned())
+                })
                 .collect(),
             _ => Err("input must be a string, a list of strings or token ids".into()),
         }
     };
     let inputs = match input {
         Value::Array(a) if a.is_empty() => return Err("input must not be empty".into()),
-        Value::Array(a) if a[0].is_string() || a[0].is_array() => a.iter().map(one).collect::<Result<_, _>>()?,
+        Value::Array(a) if a[0].is_string() || a[0].is_array() => {
+            a.iter().map(one).collect::<Result<_, _>>()?
+        }
         other => vec![one(other)?],
     };
     Ok((inputs, body.get("model").and_then(Value::as_str).map(str::to_owned)))
@@ -190,7 +199,8 @@ fn parse_embeddings(body: &Value, ctx: &super::request::Ctx) -> Result<Embedding
 /// A deterministic unit vector for a token sequence.
 fn embed(tokens: &[u32], dim: usize) -> Vec<f64> {
     let seed = tokens.iter().fold(7u64, |a, t| mix64(a ^ u64::from(*t)));
-    let raw: Vec<f64> = (0..dim).map(|i| (mix64(seed ^ i as u64) % 2001) as f64 / 1000.0 - 1.0).collect();
+    let raw: Vec<f64> =
+        (0..dim).map(|i| (mix64(seed ^ i as u64) % 2001) as f64 / 1000.0 - 1.0).collect();
     let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
     raw.into_iter().map(|x| x / norm).collect()
 }

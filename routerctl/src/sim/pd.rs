@@ -58,7 +58,7 @@ impl Rooms {
         self.rooms.lock().expect("rooms lock").remove(&id);
     }
 
-    pub fn len(&self) -> usize {
+    pub fn open(&self) -> usize {
         self.rooms.lock().expect("rooms lock").len()
     }
 
@@ -123,14 +123,20 @@ pub async fn fetch_handoff(
     room: u64,
     timeout: Duration,
 ) -> Result<Handoff, SimError> {
-    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
-    let url = format!("http://{host}:{port}/sim/bootstrap/{room}?timeout_ms={}", timeout.as_millis());
-    let resp = client
-        .post(&url)
-        .timeout(timeout + Duration::from_secs(2))
-        .send()
-        .await
-        .map_err(|e| SimError::bootstrap_failed(room, &format!("cannot reach bootstrap server {host}:{port}: {e}")))?;
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let url =
+        format!("http://{host}:{port}/sim/bootstrap/{room}?timeout_ms={}", timeout.as_millis());
+    let resp =
+        client.post(&url).timeout(timeout + Duration::from_secs(2)).send().await.map_err(|e| {
+            SimError::bootstrap_failed(
+                room,
+                &format!("cannot reach bootstrap server {host}:{port}: {e}"),
+            )
+        })?;
     if !resp.status().is_success() {
         return Err(SimError::bootstrap_timeout(room, timeout));
     }

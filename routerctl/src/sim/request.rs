@@ -49,7 +49,9 @@ pub fn parse_generate(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     let (prompts, batched) = match (obj.get("text"), obj.get("input_ids")) {
         (Some(t), None) => texts(t, "text")?,
         (None, Some(ids)) => token_lists(ids, "input_ids")?,
-        (Some(_), Some(_)) => return Err("Either text or input_ids should be provided, not both".into()),
+        (Some(_), Some(_)) => {
+            return Err("Either text or input_ids should be provided, not both".into())
+        }
         (None, None) => return Err("Either text or input_ids should be provided".into()),
     };
     let n = prompts.len();
@@ -63,7 +65,14 @@ pub fn parse_generate(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
             None | Some(Value::Null) => ctx.default_max_new_tokens,
             Some(v) => as_u32(v, "sampling_params.max_new_tokens")?,
         };
-        items.push(make_item(prompt, ctx, max_new_tokens, &logprob[i], &rids[i], boots[i].clone())?);
+        items.push(make_item(
+            prompt,
+            ctx,
+            max_new_tokens,
+            &logprob[i],
+            &rids[i],
+            boots[i].clone(),
+        )?);
     }
     Ok(Parsed {
         items,
@@ -85,19 +94,23 @@ pub fn parse_completions(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
         _ => return Err("prompt must be a string, a list of strings or token ids".into()),
     };
     let max_new_tokens = openai_max_tokens(obj, ctx)?;
-    let logprobs = !matches!(obj.get("logprobs"), None | Some(Value::Null) | Some(Value::Bool(false)));
+    let logprobs =
+        !matches!(obj.get("logprobs"), None | Some(Value::Null) | Some(Value::Bool(false)));
     let boots = bootstraps(obj, prompts.len(), batched)?;
     let items = prompts
         .into_iter()
         .enumerate()
-        .map(|(i, p)| make_item(p, ctx, max_new_tokens, &Some(Value::Bool(logprobs)), &None, boots[i].clone()))
+        .map(|(i, p)| {
+            make_item(p, ctx, max_new_tokens, &Some(Value::Bool(logprobs)), &None, boots[i].clone())
+        })
         .collect::<ParseResult<Vec<_>>>()?;
     openai_parsed(obj, items, batched, ctx)
 }
 
 pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     let obj = body.as_object().ok_or("request body must be a JSON object")?;
-    let messages = obj.get("messages").and_then(Value::as_array).ok_or("messages must be a list")?;
+    let messages =
+        obj.get("messages").and_then(Value::as_array).ok_or("messages must be a list")?;
     if messages.is_empty() {
         return Err("messages must not be empty".into());
     }
@@ -105,7 +118,14 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     let max_new_tokens = openai_max_tokens(obj, ctx)?;
     let logprobs = flag(obj.get("logprobs"), "logprobs")?;
     let boot = bootstraps(obj, 1, false)?.pop().flatten();
-    let item = make_item(Prompt::Text(text), ctx, max_new_tokens, &Some(Value::Bool(logprobs)), &None, boot)?;
+    let item = make_item(
+        Prompt::Text(text),
+        ctx,
+        max_new_tokens,
+        &Some(Value::Bool(logprobs)),
+        &None,
+        boot,
+    )?;
     openai_parsed(obj, vec![item], false, ctx)
 }
 
@@ -115,7 +135,10 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
 pub fn render_chat(messages: &[Value]) -> ParseResult<String> {
     let mut out = String::new();
     for (i, m) in messages.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}].role must be a string"))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or(format!("messages[{i}].role must be a string"))?;
         out.push_str("<|");
         out.push_str(role);
         out.push_str("|>\n");
@@ -129,7 +152,9 @@ pub fn render_chat(messages: &[Value]) -> ParseResult<String> {
                     }
                 }
             }
-            Some(_) => return Err(format!("messages[{i}].content must be a string or a list of parts")),
+            Some(_) => {
+                return Err(format!("messages[{i}].content must be a string or a list of parts"))
+            }
         }
         out.push_str("<|end|>\n");
     }
@@ -171,7 +196,14 @@ fn make_item(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("rid must be a string".into()),
     };
-    Ok(Item { tokens, text, max_new_tokens, return_logprob: flag(logprob.as_ref(), "return_logprob")?, rid, bootstrap })
+    Ok(Item {
+        tokens,
+        text,
+        max_new_tokens,
+        return_logprob: flag(logprob.as_ref(), "return_logprob")?,
+        rid,
+        bootstrap,
+    })
 }
 
 fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
@@ -180,7 +212,9 @@ fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
         Value::Array(a) if !a.is_empty() => {
             let mut out = Vec::with_capacity(a.len());
             for (i, x) in a.iter().enumerate() {
-                out.push(Prompt::Text(x.as_str().ok_or(format!("{name}[{i}] must be a string"))?.to_owned()));
+                out.push(Prompt::Text(
+                    x.as_str().ok_or(format!("{name}[{i}] must be a string"))?.to_owned(),
+                ));
             }
             Ok((out, true))
         }
@@ -189,7 +223,8 @@ fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
 }
 
 fn token_lists(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
-    let a = v.as_array().filter(|a| !a.is_empty()).ok_or(format!("{name} must be a non-empty list"))?;
+    let a =
+        v.as_array().filter(|a| !a.is_empty()).ok_or(format!("{name} must be a non-empty list"))?;
     if a[0].is_array() {
         let mut out = Vec::with_capacity(a.len());
         for (i, x) in a.iter().enumerate() {
@@ -207,7 +242,9 @@ fn ids(v: &Value, name: &str) -> ParseResult<Vec<u32>> {
 }
 
 fn as_u32(v: &Value, name: &str) -> ParseResult<u32> {
-    v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(format!("{name} must be a non-negative integer"))
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(format!("{name} must be a non-negative integer"))
 }
 
 fn flag(v: Option<&Value>, name: &str) -> ParseResult<bool> {
@@ -219,7 +256,12 @@ fn flag(v: Option<&Value>, name: &str) -> ParseResult<bool> {
 }
 
 /// A field given once for the whole batch or as a list with one entry per item.
-fn per_item(v: Option<&Value>, n: usize, batched: bool, name: &str) -> ParseResult<Vec<Option<Value>>> {
+fn per_item(
+    v: Option<&Value>,
+    n: usize,
+    batched: bool,
+    name: &str,
+) -> ParseResult<Vec<Option<Value>>> {
     match v {
         None | Some(Value::Null) => Ok(vec![None; n]),
         Some(Value::Array(a)) if batched => {
@@ -245,15 +287,22 @@ fn bootstraps(
     let ports = per_item(obj.get("bootstrap_port"), n, batched, "bootstrap_port")?;
     (0..n)
         .map(|i| {
-            let room = rooms[i].as_ref().and_then(Value::as_u64).ok_or("bootstrap_room must be an integer")?;
+            let room = rooms[i]
+                .as_ref()
+                .and_then(Value::as_u64)
+                .ok_or("bootstrap_room must be an integer")?;
             let host = match &hosts[i] {
                 Some(Value::String(h)) => h.clone(),
-                _ => return Err("bootstrap_host must be a string when bootstrap_room is set".into()),
+                _ => {
+                    return Err("bootstrap_host must be a string when bootstrap_room is set".into())
+                }
             };
             let port = match &ports[i] {
                 None | Some(Value::Null) => None,
                 Some(v) => Some(
-                    v.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or("bootstrap_port must be a port or null")?,
+                    v.as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .ok_or("bootstrap_port must be a port or null")?,
                 ),
             };
             Ok(Some(Bootstrap { host, port, room }))
@@ -267,7 +316,10 @@ fn dp_rank(obj: &serde_json::Map<String, Value>, ctx: &Ctx) -> ParseResult<Optio
         Some(v) => {
             let rank = as_u32(v, "data_parallel_rank")?;
             if rank >= ctx.dp_size {
-                return Err(format!("data_parallel_rank {rank} is out of range for dp_size {}", ctx.dp_size));
+                return Err(format!(
+                    "data_parallel_rank {rank} is out of range for dp_size {}",
+                    ctx.dp_size
+                ));
             }
             Ok(Some(rank))
         }
@@ -315,7 +367,11 @@ mod tests {
     #[test]
     fn generate_single_and_batch() {
         let t = Tokenizer::new(4);
-        let p = parse_generate(&json!({"text": "hello world", "sampling_params": {"max_new_tokens": 3}}), &ctx(&t)).unwrap();
+        let p = parse_generate(
+            &json!({"text": "hello world", "sampling_params": {"max_new_tokens": 3}}),
+            &ctx(&t),
+        )
+        .unwrap();
         assert!(!p.batched);
         assert_eq!(p.items[0].max_new_tokens, 3);
         assert_eq!(p.items[0].tokens.len(), 3);
@@ -344,7 +400,10 @@ mod tests {
             (json!({"text": ["a", "b"], "sampling_params": [{}]}), "sampling_params has 1 entries"),
             (json!({"text": "x", "bootstrap_room": 1}), "bootstrap_host must be a string"),
             (json!([1]), "JSON object"),
-            (json!({"input_ids": [1], "sampling_params": {"max_new_tokens": 100}}), "maximum context length of 100"),
+            (
+                json!({"input_ids": [1], "sampling_params": {"max_new_tokens": 100}}),
+                "maximum context length of 100",
+            ),
             (json!({"text": "x", "data_parallel_rank": 2}), "out of range for dp_size 2"),
         ] {
             let err = parse_generate(&body, &ctx(&t)).unwrap_err();
@@ -358,7 +417,10 @@ mod tests {
         let msgs = json!({"messages": [{"role": "system", "content": "S"},
             {"role": "user", "content": [{"type": "text", "text": "Q"}]}], "max_tokens": 2});
         let p = parse_chat(&msgs, &ctx(&t)).unwrap();
-        assert_eq!(p.items[0].text.as_deref(), Some("<|system|>\nS<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n"));
+        assert_eq!(
+            p.items[0].text.as_deref(),
+            Some("<|system|>\nS<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n")
+        );
         assert_eq!(p.items[0].max_new_tokens, 2);
     }
 
@@ -366,9 +428,19 @@ mod tests {
     fn completions_prompt_forms() {
         let t = Tokenizer::new(4);
         assert!(!parse_completions(&json!({"prompt": "x"}), &ctx(&t)).unwrap().batched);
-        assert_eq!(parse_completions(&json!({"prompt": ["x", "y"]}), &ctx(&t)).unwrap().items.len(), 2);
-        assert_eq!(parse_completions(&json!({"prompt": [1, 2, 3]}), &ctx(&t)).unwrap().items[0].tokens, vec![1, 2, 3]);
-        let p = parse_completions(&json!({"prompt": "x", "stream": true, "stream_options": {"include_usage": true}}), &ctx(&t)).unwrap();
+        assert_eq!(
+            parse_completions(&json!({"prompt": ["x", "y"]}), &ctx(&t)).unwrap().items.len(),
+            2
+        );
+        assert_eq!(
+            parse_completions(&json!({"prompt": [1, 2, 3]}), &ctx(&t)).unwrap().items[0].tokens,
+            vec![1, 2, 3]
+        );
+        let p = parse_completions(
+            &json!({"prompt": "x", "stream": true, "stream_options": {"include_usage": true}}),
+            &ctx(&t),
+        )
+        .unwrap();
         assert!(p.stream && p.include_usage);
     }
 }

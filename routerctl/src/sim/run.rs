@@ -55,14 +55,15 @@ impl ItemRun {
             Event::Token(id) => {
                 self.emitted += 1;
                 // The engine sends a sequence's last token and Done in the same step.
-                let finished = match self.buffered.pop_front().or_else(|| self.events.try_recv().ok()) {
-                    Some(Event::Done) => true,
-                    Some(other) => {
-                        self.buffered.push_front(other);
-                        false
-                    }
-                    None => false,
-                };
+                let finished =
+                    match self.buffered.pop_front().or_else(|| self.events.try_recv().ok()) {
+                        Some(Event::Done) => true,
+                        Some(other) => {
+                            self.buffered.push_front(other);
+                            false
+                        }
+                        None => false,
+                    };
                 Some(Step { token: Some(id), finished })
             }
             Event::Done => Some(Step { token: None, finished: true }),
@@ -84,7 +85,10 @@ impl ItemRun {
 
     /// The sequence as a stream of steps (for merging the sequences of a batch).
     pub fn into_steps(self) -> impl futures_util::Stream<Item = Step> + Send {
-        futures_util::stream::unfold(self, |mut run| async move { run.next().await.map(|s| (s, run)) })
+        futures_util::stream::unfold(
+            self,
+            |mut run| async move { run.next().await.map(|s| (s, run)) },
+        )
     }
 }
 
@@ -242,7 +246,8 @@ impl SseTx {
     }
 
     pub async fn error(&self, e: &SimError) {
-        self.data(&serde_json::json!({"error": {"message": e.message, "code": e.status.as_u16()}})).await;
+        self.data(&serde_json::json!({"error": {"message": e.message, "code": e.status.as_u16()}}))
+            .await;
         self.done().await;
     }
 }

@@ -119,15 +119,19 @@ impl SimState {
             || (faults.error_rate > 0.0 && rand::rng().random_bool(faults.error_rate));
         if inject {
             self.counters.injected_errors.fetch_add(1, Relaxed);
-            let status = StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut resp = SimError::new(status, format!("injected fault: status {}", status.as_u16())).into_response();
+            let status = StatusCode::from_u16(faults.error_status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut resp =
+                SimError::new(status, format!("injected fault: status {}", status.as_u16()))
+                    .into_response();
             if let Some(secs) = faults.retry_after_secs {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             return Err(resp);
         }
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| SimError::bad_request(format!("JSON decode error: {e}")).into_response())?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            SimError::bad_request(format!("JSON decode error: {e}")).into_response()
+        })?;
         let ctx = Ctx {
             tokenizer: &self.tokenizer,
             default_max_new_tokens: self.args.default_max_new_tokens,
@@ -167,7 +171,7 @@ impl SimState {
             "health_checks": c.health_checks.load(Relaxed),
             "health_checks_with_key": c.health_checks_with_key.load(Relaxed),
             "bootstrap_timeouts": c.bootstrap_timeouts.load(Relaxed),
-            "open_rooms": self.rooms.len(),
+            "open_rooms": self.rooms.open(),
             "flushes": c.flushes.load(Relaxed),
             "dp_rank_requests": self.dp_rank_requests.iter().map(|n| n.load(Relaxed)).collect::<Vec<_>>(),
         })
@@ -228,7 +232,8 @@ fn load(state: &SimState) -> (u64, u64, u64) {
 async fn server_info(State(state): State<Arc<SimState>>) -> Json<Value> {
     let a = &state.args;
     let (tokens, running, waiting) = load(&state);
-    let internal = json!({"load": tokens, "num_running_reqs": running, "num_waiting_reqs": waiting});
+    let internal =
+        json!({"load": tokens, "num_running_reqs": running, "num_waiting_reqs": waiting});
     Json(json!({
         "model_path": a.model_path,
         "tokenizer_path": a.model_path,
@@ -360,7 +365,9 @@ impl SimWorker {
         let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
         let addr = listener.local_addr()?;
         let boot_listener = match args.role {
-            Role::Prefill => Some(TcpListener::bind((args.host.as_str(), args.bootstrap_port)).await?),
+            Role::Prefill => {
+                Some(TcpListener::bind((args.host.as_str(), args.bootstrap_port)).await?)
+            }
             _ => None,
         };
         let bootstrap_addr = boot_listener.as_ref().map(TcpListener::local_addr).transpose()?;
