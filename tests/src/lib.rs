@@ -56,3 +56,13 @@ where
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
 }
+
+/// POSTs a streaming request and returns its events as JSON, checking that the stream ends with
+/// `data: [DONE]` and nothing after it.
+pub async fn post_stream(url: impl Into<String>, body: &Value) -> Vec<Value> {
+    let resp = client().post(url.into()).json(body).send().await.expect("POST");
+    let text = resp.text().await.expect("stream body");
+    let mut events = sse_events(&text);
+    assert_eq!(events.pop().as_deref(), Some("[DONE]"), "stream must end with [DONE]: {text}");
+    events.iter().map(|e| serde_json::from_str(e).expect("event is JSON")).collect()
+}

@@ -1,6 +1,6 @@
 //! The simulated worker answers SGLang's HTTP API with SGLang's shapes.
 
-use routerd_e2e::{client, get_json, post_json, sim, sse_events, stats};
+use routerd_e2e::{client, get_json, post_json, post_stream, sim, stats};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -154,19 +154,7 @@ async fn openai_routes() {
     let mut stream_req = chat.clone();
     stream_req["stream"] = json!(true);
     stream_req["stream_options"] = json!({"include_usage": true});
-    let body = client()
-        .post(format!("{u}/v1/chat/completions"))
-        .json(&stream_req)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = sse_events(&body);
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> =
-        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks = post_stream(format!("{u}/v1/chat/completions"), &stream_req).await;
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
     let text: String =

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use routerd_e2e::{client, eventually, post_json, sim, sse_events, stats};
+use routerd_e2e::{client, eventually, post_json, post_stream, sim, sse_events, stats};
 use serde_json::{json, Value};
 
 fn cached(v: &Value) -> u64 {
@@ -173,20 +173,9 @@ async fn streaming_delivers_first_event_before_the_end() {
 #[tokio::test]
 async fn batched_stream_tags_each_event_with_its_index() {
     let w = sim(|_| {}).await;
-    let body = client()
-        .post(format!("{}/generate", w.url()))
-        .json(
-            &json!({"text": ["a", "b"], "stream": true, "sampling_params": {"max_new_tokens": 3}}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = sse_events(&body);
-    let objs: Vec<Value> =
-        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let body =
+        json!({"text": ["a", "b"], "stream": true, "sampling_params": {"max_new_tokens": 3}});
+    let objs = post_stream(format!("{}/generate", w.url()), &body).await;
     assert_eq!(objs.len(), 6);
     for i in 0..2 {
         let mine: Vec<_> = objs.iter().filter(|o| o["index"] == i).collect();

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use routerctl::sim::{Role, SimWorker};
-use routerd_e2e::{client, post_json, sim, sse_events, stats};
+use routerd_e2e::{post_json, post_stream, sim, stats};
 use serde_json::{json, Value};
 
 async fn pair(timeout_secs: f64) -> (SimWorker, SimWorker) {
@@ -91,23 +91,11 @@ async fn batched_rooms_and_streaming_decode() {
         let u = format!("{}/generate", p.url());
         tokio::spawn(async move { post_json(&u, &b).await })
     };
-    let text = client()
-        .post(format!("{}/generate", d.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let objs = post_stream(format!("{}/generate", d.url()), &body).await;
     let (s, pr) = prefill.await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(pr.as_array().unwrap().len(), 2);
-    let events = sse_events(&text);
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let objs: Vec<Value> =
-        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    assert_eq!(objs.len(), 6, "{text}");
+    assert_eq!(objs.len(), 6, "{objs:?}");
     assert_eq!(objs.iter().filter(|o| o["index"] == 1).count(), 3);
     p.shutdown().await;
     d.shutdown().await;
@@ -170,19 +158,9 @@ async fn a_missing_leg_fails_after_the_bootstrap_timeout() {
     }
     // A streaming request gets its headers, then one error event and [DONE].
     let body = with_boot(json!({"text": "alone", "stream": true}), &p, json!(77));
-    let text = client()
-        .post(format!("{}/generate", d.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = sse_events(&text);
-    assert_eq!(events.len(), 2, "{text}");
-    assert!(events[0].contains("KVTransferError"));
-    assert_eq!(events[1], "[DONE]");
+    let objs = post_stream(format!("{}/generate", d.url()), &body).await;
+    assert_eq!(objs.len(), 1, "{objs:?}");
+    assert!(objs[0]["error"]["message"].as_str().unwrap().contains("KVTransferError"));
     p.shutdown().await;
     d.shutdown().await;
 }
