@@ -348,6 +348,12 @@ fn app(state: Arc<SimState>) -> Router {
         .with_state(state)
 }
 
+async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))
+}
+
 /// A running simulated worker.
 pub struct SimWorker {
     pub addr: SocketAddr,
@@ -362,12 +368,10 @@ impl SimWorker {
     /// Binds the listeners (port 0 picks free ones) and starts serving.
     pub async fn start(args: SimArgs) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
+        let listener = bind(&args.host, args.port).await?;
         let addr = listener.local_addr()?;
         let boot_listener = match args.role {
-            Role::Prefill => {
-                Some(TcpListener::bind((args.host.as_str(), args.bootstrap_port)).await?)
-            }
+            Role::Prefill => Some(bind(&args.host, args.bootstrap_port).await?),
             _ => None,
         };
         let bootstrap_addr = boot_listener.as_ref().map(TcpListener::local_addr).transpose()?;
