@@ -1,0 +1,356 @@
+//! One typed configuration, built once from the TOML file and sgl-router's flags (a flag
+//! overrides the file's key), with every error collected. See docs/configuration.md.
+
+mod error;
+mod flags;
+mod raw;
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use http::HeaderName;
+use toml::Spanned;
+
+pub use error::{ConfigError, ConfigErrors, Source};
+pub use flags::{Cli, Command, Flags};
+use raw::RawConfig;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub policy: PolicyConfig,
+    pub workers: Vec<WorkerConfig>,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub max_payload_size: usize,
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: Option<NonZeroUsize>,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+    pub request_id_headers: Vec<HeaderName>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyName {
+    CacheAware,
+    RoundRobin,
+    Random,
+    PowerOfTwo,
+}
+
+impl PolicyName {
+    pub const ALL: [(&'static str, PolicyName); 4] = [
+        ("cache_aware", PolicyName::CacheAware),
+        ("round_robin", PolicyName::RoundRobin),
+        ("random", PolicyName::Random),
+        ("power_of_two", PolicyName::PowerOfTwo),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(_, p)| *p == self).map(|(n, _)| *n).expect("listed")
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, p)| *p)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub name: PolicyName,
+    /// When set, workers' `/get_load` is polled at this interval and used by power_of_two.
+    pub load_poll_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    pub url: String,
+    pub api_key: Option<String>,
+}
+
+pub const DEFAULT_REQUEST_ID_HEADERS: [&str; 4] =
+    ["x-request-id", "x-correlation-id", "x-trace-id", "request-id"];
+
+impl Config {
+    /// Reads `flags.config` (if any) and builds the configuration with the flags on top.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigErrors> {
+        match &flags.config {
+            None => Self::build(None, flags),
+            Some(path) => {
+                let text = read(path)?;
+                let name = path.display().to_string();
+                Self::build(Some(Source { name: &name, text: &text }), flags)
+            }
+        }
+    }
+
+    /// Builds from an optional file's text and the flags.
+    pub fn build(file: Option<Source>, flags: &Flags) -> Result<Config, ConfigErrors> {
+        let raw = match &file {
+            None => RawConfig::default(),
+            Some(src) => toml::from_str::<RawConfig>(src.text).map_err(|e| {
+                let span = e.span().unwrap_or(0..0);
+                ConfigErrors(vec![ConfigError {
+                    origin: Some(src.locate(&span)),
+                    key: src.key_at(span.start),
+                    message: e.message().trim().to_owned(),
+                }])
+            })?,
+        };
+        let mut b = Builder { file: file.as_ref(), errors: Vec::new() };
+        let config = b.config(raw, flags);
+        if b.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(b.errors))
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            origin: Some(path.display().to_string()),
+            key: "--config".into(),
+            message: format!("cannot read the configuration file: {e}"),
+        }])
+    })
+}
+
+/// Turns raw values into typed ones, recording an error (with its origin) for each bad value
+/// and carrying on with a default so that every error is found in one pass.
+struct Builder<'a> {
+    file: Option<&'a Source<'a>>,
+    errors: Vec<ConfigError>,
+}
+
+impl Builder<'_> {
+    fn error(&mut self, key: &str, span: Option<std::ops::Range<usize>>, flag: Option<&str>, message: String) {
+        let origin = match (flag, span, self.file) {
+            (Some(flag), _, _) => Some(format!("flag {flag}")),
+            (None, Some(span), Some(src)) => Some(src.locate(&span)),
+            (None, _, Some(src)) => Some(src.name.to_owned()),
+            _ => None,
+        };
+        self.errors.push(ConfigError { origin, key: key.to_owned(), message });
+    }
+
+    fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
+        for (key, value) in [("prefill", &raw.prefill), ("decode", &raw.decode), ("metrics", &raw.metrics)] {
+            if let Some(v) = value {
+                self.error(key, Some(v.span()), None, "not implemented yet in this version of routerd".into());
+            }
+        }
+        Config {
+            server: self.server(raw.server, f),
+            policy: self.policy(raw.policy, f),
+            workers: self.workers(raw.workers, f),
+            log_level: self.log_level(f),
+        }
+    }
+
+    fn server(&mut self, s: raw::RawServer, f: &Flags) -> ServerConfig {
+        let host = match (&f.host, s.host) {
+            (Some(h), _) => self.non_empty("server.host", h.clone(), None, Some("--host")),
+            (None, Some(h)) => {
+                let span = h.span();
+                self.non_empty("server.host", h.into_inner(), Some(span), None)
+            }
+            (None, None) => "127.0.0.1".to_owned(),
+        };
+        let max_payload_size = match (f.max_payload_size, s.max_payload_size) {
+            (Some(n), _) => self.positive("server.max_payload_size", n, None, Some("--max-payload-size")),
+            (None, Some(n)) => {
+                let span = n.span();
+                self.positive("server.max_payload_size", *n.get_ref(), Some(span), None)
+            }
+            (None, None) => 256 << 20,
+        };
+        let request_timeout = self.duration(
+            "server.request_timeout",
+            f.request_timeout_secs,
+            "--request-timeout-secs",
+            s.request_timeout,
+            Duration::from_secs(600),
+        );
+        let queue_timeout = self.duration(
+            "server.queue_timeout",
+            f.queue_timeout_secs,
+            "--queue-timeout-secs",
+            s.queue_timeout,
+            Duration::from_secs(60),
+        );
+        let shutdown_grace = self.duration("server.shutdown_grace", None, "", s.shutdown_grace, Duration::from_secs(30));
+        let max_concurrent = f.max_concurrent_requests.or(s.max_concurrent_requests).unwrap_or(0);
+        ServerConfig {
+            host,
+            port: f.port.or(s.port).unwrap_or(30000),
+            max_payload_size: usize::try_from(max_payload_size).unwrap_or(usize::MAX),
+            request_timeout,
+            max_concurrent_requests: NonZeroUsize::new(usize::try_from(max_concurrent).unwrap_or(usize::MAX)),
+            queue_size: usize::try_from(f.queue_size.or(s.queue_size).unwrap_or(100)).unwrap_or(usize::MAX),
+            queue_timeout,
+            request_id_headers: self.request_id_headers(s.request_id_headers, f),
+            shutdown_grace,
+        }
+    }
+
+    fn non_empty(&mut self, key: &str, v: String, span: Option<std::ops::Range<usize>>, flag: Option<&str>) -> String {
+        if v.trim().is_empty() {
+            self.error(key, span, flag, "must not be empty".into());
+        }
+        v
+    }
+
+    fn positive(&mut self, key: &str, n: u64, span: Option<std::ops::Range<usize>>, flag: Option<&str>) -> u64 {
+        if n == 0 {
+            self.error(key, span, flag, "must be at least 1".into());
+            return 1;
+        }
+        n
+    }
+
+    /// A duration from a `--*-secs` flag or a `"30s"` / `"500ms"` string in the file.
+    fn duration(
+        &mut self,
+        key: &str,
+        flag_secs: Option<u64>,
+        flag: &str,
+        file: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
+        if let Some(secs) = flag_secs {
+            if secs == 0 {
+                self.error(key, None, Some(flag), "must be at least 1 second".into());
+                return default;
+            }
+            return Duration::from_secs(secs);
+        }
+        let Some(v) = file else { return default };
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.error(key, Some(v.span()), None, "must be longer than zero".into());
+                default
+            }
+            Err(e) => {
+                let msg = format!("{:?} is not a duration like \"30s\" or \"500ms\" ({e})", v.get_ref());
+                self.error(key, Some(v.span()), None, msg);
+                default
+            }
+        }
+    }
+
+    fn request_id_headers(&mut self, file: Option<Vec<Spanned<String>>>, f: &Flags) -> Vec<HeaderName> {
+        let given: Vec<(String, Option<std::ops::Range<usize>>, Option<&str>)> = match (&f.request_id_headers, file) {
+            (Some(v), _) => v.iter().map(|h| (h.clone(), None, Some("--request-id-headers"))).collect(),
+            (None, Some(v)) => v.into_iter().map(|h| (h.get_ref().clone(), Some(h.span()), None)).collect(),
+            (None, None) => DEFAULT_REQUEST_ID_HEADERS.iter().map(|h| (h.to_string(), None, None)).collect(),
+        };
+        let mut out = Vec::new();
+        for (i, (name, span, flag)) in given.into_iter().enumerate() {
+            match HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
+                Ok(h) => out.push(h),
+                Err(_) => self.error(
+                    &format!("server.request_id_headers[{i}]"),
+                    span,
+                    flag,
+                    format!("{name:?} is not a valid header name"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn policy(&mut self, p: raw::RawPolicy, f: &Flags) -> PolicyConfig {
+        let (name, span, flag) = match (&f.policy, p.name) {
+            (Some(n), _) => (n.clone(), None, Some("--policy")),
+            (None, Some(n)) => (n.get_ref().clone(), Some(n.span()), None),
+            (None, None) => ("cache_aware".to_owned(), None, None),
+        };
+        let name = match PolicyName::parse(&name) {
+            Some(PolicyName::CacheAware) => {
+                self.error(
+                    "policy.name",
+                    span,
+                    flag,
+                    "cache_aware (the default) is not implemented yet; choose round_robin, random or power_of_two".into(),
+                );
+                PolicyName::RoundRobin
+            }
+            Some(p) => p,
+            None => {
+                let names: Vec<&str> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
+                self.error("policy.name", span, flag, format!("unknown policy {name:?}; expected one of {}", names.join(", ")));
+                PolicyName::RoundRobin
+            }
+        };
+        let load_poll_interval = p.load_poll_interval.map(|v| {
+            let fallback = Duration::from_secs(1);
+            self.duration("policy.load_poll_interval", None, "", Some(v), fallback)
+        });
+        PolicyConfig { name, load_poll_interval }
+    }
+
+    fn workers(&mut self, file: Vec<raw::RawWorker>, f: &Flags) -> Vec<WorkerConfig> {
+        let mut out: Vec<WorkerConfig> = Vec::new();
+        let given: Vec<(String, Option<String>, Option<std::ops::Range<usize>>, Option<&str>)> = match &f.worker_urls {
+            Some(urls) => urls.iter().map(|u| (u.clone(), None, None, Some("--worker-urls"))).collect(),
+            None => file.into_iter().map(|w| (w.url.get_ref().clone(), w.api_key, Some(w.url.span()), None)).collect(),
+        };
+        for (i, (url, api_key, span, flag)) in given.into_iter().enumerate() {
+            let key = format!("workers[{i}].url");
+            match normalize_worker_url(&url) {
+                Ok(url) if out.iter().any(|w| w.url == url) => {
+                    self.error(&key, span, flag, format!("duplicate worker {url}"))
+                }
+                Ok(url) => out.push(WorkerConfig { url, api_key }),
+                Err(e) => self.error(&key, span, flag, e),
+            }
+        }
+        out
+    }
+
+    fn log_level(&mut self, f: &Flags) -> String {
+        let level = f.log_level.clone().unwrap_or_else(|| "info".into()).to_ascii_lowercase();
+        if !["trace", "debug", "info", "warn", "error"].contains(&level.as_str()) {
+            self.error("log_level", None, Some("--log-level"), format!("unknown log level {level:?}"));
+        }
+        level
+    }
+}
+
+/// A worker URL as the registry keys it: `http(s)://host[:port]` with no path, query or
+/// credentials; a trailing `/` is dropped.
+pub fn normalize_worker_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let uri: http::Uri = trimmed.parse().map_err(|_| format!("{url:?} is not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // The HTTP client is built without TLS to keep the binary lean; say so rather than
+        // accept a worker that every request would fail on.
+        Some("https") => return Err(format!("{url:?}: https workers are not supported by this build")),
+        _ => return Err(format!("{url:?} must start with http://")),
+    }
+    let Some(auth) = uri.authority() else { return Err(format!("{url:?} has no host")) };
+    if auth.as_str().contains('@') {
+        return Err(format!("{url:?} must not contain credentials"));
+    }
+    if auth.host().is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{url:?} must not have a path or query"));
+    }
+    Ok(format!("{}://{}", uri.scheme_str().unwrap_or("http"), auth.as_str()))
+}
+
+#[cfg(test)]
+mod tests;

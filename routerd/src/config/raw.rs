@@ -1,0 +1,45 @@
+//! The configuration file as written: serde structs that reject unknown keys, with spans on
+//! the values that are validated after parsing, so their errors can point at the file.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub policy: RawPolicy,
+    pub workers: Vec<RawWorker>,
+    // Pinned by the contract but not built yet: present only to be refused with a clear error.
+    pub prefill: Option<Spanned<toml::Value>>,
+    pub decode: Option<Spanned<toml::Value>>,
+    pub metrics: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub host: Option<Spanned<String>>,
+    pub port: Option<u16>,
+    pub max_payload_size: Option<Spanned<u64>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub max_concurrent_requests: Option<u64>,
+    pub queue_size: Option<u64>,
+    pub queue_timeout: Option<Spanned<String>>,
+    pub request_id_headers: Option<Vec<Spanned<String>>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    pub name: Option<Spanned<String>>,
+    pub load_poll_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorker {
+    pub url: Spanned<String>,
+    pub api_key: Option<String>,
+}

@@ -1,0 +1,136 @@
+use super::*;
+
+fn build(text: &str, flags: &Flags) -> Result<Config, ConfigErrors> {
+    Config::build(Some(Source { name: "r.toml", text }), flags)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    build(text, &Flags::default()).unwrap_err().0.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn defaults_apply() {
+    let c = build("[policy]\nname = \"round_robin\"\n", &Flags::default()).unwrap();
+    assert_eq!(c.server.host, "127.0.0.1");
+    assert_eq!(c.server.port, 30000);
+    assert_eq!(c.server.max_payload_size, 256 << 20);
+    assert_eq!(c.server.request_timeout, Duration::from_secs(600));
+    assert_eq!(c.server.max_concurrent_requests, None);
+    assert_eq!(c.server.request_id_headers.len(), 4);
+    assert!(c.workers.is_empty());
+}
+
+#[test]
+fn full_file() {
+    let c = build(
+        r#"
+[server]
+host = "0.0.0.0"
+port = 8080
+max_payload_size = 1024
+request_timeout = "30s"
+max_concurrent_requests = 8
+queue_size = 4
+queue_timeout = "500ms"
+request_id_headers = ["X-Req"]
+
+[policy]
+name = "power_of_two"
+load_poll_interval = "2s"
+
+[[workers]]
+url = "http://127.0.0.1:31001/"
+
+[[workers]]
+url = "http://gpu-2:8000"
+api_key = "k"
+"#,
+        &Flags::default(),
+    )
+    .unwrap();
+    assert_eq!(c.server.port, 8080);
+    assert_eq!(c.server.queue_timeout, Duration::from_millis(500));
+    assert_eq!(c.server.max_concurrent_requests, NonZeroUsize::new(8));
+    assert_eq!(c.server.request_id_headers, vec![HeaderName::from_static("x-req")]);
+    assert_eq!(c.policy.name, PolicyName::PowerOfTwo);
+    assert_eq!(c.policy.load_poll_interval, Some(Duration::from_secs(2)));
+    assert_eq!(c.workers[0].url, "http://127.0.0.1:31001");
+    assert_eq!(c.workers[1].api_key.as_deref(), Some("k"));
+}
+
+#[test]
+fn syntax_and_unknown_keys_point_at_the_file() {
+    let e = errors("[server]\nport = 1\nbogus = 2\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("r.toml:3:1: server.bogus: unknown field `bogus`"), "{e:?}");
+    let e = errors("[server]\nport = \"x\"\n");
+    assert!(e[0].starts_with("r.toml:2:8: server.port:"), "{e:?}");
+    let e = errors("[server\n");
+    assert!(e[0].starts_with("r.toml:1:"), "{e:?}");
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let e = errors(
+        r#"[server]
+request_timeout = "soon"
+[policy]
+name = "fastest"
+[[workers]]
+url = "ftp://a"
+[[workers]]
+url = "http://b:1"
+[[workers]]
+url = "http://b:1/"
+"#,
+    );
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert!(e[0].starts_with("r.toml:2:19: server.request_timeout: \"soon\" is not a duration"), "{e:?}");
+    assert!(e[1].starts_with("r.toml:4:8: policy.name: unknown policy \"fastest\""), "{e:?}");
+    assert!(e[2].starts_with("r.toml:6:7: workers[0].url: \"ftp://a\" must start with http://"), "{e:?}");
+    assert_eq!(e[3], "r.toml:10:7: workers[2].url: duplicate worker http://b:1");
+}
+
+#[test]
+fn unbuilt_sections_are_refused_not_ignored() {
+    let e = errors("[policy]\nname = \"random\"\n[[prefill]]\nurl = \"http://p:1\"\n[metrics]\nport = 1\n");
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].contains("prefill: not implemented yet"));
+    assert!(e[1].contains("metrics: not implemented yet"));
+}
+
+#[test]
+fn flags_override_the_file() {
+    let flags = Flags {
+        port: Some(9),
+        policy: Some("random".into()),
+        worker_urls: Some(vec!["http://x:1".into()]),
+        request_timeout_secs: Some(5),
+        ..Flags::default()
+    };
+    let c = build("[server]\nport = 1\n[policy]\nname = \"round_robin\"\n[[workers]]\nurl = \"http://y:1\"\n", &flags).unwrap();
+    assert_eq!(c.server.port, 9);
+    assert_eq!(c.policy.name, PolicyName::Random);
+    assert_eq!(c.workers.len(), 1);
+    assert_eq!(c.workers[0].url, "http://x:1");
+    assert_eq!(c.server.request_timeout, Duration::from_secs(5));
+    let bad = Flags { worker_urls: Some(vec!["nope".into()]), policy: Some("random".into()), ..Flags::default() };
+    let e = Config::build(None, &bad).unwrap_err();
+    assert_eq!(e.0[0].to_string(), "flag --worker-urls: workers[0].url: \"nope\" must start with http://");
+}
+
+#[test]
+fn default_policy_is_refused_until_built() {
+    let e = Config::build(None, &Flags::default()).unwrap_err();
+    assert!(e.0[0].message.contains("cache_aware (the default) is not implemented yet"));
+}
+
+#[test]
+fn worker_urls_are_normalised_and_checked() {
+    assert_eq!(normalize_worker_url("http://h:1/").unwrap(), "http://h:1");
+    assert_eq!(normalize_worker_url(" http://h ").unwrap(), "http://h");
+    assert!(normalize_worker_url("https://h").unwrap_err().contains("https workers are not supported"));
+    for bad in ["h:1", "http://", "http://u:p@h:1", "http://h:1/v1", "http://h:1?x=1", "mailto:x"] {
+        assert!(normalize_worker_url(bad).is_err(), "{bad}");
+    }
+}
