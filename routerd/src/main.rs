@@ -1,17 +1,134 @@
-//! The `routerd` binary. The request path is not built yet: rather than pretend, the binary says
-//! so and exits with the usage-error code.
+//! Thin entry point: parse flags, validate the configuration, set up logging, bind, run until
+//! SIGTERM/SIGINT, drain. Exit codes: 0 clean shutdown, 1 invalid configuration, 2 usage
+//! error (clap), 3 cannot bind.
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use routerd::config::{Cli, Command, Config, Flags};
+
 fn main() -> ExitCode {
-    let version = env!("CARGO_PKG_VERSION");
-    if std::env::args().any(|a| a == "--version" || a == "-V") {
-        println!("routerd {version}");
-        return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { flags }) => check(&merge(flags, cli.flags)),
+        None => serve(cli.flags),
     }
-    eprintln!(
-        "routerd {version}: the router's request path is not implemented yet.\n\
-         Today this workspace ships the simulated SGLang worker: `routerctl sim-worker --port 31001`."
-    );
-    ExitCode::from(2)
+}
+
+/// `routerd --port 1 check --config f` and `routerd check --config f --port 1` both work.
+fn merge(sub: Flags, top: Flags) -> Flags {
+    macro_rules! pick { ($($f:ident),*) => { Flags { $($f: sub.$f.or(top.$f)),* } } }
+    pick!(
+        config,
+        host,
+        port,
+        worker_urls,
+        policy,
+        max_payload_size,
+        request_timeout_secs,
+        max_concurrent_requests,
+        queue_size,
+        queue_timeout_secs,
+        request_id_headers,
+        log_level
+    )
+}
+
+fn load(flags: &Flags) -> Result<Config, ExitCode> {
+    Config::load(flags).map_err(|errors| {
+        for e in &errors.0 {
+            eprintln!("error: {e}");
+        }
+        eprintln!(
+            "routerd: invalid configuration ({} error{})",
+            errors.0.len(),
+            if errors.0.len() == 1 { "" } else { "s" }
+        );
+        ExitCode::from(1)
+    })
+}
+
+fn check(flags: &Flags) -> ExitCode {
+    match load(flags) {
+        Ok(c) => {
+            let file = flags
+                .config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "flags".into());
+            println!(
+                "{file}: configuration is valid ({} workers, policy {})",
+                c.workers.len(),
+                c.policy.name.as_str()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn serve(flags: Flags) -> ExitCode {
+    let config = match load(&flags) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "routerd={0},warn",
+            config.log_level
+        )))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("routerd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let addr = (config.server.host.clone(), config.server.port);
+        let listener = match tokio::net::TcpListener::bind(&addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("routerd: cannot listen on {}:{}: {e}", addr.0, addr.1);
+                return ExitCode::from(3);
+            }
+        };
+        let running = match routerd::app::start(listener, config) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("routerd: cannot start: {e}");
+                return ExitCode::from(3);
+            }
+        };
+        let a = &running.app;
+        tracing::info!(
+            url = %running.url(),
+            policy = a.policy().name(),
+            workers = a.registry.load().workers.len(),
+            "routerd listening"
+        );
+        println!("routerd listening on {}", running.url());
+        shutdown_signal().await;
+        tracing::info!("shutting down: readiness fails, draining in-flight requests");
+        running.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
 }

@@ -124,6 +124,23 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
     })
 }
 
+/// Where a value came from: a span in the file, or a flag.
+#[derive(Debug, Clone, Default)]
+struct At {
+    span: Option<std::ops::Range<usize>>,
+    flag: Option<&'static str>,
+}
+
+impl At {
+    fn flag(flag: &'static str) -> Self {
+        Self { span: None, flag: Some(flag) }
+    }
+
+    fn span<T>(v: &Spanned<T>) -> Self {
+        Self { span: Some(v.span()), flag: None }
+    }
+}
+
 /// Turns raw values into typed ones, recording an error (with its origin) for each bad value
 /// and carrying on with a default so that every error is found in one pass.
 struct Builder<'a> {
@@ -132,10 +149,10 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn error(&mut self, key: &str, span: Option<std::ops::Range<usize>>, flag: Option<&str>, message: String) {
-        let origin = match (flag, span, self.file) {
+    fn error(&mut self, key: &str, at: &At, message: String) {
+        let origin = match (at.flag, &at.span, self.file) {
             (Some(flag), _, _) => Some(format!("flag {flag}")),
-            (None, Some(span), Some(src)) => Some(src.locate(&span)),
+            (None, Some(span), Some(src)) => Some(src.locate(span)),
             (None, _, Some(src)) => Some(src.name.to_owned()),
             _ => None,
         };
@@ -143,9 +160,15 @@ impl Builder<'_> {
     }
 
     fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
-        for (key, value) in [("prefill", &raw.prefill), ("decode", &raw.decode), ("metrics", &raw.metrics)] {
+        for (key, value) in
+            [("prefill", &raw.prefill), ("decode", &raw.decode), ("metrics", &raw.metrics)]
+        {
             if let Some(v) = value {
-                self.error(key, Some(v.span()), None, "not implemented yet in this version of routerd".into());
+                self.error(
+                    key,
+                    &At::span(v),
+                    "not implemented yet in this version of routerd".into(),
+                );
             }
         }
         Config {
@@ -158,77 +181,63 @@ impl Builder<'_> {
 
     fn server(&mut self, s: raw::RawServer, f: &Flags) -> ServerConfig {
         let host = match (&f.host, s.host) {
-            (Some(h), _) => self.non_empty("server.host", h.clone(), None, Some("--host")),
-            (None, Some(h)) => {
-                let span = h.span();
-                self.non_empty("server.host", h.into_inner(), Some(span), None)
-            }
-            (None, None) => "127.0.0.1".to_owned(),
+            (Some(h), _) => (h.clone(), At::flag("--host")),
+            (None, Some(h)) => (h.get_ref().clone(), At::span(&h)),
+            (None, None) => ("127.0.0.1".to_owned(), At::default()),
         };
-        let max_payload_size = match (f.max_payload_size, s.max_payload_size) {
-            (Some(n), _) => self.positive("server.max_payload_size", n, None, Some("--max-payload-size")),
-            (None, Some(n)) => {
-                let span = n.span();
-                self.positive("server.max_payload_size", *n.get_ref(), Some(span), None)
-            }
-            (None, None) => 256 << 20,
+        if host.0.trim().is_empty() {
+            self.error("server.host", &host.1, "must not be empty".into());
+        }
+        let payload = match (f.max_payload_size, s.max_payload_size) {
+            (Some(n), _) => (n, At::flag("--max-payload-size")),
+            (None, Some(n)) => (*n.get_ref(), At::span(&n)),
+            (None, None) => (256 << 20, At::default()),
         };
+        if payload.0 == 0 {
+            self.error("server.max_payload_size", &payload.1, "must be at least 1".into());
+        }
         let request_timeout = self.duration(
             "server.request_timeout",
-            f.request_timeout_secs,
-            "--request-timeout-secs",
+            f.request_timeout_secs.map(|n| (n, "--request-timeout-secs")),
             s.request_timeout,
             Duration::from_secs(600),
         );
         let queue_timeout = self.duration(
             "server.queue_timeout",
-            f.queue_timeout_secs,
-            "--queue-timeout-secs",
+            f.queue_timeout_secs.map(|n| (n, "--queue-timeout-secs")),
             s.queue_timeout,
             Duration::from_secs(60),
         );
-        let shutdown_grace = self.duration("server.shutdown_grace", None, "", s.shutdown_grace, Duration::from_secs(30));
+        let shutdown_grace =
+            self.duration("server.shutdown_grace", None, s.shutdown_grace, Duration::from_secs(30));
         let max_concurrent = f.max_concurrent_requests.or(s.max_concurrent_requests).unwrap_or(0);
         ServerConfig {
-            host,
+            host: host.0,
             port: f.port.or(s.port).unwrap_or(30000),
-            max_payload_size: usize::try_from(max_payload_size).unwrap_or(usize::MAX),
+            max_payload_size: usize::try_from(payload.0.max(1)).unwrap_or(usize::MAX),
             request_timeout,
-            max_concurrent_requests: NonZeroUsize::new(usize::try_from(max_concurrent).unwrap_or(usize::MAX)),
-            queue_size: usize::try_from(f.queue_size.or(s.queue_size).unwrap_or(100)).unwrap_or(usize::MAX),
+            max_concurrent_requests: NonZeroUsize::new(
+                usize::try_from(max_concurrent).unwrap_or(usize::MAX),
+            ),
+            queue_size: usize::try_from(f.queue_size.or(s.queue_size).unwrap_or(100))
+                .unwrap_or(usize::MAX),
             queue_timeout,
             request_id_headers: self.request_id_headers(s.request_id_headers, f),
             shutdown_grace,
         }
     }
 
-    fn non_empty(&mut self, key: &str, v: String, span: Option<std::ops::Range<usize>>, flag: Option<&str>) -> String {
-        if v.trim().is_empty() {
-            self.error(key, span, flag, "must not be empty".into());
-        }
-        v
-    }
-
-    fn positive(&mut self, key: &str, n: u64, span: Option<std::ops::Range<usize>>, flag: Option<&str>) -> u64 {
-        if n == 0 {
-            self.error(key, span, flag, "must be at least 1".into());
-            return 1;
-        }
-        n
-    }
-
     /// A duration from a `--*-secs` flag or a `"30s"` / `"500ms"` string in the file.
     fn duration(
         &mut self,
         key: &str,
-        flag_secs: Option<u64>,
-        flag: &str,
+        flag_secs: Option<(u64, &'static str)>,
         file: Option<Spanned<String>>,
         default: Duration,
     ) -> Duration {
-        if let Some(secs) = flag_secs {
+        if let Some((secs, flag)) = flag_secs {
             if secs == 0 {
-                self.error(key, None, Some(flag), "must be at least 1 second".into());
+                self.error(key, &At::flag(flag), "must be at least 1 second".into());
                 return default;
             }
             return Duration::from_secs(secs);
@@ -237,31 +246,39 @@ impl Builder<'_> {
         match humantime::parse_duration(v.get_ref().trim()) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
-                self.error(key, Some(v.span()), None, "must be longer than zero".into());
+                self.error(key, &At::span(&v), "must be longer than zero".into());
                 default
             }
             Err(e) => {
-                let msg = format!("{:?} is not a duration like \"30s\" or \"500ms\" ({e})", v.get_ref());
-                self.error(key, Some(v.span()), None, msg);
+                let msg =
+                    format!("{:?} is not a duration like \"30s\" or \"500ms\" ({e})", v.get_ref());
+                self.error(key, &At::span(&v), msg);
                 default
             }
         }
     }
 
-    fn request_id_headers(&mut self, file: Option<Vec<Spanned<String>>>, f: &Flags) -> Vec<HeaderName> {
-        let given: Vec<(String, Option<std::ops::Range<usize>>, Option<&str>)> = match (&f.request_id_headers, file) {
-            (Some(v), _) => v.iter().map(|h| (h.clone(), None, Some("--request-id-headers"))).collect(),
-            (None, Some(v)) => v.into_iter().map(|h| (h.get_ref().clone(), Some(h.span()), None)).collect(),
-            (None, None) => DEFAULT_REQUEST_ID_HEADERS.iter().map(|h| (h.to_string(), None, None)).collect(),
+    fn request_id_headers(
+        &mut self,
+        file: Option<Vec<Spanned<String>>>,
+        f: &Flags,
+    ) -> Vec<HeaderName> {
+        let given: Vec<(String, At)> = match (&f.request_id_headers, file) {
+            (Some(v), _) => {
+                v.iter().map(|h| (h.clone(), At::flag("--request-id-headers"))).collect()
+            }
+            (None, Some(v)) => v.iter().map(|h| (h.get_ref().clone(), At::span(h))).collect(),
+            (None, None) => {
+                DEFAULT_REQUEST_ID_HEADERS.iter().map(|h| (h.to_string(), At::default())).collect()
+            }
         };
         let mut out = Vec::new();
-        for (i, (name, span, flag)) in given.into_iter().enumerate() {
+        for (i, (name, at)) in given.into_iter().enumerate() {
             match HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
                 Ok(h) => out.push(h),
                 Err(_) => self.error(
                     &format!("server.request_id_headers[{i}]"),
-                    span,
-                    flag,
+                    &at,
                     format!("{name:?} is not a valid header name"),
                 ),
             }
@@ -270,49 +287,53 @@ impl Builder<'_> {
     }
 
     fn policy(&mut self, p: raw::RawPolicy, f: &Flags) -> PolicyConfig {
-        let (name, span, flag) = match (&f.policy, p.name) {
-            (Some(n), _) => (n.clone(), None, Some("--policy")),
-            (None, Some(n)) => (n.get_ref().clone(), Some(n.span()), None),
-            (None, None) => ("cache_aware".to_owned(), None, None),
+        let (name, at) = match (&f.policy, &p.name) {
+            (Some(n), _) => (n.clone(), At::flag("--policy")),
+            (None, Some(n)) => (n.get_ref().clone(), At::span(n)),
+            (None, None) => ("cache_aware".to_owned(), At::default()),
         };
         let name = match PolicyName::parse(&name) {
             Some(PolicyName::CacheAware) => {
-                self.error(
-                    "policy.name",
-                    span,
-                    flag,
-                    "cache_aware (the default) is not implemented yet; choose round_robin, random or power_of_two".into(),
-                );
+                let msg = "cache_aware (the default) is not implemented yet; choose round_robin, random or power_of_two";
+                self.error("policy.name", &at, msg.into());
                 PolicyName::RoundRobin
             }
             Some(p) => p,
             None => {
                 let names: Vec<&str> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
-                self.error("policy.name", span, flag, format!("unknown policy {name:?}; expected one of {}", names.join(", ")));
+                self.error(
+                    "policy.name",
+                    &at,
+                    format!("unknown policy {name:?}; expected one of {}", names.join(", ")),
+                );
                 PolicyName::RoundRobin
             }
         };
         let load_poll_interval = p.load_poll_interval.map(|v| {
-            let fallback = Duration::from_secs(1);
-            self.duration("policy.load_poll_interval", None, "", Some(v), fallback)
+            self.duration("policy.load_poll_interval", None, Some(v), Duration::from_secs(1))
         });
         PolicyConfig { name, load_poll_interval }
     }
 
     fn workers(&mut self, file: Vec<raw::RawWorker>, f: &Flags) -> Vec<WorkerConfig> {
-        let mut out: Vec<WorkerConfig> = Vec::new();
-        let given: Vec<(String, Option<String>, Option<std::ops::Range<usize>>, Option<&str>)> = match &f.worker_urls {
-            Some(urls) => urls.iter().map(|u| (u.clone(), None, None, Some("--worker-urls"))).collect(),
-            None => file.into_iter().map(|w| (w.url.get_ref().clone(), w.api_key, Some(w.url.span()), None)).collect(),
+        let given: Vec<(String, Option<String>, At)> = match &f.worker_urls {
+            Some(urls) => {
+                urls.iter().map(|u| (u.clone(), None, At::flag("--worker-urls"))).collect()
+            }
+            None => file
+                .into_iter()
+                .map(|w| (w.url.get_ref().clone(), w.api_key, At::span(&w.url)))
+                .collect(),
         };
-        for (i, (url, api_key, span, flag)) in given.into_iter().enumerate() {
+        let mut out: Vec<WorkerConfig> = Vec::new();
+        for (i, (url, api_key, at)) in given.into_iter().enumerate() {
             let key = format!("workers[{i}].url");
             match normalize_worker_url(&url) {
                 Ok(url) if out.iter().any(|w| w.url == url) => {
-                    self.error(&key, span, flag, format!("duplicate worker {url}"))
+                    self.error(&key, &at, format!("duplicate worker {url}"))
                 }
                 Ok(url) => out.push(WorkerConfig { url, api_key }),
-                Err(e) => self.error(&key, span, flag, e),
+                Err(e) => self.error(&key, &at, e),
             }
         }
         out
@@ -321,7 +342,11 @@ impl Builder<'_> {
     fn log_level(&mut self, f: &Flags) -> String {
         let level = f.log_level.clone().unwrap_or_else(|| "info".into()).to_ascii_lowercase();
         if !["trace", "debug", "info", "warn", "error"].contains(&level.as_str()) {
-            self.error("log_level", None, Some("--log-level"), format!("unknown log level {level:?}"));
+            self.error(
+                "log_level",
+                &At::flag("--log-level"),
+                format!("unknown log level {level:?}"),
+            );
         }
         level
     }
@@ -336,7 +361,9 @@ pub fn normalize_worker_url(url: &str) -> Result<String, String> {
         Some("http") => {}
         // The HTTP client is built without TLS to keep the binary lean; say so rather than
         // accept a worker that every request would fail on.
-        Some("https") => return Err(format!("{url:?}: https workers are not supported by this build")),
+        Some("https") => {
+            return Err(format!("{url:?}: https workers are not supported by this build"))
+        }
         _ => return Err(format!("{url:?} must start with http://")),
     }
     let Some(auth) = uri.authority() else { return Err(format!("{url:?} has no host")) };

@@ -85,15 +85,23 @@ url = "http://b:1/"
 "#,
     );
     assert_eq!(e.len(), 4, "{e:#?}");
-    assert!(e[0].starts_with("r.toml:2:19: server.request_timeout: \"soon\" is not a duration"), "{e:?}");
+    assert!(
+        e[0].starts_with("r.toml:2:19: server.request_timeout: \"soon\" is not a duration"),
+        "{e:?}"
+    );
     assert!(e[1].starts_with("r.toml:4:8: policy.name: unknown policy \"fastest\""), "{e:?}");
-    assert!(e[2].starts_with("r.toml:6:7: workers[0].url: \"ftp://a\" must start with http://"), "{e:?}");
+    assert!(
+        e[2].starts_with("r.toml:6:7: workers[0].url: \"ftp://a\" must start with http://"),
+        "{e:?}"
+    );
     assert_eq!(e[3], "r.toml:10:7: workers[2].url: duplicate worker http://b:1");
 }
 
 #[test]
 fn unbuilt_sections_are_refused_not_ignored() {
-    let e = errors("[policy]\nname = \"random\"\n[[prefill]]\nurl = \"http://p:1\"\n[metrics]\nport = 1\n");
+    let e = errors(
+        "[policy]\nname = \"random\"\n[[prefill]]\nurl = \"http://p:1\"\n[metrics]\nport = 1\n",
+    );
     assert_eq!(e.len(), 2, "{e:?}");
     assert!(e[0].contains("prefill: not implemented yet"));
     assert!(e[1].contains("metrics: not implemented yet"));
@@ -108,15 +116,26 @@ fn flags_override_the_file() {
         request_timeout_secs: Some(5),
         ..Flags::default()
     };
-    let c = build("[server]\nport = 1\n[policy]\nname = \"round_robin\"\n[[workers]]\nurl = \"http://y:1\"\n", &flags).unwrap();
+    let c = build(
+        "[server]\nport = 1\n[policy]\nname = \"round_robin\"\n[[workers]]\nurl = \"http://y:1\"\n",
+        &flags,
+    )
+    .unwrap();
     assert_eq!(c.server.port, 9);
     assert_eq!(c.policy.name, PolicyName::Random);
     assert_eq!(c.workers.len(), 1);
     assert_eq!(c.workers[0].url, "http://x:1");
     assert_eq!(c.server.request_timeout, Duration::from_secs(5));
-    let bad = Flags { worker_urls: Some(vec!["nope".into()]), policy: Some("random".into()), ..Flags::default() };
+    let bad = Flags {
+        worker_urls: Some(vec!["nope".into()]),
+        policy: Some("random".into()),
+        ..Flags::default()
+    };
     let e = Config::build(None, &bad).unwrap_err();
-    assert_eq!(e.0[0].to_string(), "flag --worker-urls: workers[0].url: \"nope\" must start with http://");
+    assert_eq!(
+        e.0[0].to_string(),
+        "flag --worker-urls: workers[0].url: \"nope\" must start with http://"
+    );
 }
 
 #[test]
@@ -129,7 +148,9 @@ fn default_policy_is_refused_until_built() {
 fn worker_urls_are_normalised_and_checked() {
     assert_eq!(normalize_worker_url("http://h:1/").unwrap(), "http://h:1");
     assert_eq!(normalize_worker_url(" http://h ").unwrap(), "http://h");
-    assert!(normalize_worker_url("https://h").unwrap_err().contains("https workers are not supported"));
+    assert!(normalize_worker_url("https://h")
+        .unwrap_err()
+        .contains("https workers are not supported"));
     for bad in ["h:1", "http://", "http://u:p@h:1", "http://h:1/v1", "http://h:1?x=1", "mailto:x"] {
         assert!(normalize_worker_url(bad).is_err(), "{bad}");
     }

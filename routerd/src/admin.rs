@@ -1,0 +1,149 @@
+//! Worker management: sgl-router's routes (`/add_worker`, `/remove_worker`, `/list_workers`)
+//! with their shapes, and the workers API routerctl uses (`GET/POST /workers`,
+//! `DELETE /workers/{url}`). Both write through the registry, so a worker added here takes
+//! traffic from the next request on.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::config::normalize_worker_url;
+use crate::error::RouterError;
+use crate::registry::{RegistryError, Worker, WorkerRole, WorkerSource, WorkerSpec};
+
+/// A worker as `GET /workers` shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct WorkerView {
+    pub url: String,
+    pub role: WorkerRole,
+    pub bootstrap_port: Option<u16>,
+    pub healthy: bool,
+    /// Circuit breakers are not built yet: every worker's circuit is closed.
+    pub circuit: String,
+    pub in_flight: u64,
+    pub requests_total: u64,
+    pub errors_total: u64,
+    /// Prefix trees are not built yet (cache_aware): always 0.
+    pub tree_chars: u64,
+    pub source: WorkerSource,
+}
+
+impl From<&Worker> for WorkerView {
+    fn from(w: &Worker) -> Self {
+        Self {
+            url: w.url().to_owned(),
+            role: w.spec.role,
+            bootstrap_port: w.spec.bootstrap_port,
+            healthy: w.healthy.load(Relaxed),
+            circuit: "closed".into(),
+            in_flight: w.in_flight.load(Relaxed),
+            requests_total: w.requests_total.load(Relaxed),
+            errors_total: w.errors_total.load(Relaxed),
+            tree_chars: 0,
+            source: w.spec.source,
+        }
+    }
+}
+
+/// The body of `POST /workers` (and the query of `/add_worker`).
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorker {
+    pub url: String,
+    #[serde(default)]
+    pub role: Option<WorkerRole>,
+    #[serde(default)]
+    pub bootstrap_port: Option<u16>,
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
+    let role = new.role.unwrap_or_default();
+    if role != WorkerRole::Regular {
+        return Err(RouterError::BadRequest(
+            "prefill/decode workers are not supported yet (PD routing is not built)".into(),
+        ));
+    }
+    let url = normalize_worker_url(&new.url).map_err(RouterError::BadRequest)?;
+    let spec = WorkerSpec {
+        url,
+        role,
+        bootstrap_port: new.bootstrap_port,
+        api_key: new.api_key,
+        source: WorkerSource::Api,
+    };
+    app.registry.add(spec).map_err(registry_error)
+}
+
+fn registry_error(e: RegistryError) -> RouterError {
+    match e {
+        RegistryError::Duplicate(_) => RouterError::Conflict(e.to_string()),
+        RegistryError::Unknown(_) => RouterError::UnknownWorker(e.to_string()),
+    }
+}
+
+fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
+    let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
+    app.registry.remove(&url).map_err(registry_error)
+}
+
+pub async fn add_worker(State(app): State<Arc<App>>, Query(q): Query<NewWorker>) -> Response {
+    match register(&app, q) {
+        Ok(w) => {
+            (StatusCode::OK, format!("Successfully added worker: {}", w.url())).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct UrlQuery {
+    url: String,
+}
+
+pub async fn remove_worker(State(app): State<Arc<App>>, Query(q): Query<UrlQuery>) -> Response {
+    match unregister(&app, &q.url) {
+        Ok(w) => {
+            (StatusCode::OK, format!("Successfully removed worker: {}", w.url())).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn list_workers(State(app): State<Arc<App>>) -> Json<Value> {
+    let urls: Vec<String> =
+        app.registry.load().workers.iter().map(|w| w.url().to_owned()).collect();
+    Json(json!({"urls": urls}))
+}
+
+pub async fn workers(State(app): State<Arc<App>>) -> Json<Value> {
+    let views: Vec<WorkerView> =
+        app.registry.load().workers.iter().map(|w| WorkerView::from(w.as_ref())).collect();
+    Json(json!({"workers": views}))
+}
+
+pub async fn create_worker(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let new: NewWorker = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return RouterError::BadRequest(format!("invalid worker: {e}")).into_response(),
+    };
+    match register(&app, new) {
+        Ok(w) => (StatusCode::CREATED, Json(WorkerView::from(w.as_ref()))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn delete_worker(State(app): State<Arc<App>>, Path(url): Path<String>) -> Response {
+    match unregister(&app, &url) {
+        Ok(w) => Json(WorkerView::from(w.as_ref())).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

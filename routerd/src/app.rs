@@ -1,0 +1,165 @@
+//! The router as a whole: shared state, the HTTP routes, and its lifecycle (start on a bound
+//! listener, drain on shutdown, background tasks tracked and cancelled).
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::RouterError;
+use crate::limits::Limiter;
+use crate::policy::{self, Policy};
+use crate::proxy::{self, Route};
+use crate::registry::{Registry, WorkerRole, WorkerSource, WorkerSpec};
+use crate::serve::{serve, Ended, Stop};
+use crate::{admin, info, poll};
+
+pub struct App {
+    pub config: Config,
+    pub registry: Registry,
+    policy: Arc<dyn Policy>,
+    pub http: reqwest::Client,
+    pub limiter: Option<Limiter>,
+    /// Set when shutdown begins: readiness fails first.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(config: Config) -> Self {
+        let specs = config
+            .workers
+            .iter()
+            .map(|w| WorkerSpec {
+                url: w.url.clone(),
+                role: WorkerRole::Regular,
+                bootstrap_port: None,
+                api_key: w.api_key.clone(),
+                source: WorkerSource::Config,
+            })
+            .collect();
+        let s = &config.server;
+        let limiter =
+            s.max_concurrent_requests.map(|n| Limiter::new(n.get(), s.queue_size, s.queue_timeout));
+        Self {
+            registry: Registry::new(specs),
+            policy: policy::build(config.policy.name),
+            http: proxy::upstream::client(),
+            limiter,
+            draining: AtomicBool::new(false),
+            config,
+        }
+    }
+
+    pub fn policy(&self) -> &dyn Policy {
+        self.policy.as_ref()
+    }
+
+    /// Only prefix-aware policies need the routing text; the others skip building it.
+    pub fn policy_needs_text(&self) -> bool {
+        false
+    }
+}
+
+fn inference(route: Route) -> axum::routing::MethodRouter<Arc<App>> {
+    post(move |s: State<Arc<App>>, h: HeaderMap, b: Result<Bytes, BytesRejection>| {
+        proxy::handle(s, route, h, b)
+    })
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.config.server.max_payload_size;
+    Router::new()
+        .route("/generate", inference(Route::Generate))
+        .route("/v1/completions", inference(Route::Completions))
+        .route("/v1/chat/completions", inference(Route::Chat))
+        .route("/v1/embeddings", inference(Route::Embeddings))
+        .route("/health", get(info::health))
+        .route("/liveness", get(info::health))
+        .route("/readiness", get(info::readiness))
+        .route("/health_generate", get(info::passthrough))
+        .route("/get_server_info", get(info::passthrough))
+        .route("/get_model_info", get(info::passthrough))
+        .route("/v1/models", get(info::passthrough))
+        .route("/get_loads", get(info::get_loads))
+        .route("/flush_cache", post(info::flush_cache))
+        .route("/add_worker", post(admin::add_worker))
+        .route("/remove_worker", post(admin::remove_worker))
+        .route("/list_workers", get(admin::list_workers))
+        .route("/workers", get(admin::workers).post(admin::create_worker))
+        .route("/workers/{url}", delete(admin::delete_worker))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn not_found(uri: Uri) -> Response {
+    RouterError::NotFound(uri.path().to_owned()).into_response()
+}
+
+async fn method_not_allowed(uri: Uri) -> Response {
+    RouterError::MethodNotAllowed(uri.path().to_owned()).into_response()
+}
+
+/// A started router.
+pub struct Running {
+    pub app: Arc<App>,
+    pub addr: std::net::SocketAddr,
+    stop: Stop,
+    serving: JoinHandle<Ended>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Serves `config` on `listener` (already bound, so tests can pass `127.0.0.1:0`).
+pub fn start(listener: TcpListener, config: Config) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    let grace = config.server.shutdown_grace;
+    let app = Arc::new(App::new(config));
+    let stop = Stop::new(grace);
+    let tasks = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    if let Some(every) = app.config.policy.load_poll_interval {
+        tasks.spawn(poll::poll_loads(app.clone(), every, cancel.clone()));
+    }
+    let serving = tokio::spawn(serve(listener, router(app.clone()), stop.clone()));
+    Ok(Running { app, addr, stop, serving, tasks, cancel })
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown: readiness fails, no new connections, in-flight requests and streams
+    /// finish (up to `server.shutdown_grace`), background tasks stop.
+    pub async fn shutdown(self) -> Ended {
+        self.app.draining.store(true, Relaxed);
+        self.stop.drain.cancel();
+        let ended = self.serving.await.unwrap_or(Ended::Aborted);
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        ended
+    }
+
+    /// A token that starts `shutdown` when cancelled, for signal handlers.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.stop.drain.clone()
+    }
+
+    pub async fn wait_drain_requested(&self) {
+        self.stop.drain.cancelled().await
+    }
+}

@@ -1,0 +1,106 @@
+//! The router's errors. Each knows its HTTP status, whose fault it is and whether another
+//! worker could succeed where this one failed; one `IntoResponse` turns any of them into
+//! `{"error": {"message", "type", "code"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Router,
+    Worker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("invalid request body: {0}")]
+    BadRequest(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed on {0}")]
+    MethodNotAllowed(String),
+    #[error("no available workers")]
+    NoWorkers,
+    #[error("too many requests: the admission queue is full")]
+    QueueFull,
+    #[error("timed out waiting for an admission slot")]
+    QueueTimeout,
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    #[error("worker {worker} failed: {reason}")]
+    WorkerFailed { worker: String, reason: String },
+    #[error("worker {worker} did not answer within {secs}s")]
+    WorkerTimeout { worker: String, secs: u64 },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    UnknownWorker(String),
+}
+
+impl RouterError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) | Self::UnknownWorker(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NoWorkers | Self::QueueTimeout | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
+            Self::WorkerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::BadRequest(_)
+            | Self::PayloadTooLarge(_)
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed(_)
+            | Self::Conflict(_)
+            | Self::UnknownWorker(_) => Fault::Client,
+            Self::NoWorkers | Self::QueueFull | Self::QueueTimeout | Self::ShuttingDown => {
+                Fault::Router
+            }
+            Self::WorkerFailed { .. } | Self::WorkerTimeout { .. } => Fault::Worker,
+        }
+    }
+
+    /// Whether the same request could succeed on another worker.
+    pub fn retryable(&self) -> bool {
+        self.fault() == Fault::Worker
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "invalid_request_error",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::NoWorkers => "no_available_workers",
+            Self::QueueFull => "rate_limited",
+            Self::QueueTimeout => "queue_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::WorkerFailed { .. } => "worker_error",
+            Self::WorkerTimeout { .. } => "worker_timeout",
+            Self::Conflict(_) => "conflict",
+            Self::UnknownWorker(_) => "unknown_worker",
+        }
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = json!({"error": {"message": self.to_string(), "type": self.kind(), "code": status.as_u16()}});
+        (status, Json(body)).into_response()
+    }
+}

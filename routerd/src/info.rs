@@ -1,0 +1,118 @@
+//! Health, readiness and the informational routes: some answered by the router itself, the
+//! rest fetched from a routable worker (`/get_server_info`, `/get_model_info`, `/v1/models`,
+//! `/health_generate`) or fanned out to every worker (`/get_loads`, `/flush_cache`).
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::error::RouterError;
+use crate::proxy::upstream;
+use crate::registry::Worker;
+
+const INFO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readiness(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
+            .into_response();
+    }
+    let n = app.registry.load().routable();
+    if n == 0 {
+        let body = json!({"status": "not_ready", "reason": "no routable worker"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(json!({"status": "ready", "routable_workers": n})).into_response()
+}
+
+/// Spreads informational requests over the routable workers.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn pick(app: &App) -> Result<Arc<Worker>, RouterError> {
+    let snap = app.registry.load();
+    let routable: Vec<&Arc<Worker>> = snap.workers.iter().filter(|w| w.is_routable()).collect();
+    if routable.is_empty() {
+        return Err(RouterError::NoWorkers);
+    }
+    Ok(routable[NEXT.fetch_add(1, Relaxed) % routable.len()].clone())
+}
+
+/// GET the same path from one routable worker and relay its answer.
+pub async fn passthrough(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
+    let result = async {
+        let w = pick(&app)?;
+        let h = upstream::worker_headers(&w, &headers, None);
+        let resp =
+            upstream::send(&app.http, &w, Method::GET, uri.path(), h, None, INFO_TIMEOUT).await?;
+        Ok::<_, RouterError>(upstream::relay(resp, w.url(), ()))
+    };
+    result.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Calls `path` on every registered worker at once.
+async fn fan_out(
+    app: &App,
+    method: Method,
+    path: &str,
+) -> Vec<(Arc<Worker>, Result<reqwest::Response, RouterError>)> {
+    let workers = app.registry.snapshot().workers.clone();
+    let calls = workers.into_iter().map(|w| {
+        let method = method.clone();
+        async move {
+            let h = upstream::worker_headers(&w, &HeaderMap::new(), None);
+            let r = upstream::send(&app.http, &w, method, path, h, None, INFO_TIMEOUT).await;
+            (w, r)
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+/// sgl-router's `/get_loads`: each worker's own `/get_load` (`load` is -1 when it did not answer).
+pub async fn get_loads(State(app): State<Arc<App>>) -> Json<Value> {
+    let mut out = Vec::new();
+    for (w, r) in fan_out(&app, Method::GET, "/get_load").await {
+        let load = match r {
+            Ok(resp) if resp.status().is_success() => resp
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v.get("load").and_then(Value::as_i64))
+                .unwrap_or(-1),
+            _ => -1,
+        };
+        out.push(json!({"worker": w.url(), "load": load}));
+    }
+    Json(json!({"workers": out}))
+}
+
+/// `/flush_cache` on every worker; 200 when all flushed, else 502 with each worker's outcome.
+pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
+    let mut all_ok = true;
+    let mut out = Vec::new();
+    for (w, r) in fan_out(&app, Method::POST, "/flush_cache").await {
+        match r {
+            Ok(resp) => {
+                let s = resp.status();
+                all_ok &= s.is_success();
+                out.push(json!({"url": w.url(), "status": s.as_u16()}));
+            }
+            Err(e) => {
+                all_ok = false;
+                out.push(json!({"url": w.url(), "status": null, "error": e.to_string()}));
+            }
+        }
+    }
+    let status = if all_ok { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
+    (status, Json(json!({"flushed": all_ok, "workers": out}))).into_response()
+}

@@ -1,0 +1,74 @@
+//! Load-balancing policies. Each is small and pure: `select` looks at the snapshot's workers
+//! and the request's routing text and picks one, with no I/O and no await. State a policy needs
+//! (a counter, later a prefix tree) lives inside it; completion is reported by dropping the
+//! request's `LoadGuard`, not by calling the policy.
+
+mod power_of_two;
+mod random;
+mod round_robin;
+
+use std::sync::Arc;
+
+pub use power_of_two::PowerOfTwo;
+pub use random::Random;
+pub use round_robin::RoundRobin;
+
+use crate::config::PolicyName;
+use crate::registry::Worker;
+
+/// What a policy may know about a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestInfo<'a> {
+    /// The text the request's prompt is made of (generate: `text`; completions: `prompt`;
+    /// chat: the whole conversation). Empty when the request has none.
+    pub text: &'a str,
+}
+
+pub trait Policy: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Index into `workers` of the chosen worker; only routable workers may be chosen.
+    fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize>;
+}
+
+pub fn build(name: PolicyName) -> Arc<dyn Policy> {
+    match name {
+        PolicyName::RoundRobin => Arc::new(RoundRobin::default()),
+        PolicyName::Random => Arc::new(Random),
+        PolicyName::PowerOfTwo => Arc::new(PowerOfTwo),
+        // Refused by config validation until it exists.
+        PolicyName::CacheAware => unreachable!("cache_aware is rejected by config validation"),
+    }
+}
+
+/// The first routable worker at or after `start`, wrapping around.
+fn routable_from(workers: &[Arc<Worker>], start: usize) -> Option<usize> {
+    let n = workers.len();
+    (0..n).map(|i| (start + i) % n).find(|&i| workers[i].is_routable())
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    use crate::registry::{Worker, WorkerRole, WorkerSource, WorkerSpec};
+
+    pub fn workers(n: usize) -> Vec<Arc<Worker>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Worker::new(WorkerSpec {
+                    url: format!("http://w{i}:1"),
+                    role: WorkerRole::Regular,
+                    bootstrap_port: None,
+                    api_key: None,
+                    source: WorkerSource::Config,
+                }))
+            })
+            .collect()
+    }
+
+    pub fn set_healthy(w: &Worker, healthy: bool) {
+        w.healthy.store(healthy, Relaxed);
+    }
+}

@@ -1,0 +1,74 @@
+//! Polls every worker's `/get_load` so that power_of_two also sees load from other routers.
+//! A worker that does not answer falls back to this router's own count.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, Method};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::proxy::upstream;
+
+pub async fn poll_loads(app: Arc<App>, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let workers = app.registry.snapshot().workers.clone();
+        let polls = workers.iter().map(|w| async {
+            let h = upstream::worker_headers(w, &HeaderMap::new(), None);
+            let got = match upstream::send(&app.http, w, Method::GET, "/get_load", h, None, every)
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    r.json::<Value>().await.ok().and_then(|v| reported_requests(&v))
+                }
+                _ => None,
+            };
+            match got {
+                Some(n) => {
+                    w.polled_load.store(n, Relaxed);
+                    w.polled.store(true, Relaxed);
+                }
+                None => w.polled.store(false, Relaxed),
+            }
+        });
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = futures_util::future::join_all(polls) => {}
+        }
+    }
+}
+
+/// Requests running and waiting on the worker: `num_reqs + num_waiting_reqs` when reported,
+/// else SGLang's `load`.
+fn reported_requests(v: &Value) -> Option<u64> {
+    let n = |k: &str| v.get(k).and_then(Value::as_u64);
+    match (n("num_reqs"), n("num_waiting_reqs")) {
+        (Some(r), w) => Some(r + w.unwrap_or(0)),
+        _ => n("load"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_shapes() {
+        assert_eq!(reported_requests(&serde_json::json!({"load": 7})), Some(7));
+        assert_eq!(
+            reported_requests(
+                &serde_json::json!({"load": 900, "num_reqs": 2, "num_waiting_reqs": 3})
+            ),
+            Some(5)
+        );
+        assert_eq!(reported_requests(&serde_json::json!({"x": 1})), None);
+    }
+}

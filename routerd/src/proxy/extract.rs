@@ -1,0 +1,155 @@
+//! Reads what routing needs from a request body without building a JSON tree or
+//! re-serialising anything: the body is forwarded byte for byte. Parsing also rejects bodies
+//! that are not a JSON object (400) before a worker is bothered.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::RouterError;
+
+/// The inference routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Generate,
+    Completions,
+    Chat,
+    Embeddings,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Generate => "/generate",
+            Route::Completions => "/v1/completions",
+            Route::Chat => "/v1/chat/completions",
+            Route::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// The fields of any inference body that routing looks at; everything else is skipped.
+#[derive(Debug, Deserialize)]
+pub struct Probe<'a> {
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input_ids: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
+    if body.is_empty() {
+        return Err(RouterError::BadRequest("the body is empty; a JSON object is expected".into()));
+    }
+    // Derived struct visitors also accept a JSON array (as a field sequence): insist on an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(RouterError::BadRequest("the body must be a JSON object".into()));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| RouterError::BadRequest(format!("not a valid JSON object: {e}")))
+}
+
+impl<'a> Probe<'a> {
+    /// The prompt text a prefix-aware policy routes on: generate's `text` (or its
+    /// `input_ids`), completions' `prompt`, the whole chat conversation, embeddings' `input`.
+    /// Strings are decoded; other shapes (batches, token ids) route on their JSON text.
+    pub fn routing_text(&self, route: Route) -> Cow<'a, str> {
+        let field = match route {
+            Route::Generate => self.text.or(self.input_ids),
+            Route::Completions => self.prompt,
+            Route::Embeddings => self.input,
+            Route::Chat => return self.messages.map(conversation).unwrap_or_default(),
+        };
+        field.map(text_of).unwrap_or_default()
+    }
+}
+
+fn text_of(raw: &RawValue) -> Cow<'_, str> {
+    let s = raw.get();
+    if s.starts_with('"') {
+        if let Ok(t) = serde_json::from_str::<Cow<str>>(s) {
+            return t;
+        }
+    }
+    Cow::Borrowed(s)
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+/// Every message as `role: content\n`, in order: a conversation's next turn extends the
+/// previous turn's text, so it shares the prefix the worker has cached.
+fn conversation(raw: &RawValue) -> Cow<'_, str> {
+    let Ok(messages) = serde_json::from_str::<Vec<Message>>(raw.get()) else {
+        return Cow::Borrowed(raw.get());
+    };
+    let mut out = String::new();
+    for m in messages {
+        out.push_str(m.role.as_deref().unwrap_or(""));
+        out.push_str(": ");
+        if let Some(c) = m.content {
+            match serde_json::from_str::<Vec<Part>>(c.get()) {
+                Ok(parts) => {
+                    parts.iter().filter_map(|p| p.text.as_deref()).for_each(|t| out.push_str(t))
+                }
+                Err(_) => out.push_str(&text_of(c)),
+            }
+        }
+        out.push('\n');
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(route: Route, body: &str) -> String {
+        probe(body.as_bytes()).unwrap().routing_text(route).into_owned()
+    }
+
+    #[test]
+    fn routing_text_per_route() {
+        assert_eq!(
+            text(Route::Generate, r#"{"text": "a\"b", "sampling_params": {"x": [1]}}"#),
+            "a\"b"
+        );
+        assert_eq!(text(Route::Generate, r#"{"input_ids": [1, 2]}"#), "[1, 2]");
+        assert_eq!(text(Route::Completions, r#"{"prompt": "p", "max_tokens": 3}"#), "p");
+        assert_eq!(text(Route::Embeddings, r#"{"input": ["a", "b"]}"#), r#"["a", "b"]"#);
+        let chat = r#"{"messages": [{"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "image_url", "image_url": {}}]},
+            {"role": "assistant", "content": null}]}"#;
+        assert_eq!(text(Route::Chat, chat), "system: S\nuser: Q\nassistant: \n");
+        assert_eq!(text(Route::Generate, "{}"), "");
+    }
+
+    #[test]
+    fn stream_flag_and_bad_bodies() {
+        assert_eq!(probe(br#"{"stream": true}"#).unwrap().stream, Some(true));
+        assert_eq!(probe(br#"{"stream": null}"#).unwrap().stream, None);
+        for bad in [&b""[..], b"{", b"[1]", b"\"x\"", br#"{"stream": "yes"}"#] {
+            assert!(matches!(probe(bad), Err(RouterError::BadRequest(_))), "{bad:?}");
+        }
+    }
+}

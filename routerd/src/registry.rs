@@ -1,0 +1,242 @@
+//! The worker registry: every worker source (config, admin API, later discovery and launch)
+//! produces `WorkerSpec` updates; one writer turns them into a new immutable `Snapshot` that the
+//! request path loads without locking. A worker keeps its `Arc<Worker>` (and so its counters)
+//! across snapshots for as long as it stays registered.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerRole {
+    #[default]
+    Regular,
+    Prefill,
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerSource {
+    Config,
+    Api,
+    Discovery,
+    Launch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// Normalised (`config::normalize_worker_url`).
+    pub url: String,
+    pub role: WorkerRole,
+    pub bootstrap_port: Option<u16>,
+    pub api_key: Option<String>,
+    pub source: WorkerSource,
+}
+
+/// A registered worker and its live counters.
+#[derive(Debug)]
+pub struct Worker {
+    pub spec: WorkerSpec,
+    /// `Authorization` value sent to this worker, precomputed.
+    pub auth: Option<HeaderValue>,
+    pub in_flight: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub errors_total: AtomicU64,
+    /// Requests the worker itself reports running or waiting (`/get_load`), when polled.
+    pub polled_load: AtomicU64,
+    pub polled: AtomicBool,
+    pub healthy: AtomicBool,
+}
+
+impl Worker {
+    pub fn new(spec: WorkerSpec) -> Self {
+        let auth = spec
+            .api_key
+            .as_ref()
+            .and_then(|k| HeaderValue::try_from(format!("Bearer {k}")).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        Self {
+            spec,
+            auth,
+            in_flight: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            errors_total: AtomicU64::new(0),
+            polled_load: AtomicU64::new(0),
+            polled: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.spec.url
+    }
+
+    pub fn is_routable(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    /// The load policies compare: this router's in-flight requests, or what the worker reports
+    /// if that is higher (other routers' traffic).
+    pub fn load(&self) -> u64 {
+        let own = self.in_flight.load(Relaxed);
+        if self.polled.load(Relaxed) {
+            own.max(self.polled_load.load(Relaxed))
+        } else {
+            own
+        }
+    }
+
+    /// Counts a request in flight on this worker until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> LoadGuard {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests_total.fetch_add(1, Relaxed);
+        LoadGuard(self.clone())
+    }
+}
+
+/// In-flight accounting: +1 when dispatched, -1 when the response body ends or is dropped.
+#[derive(Debug)]
+pub struct LoadGuard(Arc<Worker>);
+
+impl LoadGuard {
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.0
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An immutable view of the registered workers.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub workers: Vec<Arc<Worker>>,
+}
+
+impl Snapshot {
+    pub fn get(&self, url: &str) -> Option<&Arc<Worker>> {
+        self.workers.iter().find(|w| w.url() == url)
+    }
+
+    pub fn routable(&self) -> usize {
+        self.workers.iter().filter(|w| w.is_routable()).count()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("worker {0} is already registered")]
+    Duplicate(String),
+    #[error("worker {0} is not registered")]
+    Unknown(String),
+}
+
+#[derive(Default)]
+pub struct Registry {
+    current: ArcSwap<Snapshot>,
+    /// Serialises writers; readers never take it.
+    writer: Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(specs: Vec<WorkerSpec>) -> Self {
+        let workers = specs.into_iter().map(|s| Arc::new(Worker::new(s))).collect();
+        Self { current: ArcSwap::from_pointee(Snapshot { workers }), writer: Mutex::new(()) }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The cheap read for the request path (no refcount traffic in the common case).
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn add(&self, spec: WorkerSpec) -> Result<Arc<Worker>, RegistryError> {
+        let _w = self.writer.lock().expect("registry writer");
+        let cur = self.current.load_full();
+        if cur.get(&spec.url).is_some() {
+            return Err(RegistryError::Duplicate(spec.url));
+        }
+        let worker = Arc::new(Worker::new(spec));
+        let mut workers = cur.workers.clone();
+        workers.push(worker.clone());
+        self.current.store(Arc::new(Snapshot { workers }));
+        Ok(worker)
+    }
+
+    /// Removes a worker from new routing decisions; requests already on it finish.
+    pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
+        let _w = self.writer.lock().expect("registry writer");
+        let cur = self.current.load_full();
+        let Some(pos) = cur.workers.iter().position(|w| w.url() == url) else {
+            return Err(RegistryError::Unknown(url.to_owned()));
+        };
+        let mut workers = cur.workers.clone();
+        let removed = workers.remove(pos);
+        self.current.store(Arc::new(Snapshot { workers }));
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> WorkerSpec {
+        WorkerSpec {
+            url: url.into(),
+            role: WorkerRole::Regular,
+            bootstrap_port: None,
+            api_key: None,
+            source: WorkerSource::Api,
+        }
+    }
+
+    #[test]
+    fn add_remove_keep_state_of_others() {
+        let r = Registry::new(vec![spec("http://a:1")]);
+        let a = r.snapshot().workers[0].clone();
+        let _g = a.start_request();
+        r.add(spec("http://b:1")).unwrap();
+        assert_eq!(
+            r.add(spec("http://b:1")).unwrap_err(),
+            RegistryError::Duplicate("http://b:1".into())
+        );
+        let snap = r.snapshot();
+        assert!(Arc::ptr_eq(&snap.workers[0], &a), "a keeps its state");
+        assert_eq!(snap.workers[0].in_flight.load(Relaxed), 1);
+        r.remove("http://a:1").unwrap();
+        assert_eq!(
+            r.remove("http://a:1").unwrap_err(),
+            RegistryError::Unknown("http://a:1".into())
+        );
+        assert_eq!(r.snapshot().workers.len(), 1);
+        assert_eq!(snap.workers.len(), 2, "old snapshots are unchanged");
+    }
+
+    #[test]
+    fn guard_counts_until_dropped_and_load_uses_the_poll() {
+        let w = Arc::new(Worker::new(spec("http://a:1")));
+        let g = w.start_request();
+        assert_eq!(w.load(), 1);
+        w.polled_load.store(5, Relaxed);
+        w.polled.store(true, Relaxed);
+        assert_eq!(w.load(), 5);
+        drop(g);
+        assert_eq!(w.in_flight.load(Relaxed), 0);
+        assert_eq!(w.requests_total.load(Relaxed), 1);
+    }
+}
