@@ -66,3 +66,34 @@ pub async fn post_stream(url: impl Into<String>, body: &Value) -> Vec<Value> {
     assert_eq!(events.pop().as_deref(), Some("[DONE]"), "stream must end with [DONE]: {text}");
     events.iter().map(|e| serde_json::from_str(e).expect("event is JSON")).collect()
 }
+
+/// A router config with `policy` over `workers`, built through the same path as flags.
+pub fn router_config(policy: &str, workers: &[&SimWorker]) -> routerd::config::Config {
+    let flags = routerd::config::Flags {
+        policy: Some(policy.into()),
+        worker_urls: Some(workers.iter().map(|w| w.url()).collect()),
+        ..Default::default()
+    };
+    routerd::config::Config::build(None, &flags).expect("valid test config")
+}
+
+/// A router on an ephemeral loopback port.
+pub async fn router(config: routerd::config::Config) -> routerd::app::Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    routerd::app::start(listener, config).expect("start router")
+}
+
+/// `n` simulated workers with the same tweak.
+pub async fn fleet(n: usize, tweak: impl Fn(&mut SimArgs)) -> Vec<SimWorker> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(sim(&tweak).await);
+    }
+    out
+}
+
+pub async fn shutdown_all(workers: Vec<SimWorker>) {
+    for w in workers {
+        w.shutdown().await;
+    }
+}
