@@ -28,6 +28,8 @@ pub struct WorkerView {
     /// Circuit breakers are not built yet: every worker's circuit is closed.
     pub circuit: String,
     pub in_flight: u64,
+    /// The load policies compare: `in_flight`, or the worker's own report when polled and higher.
+    pub load: u64,
     pub requests_total: u64,
     pub errors_total: u64,
     /// Prefix trees are not built yet (cache_aware): always 0.
@@ -44,6 +46,7 @@ impl From<&Worker> for WorkerView {
             healthy: w.healthy.load(Relaxed),
             circuit: "closed".into(),
             in_flight: w.in_flight.load(Relaxed),
+            load: w.load(),
             requests_total: w.requests_total.load(Relaxed),
             errors_total: w.errors_total.load(Relaxed),
             tree_chars: 0,

@@ -1,0 +1,121 @@
+//! The `routerd` binary as operators run it: `check`, exit codes, startup, SIGTERM. Also parses
+//! every example in config/, so none can drift from the parser.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_routerd");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d =
+        std::env::temp_dir().join(format!("routerd-test-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no example configs found in {}", dir.display());
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_col() {
+    let d = tempdir();
+    let f = write(&d, "bad.toml", "[policy]\nname = \"fastest\"\n[[workers]]\nurl = \"nope\"\n");
+    let out = Command::new(BIN).args(["check", "--config", &f]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{f}:2:8: policy.name: unknown policy \"fastest\"")), "{err}");
+    assert!(err.contains(&format!("{f}:4:7: workers[0].url:")), "{err}");
+    assert!(err.contains("2 errors"), "{err}");
+    let good = write(&d, "good.toml", "[policy]\nname = \"random\"\n");
+    let out = Command::new(BIN).args(["check", "--config", &good]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // Starting with an invalid file is exit 1 too, with nothing bound.
+    let out = Command::new(BIN).args(["--config", &f, "--port", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::remove_dir_all(d).ok();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = Command::new(BIN).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn cannot_bind_exits_3() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let out =
+        Command::new(BIN).args(["--policy", "round_robin", "--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on 127.0.0.1:"));
+}
+
+#[test]
+fn serves_then_exits_0_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .args(["--policy", "round_robin", "--port", "0", "--worker-urls", "http://127.0.0.1:9"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut p = Proc(child);
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let http = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+    assert_eq!(http.get(format!("{url}/health")).send().unwrap().status(), 200);
+    let listed: serde_json::Value =
+        http.get(format!("{url}/list_workers")).send().unwrap().json().unwrap();
+    assert_eq!(listed["urls"][0], "http://127.0.0.1:9");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "routerd did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+}
