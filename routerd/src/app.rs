@@ -29,7 +29,7 @@ pub struct App {
     pub config: Config,
     pub registry: Registry,
     policy: Arc<dyn Policy>,
-    pub http: reqwest::Client,
+    pub http: crate::proxy::upstream::Upstream,
     pub limiter: Option<Limiter>,
     /// Set when shutdown begins: readiness fails first.
     pub draining: AtomicBool,
@@ -54,7 +54,7 @@ impl App {
         Self {
             registry: Registry::new(specs),
             policy: policy::build(config.policy.name),
-            http: proxy::upstream::client(),
+            http: Default::default(),
             limiter,
             draining: AtomicBool::new(false),
             config,

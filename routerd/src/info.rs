@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -53,57 +54,45 @@ pub async fn passthrough(State(app): State<Arc<App>>, uri: Uri, headers: HeaderM
     let result = async {
         let w = pick(&app)?;
         let h = upstream::worker_headers(&w, &headers, None);
-        let resp =
-            upstream::send(&app.http, &w, Method::GET, uri.path(), h, None, INFO_TIMEOUT).await?;
-        Ok::<_, RouterError>(upstream::relay(resp, w.url(), ()))
+        let answer =
+            app.http.send(&w, Method::GET, uri.path(), h, Bytes::new(), INFO_TIMEOUT).await?;
+        Ok::<_, RouterError>(upstream::relay(answer, w.url(), ()))
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Calls `path` on every registered worker at once.
-async fn fan_out(
-    app: &App,
-    method: Method,
-    path: &str,
-) -> Vec<(Arc<Worker>, Result<reqwest::Response, RouterError>)> {
-    let workers = app.registry.snapshot().workers.clone();
-    let calls = workers.into_iter().map(|w| {
-        let method = method.clone();
-        async move {
-            let h = upstream::worker_headers(&w, &HeaderMap::new(), None);
-            let r = upstream::send(&app.http, &w, method, path, h, None, INFO_TIMEOUT).await;
-            (w, r)
-        }
-    });
-    futures_util::future::join_all(calls).await
-}
-
 /// sgl-router's `/get_loads`: each worker's own `/get_load` (`load` is -1 when it did not answer).
 pub async fn get_loads(State(app): State<Arc<App>>) -> Json<Value> {
-    let mut out = Vec::new();
-    for (w, r) in fan_out(&app, Method::GET, "/get_load").await {
-        let load = match r {
-            Ok(resp) if resp.status().is_success() => resp
-                .json::<Value>()
-                .await
-                .ok()
-                .and_then(|v| v.get("load").and_then(Value::as_i64))
-                .unwrap_or(-1),
-            _ => -1,
-        };
-        out.push(json!({"worker": w.url(), "load": load}));
-    }
+    let workers = app.registry.snapshot().workers.clone();
+    let loads = futures_util::future::join_all(
+        workers.iter().map(|w| app.http.get_json(w, "/get_load", INFO_TIMEOUT)),
+    )
+    .await;
+    let out: Vec<Value> = workers
+        .iter()
+        .zip(loads)
+        .map(|(w, v)| {
+            let load = v.and_then(|v| v.get("load").and_then(Value::as_i64)).unwrap_or(-1);
+            json!({"worker": w.url(), "load": load})
+        })
+        .collect();
     Json(json!({"workers": out}))
 }
 
 /// `/flush_cache` on every worker; 200 when all flushed, else 502 with each worker's outcome.
 pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
+    let workers = app.registry.snapshot().workers.clone();
+    let calls = workers.iter().map(|w| {
+        let h = upstream::worker_headers(w, &HeaderMap::new(), None);
+        app.http.send(w, Method::POST, "/flush_cache", h, Bytes::new(), INFO_TIMEOUT)
+    });
+    let results = futures_util::future::join_all(calls).await;
     let mut all_ok = true;
     let mut out = Vec::new();
-    for (w, r) in fan_out(&app, Method::POST, "/flush_cache").await {
+    for (w, r) in workers.iter().zip(results) {
         match r {
-            Ok(resp) => {
-                let s = resp.status();
+            Ok(a) => {
+                let s = a.response.status();
                 all_ok &= s.is_success();
                 out.push(json!({"url": w.url(), "status": s.as_u16()}));
             }

@@ -30,6 +30,7 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         queue_size,
         queue_timeout_secs,
         request_id_headers,
+        worker_threads,
         log_level
     )
 }
@@ -80,7 +81,16 @@ fn serve(flags: Flags) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = match config.server.worker_threads.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("routerd: cannot start the async runtime: {e}");

@@ -5,12 +5,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, Method};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::proxy::upstream;
 
 pub async fn poll_loads(app: Arc<App>, every: Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(every);
@@ -22,16 +20,13 @@ pub async fn poll_loads(app: Arc<App>, every: Duration, cancel: CancellationToke
         }
         let workers = app.registry.snapshot().workers.clone();
         let polls = workers.iter().map(|w| async {
-            let h = upstream::worker_headers(w, &HeaderMap::new(), None);
-            let got = match upstream::send(&app.http, w, Method::GET, "/get_load", h, None, every)
+            match app
+                .http
+                .get_json(w, "/get_load", every)
                 .await
+                .as_ref()
+                .and_then(reported_requests)
             {
-                Ok(r) if r.status().is_success() => {
-                    r.json::<Value>().await.ok().and_then(|v| reported_requests(&v))
-                }
-                _ => None,
-            };
-            match got {
                 Some(n) => {
                     w.polled_load.store(n, Relaxed);
                     w.polled.store(true, Relaxed);

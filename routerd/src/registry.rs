@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use http::uri::Authority;
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ pub struct WorkerSpec {
 #[derive(Debug)]
 pub struct Worker {
     pub spec: WorkerSpec,
+    /// `host:port` of the URL, parsed once for building request URIs.
+    pub authority: Authority,
     /// `Authorization` value sent to this worker, precomputed.
     pub auth: Option<HeaderValue>,
     pub in_flight: AtomicU64,
@@ -63,8 +66,14 @@ impl Worker {
                 v.set_sensitive(true);
                 v
             });
+        let authority = spec
+            .url
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| Authority::from_static("invalid.worker"));
         Self {
             spec,
+            authority,
             auth,
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),

@@ -60,6 +60,9 @@ pub struct Flags {
     /// [default: x-request-id x-correlation-id x-trace-id request-id].
     #[arg(long, num_args = 1.., value_name = "HEADER")]
     pub request_id_headers: Option<Vec<String>>,
+    /// Async runtime threads; 1 runs everything on one thread [default: one per CPU].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Log level: trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,

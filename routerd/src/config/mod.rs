@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub queue_timeout: Duration,
     pub request_id_headers: Vec<HeaderName>,
     pub shutdown_grace: Duration,
+    /// Async runtime threads (`None`: one per CPU; 1: a single-threaded runtime).
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +226,7 @@ impl Builder<'_> {
             queue_timeout,
             request_id_headers: self.request_id_headers(s.request_id_headers, f),
             shutdown_grace,
+            worker_threads: f.worker_threads.or(s.worker_threads).and_then(NonZeroUsize::new),
         }
     }
 

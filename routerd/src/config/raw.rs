@@ -28,6 +28,7 @@ pub struct RawServer {
     pub queue_timeout: Option<Spanned<String>>,
     pub request_id_headers: Option<Vec<Spanned<String>>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

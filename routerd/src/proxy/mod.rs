@@ -33,8 +33,14 @@ pub fn request_id(app: &App, headers: &HeaderMap) -> (HeaderName, HeaderValue) {
         .first()
         .cloned()
         .unwrap_or(HeaderName::from_static("x-request-id"));
-    let id = format!("{:032x}", rand::random::<u128>());
-    (name, HeaderValue::from_str(&id).expect("hex is a valid header value"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for b in id.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    (name, HeaderValue::from_bytes(&id).expect("hex is a valid header value"))
 }
 
 pub async fn handle(
@@ -86,10 +92,8 @@ async fn dispatch(
     let guard = worker.start_request();
     let wh = upstream::worker_headers(&worker, headers, Some(rid));
     let timeout = app.config.server.request_timeout;
-    match upstream::send(&app.http, &worker, Method::POST, route.path(), wh, Some(body), timeout)
-        .await
-    {
-        Ok(resp) => Ok(upstream::relay(resp, worker.url(), (guard, slot))),
+    match app.http.send(&worker, Method::POST, route.path(), wh, body, timeout).await {
+        Ok(answer) => Ok(upstream::relay(answer, worker.url(), (guard, slot))),
         Err(e) => {
             worker.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Err(e)

@@ -1,12 +1,23 @@
-//! Calls to workers and their way back: one pooled HTTP client, request headers chosen for the
-//! worker, and the worker's response streamed to the client frame by frame, holding whatever
-//! must live as long as the body (the in-flight guard, the admission slot).
+//! Calls to workers and their way back: one pooled HTTP/1 client (hyper-util's; it skips the
+//! URL re-parsing and layers a general-purpose client adds per request, which measured as a
+//! large share of the proxy's CPU), request headers chosen for the worker, and the worker's
+//! response relayed to the client frame by frame. The relayed body holds whatever must live as
+//! long as it (the in-flight guard, the admission slot) and enforces the request deadline.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::RouterError;
 use crate::registry::Worker;
@@ -22,15 +33,85 @@ const PASSED: [HeaderName; 4] = [
     HeaderName::from_static("tracestate"),
 ];
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(1024)
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("HTTP client configuration is static")
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(conn);
+        Self { client }
+    }
+}
+
+/// A worker's response with the deadline of the request it answers.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub deadline: Instant,
+}
+
+impl Upstream {
+    /// Sends a request to `worker` and waits for the response head, all within `timeout`;
+    /// the body that follows must arrive before the same deadline.
+    pub async fn send(
+        &self,
+        worker: &Worker,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, RouterError> {
+        let deadline = Instant::now() + timeout;
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(worker.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| RouterError::BadRequest(format!("bad path {path:?}: {e}")))?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Ok(Ok(response)) => Ok(Answer { response, deadline }),
+            Ok(Err(e)) => {
+                let reason =
+                    if e.is_connect() { format!("cannot connect: {e}") } else { e.to_string() };
+                Err(RouterError::WorkerFailed { worker: worker.url().to_owned(), reason })
+            }
+            Err(_) => Err(RouterError::WorkerTimeout {
+                worker: worker.url().to_owned(),
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// GET `path` and parse the JSON answer; `None` on any failure.
+    pub async fn get_json(
+        &self,
+        worker: &Worker,
+        path: &str,
+        timeout: Duration,
+    ) -> Option<serde_json::Value> {
+        let h = worker_headers(worker, &HeaderMap::new(), None);
+        let a = self.send(worker, Method::GET, path, h, Bytes::new(), timeout).await.ok()?;
+        if !a.response.status().is_success() {
+            return None;
+        }
+        let body = tokio::time::timeout_at(a.deadline, a.response.into_body().collect())
+            .await
+            .ok()?
+            .ok()?;
+        serde_json::from_slice(&body.to_bytes()).ok()
+    }
 }
 
 /// Headers for a call to `worker`: the passed client headers, the worker's key, the request id.
@@ -59,69 +140,75 @@ pub fn worker_headers(
     h
 }
 
-pub async fn send(
-    http: &reqwest::Client,
-    worker: &Worker,
-    method: Method,
-    path: &str,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-    timeout: std::time::Duration,
-) -> Result<reqwest::Response, RouterError> {
-    let mut req =
-        http.request(method, format!("{}{path}", worker.url())).headers(headers).timeout(timeout);
-    if let Some(b) = body {
-        req = req.body(b);
-    }
-    req.send().await.map_err(|e| upstream_error(worker.url(), e, timeout))
-}
+/// Connection-scoped headers that must not be relayed.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
-pub fn upstream_error(
+/// The worker's answer as the client's response: status and end-to-end headers kept, body
+/// relayed frame by frame. `hold` is dropped when the body ends or the client goes away; the
+/// latter also drops the upstream connection, which cancels the worker's request.
+pub fn relay<H: Send + Sync + Unpin + 'static>(
+    answer: Answer,
     worker: &str,
-    e: reqwest::Error,
-    timeout: std::time::Duration,
-) -> RouterError {
-    if e.is_timeout() {
-        RouterError::WorkerTimeout { worker: worker.to_owned(), secs: timeout.as_secs() }
-    } else {
-        let reason = if e.is_connect() { format!("cannot connect: {e}") } else { e.to_string() };
-        RouterError::WorkerFailed { worker: worker.to_owned(), reason }
-    }
-}
-
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// The worker's response as the client's: status and end-to-end headers kept, body streamed
-/// through unbuffered. `hold` is dropped when the body ends or the client goes away (which
-/// also drops the upstream connection, cancelling the worker's request).
-pub fn relay<H: Send + Sync + 'static>(resp: reqwest::Response, worker: &str, hold: H) -> Response {
-    let status = resp.status();
-    let mut headers = HeaderMap::with_capacity(resp.headers().len() + 1);
-    for (name, value) in resp.headers() {
-        if !hop_by_hop(name) {
-            headers.append(name.clone(), value.clone());
-        }
+    hold: H,
+) -> axum::response::Response {
+    let (mut parts, body) = answer.response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
     }
     if let Ok(v) = HeaderValue::from_str(worker) {
-        headers.insert(WORKER_HEADER, v);
+        parts.headers.insert(WORKER_HEADER, v);
     }
-    let stream = resp.bytes_stream().map(move |chunk| {
-        let _held = &hold;
-        chunk
-    });
-    let mut out = Response::new(Body::from_stream(stream));
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
-    out
+    let body = Relay {
+        inner: body,
+        deadline: Box::pin(tokio::time::sleep_until(answer.deadline)),
+        _hold: hold,
+    };
+    Response::from_parts(parts, Body::new(body))
 }
+
+struct Relay<H> {
+    inner: Incoming,
+    deadline: Pin<Box<Sleep>>,
+    _hold: H,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request deadline passed while the worker's response was streaming")]
+struct DeadlinePassed;
+
+impl<H: Unpin> HttpBody for Relay<H> {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(DeadlinePassed.into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;
