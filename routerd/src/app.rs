@@ -4,10 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, Uri};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -72,9 +70,7 @@ impl App {
 }
 
 fn inference(route: Route) -> axum::routing::MethodRouter<Arc<App>> {
-    post(move |s: State<Arc<App>>, h: HeaderMap, b: Result<Bytes, BytesRejection>| {
-        proxy::handle(s, route, h, b)
-    })
+    post(move |s: State<Arc<App>>, req: Request| proxy::handle(s, route, req))
 }
 
 pub fn router(app: Arc<App>) -> Router {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -49,13 +50,17 @@ fn pick(app: &App) -> Result<Arc<Worker>, RouterError> {
     Ok(routable[NEXT.fetch_add(1, Relaxed) % routable.len()].clone())
 }
 
+fn pq(path: &str) -> Result<PathAndQuery, RouterError> {
+    PathAndQuery::try_from(path).map_err(|e| RouterError::BadRequest(e.to_string()))
+}
+
 /// GET the same path from one routable worker and relay its answer.
 pub async fn passthrough(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
     let result = async {
         let w = pick(&app)?;
         let h = upstream::worker_headers(&w, &headers, None);
         let answer =
-            app.http.send(&w, Method::GET, uri.path(), h, Bytes::new(), INFO_TIMEOUT).await?;
+            app.http.send(&w, Method::GET, pq(uri.path())?, h, Bytes::new(), INFO_TIMEOUT).await?;
         Ok::<_, RouterError>(upstream::relay(answer, w.url(), ()))
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
@@ -84,7 +89,14 @@ pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
     let workers = app.registry.snapshot().workers.clone();
     let calls = workers.iter().map(|w| {
         let h = upstream::worker_headers(w, &HeaderMap::new(), None);
-        app.http.send(w, Method::POST, "/flush_cache", h, Bytes::new(), INFO_TIMEOUT)
+        app.http.send(
+            w,
+            Method::POST,
+            PathAndQuery::from_static("/flush_cache"),
+            h,
+            Bytes::new(),
+            INFO_TIMEOUT,
+        )
     });
     let results = futures_util::future::join_all(calls).await;
     let mut all_ok = true;

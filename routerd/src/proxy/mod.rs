@@ -7,11 +7,12 @@ pub mod upstream;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::App;
 use crate::error::RouterError;
@@ -43,14 +44,10 @@ pub fn request_id(app: &App, headers: &HeaderMap) -> (HeaderName, HeaderValue) {
     (name, HeaderValue::from_bytes(&id).expect("hex is a valid header value"))
 }
 
-pub async fn handle(
-    State(app): State<Arc<App>>,
-    route: Route,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let (rid_name, rid) = request_id(&app, &headers);
-    let mut resp = match dispatch(&app, route, &headers, body, (&rid_name, &rid)).await {
+pub async fn handle(State(app): State<Arc<App>>, route: Route, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let (rid_name, rid) = request_id(&app, &parts.headers);
+    let mut resp = match dispatch(&app, route, &parts.headers, body, (&rid_name, &rid)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(route = route.path(), error = %e, "request failed");
@@ -61,19 +58,23 @@ pub async fn handle(
     resp
 }
 
+/// The whole request body, or 413 past `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, RouterError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(RouterError::PayloadTooLarge(limit)),
+        Err(e) => Err(RouterError::BadRequest(format!("cannot read the request body: {e}"))),
+    }
+}
+
 async fn dispatch(
     app: &App,
     route: Route,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     rid: (&HeaderName, &HeaderValue),
 ) -> Result<Response, RouterError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            RouterError::PayloadTooLarge(app.config.server.max_payload_size)
-        }
-        _ => RouterError::BadRequest(e.body_text()),
-    })?;
+    let body = read_body(body, app.config.server.max_payload_size).await?;
     let probe = extract::probe(&body)?;
     let slot = match &app.limiter {
         Some(l) => Some(l.acquire().await?),
@@ -92,7 +93,8 @@ async fn dispatch(
     let guard = worker.start_request();
     let wh = upstream::worker_headers(&worker, headers, Some(rid));
     let timeout = app.config.server.request_timeout;
-    match app.http.send(&worker, Method::POST, route.path(), wh, body, timeout).await {
+    let path = PathAndQuery::from_static(route.path());
+    match app.http.send(&worker, Method::POST, path, wh, body, timeout).await {
         Ok(answer) => Ok(upstream::relay(answer, worker.url(), (guard, slot))),
         Err(e) => {
             worker.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::uri::{PathAndQuery, Scheme};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -64,18 +65,18 @@ impl Upstream {
         &self,
         worker: &Worker,
         method: Method,
-        path: &str,
+        path: PathAndQuery,
         headers: HeaderMap,
         body: Bytes,
         timeout: Duration,
     ) -> Result<Answer, RouterError> {
         let deadline = Instant::now() + timeout;
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(worker.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| RouterError::BadRequest(format!("bad path {path:?}: {e}")))?;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(worker.authority.clone());
+        uri.path_and_query = Some(path);
+        let uri = Uri::from_parts(uri)
+            .map_err(|e| RouterError::BadRequest(format!("bad upstream URI: {e}")))?;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -98,10 +99,11 @@ impl Upstream {
     pub async fn get_json(
         &self,
         worker: &Worker,
-        path: &str,
+        path: &'static str,
         timeout: Duration,
     ) -> Option<serde_json::Value> {
         let h = worker_headers(worker, &HeaderMap::new(), None);
+        let path = PathAndQuery::from_static(path);
         let a = self.send(worker, Method::GET, path, h, Bytes::new(), timeout).await.ok()?;
         if !a.response.status().is_success() {
             return None;
