@@ -97,3 +97,37 @@ pub async fn shutdown_all(workers: Vec<SimWorker>) {
         w.shutdown().await;
     }
 }
+
+/// Starts a streaming request and returns once its response headers arrived.
+pub async fn open_stream(url: impl Into<String>, body: &Value) -> reqwest::Response {
+    client().post(url.into()).json(body).send().await.expect("POST stream")
+}
+
+/// Two clients give up on `url` (a `/generate` endpoint served by `worker`, directly or through
+/// a router): one drops a stream after its first event, one times out a plain request. Waits
+/// until the worker has aborted both and nothing runs on it.
+pub async fn disconnect_twice(url: &str, worker: &SimWorker) {
+    use futures_util::StreamExt;
+    let before = stats(worker).await["aborted"].as_u64().unwrap();
+    let long = |stream: bool| serde_json::json!({"text": "long", "stream": stream, "sampling_params": {"max_new_tokens": 1000}});
+    let mut body = open_stream(url, &long(true)).await.bytes_stream();
+    body.next().await.expect("a first event").expect("readable");
+    drop(body);
+    eventually(Duration::from_secs(5), "stream aborted", || async {
+        stats(worker).await["aborted"].as_u64().unwrap() == before + 1
+    })
+    .await;
+    let err = client()
+        .post(url)
+        .timeout(Duration::from_millis(150))
+        .json(&long(false))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout());
+    eventually(Duration::from_secs(5), "plain request aborted", || async {
+        let s = stats(worker).await;
+        s["aborted"].as_u64().unwrap() == before + 2 && s["running"] == 0
+    })
+    .await;
+}

@@ -7,7 +7,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use routerd::serve::Ended;
 use routerd_e2e::{
-    client, eventually, fleet, get_json, post_json, router, router_config, shutdown_all, sim, stats,
+    client, disconnect_twice, eventually, fleet, get_json, post_json, router, router_config,
+    shutdown_all, sim, stats,
 };
 use serde_json::json;
 
@@ -175,31 +176,7 @@ async fn client_disconnect_cancels_the_worker_request() {
     })
     .await;
     let r = router(router_config("round_robin", &[&w])).await;
-    let resp = client()
-        .post(format!("{}/generate", r.url()))
-        .json(&json!({"text": "s", "stream": true, "sampling_params": {"max_new_tokens": 1000}}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
-    body.next().await.unwrap().unwrap();
-    drop(body);
-    eventually(Duration::from_secs(5), "worker aborted the stream", || async {
-        stats(&w).await["aborted"] == 1
-    })
-    .await;
-    let err = client()
-        .post(format!("{}/generate", r.url()))
-        .timeout(Duration::from_millis(150))
-        .json(&json!({"text": "s", "sampling_params": {"max_new_tokens": 1000}}))
-        .send()
-        .await
-        .unwrap_err();
-    assert!(err.is_timeout());
-    eventually(Duration::from_secs(5), "worker aborted the plain request", || async {
-        stats(&w).await["aborted"] == 2
-    })
-    .await;
+    disconnect_twice(&format!("{}/generate", r.url()), &w).await;
     eventually(Duration::from_secs(5), "router released the slots", || async {
         get_json(&format!("{}/workers", r.url())).await["workers"][0]["in_flight"] == 0
     })

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use routerd_e2e::{client, eventually, post_json, post_stream, sim, sse_events, stats};
+use routerd_e2e::{client, disconnect_twice, post_json, post_stream, sim, sse_events, stats};
 use serde_json::{json, Value};
 
 fn cached(v: &Value) -> u64 {
@@ -192,34 +192,7 @@ async fn client_disconnect_aborts_streaming_and_plain_requests() {
         a.decode_ms_per_step = 20.0;
     })
     .await;
-    let u = format!("{}/generate", w.url());
-    let resp = client()
-        .post(&u)
-        .json(&json!({"text": "long", "stream": true, "sampling_params": {"max_new_tokens": 1000}}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
-    body.next().await.unwrap().unwrap();
-    drop(body);
-    eventually(Duration::from_secs(5), "stream aborted", || async {
-        stats(&w).await["aborted"] == 1
-    })
-    .await;
-
-    let err = client()
-        .post(&u)
-        .timeout(Duration::from_millis(200))
-        .json(&json!({"text": "long", "sampling_params": {"max_new_tokens": 1000}}))
-        .send()
-        .await
-        .unwrap_err();
-    assert!(err.is_timeout());
-    eventually(Duration::from_secs(5), "plain request aborted", || async {
-        let s = stats(&w).await;
-        s["aborted"] == 2 && s["running"] == 0
-    })
-    .await;
+    disconnect_twice(&format!("{}/generate", w.url()), &w).await;
     assert_eq!(stats(&w).await["completed"], 0);
     w.shutdown().await;
 }
