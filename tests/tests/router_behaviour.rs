@@ -4,7 +4,6 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use routerd::serve::Ended;
 use routerd_e2e::{
     client, disconnect_twice, eventually, fleet, get_json, post_json, router, router_config,
