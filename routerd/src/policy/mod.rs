@@ -6,6 +6,7 @@
 mod power_of_two;
 mod random;
 mod round_robin;
+pub mod tree;
 
 use std::sync::Arc;
 
