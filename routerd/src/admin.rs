@@ -32,13 +32,13 @@ pub struct WorkerView {
     pub load: u64,
     pub requests_total: u64,
     pub errors_total: u64,
-    /// Prefix trees are not built yet (cache_aware): always 0.
+    /// Characters of prompts the policy's prefix tree holds for this worker (cache_aware).
     pub tree_chars: u64,
     pub source: WorkerSource,
 }
 
-impl From<&Worker> for WorkerView {
-    fn from(w: &Worker) -> Self {
+impl WorkerView {
+    pub fn new(w: &Worker, app: &App) -> Self {
         Self {
             url: w.url().to_owned(),
             role: w.spec.role,
@@ -49,7 +49,7 @@ impl From<&Worker> for WorkerView {
             load: w.load(),
             requests_total: w.requests_total.load(Relaxed),
             errors_total: w.errors_total.load(Relaxed),
-            tree_chars: 0,
+            tree_chars: app.policy().tree_chars(w.url()),
             source: w.spec.source,
         }
     }
@@ -95,7 +95,9 @@ fn registry_error(e: RegistryError) -> RouterError {
 
 fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
     let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
-    app.registry.remove(&url).map_err(registry_error)
+    let removed = app.registry.remove(&url).map_err(registry_error)?;
+    app.policy().worker_removed(&url);
+    Ok(removed)
 }
 
 pub async fn add_worker(State(app): State<Arc<App>>, Query(q): Query<NewWorker>) -> Response {
@@ -129,7 +131,7 @@ pub async fn list_workers(State(app): State<Arc<App>>) -> Json<Value> {
 
 pub async fn workers(State(app): State<Arc<App>>) -> Json<Value> {
     let views: Vec<WorkerView> =
-        app.registry.load().workers.iter().map(|w| WorkerView::from(w.as_ref())).collect();
+        app.registry.load().workers.iter().map(|w| WorkerView::new(w, &app)).collect();
     Json(json!({"workers": views}))
 }
 
@@ -139,14 +141,14 @@ pub async fn create_worker(State(app): State<Arc<App>>, body: axum::body::Bytes)
         Err(e) => return RouterError::BadRequest(format!("invalid worker: {e}")).into_response(),
     };
     match register(&app, new) {
-        Ok(w) => (StatusCode::CREATED, Json(WorkerView::from(w.as_ref()))).into_response(),
+        Ok(w) => (StatusCode::CREATED, Json(WorkerView::new(&w, &app))).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 pub async fn delete_worker(State(app): State<Arc<App>>, Path(url): Path<String>) -> Response {
     match unregister(&app, &url) {
-        Ok(w) => Json(WorkerView::from(w.as_ref())).into_response(),
+        Ok(w) => Json(WorkerView::new(&w, &app)).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -51,7 +51,7 @@ impl App {
             s.max_concurrent_requests.map(|n| Limiter::new(n.get(), s.queue_size, s.queue_timeout));
         Self {
             registry: Registry::new(specs),
-            policy: policy::build(config.policy.name),
+            policy: policy::build(&config.policy),
             http: Default::default(),
             limiter,
             draining: AtomicBool::new(false),
@@ -65,7 +65,7 @@ impl App {
 
     /// Only prefix-aware policies need the routing text; the others skip building it.
     pub fn policy_needs_text(&self) -> bool {
-        false
+        self.policy.needs_text()
     }
 }
 

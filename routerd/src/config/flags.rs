@@ -41,6 +41,24 @@ pub struct Flags {
     /// [default: cache_aware].
     #[arg(long)]
     pub policy: Option<String>,
+    /// cache_aware: route to the best prefix match when it covers more than this fraction of the
+    /// prompt [default: 0.5].
+    #[arg(long)]
+    pub cache_threshold: Option<f64>,
+    /// cache_aware: loads are imbalanced when max - min exceeds this... [default: 32].
+    #[arg(long)]
+    pub balance_abs_threshold: Option<u64>,
+    /// ...and max exceeds min times this [default: 1.0001].
+    #[arg(long)]
+    pub balance_rel_threshold: Option<f64>,
+    /// cache_aware: accepted for sgl-router compatibility; routerd bounds the tree on every
+    /// insert, so no periodic eviction is needed [default: 60].
+    #[arg(long, alias = "eviction-interval")]
+    pub eviction_interval_secs: Option<u64>,
+    /// cache_aware: the prefix tree's budget in characters, for all workers together
+    /// [default: 16777216].
+    #[arg(long)]
+    pub max_tree_size: Option<u64>,
     /// Largest request body accepted, in bytes [default: 268435456].
     #[arg(long)]
     pub max_payload_size: Option<u64>,

@@ -67,6 +67,12 @@ impl PolicyName {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
     pub name: PolicyName,
+    pub cache_threshold: f64,
+    pub balance_abs_threshold: u64,
+    pub balance_rel_threshold: f64,
+    /// Kept for sgl-router compatibility; the tree is bounded on every insert.
+    pub eviction_interval: Duration,
+    pub max_tree_size: usize,
     /// When set, workers' `/get_load` is polled at this interval and used by power_of_two.
     pub load_poll_interval: Option<Duration>,
 }
@@ -230,6 +236,22 @@ impl Builder<'_> {
         }
     }
 
+    /// A number in [0, 1] from a flag or the file.
+    fn fraction(
+        &mut self,
+        key: &str,
+        flag: Option<(f64, At)>,
+        file: Option<(f64, At)>,
+        default: f64,
+    ) -> f64 {
+        let Some((v, at)) = flag.or(file) else { return default };
+        if !(0.0..=1.0).contains(&v) {
+            self.error(key, &at, format!("must be between 0 and 1, got {v}"));
+            return default;
+        }
+        v
+    }
+
     /// A duration from a `--*-secs` flag or a `"30s"` / `"500ms"` string in the file.
     fn duration(
         &mut self,
@@ -296,11 +318,6 @@ impl Builder<'_> {
             (None, None) => ("cache_aware".to_owned(), At::default()),
         };
         let name = match PolicyName::parse(&name) {
-            Some(PolicyName::CacheAware) => {
-                let msg = "cache_aware (the default) is not implemented yet; choose round_robin, random or power_of_two";
-                self.error("policy.name", &at, msg.into());
-                PolicyName::RoundRobin
-            }
             Some(p) => p,
             None => {
                 let names: Vec<&str> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
@@ -312,10 +329,53 @@ impl Builder<'_> {
                 PolicyName::RoundRobin
             }
         };
+        let cache_threshold = self.fraction(
+            "policy.cache_threshold",
+            f.cache_threshold.map(|v| (v, At::flag("--cache-threshold"))),
+            p.cache_threshold.as_ref().map(|v| (*v.get_ref(), At::span(v))),
+            0.5,
+        );
+        let rel = match (f.balance_rel_threshold, &p.balance_rel_threshold) {
+            (Some(v), _) => (v, At::flag("--balance-rel-threshold")),
+            (None, Some(v)) => (*v.get_ref(), At::span(v)),
+            (None, None) => (1.0001, At::default()),
+        };
+        if !(rel.0.is_finite() && rel.0 >= 1.0) {
+            self.error(
+                "policy.balance_rel_threshold",
+                &rel.1,
+                format!("must be a number >= 1.0, got {}", rel.0),
+            );
+        }
+        let tree = match (f.max_tree_size, &p.max_tree_size) {
+            (Some(v), _) => (v, At::flag("--max-tree-size")),
+            (None, Some(v)) => (*v.get_ref(), At::span(v)),
+            (None, None) => (16_777_216, At::default()),
+        };
+        if tree.0 == 0 {
+            self.error("policy.max_tree_size", &tree.1, "must be at least 1".into());
+        }
+        let eviction_interval = self.duration(
+            "policy.eviction_interval",
+            f.eviction_interval_secs.map(|n| (n, "--eviction-interval-secs")),
+            p.eviction_interval,
+            Duration::from_secs(60),
+        );
         let load_poll_interval = p.load_poll_interval.map(|v| {
             self.duration("policy.load_poll_interval", None, Some(v), Duration::from_secs(1))
         });
-        PolicyConfig { name, load_poll_interval }
+        PolicyConfig {
+            name,
+            cache_threshold,
+            balance_abs_threshold: f
+                .balance_abs_threshold
+                .or(p.balance_abs_threshold)
+                .unwrap_or(32),
+            balance_rel_threshold: rel.0,
+            eviction_interval,
+            max_tree_size: usize::try_from(tree.0.max(1)).unwrap_or(usize::MAX),
+            load_poll_interval,
+        }
     }
 
     fn workers(&mut self, file: Vec<raw::RawWorker>, f: &Flags) -> Vec<WorkerConfig> {

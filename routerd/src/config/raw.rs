@@ -35,6 +35,11 @@ pub struct RawServer {
 #[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
     pub name: Option<Spanned<String>>,
+    pub cache_threshold: Option<Spanned<f64>>,
+    pub balance_abs_threshold: Option<u64>,
+    pub balance_rel_threshold: Option<Spanned<f64>>,
+    pub eviction_interval: Option<Spanned<String>>,
+    pub max_tree_size: Option<Spanned<u64>>,
     pub load_poll_interval: Option<Spanned<String>>,
 }
 

@@ -10,7 +10,7 @@ fn errors(text: &str) -> Vec<String> {
 
 #[test]
 fn defaults_apply() {
-    let c = build("[policy]\nname = \"round_robin\"\n", &Flags::default()).unwrap();
+    let c = build("", &Flags::default()).unwrap();
     assert_eq!(c.server.host, "127.0.0.1");
     assert_eq!(c.server.port, 30000);
     assert_eq!(c.server.max_payload_size, 256 << 20);
@@ -139,9 +139,37 @@ fn flags_override_the_file() {
 }
 
 #[test]
-fn default_policy_is_refused_until_built() {
-    let e = Config::build(None, &Flags::default()).unwrap_err();
-    assert!(e.0[0].message.contains("cache_aware (the default) is not implemented yet"));
+fn cache_aware_is_the_default_with_sgl_router_parameters() {
+    let c = Config::build(None, &Flags::default()).unwrap();
+    assert_eq!(c.policy.name, PolicyName::CacheAware);
+    assert_eq!(c.policy.cache_threshold, 0.5);
+    assert_eq!(c.policy.balance_abs_threshold, 32);
+    assert_eq!(c.policy.balance_rel_threshold, 1.0001);
+    assert_eq!(c.policy.eviction_interval, Duration::from_secs(60));
+    assert_eq!(c.policy.max_tree_size, 16_777_216);
+    let flags = Flags {
+        cache_threshold: Some(0.3),
+        max_tree_size: Some(1000),
+        eviction_interval_secs: Some(5),
+        ..Flags::default()
+    };
+    let c = build("[policy]\ncache_threshold = 0.9\nbalance_abs_threshold = 8\n", &flags).unwrap();
+    assert_eq!(c.policy.cache_threshold, 0.3, "flag wins");
+    assert_eq!(c.policy.balance_abs_threshold, 8);
+    assert_eq!(c.policy.max_tree_size, 1000);
+    assert_eq!(c.policy.eviction_interval, Duration::from_secs(5));
+    let e =
+        errors("[policy]\ncache_threshold = 1.5\nbalance_rel_threshold = 0.5\nmax_tree_size = 0\n");
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(
+        e[0].starts_with("r.toml:2:19: policy.cache_threshold: must be between 0 and 1"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("r.toml:3:25: policy.balance_rel_threshold: must be a number >= 1.0"),
+        "{e:?}"
+    );
+    assert!(e[2].starts_with("r.toml:4:17: policy.max_tree_size: must be at least 1"), "{e:?}");
 }
 
 #[test]

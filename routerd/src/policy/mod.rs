@@ -3,6 +3,7 @@
 //! (a counter, later a prefix tree) lives inside it; completion is reported by dropping the
 //! request's `LoadGuard`, not by calling the policy.
 
+mod cache_aware;
 mod power_of_two;
 mod random;
 mod round_robin;
@@ -10,11 +11,12 @@ pub mod tree;
 
 use std::sync::Arc;
 
+pub use cache_aware::{Branch, CacheAware, CacheAwareConfig};
 pub use power_of_two::PowerOfTwo;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
-use crate::config::PolicyName;
+use crate::config::{PolicyConfig, PolicyName};
 use crate::registry::Worker;
 
 /// What a policy may know about a request.
@@ -30,15 +32,32 @@ pub trait Policy: Send + Sync {
 
     /// Index into `workers` of the chosen worker; only routable workers may be chosen.
     fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize>;
+
+    /// Whether `select` looks at the routing text (others skip extracting it).
+    fn needs_text(&self) -> bool {
+        false
+    }
+
+    /// A worker left the registry: forget what the policy kept about it.
+    fn worker_removed(&self, _url: &str) {}
+
+    /// Characters of prompts the policy has recorded for this worker (its prefix tree share).
+    fn tree_chars(&self, _url: &str) -> u64 {
+        0
+    }
 }
 
-pub fn build(name: PolicyName) -> Arc<dyn Policy> {
-    match name {
+pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
+    match cfg.name {
         PolicyName::RoundRobin => Arc::new(RoundRobin::default()),
         PolicyName::Random => Arc::new(Random),
         PolicyName::PowerOfTwo => Arc::new(PowerOfTwo),
-        // Refused by config validation until it exists.
-        PolicyName::CacheAware => unreachable!("cache_aware is rejected by config validation"),
+        PolicyName::CacheAware => Arc::new(CacheAware::new(CacheAwareConfig {
+            cache_threshold: cfg.cache_threshold,
+            balance_abs_threshold: cfg.balance_abs_threshold,
+            balance_rel_threshold: cfg.balance_rel_threshold,
+            max_tree_size: cfg.max_tree_size,
+        })),
     }
 }
 

@@ -1,0 +1,261 @@
+//! cache_aware: send each request to the worker whose KV cache most likely holds the longest
+//! part of its prompt, without overloading anyone.
+//!
+//! With sgl-router's parameters and semantics:
+//! 1. Loads are imbalanced when `max - min > balance_abs_threshold` and
+//!    `max > min * balance_rel_threshold` (load: in-flight requests, streams included).
+//! 2. The request's text is matched against an approximate radix tree of what was routed to each
+//!    worker. If the best match covers more than `cache_threshold` of the text, it goes there.
+//! 3. Otherwise (a miss) it goes to the worker with the most cache room: the smallest tree.
+//! 4. The text is recorded in the tree for the chosen worker; the tree is bounded by
+//!    `max_tree_size` characters at every insert.
+//!
+//! Where sgl-router is known to do worse, this does better: when loads are imbalanced it keeps
+//! locality among the workers that are not overloaded (load within `balance_abs_threshold` of
+//! the minimum) instead of sending everything to the single least-loaded worker; ties between
+//! equally good workers go to the less loaded, then at random, so misses do not pile onto one
+//! worker; and `max_tree_size` bounds the whole tree (all workers) rather than each worker's
+//! share, so memory does not grow with the fleet.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+use super::tree::{Tenant, Tree};
+use super::{Policy, RequestInfo};
+use crate::registry::Worker;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheAwareConfig {
+    pub cache_threshold: f64,
+    pub balance_abs_threshold: u64,
+    pub balance_rel_threshold: f64,
+    pub max_tree_size: usize,
+}
+
+pub struct CacheAware {
+    cfg: CacheAwareConfig,
+    state: Mutex<State>,
+}
+
+struct State {
+    tree: Tree,
+    ids: HashMap<String, Tenant>,
+    free: Vec<Tenant>,
+    next: Tenant,
+}
+
+impl State {
+    fn id_for(&mut self, url: &str) -> Tenant {
+        if let Some(id) = self.ids.get(url) {
+            return *id;
+        }
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.ids.insert(url.to_owned(), id);
+        id
+    }
+}
+
+/// Which rule chose the worker (for tests now, decision records later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    Hit,
+    Miss,
+}
+
+impl CacheAware {
+    pub fn new(cfg: CacheAwareConfig) -> Self {
+        let tree = Tree::new(cfg.max_tree_size);
+        Self {
+            cfg,
+            state: Mutex::new(State { tree, ids: HashMap::new(), free: Vec::new(), next: 0 }),
+        }
+    }
+
+    /// `select` that also says which rule decided.
+    pub fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<(usize, Branch)> {
+        let routable: Vec<usize> =
+            (0..workers.len()).filter(|&i| workers[i].is_routable()).collect();
+        if routable.is_empty() {
+            return None;
+        }
+        let loads: Vec<u64> = routable.iter().map(|&i| workers[i].load()).collect();
+        let min = *loads.iter().min().expect("non-empty");
+        let max = *loads.iter().max().expect("non-empty");
+        let c = &self.cfg;
+        let imbalanced = max - min > c.balance_abs_threshold
+            && max as f64 > min as f64 * c.balance_rel_threshold;
+        // Imbalanced: only workers that are not overloaded stay candidates.
+        let candidates: Vec<usize> = (0..routable.len())
+            .filter(|&k| !imbalanced || loads[k] <= min + c.balance_abs_threshold)
+            .collect();
+
+        let mut st = self.state.lock().expect("cache_aware state");
+        let tenants: Vec<Tenant> = routable.iter().map(|&i| st.id_for(workers[i].url())).collect();
+        let text_chars = req.text.chars().count();
+        let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
+        let matched =
+            |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
+        let mut rng = rand::rng();
+        let (best, best_chars) = candidates
+            .iter()
+            .map(|&k| (k, matched(k), rng.random::<u32>()))
+            .max_by_key(|&(k, m, r)| (m, std::cmp::Reverse(loads[k]), r))
+            .map(|(k, m, _)| (k, m))
+            .expect("candidates are never empty: the least loaded worker always qualifies");
+        let (pick, branch) =
+            if text_chars > 0 && best_chars as f64 / text_chars as f64 > c.cache_threshold {
+                (best, Branch::Hit)
+            } else {
+                let room = candidates
+                    .iter()
+                    .map(|&k| (k, st.tree.tenant_chars(tenants[k]), rng.random::<u32>()))
+                    .min_by_key(|&(k, size, r)| (size, loads[k], r))
+                    .map(|(k, _, _)| k)
+                    .expect("non-empty");
+                (room, Branch::Miss)
+            };
+        if text_chars > 0 {
+            st.tree.insert(req.text, tenants[pick]);
+        }
+        Some((routable[pick], branch))
+    }
+
+    pub fn tree_stats(&self) -> super::tree::TreeStats {
+        self.state.lock().expect("cache_aware state").tree.stats()
+    }
+}
+
+impl Policy for CacheAware {
+    fn name(&self) -> &'static str {
+        "cache_aware"
+    }
+
+    fn needs_text(&self) -> bool {
+        true
+    }
+
+    fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
+        self.decide(workers, req).map(|(i, _)| i)
+    }
+
+    fn worker_removed(&self, url: &str) {
+        let mut st = self.state.lock().expect("cache_aware state");
+        if let Some(id) = st.ids.remove(url) {
+            st.tree.remove_tenant(id);
+            st.free.push(id);
+        }
+    }
+
+    fn tree_chars(&self, url: &str) -> u64 {
+        let st = self.state.lock().expect("cache_aware state");
+        st.ids.get(url).map_or(0, |id| st.tree.tenant_chars(*id) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::test_util::{set_healthy, workers};
+
+    fn policy(threshold: f64, abs: u64) -> CacheAware {
+        CacheAware::new(CacheAwareConfig {
+            cache_threshold: threshold,
+            balance_abs_threshold: abs,
+            balance_rel_threshold: 1.0001,
+            max_tree_size: 1 << 20,
+        })
+    }
+
+    fn req(text: &str) -> RequestInfo<'_> {
+        RequestInfo { text }
+    }
+
+    #[test]
+    fn a_hit_returns_to_the_worker_that_has_the_prefix() {
+        let ws = workers(4);
+        let p = policy(0.5, 32);
+        let sys = "You are a helpful assistant. ".repeat(10);
+        let (first, b) = p.decide(&ws, &req(&format!("{sys}Q1"))).unwrap();
+        assert_eq!(b, Branch::Miss);
+        for q in 2..20 {
+            assert_eq!(p.decide(&ws, &req(&format!("{sys}Q{q}"))).unwrap(), (first, Branch::Hit));
+        }
+    }
+
+    #[test]
+    fn misses_spread_by_cache_room_then_load() {
+        let ws = workers(4);
+        let p = policy(0.5, 32);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4 {
+            let (w, b) =
+                p.decide(&ws, &req(&format!("{i}: a distinct prompt with its own text"))).unwrap();
+            assert_eq!(b, Branch::Miss);
+            seen.insert(w);
+        }
+        assert_eq!(seen.len(), 4, "four misses of equal size land on four different workers");
+        // Equal cache room: the less loaded worker wins.
+        let q = policy(0.5, 32);
+        let _busy: Vec<_> = (0..3).map(|_| ws[0].start_request()).collect();
+        let _busy2: Vec<_> = (0..3).map(|_| ws[1].start_request()).collect();
+        let _busy3: Vec<_> = (0..3).map(|_| ws[3].start_request()).collect();
+        assert_eq!(q.decide(&ws, &req("fresh")).unwrap(), (2, Branch::Miss));
+    }
+
+    #[test]
+    fn below_the_threshold_is_a_miss() {
+        let ws = workers(2);
+        let p = policy(0.8, 32);
+        let (a, _) = p.decide(&ws, &req("abcdefghij")).unwrap();
+        // 5 of 10 chars match a's tree: below 0.8, so a miss, which goes to the emptier tree.
+        let (b, branch) = p.decide(&ws, &req("abcdeXXXXX")).unwrap();
+        assert_eq!(branch, Branch::Miss);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn imbalance_keeps_locality_among_workers_not_overloaded() {
+        let ws = workers(3);
+        let p = policy(0.5, 2);
+        let text = "shared system prompt and a question";
+        let (home, _) = p.decide(&ws, &req(text)).unwrap();
+        // The home worker gets overloaded: the request must go elsewhere, and once there,
+        // its prefix follows it while loads stay imbalanced.
+        let _busy: Vec<_> = (0..10).map(|_| ws[home].start_request()).collect();
+        let (other, b1) = p.decide(&ws, &req(text)).unwrap();
+        assert_ne!(other, home);
+        assert_eq!(b1, Branch::Miss);
+        assert_eq!(
+            p.decide(&ws, &req(text)).unwrap(),
+            (other, Branch::Hit),
+            "locality kept among the rest"
+        );
+    }
+
+    #[test]
+    fn unroutable_and_removed_workers() {
+        let ws = workers(2);
+        let p = policy(0.5, 32);
+        let (home, _) = p.decide(&ws, &req("prompt prompt prompt")).unwrap();
+        assert!(p.tree_chars(ws[home].url()) > 0);
+        set_healthy(&ws[home], false);
+        assert_eq!(p.decide(&ws, &req("prompt prompt prompt")).unwrap().0, 1 - home);
+        p.worker_removed(ws[home].url());
+        assert_eq!(p.tree_chars(ws[home].url()), 0);
+        set_healthy(&ws[1 - home], false);
+        assert_eq!(p.decide(&ws, &req("x")), None);
+    }
+
+    #[test]
+    fn empty_text_is_a_miss_and_records_nothing() {
+        let ws = workers(2);
+        let p = policy(0.5, 32);
+        assert_eq!(p.decide(&ws, &req("")).unwrap().1, Branch::Miss);
+        assert_eq!(p.tree_stats().chars, 0);
+    }
+}
