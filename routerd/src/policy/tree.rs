@@ -96,7 +96,9 @@ impl Tree {
 
     /// How many leading characters of `text` each tenant holds, as `(tenant, chars)`.
     pub fn prefix_match(&self, text: &str) -> Vec<(Tenant, usize)> {
-        let mut best: Vec<(Tenant, usize)> = Vec::new();
+        // A tenant on a node is on all its ancestors, so walking down and overwriting leaves
+        // each tenant with the match at the deepest node it is on.
+        let mut best = vec![0usize; self.tenant_chars.len()];
         let mut node = ROOT;
         let mut rest = text;
         let mut matched = 0usize;
@@ -106,10 +108,7 @@ impl Tree {
             let (bytes, chars) = common_prefix(&n.label, rest);
             matched += chars;
             for (t, _) in &n.tenants {
-                match best.iter_mut().find(|(x, _)| x == t) {
-                    Some(e) => e.1 = matched,
-                    None => best.push((*t, matched)),
-                }
+                best[*t as usize] = matched;
             }
             if bytes < n.label.len() {
                 break;
@@ -117,7 +116,7 @@ impl Tree {
             rest = &rest[bytes..];
             node = child;
         }
-        best
+        best.iter().enumerate().filter(|(_, m)| **m > 0).map(|(t, m)| (t as Tenant, *m)).collect()
     }
 
     /// Records that `text` was routed to `t`, then evicts down to the budget.
@@ -336,18 +335,22 @@ impl Tree {
     }
 }
 
-/// Common prefix of `a` and `b` in (bytes, chars), ending on a char boundary.
+/// Common prefix of `a` and `b` in (bytes, chars), ending on a char boundary. Compares bytes
+/// 8 at a time, then backs off to the last char boundary.
 fn common_prefix(a: &str, b: &str) -> (usize, usize) {
-    let mut bytes = 0;
-    let mut chars = 0;
-    for ((i, x), y) in a.char_indices().zip(b.chars()) {
-        if x != y {
-            break;
-        }
-        bytes = i + x.len_utf8();
-        chars += 1;
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let n = x.len().min(y.len());
+    let mut i = 0;
+    while i + 8 <= n && x[i..i + 8] == y[i..i + 8] {
+        i += 8;
     }
-    (bytes, chars)
+    while i < n && x[i] == y[i] {
+        i += 1;
+    }
+    while !a.is_char_boundary(i) {
+        i -= 1;
+    }
+    (i, a[..i].chars().count())
 }
 
 #[cfg(test)]
