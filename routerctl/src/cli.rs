@@ -1,7 +1,9 @@
-//! routerctl's command line. Subcommands arrive as their issues land; today: `sim-worker`.
+//! routerctl's command line. Subcommands arrive as their issues land; today: `sim-worker`,
+//! `bench`.
 
 use clap::{Parser, Subcommand};
 
+use crate::bench::BenchArgs;
 use crate::sim::SimArgs;
 
 #[derive(Debug, Parser)]
@@ -15,11 +17,14 @@ pub struct Cli {
 pub enum Command {
     /// Run one simulated SGLang worker (same HTTP API, no GPU needed).
     SimWorker(Box<SimArgs>),
+    /// Load a router (or, with --affinity, the workers directly) with an LLM workload.
+    Bench(Box<BenchArgs>),
 }
 
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::SimWorker(args) => crate::sim::run(*args).await,
+        Command::Bench(args) => crate::bench::run(*args).await,
     }
 }

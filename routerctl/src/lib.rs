@@ -1,5 +1,6 @@
 //! routerctl: the operator's CLI for routerd, and the simulated SGLang engine (`sim-worker`)
 //! used by tests, benchmarks and demos on machines without GPUs.
 
+pub mod bench;
 pub mod cli;
 pub mod sim;

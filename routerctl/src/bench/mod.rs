@@ -1,0 +1,350 @@
+//! `routerctl bench`: a load generator for an LLM router. Sends a `shared-prefix` or
+//! `multi-turn` workload (streaming, so it measures time to first token) at a fixed concurrency
+//! or request rate, to a router or, with `--affinity`, straight to the workers with each group or
+//! conversation pinned to one worker (the perfect-affinity baseline). Reports throughput,
+//! latency, TTFT, requests per worker and the fleet's real cache hit rate, read from the
+//! simulated workers' `/sim/stats` before and after.
+
+mod report;
+pub mod workload;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+use tokio::sync::{Notify, Semaphore};
+
+pub use report::{Output, Report};
+use workload::{Job, Kind, Workload};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The router to load (ignored with --affinity, except to list workers).
+    #[arg(long, env = "ROUTERCTL_ENDPOINT", default_value = "http://127.0.0.1:30000")]
+    pub url: String,
+    #[arg(long, value_enum, default_value_t = Kind::SharedPrefix)]
+    pub workload: Kind,
+    /// shared-prefix: number of system prompts.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    /// shared-prefix: questions per system prompt.
+    #[arg(long, default_value_t = 16)]
+    pub questions: usize,
+    /// multi-turn: number of conversations.
+    #[arg(long, default_value_t = 16)]
+    pub conversations: usize,
+    /// multi-turn: turns per conversation.
+    #[arg(long, default_value_t = 6)]
+    pub turns: usize,
+    /// Characters of each system prompt.
+    #[arg(long, default_value_t = 2000)]
+    pub system_chars: usize,
+    /// Characters of each question.
+    #[arg(long, default_value_t = 64)]
+    pub question_chars: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Requests in flight at once (with --rate: the most in flight).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Start requests at this rate (per second) instead of keeping --concurrency busy.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// The workers (default: GET /workers from the router).
+    #[arg(long, num_args = 1..)]
+    pub workers: Option<Vec<String>>,
+    /// Bypass the router: group/conversation k always goes to worker k mod N.
+    #[arg(long)]
+    pub affinity: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub ok: bool,
+    pub latency: f64,
+    pub ttft: Option<f64>,
+    pub output_tokens: u64,
+    pub worker: String,
+    pub error: Option<String>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    let report = execute(&args).await?;
+    report.print(args.output);
+    Ok(if report.failed > 0 { 1 } else { 0 })
+}
+
+/// Runs the benchmark and returns its report (printing nothing but the progress bar).
+pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build()?;
+    let url = args.url.trim_end_matches('/').to_owned();
+    let workers = match &args.workers {
+        Some(w) => w.iter().map(|u| u.trim_end_matches('/').to_owned()).collect(),
+        None => list_workers(&http, &url).await?,
+    };
+    if args.affinity && workers.is_empty() {
+        bail!("--affinity needs workers: none given with --workers and none registered at {url}");
+    }
+    let (groups, per_group) = match args.workload {
+        Kind::SharedPrefix => (args.groups, args.questions),
+        Kind::MultiTurn => (args.conversations, args.turns),
+    };
+    let workload = Workload::new(
+        args.workload,
+        groups,
+        per_group,
+        args.system_chars,
+        args.question_chars,
+        args.max_tokens,
+        args.seed,
+    );
+    let total = workload.total();
+    let before = sim_totals(&http, &workers).await;
+    let progress = indicatif::ProgressBar::new(total as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} requests {per_sec} {elapsed}",
+        )
+        .expect("static template"),
+    );
+    let shared = Arc::new(Shared {
+        workload: Mutex::new(workload),
+        rng: Mutex::new(StdRng::seed_from_u64(args.seed ^ 0x5eed)),
+        ready: Notify::new(),
+        samples: Mutex::new(Vec::with_capacity(total)),
+        progress,
+        http,
+        target: Target { router: url.clone(), workers: workers.clone(), affinity: args.affinity },
+    });
+    let started = Instant::now();
+    match args.rate {
+        None => drive_closed_loop(&shared, args.concurrency.max(1)).await,
+        Some(rate) => drive_open_loop(&shared, rate, args.concurrency.max(1)).await,
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    shared.progress.finish_and_clear();
+    let after = sim_totals(&shared.http, &workers).await;
+    let samples = std::mem::take(&mut *shared.samples.lock().expect("samples"));
+    Ok(Report::build(args, &url, elapsed, &samples, before.zip(after)))
+}
+
+struct Target {
+    router: String,
+    workers: Vec<String>,
+    affinity: bool,
+}
+
+impl Target {
+    fn base(&self, job: &Job) -> &str {
+        if self.affinity {
+            &self.workers[job.key % self.workers.len()]
+        } else {
+            &self.router
+        }
+    }
+}
+
+struct Shared {
+    workload: Mutex<Workload>,
+    rng: Mutex<StdRng>,
+    ready: Notify,
+    samples: Mutex<Vec<Sample>>,
+    progress: indicatif::ProgressBar,
+    http: reqwest::Client,
+    target: Target,
+}
+
+impl Shared {
+    fn next(&self) -> Result<Option<Job>, ()> {
+        let mut w = self.workload.lock().expect("workload");
+        if w.finished() {
+            return Err(());
+        }
+        Ok(w.next(&mut self.rng.lock().expect("rng")))
+    }
+
+    async fn run_one(&self, job: Job) {
+        let (sample, answer) = send(&self.http, self.target.base(&job), &job).await;
+        self.workload.lock().expect("workload").complete(&job, &answer);
+        self.samples.lock().expect("samples").push(sample);
+        self.progress.inc(1);
+        self.ready.notify_waiters();
+    }
+}
+
+/// Keeps `concurrency` requests in flight until the workload is done.
+async fn drive_closed_loop(shared: &Arc<Shared>, concurrency: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let s = shared.clone();
+        tasks.spawn(async move {
+            loop {
+                let waiter = s.ready.notified();
+                match s.next() {
+                    Err(()) => return,
+                    Ok(Some(job)) => s.run_one(job).await,
+                    // Every unfinished conversation waits for an answer: wait for one.
+                    Ok(None) => {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), waiter).await;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Starts a request every 1/rate seconds (when one is ready), at most `limit` in flight.
+async fn drive_open_loop(shared: &Arc<Shared>, rate: f64, limit: usize) {
+    let slots = Arc::new(Semaphore::new(limit));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tick.tick().await;
+        match shared.next() {
+            Err(()) => break,
+            Ok(None) => continue,
+            Ok(Some(job)) => {
+                let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+                let s = shared.clone();
+                tasks.spawn(async move {
+                    s.run_one(job).await;
+                    drop(permit);
+                });
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Sends one streaming request; returns its sample and the answer text.
+async fn send(http: &reqwest::Client, base: &str, job: &Job) -> (Sample, String) {
+    let started = Instant::now();
+    let mut sample = Sample {
+        ok: false,
+        latency: 0.0,
+        ttft: None,
+        output_tokens: 0,
+        worker: base.to_owned(),
+        error: None,
+    };
+    let mut answer = String::new();
+    let resp = match http.post(format!("{base}{}", job.path)).json(&job.body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            sample.error = Some(e.to_string());
+            sample.latency = started.elapsed().as_secs_f64();
+            return (sample, answer);
+        }
+    };
+    if let Some(w) = resp.headers().get("x-routerd-worker").and_then(|v| v.to_str().ok()) {
+        sample.worker = w.to_owned();
+    }
+    let status = resp.status();
+    if !status.is_success() {
+        sample.error = Some(format!("HTTP {status}: {}", resp.text().await.unwrap_or_default()));
+        sample.latency = started.elapsed().as_secs_f64();
+        return (sample, answer);
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut done = false;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                sample.error = Some(format!("stream broke: {e}"));
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let Some(data) = event.strip_prefix(b"data: ") else { continue };
+            let data = &data[..data.len() - 2];
+            if data == b"[DONE]" {
+                done = true;
+                continue;
+            }
+            let Ok(v) = serde_json::from_slice::<Value>(data) else { continue };
+            on_event(&v, started, &mut sample, &mut answer);
+        }
+    }
+    sample.latency = started.elapsed().as_secs_f64();
+    sample.ok = done && sample.error.is_none();
+    if !done && sample.error.is_none() {
+        sample.error = Some("the stream ended without [DONE]".into());
+    }
+    (sample, answer)
+}
+
+fn on_event(v: &Value, started: Instant, sample: &mut Sample, answer: &mut String) {
+    if let Some(e) = v.get("error") {
+        sample.error = Some(e.to_string());
+        return;
+    }
+    let mut token = false;
+    if let Some(meta) = v.get("meta_info") {
+        // Native stream: cumulative text and token count.
+        sample.output_tokens = meta["completion_tokens"].as_u64().unwrap_or(sample.output_tokens);
+        if let Some(t) = v["text"].as_str() {
+            answer.clear();
+            answer.push_str(t);
+        }
+        token = sample.output_tokens > 0;
+    } else if let Some(c) = v["choices"].get(0) {
+        if let Some(t) = c["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+            answer.push_str(t);
+            sample.output_tokens += 1;
+            token = true;
+        }
+    }
+    if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+        sample.output_tokens = n;
+    }
+    if token && sample.ttft.is_none() {
+        sample.ttft = Some(started.elapsed().as_secs_f64());
+    }
+}
+
+async fn list_workers(http: &reqwest::Client, url: &str) -> anyhow::Result<Vec<String>> {
+    let v: Value = http
+        .get(format!("{url}/workers"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the router at {url}"))?
+        .error_for_status()
+        .with_context(|| format!("{url}/workers answered an error"))?
+        .json()
+        .await
+        .context("GET /workers did not return JSON")?;
+    Ok(v["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["url"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// (cached, prompt) tokens summed over the workers' `/sim/stats`; `None` if any has none.
+async fn sim_totals(http: &reqwest::Client, workers: &[String]) -> Option<(u64, u64)> {
+    let mut cached = 0;
+    let mut prompt = 0;
+    for w in workers {
+        let v: Value = http.get(format!("{w}/sim/stats")).send().await.ok()?.json().await.ok()?;
+        cached += v["cached_tokens"].as_u64()?;
+        prompt += v["prompt_tokens"].as_u64()?;
+    }
+    (!workers.is_empty()).then_some((cached, prompt))
+}

@@ -1,0 +1,137 @@
+//! What `routerctl bench` prints: a table for people, `-o json` for scripts.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{BenchArgs, Sample};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub workload: String,
+    pub target: String,
+    pub requests: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub seconds: f64,
+    pub requests_per_sec: f64,
+    pub output_tokens_per_sec: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    /// Cached / prompt tokens over the run, from the workers' `/sim/stats` (null if unknown).
+    pub cache_hit_rate: Option<f64>,
+    pub cached_tokens: Option<u64>,
+    pub prompt_tokens: Option<u64>,
+    pub per_worker: BTreeMap<String, usize>,
+    pub first_errors: Vec<String>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)] * 1000.0
+}
+
+impl Report {
+    pub fn build(
+        args: &BenchArgs,
+        url: &str,
+        seconds: f64,
+        samples: &[Sample],
+        sim: Option<((u64, u64), (u64, u64))>,
+    ) -> Self {
+        let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+        let mut lat: Vec<f64> = ok.iter().map(|s| s.latency).collect();
+        let mut ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft).collect();
+        lat.sort_by(f64::total_cmp);
+        ttft.sort_by(f64::total_cmp);
+        let tokens: u64 = ok.iter().map(|s| s.output_tokens).sum();
+        let mut per_worker = BTreeMap::new();
+        for s in &ok {
+            *per_worker.entry(s.worker.clone()).or_default() += 1;
+        }
+        let (cached, prompt) = match sim {
+            Some(((c0, p0), (c1, p1))) => {
+                (Some(c1.saturating_sub(c0)), Some(p1.saturating_sub(p0)))
+            }
+            None => (None, None),
+        };
+        let workload = match args.workload {
+            super::Kind::SharedPrefix => {
+                format!("shared-prefix ({} groups x {} questions)", args.groups, args.questions)
+            }
+            super::Kind::MultiTurn => {
+                format!("multi-turn ({} conversations x {} turns)", args.conversations, args.turns)
+            }
+        };
+        let target = if args.affinity {
+            "perfect affinity (direct to workers)".to_owned()
+        } else {
+            url.to_owned()
+        };
+        Report {
+            workload,
+            target,
+            requests: samples.len(),
+            ok: ok.len(),
+            failed: samples.len() - ok.len(),
+            seconds,
+            requests_per_sec: ok.len() as f64 / seconds.max(1e-9),
+            output_tokens_per_sec: tokens as f64 / seconds.max(1e-9),
+            latency_p50_ms: percentile(&lat, 50.0),
+            latency_p99_ms: percentile(&lat, 99.0),
+            ttft_p50_ms: percentile(&ttft, 50.0),
+            ttft_p99_ms: percentile(&ttft, 99.0),
+            cache_hit_rate: cached
+                .zip(prompt)
+                .map(|(c, p)| if p == 0 { 0.0 } else { c as f64 / p as f64 }),
+            cached_tokens: cached,
+            prompt_tokens: prompt,
+            per_worker,
+            first_errors: samples.iter().filter_map(|s| s.error.clone()).take(5).collect(),
+        }
+    }
+
+    pub fn print(&self, output: Output) {
+        if output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(self).expect("report serialises"));
+            return;
+        }
+        println!("workload     {}", self.workload);
+        println!("target       {}", self.target);
+        println!("requests     {} ok, {} failed in {:.2} s", self.ok, self.failed, self.seconds);
+        println!(
+            "throughput   {:.1} req/s, {:.0} output tokens/s",
+            self.requests_per_sec, self.output_tokens_per_sec
+        );
+        println!(
+            "latency      p50 {:.1} ms, p99 {:.1} ms",
+            self.latency_p50_ms, self.latency_p99_ms
+        );
+        println!("ttft         p50 {:.1} ms, p99 {:.1} ms", self.ttft_p50_ms, self.ttft_p99_ms);
+        match (self.cache_hit_rate, self.cached_tokens, self.prompt_tokens) {
+            (Some(r), Some(c), Some(p)) => println!(
+                "cache hits   {:.1}% ({c} of {p} prompt tokens, from /sim/stats)",
+                r * 100.0
+            ),
+            _ => println!("cache hits   unknown (the workers have no /sim/stats)"),
+        }
+        println!("per worker");
+        for (w, n) in &self.per_worker {
+            println!("  {w:<32} {n}");
+        }
+        for e in &self.first_errors {
+            println!("error        {e}");
+        }
+    }
+}

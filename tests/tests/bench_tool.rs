@@ -1,0 +1,88 @@
+//! `routerctl bench` against a real router and simulated workers, and in perfect-affinity mode.
+
+use clap::Parser;
+use routerctl::bench::{execute, BenchArgs};
+use routerd_e2e::{fleet, router, router_config, shutdown_all};
+
+#[derive(Parser)]
+struct Wrap {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn args(extra: &[&str]) -> BenchArgs {
+    let base = [
+        "bench",
+        "--system-chars",
+        "400",
+        "--question-chars",
+        "20",
+        "--max-tokens",
+        "2",
+        "--concurrency",
+        "4",
+    ];
+    Wrap::parse_from(base.iter().chain(extra)).args
+}
+
+#[tokio::test]
+async fn shared_prefix_through_the_router_and_direct() {
+    let ws = fleet(2, |a| a.zero_compute = true).await;
+    let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let rep =
+        execute(&args(&["--url", &r.url(), "--groups", "4", "--questions", "5"])).await.unwrap();
+    assert_eq!((rep.requests, rep.ok, rep.failed), (20, 20, 0), "{:?}", rep.first_errors);
+    assert_eq!(rep.per_worker.values().sum::<usize>(), 20);
+    assert!(
+        rep.per_worker.keys().all(|w| *w == ws[0].url() || *w == ws[1].url()),
+        "{:?}",
+        rep.per_worker
+    );
+    let hit = rep.cache_hit_rate.expect("sim workers report cache stats");
+    assert!(hit > 0.5, "cache_aware hit rate {hit}");
+    assert!(rep.ttft_p50_ms > 0.0 && rep.latency_p99_ms >= rep.latency_p50_ms);
+
+    let urls: Vec<String> = ws.iter().map(|w| w.url()).collect();
+    let mut direct =
+        vec!["--affinity", "--groups", "4", "--questions", "5", "--seed", "9", "--workers"];
+    direct.extend(urls.iter().map(String::as_str));
+    let rep = execute(&args(&direct)).await.unwrap();
+    assert_eq!(rep.ok, 20);
+    assert_eq!(rep.per_worker.len(), 2, "groups spread over both workers: {:?}", rep.per_worker);
+    assert!(rep.target.contains("perfect affinity"));
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn multi_turn_at_a_fixed_rate() {
+    let ws = fleet(2, |a| a.zero_compute = true).await;
+    let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let rep = execute(&args(&[
+        "--url",
+        &r.url(),
+        "--workload",
+        "multi-turn",
+        "--conversations",
+        "3",
+        "--turns",
+        "4",
+        "--rate",
+        "200",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!((rep.ok, rep.failed), (12, 0), "{:?}", rep.first_errors);
+    assert!(rep.cache_hit_rate.unwrap() > 0.5, "later turns hit: {:?}", rep.cache_hit_rate);
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn unreachable_router_is_a_clear_error() {
+    let err = execute(&args(&["--url", "http://127.0.0.1:9"])).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("cannot reach the router at http://127.0.0.1:9"),
+        "{err:#}"
+    );
+}
