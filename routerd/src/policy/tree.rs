@@ -15,19 +15,31 @@ pub type Tenant = u16;
 
 const ROOT: u32 = 0;
 
+/// A tenant's presence on a node: when it was last routed through, and whether it is a leaf
+/// tenancy (no child of the node has the tenant), i.e. whether it is in `Tree::leaves`.
+#[derive(Debug, Clone, Copy)]
+struct Tenancy {
+    tenant: Tenant,
+    time: u64,
+    leaf: bool,
+}
+
 #[derive(Debug, Default)]
 struct Node {
     label: String,
     chars: u32,
     children: Vec<(char, u32)>,
     parent: u32,
-    /// (tenant, last access)
-    tenants: Vec<(Tenant, u64)>,
+    tenants: Vec<Tenancy>,
 }
 
 impl Node {
-    fn time_of(&self, t: Tenant) -> Option<u64> {
-        self.tenants.iter().find(|(x, _)| *x == t).map(|(_, time)| *time)
+    fn tenancy(&mut self, t: Tenant) -> Option<&mut Tenancy> {
+        self.tenants.iter_mut().find(|x| x.tenant == t)
+    }
+
+    fn has(&self, t: Tenant) -> bool {
+        self.tenants.iter().any(|x| x.tenant == t)
     }
 
     fn child(&self, c: char) -> Option<u32> {
@@ -107,8 +119,8 @@ impl Tree {
             let n = &self.nodes[child as usize];
             let (bytes, chars) = common_prefix(&n.label, rest);
             matched += chars;
-            for (t, _) in &n.tenants {
-                best[*t as usize] = matched;
+            for x in &n.tenants {
+                best[x.tenant as usize] = matched;
             }
             if bytes < n.label.len() {
                 break;
@@ -197,7 +209,8 @@ impl Tree {
         let head = std::mem::replace(&mut c.label, tail);
         let head_chars = head.chars().count() as u32;
         c.chars -= head_chars;
-        let tenants = c.tenants.clone();
+        // The child keeps every tenant, so none is a leaf on the new upper node.
+        let tenants = c.tenants.iter().map(|x| Tenancy { leaf: false, ..*x }).collect();
         let parent = c.parent;
         let tail_first = c.label.chars().next().expect("split inside the label");
         let head_first = head.chars().next().expect("split after at least one char");
@@ -230,22 +243,27 @@ impl Tree {
     fn touch(&mut self, node: u32, t: Tenant) {
         let now = self.clock;
         let n = &mut self.nodes[node as usize];
-        match n.tenants.iter_mut().find(|(x, _)| *x == t) {
-            Some(e) => {
-                let old = e.1;
-                e.1 = now;
-                if self.leaves.remove(&(old, node, t)) {
+        match n.tenancy(t) {
+            Some(x) => {
+                let old = x.time;
+                x.time = now;
+                if x.leaf {
+                    self.leaves.remove(&(old, node, t));
                     self.leaves.insert((now, node, t));
                 }
             }
             None => {
-                n.tenants.push((t, now));
+                n.tenants.push(Tenancy { tenant: t, time: now, leaf: true });
                 self.tenant_chars[t as usize] += n.chars as usize;
                 self.leaves.insert((now, node, t));
                 let parent = n.parent;
                 if parent != ROOT {
-                    if let Some(pt) = self.nodes[parent as usize].time_of(t) {
-                        self.leaves.remove(&(pt, parent, t));
+                    if let Some(p) = self.nodes[parent as usize].tenancy(t) {
+                        if p.leaf {
+                            p.leaf = false;
+                            let pt = p.time;
+                            self.leaves.remove(&(pt, parent, t));
+                        }
                     }
                 }
             }
@@ -262,7 +280,7 @@ impl Tree {
     /// Removes leaf tenancy (node, t), and the node if nobody is left on it.
     fn drop_tenancy(&mut self, node: u32, t: Tenant) {
         let n = &mut self.nodes[node as usize];
-        n.tenants.retain(|(x, _)| *x != t);
+        n.tenants.retain(|x| x.tenant != t);
         let chars = n.chars as usize;
         let parent = n.parent;
         self.tenant_chars[t as usize] -= chars;
@@ -279,11 +297,16 @@ impl Tree {
             self.evicted_chars += chars as u64;
         }
         if parent != ROOT {
-            let p = &self.nodes[parent as usize];
-            let child_has_t =
-                p.children.iter().any(|(_, c)| self.nodes[*c as usize].time_of(t).is_some());
-            if let (Some(pt), false) = (p.time_of(t), child_has_t) {
-                self.leaves.insert((pt, parent, t));
+            let child_has_t = self.nodes[parent as usize]
+                .children
+                .iter()
+                .any(|(_, c)| self.nodes[*c as usize].has(t));
+            if !child_has_t {
+                if let Some(p) = self.nodes[parent as usize].tenancy(t) {
+                    p.leaf = true;
+                    let pt = p.time;
+                    self.leaves.insert((pt, parent, t));
+                }
             }
         }
     }
@@ -302,21 +325,17 @@ impl Tree {
                 assert!(!n.tenants.is_empty(), "empty node {id} kept");
                 total += n.chars as usize;
                 let parent = &self.nodes[n.parent as usize];
-                for (t, time) in &n.tenants {
-                    per_tenant[*t as usize] += n.chars as usize;
+                for x in &n.tenants {
+                    let t = x.tenant;
+                    per_tenant[t as usize] += n.chars as usize;
                     if n.parent != ROOT {
-                        assert!(
-                            parent.time_of(*t).is_some(),
-                            "tenant {t} on {id} but not on its parent"
-                        );
+                        assert!(parent.has(t), "tenant {t} on {id} but not on its parent");
                     }
-                    let is_leaf = !n
-                        .children
-                        .iter()
-                        .any(|(_, c)| self.nodes[*c as usize].time_of(*t).is_some());
+                    let is_leaf = !n.children.iter().any(|(_, c)| self.nodes[*c as usize].has(t));
+                    assert_eq!(is_leaf, x.leaf, "leaf flag of ({id}, {t})");
                     assert_eq!(
                         is_leaf,
-                        self.leaves.contains(&(*time, id, *t)),
+                        self.leaves.contains(&(x.time, id, t)),
                         "leaf tenancy ({id}, {t})"
                     );
                     leaf_count += usize::from(is_leaf);
