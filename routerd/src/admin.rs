@@ -32,13 +32,16 @@ pub struct WorkerView {
     pub load: u64,
     pub requests_total: u64,
     pub errors_total: u64,
-    /// Characters of prompts the policy's prefix tree holds for this worker (cache_aware).
+    /// This worker's share of cache_aware's prefix tree: characters, nodes, approximate bytes.
     pub tree_chars: u64,
+    pub tree_nodes: u64,
+    pub tree_bytes: u64,
     pub source: WorkerSource,
 }
 
 impl WorkerView {
     pub fn new(w: &Worker, app: &App) -> Self {
+        let tree = app.policy().tree_stats(w.url());
         Self {
             url: w.url().to_owned(),
             role: w.spec.role,
@@ -49,7 +52,9 @@ impl WorkerView {
             load: w.load(),
             requests_total: w.requests_total.load(Relaxed),
             errors_total: w.errors_total.load(Relaxed),
-            tree_chars: app.policy().tree_chars(w.url()),
+            tree_chars: tree.chars as u64,
+            tree_nodes: tree.nodes as u64,
+            tree_bytes: tree.approx_bytes as u64,
             source: w.spec.source,
         }
     }

@@ -125,7 +125,7 @@ impl CacheAware {
         Some((routable[pick], branch))
     }
 
-    pub fn tree_stats(&self) -> super::tree::TreeStats {
+    pub fn whole_tree_stats(&self) -> super::tree::TreeStats {
         self.state.lock().expect("cache_aware state").tree.stats()
     }
 }
@@ -151,9 +151,9 @@ impl Policy for CacheAware {
         }
     }
 
-    fn tree_chars(&self, url: &str) -> u64 {
+    fn tree_stats(&self, url: &str) -> super::tree::TenantStats {
         let st = self.state.lock().expect("cache_aware state");
-        st.ids.get(url).map_or(0, |id| st.tree.tenant_chars(*id) as u64)
+        st.ids.get(url).map(|id| st.tree.tenant_stats(*id)).unwrap_or_default()
     }
 }
 
@@ -242,11 +242,14 @@ mod tests {
         let ws = workers(2);
         let p = policy(0.5, 32);
         let (home, _) = p.decide(&ws, &req("prompt prompt prompt")).unwrap();
-        assert!(p.tree_chars(ws[home].url()) > 0);
+        let share = p.tree_stats(ws[home].url());
+        assert_eq!(share.chars, 20);
+        assert_eq!(share.nodes, 1);
+        assert!(share.approx_bytes > share.chars);
         set_healthy(&ws[home], false);
         assert_eq!(p.decide(&ws, &req("prompt prompt prompt")).unwrap().0, 1 - home);
         p.worker_removed(ws[home].url());
-        assert_eq!(p.tree_chars(ws[home].url()), 0);
+        assert_eq!(p.tree_stats(ws[home].url()), Default::default());
         set_healthy(&ws[1 - home], false);
         assert_eq!(p.decide(&ws, &req("x")), None);
     }
@@ -256,6 +259,6 @@ mod tests {
         let ws = workers(2);
         let p = policy(0.5, 32);
         assert_eq!(p.decide(&ws, &req("")).unwrap().1, Branch::Miss);
-        assert_eq!(p.tree_stats().chars, 0);
+        assert_eq!(p.whole_tree_stats().chars, 0);
     }
 }

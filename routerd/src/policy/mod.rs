@@ -41,9 +41,9 @@ pub trait Policy: Send + Sync {
     /// A worker left the registry: forget what the policy kept about it.
     fn worker_removed(&self, _url: &str) {}
 
-    /// Characters of prompts the policy has recorded for this worker (its prefix tree share).
-    fn tree_chars(&self, _url: &str) -> u64 {
-        0
+    /// This worker's share of the policy's prefix tree (all zero for policies without one).
+    fn tree_stats(&self, _url: &str) -> tree::TenantStats {
+        tree::TenantStats::default()
     }
 }
 

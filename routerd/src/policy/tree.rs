@@ -53,10 +53,23 @@ pub struct Tree {
     free: Vec<u32>,
     leaves: BTreeSet<(u64, u32, Tenant)>,
     tenant_chars: Vec<usize>,
+    tenant_nodes: Vec<usize>,
     total_chars: usize,
     max_chars: usize,
     clock: u64,
     evicted_chars: u64,
+}
+
+/// Approximate heap bytes per node besides its label: the node, its child and tenant entries,
+/// and its place in the eviction order.
+const NODE_BYTES: usize = std::mem::size_of::<Node>() + 2 * 8 + 2 * 16 + 24;
+
+/// One worker's share of the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TenantStats {
+    pub chars: usize,
+    pub nodes: usize,
+    pub approx_bytes: usize,
 }
 
 /// Size figures for stats and dashboards.
@@ -76,6 +89,7 @@ impl Tree {
             free: Vec::new(),
             leaves: BTreeSet::new(),
             tenant_chars: Vec::new(),
+            tenant_nodes: Vec::new(),
             total_chars: 0,
             max_chars,
             clock: 0,
@@ -85,20 +99,26 @@ impl Tree {
 
     pub fn stats(&self) -> TreeStats {
         let nodes = self.nodes.len() - self.free.len() - 1;
-        let per_node =
-            std::mem::size_of::<Node>() + 2 * std::mem::size_of::<(char, u32)>() + 2 * 16;
         let label_bytes: usize = self.nodes.iter().map(|n| n.label.capacity()).sum();
         TreeStats {
             chars: self.total_chars,
             nodes,
             evicted_chars: self.evicted_chars,
-            approx_bytes: label_bytes + self.nodes.len() * per_node + self.leaves.len() * 24,
+            approx_bytes: label_bytes + self.nodes.len() * NODE_BYTES,
         }
     }
 
     /// Characters stored on nodes that `t` is present on.
     pub fn tenant_chars(&self, t: Tenant) -> usize {
         self.tenant_chars.get(t as usize).copied().unwrap_or(0)
+    }
+
+    /// One worker's share: characters and nodes it is on, and their approximate bytes (shared
+    /// nodes count for every worker on them).
+    pub fn tenant_stats(&self, t: Tenant) -> TenantStats {
+        let chars = self.tenant_chars(t);
+        let nodes = self.tenant_nodes.get(t as usize).copied().unwrap_or(0);
+        TenantStats { chars, nodes, approx_bytes: chars + nodes * NODE_BYTES }
     }
 
     pub fn set_max_chars(&mut self, max: usize) {
@@ -135,6 +155,7 @@ impl Tree {
     pub fn insert(&mut self, text: &str, t: Tenant) {
         if self.tenant_chars.len() <= t as usize {
             self.tenant_chars.resize(t as usize + 1, 0);
+            self.tenant_nodes.resize(t as usize + 1, 0);
         }
         self.clock += 1;
         let mut node = ROOT;
@@ -177,9 +198,7 @@ impl Tree {
                 self.drop_tenancy(e.1, t);
             }
         }
-        if let Some(c) = self.tenant_chars.get_mut(t as usize) {
-            *c = 0;
-        }
+        debug_assert_eq!(self.tenant_chars.get(t as usize).copied().unwrap_or(0), 0);
     }
 
     fn add_node(&mut self, parent: u32, label: String) -> u32 {
@@ -209,8 +228,13 @@ impl Tree {
         let head = std::mem::replace(&mut c.label, tail);
         let head_chars = head.chars().count() as u32;
         c.chars -= head_chars;
-        // The child keeps every tenant, so none is a leaf on the new upper node.
-        let tenants = c.tenants.iter().map(|x| Tenancy { leaf: false, ..*x }).collect();
+        // The child keeps every tenant, so none is a leaf on the new upper node; each is now on
+        // one more node.
+        let tenants: Vec<Tenancy> =
+            c.tenants.iter().map(|x| Tenancy { leaf: false, ..*x }).collect();
+        for x in &tenants {
+            self.tenant_nodes[x.tenant as usize] += 1;
+        }
         let parent = c.parent;
         let tail_first = c.label.chars().next().expect("split inside the label");
         let head_first = head.chars().next().expect("split after at least one char");
@@ -255,6 +279,7 @@ impl Tree {
             None => {
                 n.tenants.push(Tenancy { tenant: t, time: now, leaf: true });
                 self.tenant_chars[t as usize] += n.chars as usize;
+                self.tenant_nodes[t as usize] += 1;
                 self.leaves.insert((now, node, t));
                 let parent = n.parent;
                 if parent != ROOT {
@@ -284,6 +309,7 @@ impl Tree {
         let chars = n.chars as usize;
         let parent = n.parent;
         self.tenant_chars[t as usize] -= chars;
+        self.tenant_nodes[t as usize] -= 1;
         if self.nodes[node as usize].tenants.is_empty() {
             let first = self.nodes[node as usize]
                 .label
@@ -315,6 +341,7 @@ impl Tree {
     pub(crate) fn check_invariants(&self) {
         let mut total = 0;
         let mut per_tenant = vec![0usize; self.tenant_chars.len()];
+        let mut nodes_per_tenant = vec![0usize; self.tenant_nodes.len()];
         let mut leaf_count = 0;
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
@@ -328,6 +355,7 @@ impl Tree {
                 for x in &n.tenants {
                     let t = x.tenant;
                     per_tenant[t as usize] += n.chars as usize;
+                    nodes_per_tenant[t as usize] += 1;
                     if n.parent != ROOT {
                         assert!(parent.has(t), "tenant {t} on {id} but not on its parent");
                     }
@@ -349,6 +377,7 @@ impl Tree {
         }
         assert_eq!(total, self.total_chars);
         assert_eq!(per_tenant, self.tenant_chars);
+        assert_eq!(nodes_per_tenant, self.tenant_nodes);
         assert_eq!(leaf_count, self.leaves.len());
         assert!(self.total_chars <= self.max_chars, "{} > {}", self.total_chars, self.max_chars);
     }
