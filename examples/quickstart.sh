@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # routerd on a simulated fleet: two simulated SGLang workers and routerd in front of them on
-# :30000 (power_of_two). Ctrl-C stops everything. Needs no GPU.
+# :30000 (cache_aware, the default policy). Ctrl-C stops everything. Needs no GPU.
 #   examples/quickstart.sh [ROUTER_PORT=30000]
 set -euo pipefail
 port=${1:-30000}
@@ -13,7 +13,7 @@ for p in 31001 31002; do
     target/release/routerctl sim-worker --port "$p" --speed 10 >/dev/null &
     pids+=($!)
 done
-target/release/routerd --policy power_of_two --port "$port" \
+target/release/routerd --port "$port" \
     --worker-urls http://127.0.0.1:31001 http://127.0.0.1:31002 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readiness" >/dev/null && break; sleep 0.1; done
