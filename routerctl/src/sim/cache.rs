@@ -119,7 +119,14 @@ impl PrefixCache {
         let first = key[0];
         self.size += key.len();
         let node = Node { key, children: HashMap::new(), parent, last_access: self.clock };
-        let id = match self.free.pop() {
+        let id = self.alloc(node);
+        self.nodes[parent].children.insert(first, id);
+        self.leaves.insert((self.clock, id));
+    }
+
+    /// Places a node in a free slot of the arena, or at its end.
+    fn alloc(&mut self, node: Node) -> usize {
+        match self.free.pop() {
             Some(id) => {
                 self.nodes[id] = node;
                 id
@@ -128,9 +135,7 @@ impl PrefixCache {
                 self.nodes.push(node);
                 self.nodes.len() - 1
             }
-        };
-        self.nodes[parent].children.insert(first, id);
-        self.leaves.insert((self.clock, id));
+        }
     }
 
     /// Splits `child`'s edge after `at` tokens; returns the new upper node.
@@ -144,16 +149,7 @@ impl PrefixCache {
             parent,
             last_access: self.nodes[child].last_access,
         };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id] = mid;
-                id
-            }
-            None => {
-                self.nodes.push(mid);
-                self.nodes.len() - 1
-            }
-        };
+        let id = self.alloc(mid);
         self.nodes[child].parent = id;
         let first = self.nodes[id].key[0];
         self.nodes[parent].children.insert(first, id);

@@ -149,6 +149,20 @@ impl At {
     }
 }
 
+/// The flag's value if given, else the file's (with where it stands), else the default.
+fn layered<T: Clone>(
+    flag: Option<T>,
+    flag_name: &'static str,
+    file: Option<&Spanned<T>>,
+    default: T,
+) -> (T, At) {
+    match (flag, file) {
+        (Some(v), _) => (v, At::flag(flag_name)),
+        (None, Some(v)) => (v.get_ref().clone(), At::span(v)),
+        (None, None) => (default, At::default()),
+    }
+}
+
 /// Turns raw values into typed ones, recording an error (with its origin) for each bad value
 /// and carrying on with a default so that every error is found in one pass.
 struct Builder<'a> {
@@ -188,19 +202,16 @@ impl Builder<'_> {
     }
 
     fn server(&mut self, s: raw::RawServer, f: &Flags) -> ServerConfig {
-        let host = match (&f.host, s.host) {
-            (Some(h), _) => (h.clone(), At::flag("--host")),
-            (None, Some(h)) => (h.get_ref().clone(), At::span(&h)),
-            (None, None) => ("127.0.0.1".to_owned(), At::default()),
-        };
+        let host = layered(f.host.clone(), "--host", s.host.as_ref(), "127.0.0.1".to_owned());
         if host.0.trim().is_empty() {
             self.error("server.host", &host.1, "must not be empty".into());
         }
-        let payload = match (f.max_payload_size, s.max_payload_size) {
-            (Some(n), _) => (n, At::flag("--max-payload-size")),
-            (None, Some(n)) => (*n.get_ref(), At::span(&n)),
-            (None, None) => (256 << 20, At::default()),
-        };
+        let payload = layered(
+            f.max_payload_size,
+            "--max-payload-size",
+            s.max_payload_size.as_ref(),
+            256 << 20,
+        );
         if payload.0 == 0 {
             self.error("server.max_payload_size", &payload.1, "must be at least 1".into());
         }
@@ -312,11 +323,8 @@ impl Builder<'_> {
     }
 
     fn policy(&mut self, p: raw::RawPolicy, f: &Flags) -> PolicyConfig {
-        let (name, at) = match (&f.policy, &p.name) {
-            (Some(n), _) => (n.clone(), At::flag("--policy")),
-            (None, Some(n)) => (n.get_ref().clone(), At::span(n)),
-            (None, None) => ("cache_aware".to_owned(), At::default()),
-        };
+        let (name, at) =
+            layered(f.policy.clone(), "--policy", p.name.as_ref(), "cache_aware".to_owned());
         let name = match PolicyName::parse(&name) {
             Some(p) => p,
             None => {
@@ -335,11 +343,12 @@ impl Builder<'_> {
             p.cache_threshold.as_ref().map(|v| (*v.get_ref(), At::span(v))),
             0.5,
         );
-        let rel = match (f.balance_rel_threshold, &p.balance_rel_threshold) {
-            (Some(v), _) => (v, At::flag("--balance-rel-threshold")),
-            (None, Some(v)) => (*v.get_ref(), At::span(v)),
-            (None, None) => (1.0001, At::default()),
-        };
+        let rel = layered(
+            f.balance_rel_threshold,
+            "--balance-rel-threshold",
+            p.balance_rel_threshold.as_ref(),
+            1.0001,
+        );
         if !(rel.0.is_finite() && rel.0 >= 1.0) {
             self.error(
                 "policy.balance_rel_threshold",
@@ -347,11 +356,8 @@ impl Builder<'_> {
                 format!("must be a number >= 1.0, got {}", rel.0),
             );
         }
-        let tree = match (f.max_tree_size, &p.max_tree_size) {
-            (Some(v), _) => (v, At::flag("--max-tree-size")),
-            (None, Some(v)) => (*v.get_ref(), At::span(v)),
-            (None, None) => (16_777_216, At::default()),
-        };
+        let tree =
+            layered(f.max_tree_size, "--max-tree-size", p.max_tree_size.as_ref(), 16_777_216);
         if tree.0 == 0 {
             self.error("policy.max_tree_size", &tree.1, "must be at least 1".into());
         }

@@ -205,7 +205,15 @@ impl Tree {
         let first = label.chars().next().expect("labels are never empty");
         let chars = label.chars().count() as u32;
         let node = Node { label, chars, children: Vec::new(), parent, tenants: Vec::new() };
-        let id = match self.free.pop() {
+        let id = self.alloc(node);
+        self.nodes[parent as usize].children.push((first, id));
+        self.total_chars += chars as usize;
+        id
+    }
+
+    /// Places a node in a free slot of the arena, or at its end.
+    fn alloc(&mut self, node: Node) -> u32 {
+        match self.free.pop() {
             Some(id) => {
                 self.nodes[id as usize] = node;
                 id
@@ -214,10 +222,7 @@ impl Tree {
                 self.nodes.push(node);
                 (self.nodes.len() - 1) as u32
             }
-        };
-        self.nodes[parent as usize].children.push((first, id));
-        self.total_chars += chars as usize;
-        id
+        }
     }
 
     /// Splits `child`'s label after `at` bytes (a char boundary); returns the new upper node,
@@ -245,16 +250,7 @@ impl Tree {
             parent,
             tenants,
         };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = mid;
-                id
-            }
-            None => {
-                self.nodes.push(mid);
-                (self.nodes.len() - 1) as u32
-            }
-        };
+        let id = self.alloc(mid);
         self.nodes[child as usize].parent = id;
         let p = &mut self.nodes[parent as usize];
         if let Some(e) = p.children.iter_mut().find(|(k, _)| *k == head_first) {
