@@ -32,6 +32,11 @@ pub struct WorkerView {
     pub load: u64,
     pub requests_total: u64,
     pub errors_total: u64,
+    /// Prompt and cached tokens the worker reported in its responses, and their ratio: the
+    /// worker's real prefix-cache hit rate (null before any response reported them).
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub hit_ratio: Option<f64>,
     /// This worker's share of cache_aware's prefix tree: characters, nodes, approximate bytes.
     pub tree_chars: u64,
     pub tree_nodes: u64,
@@ -42,6 +47,8 @@ pub struct WorkerView {
 impl WorkerView {
     pub fn new(w: &Worker, app: &App) -> Self {
         let tree = app.policy().tree_stats(w.url());
+        let prompt_tokens = w.prompt_tokens.load(Relaxed);
+        let cached_tokens = w.cached_tokens.load(Relaxed);
         Self {
             url: w.url().to_owned(),
             role: w.spec.role,
@@ -52,6 +59,9 @@ impl WorkerView {
             load: w.load(),
             requests_total: w.requests_total.load(Relaxed),
             errors_total: w.errors_total.load(Relaxed),
+            prompt_tokens,
+            cached_tokens,
+            hit_ratio: (prompt_tokens > 0).then(|| cached_tokens as f64 / prompt_tokens as f64),
             tree_chars: tree.chars as u64,
             tree_nodes: tree.nodes as u64,
             tree_bytes: tree.approx_bytes as u64,

@@ -50,6 +50,9 @@ pub struct Worker {
     pub in_flight: AtomicU64,
     pub requests_total: AtomicU64,
     pub errors_total: AtomicU64,
+    /// Prompt and cached tokens as the worker itself reported them in its responses.
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
     /// Requests the worker itself reports running or waiting (`/get_load`), when polled.
     pub polled_load: AtomicU64,
     pub polled: AtomicBool,
@@ -78,6 +81,8 @@ impl Worker {
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
             polled_load: AtomicU64::new(0),
             polled: AtomicBool::new(false),
             healthy: AtomicBool::new(true),

@@ -34,8 +34,17 @@ async fn shared_prefix_hit_rate(policy: &str) -> f64 {
         cached += s["cached_tokens"].as_f64().unwrap();
         prompt += s["prompt_tokens"].as_f64().unwrap();
     }
+    // The router's own reading of the workers' reported figures agrees with the workers.
+    let views = get_json(&format!("{}/workers", r.url())).await;
+    let reported: (f64, f64) =
+        views["workers"].as_array().unwrap().iter().fold((0.0, 0.0), |acc, w| {
+            (
+                acc.0 + w["cached_tokens"].as_f64().unwrap(),
+                acc.1 + w["prompt_tokens"].as_f64().unwrap(),
+            )
+        });
+    assert_eq!(reported, (cached, prompt), "router-side usage accounting matches /sim/stats");
     if policy == "cache_aware" {
-        let views = get_json(&format!("{}/workers", r.url())).await;
         let tree: u64 = views["workers"]
             .as_array()
             .unwrap()

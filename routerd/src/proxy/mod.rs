@@ -4,6 +4,7 @@
 
 pub mod extract;
 pub mod upstream;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -76,6 +77,7 @@ async fn dispatch(
 ) -> Result<Response, RouterError> {
     let body = read_body(body, app.config.server.max_payload_size).await?;
     let probe = extract::probe(&body)?;
+    let probe_stream = probe.stream.unwrap_or(false);
     let slot = match &app.limiter {
         Some(l) => Some(l.acquire().await?),
         None => None,
@@ -95,7 +97,10 @@ async fn dispatch(
     let timeout = app.config.server.request_timeout;
     let path = PathAndQuery::from_static(route.path());
     match app.http.send(&worker, Method::POST, path, wh, body, timeout).await {
-        Ok(answer) => Ok(upstream::relay(answer, worker.url(), (guard, slot))),
+        Ok(answer) => {
+            let scan = usage::UsageScan::new(worker.clone(), probe_stream);
+            Ok(upstream::relay(answer, worker.url(), (guard, slot), Some(scan)))
+        }
         Err(e) => {
             worker.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Err(e)

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::{Instant, Sleep};
 
+use super::usage::UsageScan;
 use crate::error::RouterError;
 use crate::registry::Worker;
 
@@ -160,6 +161,7 @@ pub fn relay<H: Send + Sync + Unpin + 'static>(
     answer: Answer,
     worker: &str,
     hold: H,
+    usage: Option<UsageScan>,
 ) -> axum::response::Response {
     let (mut parts, body) = answer.response.into_parts();
     for name in HOP_BY_HOP {
@@ -171,6 +173,7 @@ pub fn relay<H: Send + Sync + Unpin + 'static>(
     let body = Relay {
         inner: body,
         deadline: Box::pin(tokio::time::sleep_until(answer.deadline)),
+        usage,
         _hold: hold,
     };
     Response::from_parts(parts, Body::new(body))
@@ -179,6 +182,7 @@ pub fn relay<H: Send + Sync + Unpin + 'static>(
 struct Relay<H> {
     inner: Incoming,
     deadline: Pin<Box<Sleep>>,
+    usage: Option<UsageScan>,
     _hold: H,
 }
 
@@ -196,7 +200,14 @@ impl<H: Unpin> HttpBody for Relay<H> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Ready(f) => {
+                if let (Some(Ok(frame)), Some(scan)) = (&f, &mut this.usage) {
+                    if let Some(data) = frame.data_ref() {
+                        scan.frame(data);
+                    }
+                }
+                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+            }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(DeadlinePassed.into()))),
                 Poll::Pending => Poll::Pending,
