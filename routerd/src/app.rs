@@ -14,58 +14,87 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, Flags};
 use crate::error::RouterError;
 use crate::limits::Limiter;
 use crate::policy::{self, Policy};
 use crate::proxy::{self, Route};
 use crate::registry::{Registry, WorkerRole, WorkerSource, WorkerSpec};
+use crate::reload::Reloader;
 use crate::serve::{serve, Ended, Stop};
 use crate::{admin, info, poll};
 
-pub struct App {
+/// What a reload may change, swapped whole: requests load it once and use one consistent view.
+pub struct Live {
     pub config: Config,
+    pub policy: Arc<dyn Policy>,
+    pub limiter: Option<Arc<Limiter>>,
+}
+
+impl Live {
+    fn new(config: Config) -> Self {
+        let policy = policy::build(&config.policy);
+        let limiter = limiter_for(&config);
+        Self { config, policy, limiter }
+    }
+}
+
+pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {
+    let s = &config.server;
+    s.max_concurrent_requests
+        .map(|n| Arc::new(Limiter::new(n.get(), s.queue_size, s.queue_timeout)))
+}
+
+/// The config file's workers as registry entries.
+pub fn config_workers(config: &Config) -> Vec<WorkerSpec> {
+    config
+        .workers
+        .iter()
+        .map(|w| WorkerSpec {
+            url: w.url.clone(),
+            role: WorkerRole::Regular,
+            bootstrap_port: None,
+            api_key: w.api_key.clone(),
+            source: WorkerSource::Config,
+        })
+        .collect()
+}
+
+pub struct App {
+    live: ArcSwap<Live>,
     pub registry: Registry,
-    policy: Arc<dyn Policy>,
     pub http: crate::proxy::upstream::Upstream,
-    pub limiter: Option<Limiter>,
     /// Set when shutdown begins: readiness fails first.
     pub draining: AtomicBool,
+    pub reloader: Reloader,
 }
 
 impl App {
-    pub fn new(config: Config) -> Self {
-        let specs = config
-            .workers
-            .iter()
-            .map(|w| WorkerSpec {
-                url: w.url.clone(),
-                role: WorkerRole::Regular,
-                bootstrap_port: None,
-                api_key: w.api_key.clone(),
-                source: WorkerSource::Config,
-            })
-            .collect();
-        let s = &config.server;
-        let limiter =
-            s.max_concurrent_requests.map(|n| Limiter::new(n.get(), s.queue_size, s.queue_timeout));
+    /// `flags` are what the configuration was built from; a reload rebuilds from them, so flags
+    /// keep overriding the file's keys.
+    pub fn new(config: Config, flags: Flags) -> Self {
         Self {
-            registry: Registry::new(specs),
-            policy: policy::build(&config.policy),
+            registry: Registry::new(config_workers(&config)),
+            live: ArcSwap::from_pointee(Live::new(config)),
             http: Default::default(),
-            limiter,
             draining: AtomicBool::new(false),
-            config,
+            reloader: Reloader::new(flags),
         }
     }
 
-    pub fn policy(&self) -> &dyn Policy {
-        self.policy.as_ref()
+    /// The current configuration, policy and limiter.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
     }
 
-    /// Only prefix-aware policies need the routing text; the others skip building it.
-    pub fn policy_needs_text(&self) -> bool {
-        self.policy.needs_text()
+    pub(crate) fn swap_live(&self, live: Live) {
+        self.live.store(Arc::new(live));
+    }
+
+    pub fn policy(&self) -> Arc<dyn Policy> {
+        self.live.load().policy.clone()
     }
 }
 
@@ -74,7 +103,7 @@ fn inference(route: Route) -> axum::routing::MethodRouter<Arc<App>> {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    let limit = app.config.server.max_payload_size;
+    let limit = app.live().config.server.max_payload_size;
     Router::new()
         .route("/generate", inference(Route::Generate))
         .route("/v1/completions", inference(Route::Completions))
@@ -94,6 +123,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/list_workers", get(admin::list_workers))
         .route("/workers", get(admin::workers).post(admin::create_worker))
         .route("/workers/{url}", delete(admin::delete_worker))
+        .route("/admin/config", get(crate::reload::admin_config))
+        .route("/admin/reload", post(crate::reload::admin_reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -118,17 +149,25 @@ pub struct Running {
     cancel: CancellationToken,
 }
 
-/// Serves `config` on `listener` (already bound, so tests can pass `127.0.0.1:0`).
+/// Serves `config` on `listener` (already bound, so tests can pass `127.0.0.1:0`). Without
+/// the flags it was built from there is nothing to reload; see `start_with_flags`.
 pub fn start(listener: TcpListener, config: Config) -> std::io::Result<Running> {
+    start_with_flags(listener, config, Flags::default())
+}
+
+/// Serves `config`, built from `flags`: SIGHUP or `POST /admin/reload` rebuild it from them.
+pub fn start_with_flags(
+    listener: TcpListener,
+    config: Config,
+    flags: Flags,
+) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::new(config));
+    let app = Arc::new(App::new(config, flags));
     let stop = Stop::new(grace);
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
-    if let Some(every) = app.config.policy.load_poll_interval {
-        tasks.spawn(poll::poll_loads(app.clone(), every, cancel.clone()));
-    }
+    tasks.spawn(poll::poll_loads(app.clone(), cancel.clone()));
     let serving = tokio::spawn(serve(listener, router(app.clone()), stop.clone()));
     Ok(Running { app, addr, stop, serving, tasks, cancel })
 }

@@ -14,4 +14,5 @@ pub mod policy;
 pub mod poll;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod serve;

@@ -111,7 +111,7 @@ fn serve(flags: Flags) -> ExitCode {
                 return ExitCode::from(3);
             }
         };
-        let running = match routerd::app::start(listener, config) {
+        let running = match routerd::app::start_with_flags(listener, config, flags) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("routerd: cannot start: {e}");
@@ -126,6 +126,18 @@ fn serve(flags: Flags) -> ExitCode {
             "routerd listening"
         );
         println!("routerd listening on {}", running.url());
+        // SIGHUP reloads the configuration file (the same path as POST /admin/reload).
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            let app = running.app.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let app = app.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await;
+                }
+            });
+        }
         shutdown_signal().await;
         tracing::info!("shutting down: readiness fails, draining in-flight requests");
         running.shutdown().await;

@@ -10,14 +10,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 
-pub async fn poll_loads(app: Arc<App>, every: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
     loop {
+        // The interval is read each round, so a reload can turn polling on, off or change it.
+        let every = app.live().config.policy.load_poll_interval;
+        let pause = every.unwrap_or(Duration::from_secs(1));
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(pause) => {}
         }
+        let Some(every) = every else { continue };
         let workers = app.registry.snapshot().workers.clone();
         let polls = workers.iter().map(|w| async {
             match app

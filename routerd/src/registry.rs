@@ -191,6 +191,41 @@ impl Registry {
         Ok(worker)
     }
 
+    /// Makes the workers of `source` exactly `specs`: workers that stay keep their state (a
+    /// changed API key counts as a new worker), the others are removed (requests already on
+    /// them finish), new ones are added. A URL already registered by another source is left
+    /// alone. Returns (added, removed) URLs.
+    pub fn sync_source(
+        &self,
+        source: WorkerSource,
+        specs: Vec<WorkerSpec>,
+    ) -> (Vec<String>, Vec<String>) {
+        let _w = self.writer.lock().expect("registry writer");
+        let cur = self.current.load_full();
+        let mut removed = Vec::new();
+        let mut workers: Vec<Arc<Worker>> = Vec::with_capacity(specs.len());
+        for w in &cur.workers {
+            let keep = w.spec.source != source
+                || specs.iter().any(|s| s.url == w.spec.url && s.api_key == w.spec.api_key);
+            if keep {
+                workers.push(w.clone());
+            } else {
+                removed.push(w.spec.url.clone());
+            }
+        }
+        let mut added = Vec::new();
+        for spec in specs {
+            if !workers.iter().any(|w| w.spec.url == spec.url) {
+                added.push(spec.url.clone());
+                workers.push(Arc::new(Worker::new(spec)));
+            }
+        }
+        if !added.is_empty() || !removed.is_empty() {
+            self.current.store(Arc::new(Snapshot { workers }));
+        }
+        (added, removed)
+    }
+
     /// Removes a worker from new routing decisions; requests already on it finish.
     pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
         let _w = self.writer.lock().expect("registry writer");

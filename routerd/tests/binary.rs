@@ -119,3 +119,42 @@ fn serves_then_exits_0_on_sigterm() {
     };
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn sighup_reloads_the_config_file() {
+    let d = tempdir();
+    let f = write(
+        &d,
+        "r.toml",
+        "[policy]\nname = \"random\"\n[[workers]]\nurl = \"http://127.0.0.1:9\"\n",
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", &f, "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let p = Proc(child);
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let http = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+    write(&d, "r.toml", "[policy]\nname = \"random\"\n[[workers]]\nurl = \"http://127.0.0.1:9\"\n[[workers]]\nurl = \"http://127.0.0.1:10\"\n");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed: serde_json::Value =
+            http.get(format!("{url}/list_workers")).send().unwrap().json().unwrap();
+        if listed["urls"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload: {listed}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cfg: serde_json::Value =
+        http.get(format!("{url}/admin/config")).send().unwrap().json().unwrap();
+    assert_eq!(cfg["generation"], 2);
+    drop(p);
+    std::fs::remove_dir_all(d).ok();
+}

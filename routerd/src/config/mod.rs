@@ -10,13 +10,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::HeaderName;
+use serde::Serialize;
 use toml::Spanned;
 
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{Cli, Command, Flags};
 use raw::RawConfig;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub server: ServerConfig,
     pub policy: PolicyConfig,
@@ -24,16 +25,20 @@ pub struct Config {
     pub log_level: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub max_payload_size: usize,
+    #[serde(serialize_with = "ser::duration")]
     pub request_timeout: Duration,
     pub max_concurrent_requests: Option<NonZeroUsize>,
     pub queue_size: usize,
+    #[serde(serialize_with = "ser::duration")]
     pub queue_timeout: Duration,
+    #[serde(serialize_with = "ser::headers")]
     pub request_id_headers: Vec<HeaderName>,
+    #[serde(serialize_with = "ser::duration")]
     pub shutdown_grace: Duration,
     /// Async runtime threads (`None`: one per CPU; 1: a single-threaded runtime).
     pub worker_threads: Option<NonZeroUsize>,
@@ -64,23 +69,62 @@ impl PolicyName {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PolicyConfig {
     pub name: PolicyName,
     pub cache_threshold: f64,
     pub balance_abs_threshold: u64,
     pub balance_rel_threshold: f64,
     /// Kept for sgl-router compatibility; the tree is bounded on every insert.
+    #[serde(serialize_with = "ser::duration")]
     pub eviction_interval: Duration,
     pub max_tree_size: usize,
     /// When set, workers' `/get_load` is polled at this interval and used by power_of_two.
+    #[serde(serialize_with = "ser::opt_duration")]
     pub load_poll_interval: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkerConfig {
     pub url: String,
+    #[serde(serialize_with = "ser::redacted")]
     pub api_key: Option<String>,
+}
+
+impl Serialize for PolicyName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// How the running configuration is shown (`GET /admin/config`): durations as "30s", secrets
+/// never.
+mod ser {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn headers<S: Serializer>(h: &[http::HeaderName], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(h.iter().map(|h| h.as_str()))
+    }
+
+    pub fn redacted<S: Serializer>(k: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        match k {
+            Some(_) => s.serialize_str("<redacted>"),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 pub const DEFAULT_REQUEST_ID_HEADERS: [&str; 4] =

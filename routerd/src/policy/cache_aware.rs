@@ -35,11 +35,11 @@ pub struct CacheAwareConfig {
 }
 
 pub struct CacheAware {
-    cfg: CacheAwareConfig,
     state: Mutex<State>,
 }
 
 struct State {
+    cfg: CacheAwareConfig,
     tree: Tree,
     ids: HashMap<String, Tenant>,
     free: Vec<Tenant>,
@@ -71,8 +71,7 @@ impl CacheAware {
     pub fn new(cfg: CacheAwareConfig) -> Self {
         let tree = Tree::new(cfg.max_tree_size);
         Self {
-            cfg,
-            state: Mutex::new(State { tree, ids: HashMap::new(), free: Vec::new(), next: 0 }),
+            state: Mutex::new(State { cfg, tree, ids: HashMap::new(), free: Vec::new(), next: 0 }),
         }
     }
 
@@ -86,7 +85,8 @@ impl CacheAware {
         let loads: Vec<u64> = routable.iter().map(|&i| workers[i].load()).collect();
         let min = *loads.iter().min().expect("non-empty");
         let max = *loads.iter().max().expect("non-empty");
-        let c = &self.cfg;
+        let mut st = self.state.lock().expect("cache_aware state");
+        let c = st.cfg.clone();
         let imbalanced = max - min > c.balance_abs_threshold
             && max as f64 > min as f64 * c.balance_rel_threshold;
         // Imbalanced: only workers that are not overloaded stay candidates.
@@ -94,7 +94,6 @@ impl CacheAware {
             .filter(|&k| !imbalanced || loads[k] <= min + c.balance_abs_threshold)
             .collect();
 
-        let mut st = self.state.lock().expect("cache_aware state");
         let tenants: Vec<Tenant> = routable.iter().map(|&i| st.id_for(workers[i].url())).collect();
         let text_chars = req.text.chars().count();
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
@@ -141,6 +140,17 @@ impl Policy for CacheAware {
 
     fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
         self.decide(workers, req).map(|(i, _)| i)
+    }
+
+    fn reconfigure(&self, cfg: &crate::config::PolicyConfig) {
+        let mut st = self.state.lock().expect("cache_aware state");
+        st.cfg = CacheAwareConfig {
+            cache_threshold: cfg.cache_threshold,
+            balance_abs_threshold: cfg.balance_abs_threshold,
+            balance_rel_threshold: cfg.balance_rel_threshold,
+            max_tree_size: cfg.max_tree_size,
+        };
+        st.tree.set_max_chars(cfg.max_tree_size);
     }
 
     fn worker_removed(&self, url: &str) {

@@ -38,6 +38,9 @@ pub trait Policy: Send + Sync {
         false
     }
 
+    /// New parameters for the same policy (a reload): apply them keeping learned state.
+    fn reconfigure(&self, _cfg: &PolicyConfig) {}
+
     /// A worker left the registry: forget what the policy kept about it.
     fn worker_removed(&self, _url: &str) {}
 

@@ -1,0 +1,194 @@
+//! Reloading the configuration: load → validate → diff → apply, all or nothing, with an
+//! explicit outcome (applied, unchanged, rejected with every error) that is logged, counted and
+//! served by `GET /admin/config`. SIGHUP and `POST /admin/reload` come through here. (Watching
+//! the file for changes is not built yet.)
+//!
+//! What applies live: workers (those that stay keep their state: counters, tree entries; removed
+//! ones finish what they are doing), the policy and its parameters (cache_aware keeps its tree
+//! unless the policy itself changes), limits, timeouts, request id headers, load polling.
+//! What needs a restart: the listen address, the thread count, the shutdown grace and the log
+//! level; a file that changes them is rejected whole.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::app::{config_workers, App, Live};
+use crate::config::{Config, Flags};
+use crate::policy;
+use crate::registry::WorkerSource;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied { generation: u64, changes: Vec<String> },
+    Unchanged { generation: u64 },
+    Rejected { generation: u64, errors: Vec<String> },
+}
+
+pub struct Reloader {
+    flags: Flags,
+    /// Serialises reloads; also holds the last outcome and when it happened.
+    state: Mutex<Option<(Outcome, u64)>>,
+    generation: AtomicU64,
+    pub applied: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+impl Reloader {
+    pub fn new(flags: Flags) -> Self {
+        Self {
+            flags,
+            state: Mutex::new(None),
+            generation: AtomicU64::new(1),
+            applied: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Rebuilds the configuration from the same flags (so flags keep overriding the file) and
+/// applies it whole, or not at all.
+pub fn reload(app: &App) -> Outcome {
+    let r = &app.reloader;
+    let mut last = r.state.lock().expect("reload state");
+    let generation = r.generation();
+    let outcome = match r.flags.config {
+        None => Outcome::Rejected {
+            generation,
+            errors: vec!["routerd was started without --config: there is no file to reload".into()],
+        },
+        Some(_) => match Config::load(&r.flags) {
+            Err(errors) => Outcome::Rejected {
+                generation,
+                errors: errors.0.iter().map(ToString::to_string).collect(),
+            },
+            Ok(new) => apply(app, new, generation),
+        },
+    };
+    match &outcome {
+        Outcome::Applied { generation, changes } => {
+            r.generation.store(*generation, Relaxed);
+            r.applied.fetch_add(1, Relaxed);
+            tracing::info!(generation, ?changes, "configuration reloaded");
+        }
+        Outcome::Unchanged { .. } => tracing::info!("configuration reload: unchanged"),
+        Outcome::Rejected { errors, .. } => {
+            r.rejected.fetch_add(1, Relaxed);
+            tracing::warn!(
+                ?errors,
+                "configuration reload rejected; the running configuration stays"
+            );
+        }
+    }
+    *last = Some((outcome.clone(), now_secs()));
+    outcome
+}
+
+fn apply(app: &App, new: Config, generation: u64) -> Outcome {
+    let live = app.live();
+    let old = &live.config;
+    if *old == new {
+        return Outcome::Unchanged { generation };
+    }
+    let (os, ns) = (&old.server, &new.server);
+    let mut restart = Vec::new();
+    if (&os.host, os.port) != (&ns.host, ns.port) {
+        restart
+            .push(format!("server.host/port: {}:{} -> {}:{}", os.host, os.port, ns.host, ns.port));
+    }
+    if os.worker_threads != ns.worker_threads {
+        restart.push("server.worker_threads".to_owned());
+    }
+    if os.shutdown_grace != ns.shutdown_grace {
+        restart.push("server.shutdown_grace".to_owned());
+    }
+    if old.log_level != new.log_level {
+        restart.push("log_level".to_owned());
+    }
+    if !restart.is_empty() {
+        let errors = restart
+            .into_iter()
+            .map(|k| format!("{k}: changing it requires a restart; nothing was applied"))
+            .collect();
+        return Outcome::Rejected { generation, errors };
+    }
+    let mut changes = Vec::new();
+    let (added, removed) = app.registry.sync_source(WorkerSource::Config, config_workers(&new));
+    changes.extend(added.iter().map(|u| format!("worker added: {u}")));
+    changes.extend(removed.iter().map(|u| format!("worker removed: {u}")));
+    let policy = if old.policy.name == new.policy.name {
+        if old.policy != new.policy {
+            live.policy.reconfigure(&new.policy);
+            changes.push(format!("policy {} reconfigured", new.policy.name.as_str()));
+        }
+        for u in &removed {
+            live.policy.worker_removed(u);
+        }
+        live.policy.clone()
+    } else {
+        changes.push(format!(
+            "policy {} -> {}",
+            old.policy.name.as_str(),
+            new.policy.name.as_str()
+        ));
+        policy::build(&new.policy)
+    };
+    let (ol, nl) = (&old.server, &new.server);
+    let limiter = if (ol.max_concurrent_requests, ol.queue_size, ol.queue_timeout)
+        == (nl.max_concurrent_requests, nl.queue_size, nl.queue_timeout)
+    {
+        live.limiter.clone()
+    } else {
+        changes.push("admission limits".to_owned());
+        crate::app::limiter_for(&new)
+    };
+    if old.server != new.server {
+        changes.push("server settings".to_owned());
+    }
+    app.swap_live(Live { config: new, policy, limiter });
+    Outcome::Applied { generation: generation + 1, changes }
+}
+
+/// `POST /admin/reload`: 200 with the outcome, or 400 with every error when rejected.
+pub async fn admin_reload(State(app): State<Arc<App>>) -> Response {
+    let app2 = app.clone();
+    let outcome =
+        tokio::task::spawn_blocking(move || reload(&app2)).await.expect("reload does not panic");
+    let status = if matches!(outcome, Outcome::Rejected { .. }) {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(outcome)).into_response()
+}
+
+/// `GET /admin/config`: the running configuration (secrets redacted), its generation and the
+/// last reload's outcome.
+pub async fn admin_config(State(app): State<Arc<App>>) -> Json<Value> {
+    let live = app.live();
+    let r = &app.reloader;
+    let last = r.state.lock().expect("reload state").clone();
+    Json(json!({
+        "generation": r.generation(),
+        "source": r.flags.config.as_ref().map(|p| p.display().to_string()),
+        "config": live.config,
+        "reloads": {"applied": r.applied.load(Relaxed), "rejected": r.rejected.load(Relaxed)},
+        "last_reload": last.map(|(o, at)| json!({"outcome": o, "at_unix_secs": at})),
+    }))
+}
