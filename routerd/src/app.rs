@@ -168,6 +168,11 @@ pub fn start_with_flags(
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
     tasks.spawn(poll::poll_loads(app.clone(), cancel.clone()));
+    if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
+        if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
+            tasks.spawn(watching);
+        }
+    }
     let serving = tokio::spawn(serve(listener, router(app.clone()), stop.clone()));
     Ok(Running { app, addr, stop, serving, tasks, cancel })
 }

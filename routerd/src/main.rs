@@ -17,7 +17,11 @@ fn main() -> ExitCode {
 
 /// `routerd --port 1 check --config f` and `routerd check --config f --port 1` both work.
 fn merge(sub: Flags, top: Flags) -> Flags {
-    macro_rules! pick { ($($f:ident),*) => { Flags { $($f: sub.$f.or(top.$f)),* } } }
+    macro_rules! pick {
+        ($($f:ident),*) => {
+            Flags { no_watch_config: sub.no_watch_config || top.no_watch_config, $($f: sub.$f.or(top.$f)),* }
+        };
+    }
     pick!(
         config,
         host,

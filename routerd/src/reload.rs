@@ -1,7 +1,7 @@
 //! Reloading the configuration: load → validate → diff → apply, all or nothing, with an
 //! explicit outcome (applied, unchanged, rejected with every error) that is logged, counted and
-//! served by `GET /admin/config`. SIGHUP and `POST /admin/reload` come through here. (Watching
-//! the file for changes is not built yet.)
+//! served by `GET /admin/config`. A change of the file (watched), SIGHUP and
+//! `POST /admin/reload` all come through here.
 //!
 //! What applies live: workers (those that stay keep their state: counters, tree entries; removed
 //! ones finish what they are doing), the policy and its parameters (cache_aware keeps its tree
@@ -51,6 +51,15 @@ impl Reloader {
             applied: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
         }
+    }
+
+    pub fn watch_disabled(&self) -> bool {
+        self.flags.no_watch_config
+    }
+
+    /// The configuration file reloads read, if any.
+    pub fn source(&self) -> Option<std::path::PathBuf> {
+        self.flags.config.clone()
     }
 
     pub fn generation(&self) -> u64 {
@@ -191,4 +200,59 @@ pub async fn admin_config(State(app): State<Arc<App>>) -> Json<Value> {
         "reloads": {"applied": r.applied.load(Relaxed), "rejected": r.rejected.load(Relaxed)},
         "last_reload": last.map(|(o, at)| json!({"outcome": o, "at_unix_secs": at})),
     }))
+}
+
+/// Watches the configuration file's directory (editors write a temporary file and rename it;
+/// Kubernetes swaps a `..data` symlink; a file may be deleted and re-created) and reloads when,
+/// after a burst of events settles, the file's content differs from the last content seen. A
+/// missing file is waited for: the running configuration stays. The watch is in place when
+/// this returns; the returned future handles the events until `cancel`.
+pub fn watch_file(
+    app: Arc<App>,
+    path: std::path::PathBuf,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    use notify_debouncer_mini::notify::RecursiveMode;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let handler = move |_: notify_debouncer_mini::DebounceEventResult| {
+        let _ = tx.send(());
+    };
+    let mut debouncer = match notify_debouncer_mini::new_debouncer(
+        std::time::Duration::from_millis(200),
+        handler,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the configuration file; use SIGHUP or POST /admin/reload");
+            return None;
+        }
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_owned();
+    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the configuration directory");
+        return None;
+    }
+    let mut last = std::fs::read(&path).ok();
+    Some(async move {
+        let _watching = debouncer;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            while rx.try_recv().is_ok() {}
+            let Ok(now) = std::fs::read(&path) else { continue }; // deleted or mid-swap: wait
+            if last.as_ref() == Some(&now) {
+                continue;
+            }
+            last = Some(now);
+            let app = app.clone();
+            let _ = tokio::task::spawn_blocking(move || reload(&app)).await;
+        }
+    })
 }

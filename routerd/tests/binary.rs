@@ -129,7 +129,7 @@ fn sighup_reloads_the_config_file() {
         "[policy]\nname = \"random\"\n[[workers]]\nurl = \"http://127.0.0.1:9\"\n",
     );
     let mut child = Command::new(BIN)
-        .args(["--config", &f, "--port", "0"])
+        .args(["--config", &f, "--port", "0", "--no-watch-config"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

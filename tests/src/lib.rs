@@ -131,3 +131,50 @@ pub async fn disconnect_twice(url: &str, worker: &SimWorker) {
     })
     .await;
 }
+
+/// A configuration file in its own temporary directory, removed on drop.
+pub struct ConfigDir {
+    pub dir: std::path::PathBuf,
+    pub file: std::path::PathBuf,
+}
+
+impl ConfigDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("routerd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("routerd.toml");
+        Self { dir, file }
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.file, text).expect("write config");
+    }
+
+    /// Starts routerd on `file` (set into `flags.config`), on an ephemeral port.
+    pub async fn start(
+        &self,
+        file: &std::path::Path,
+        mut flags: routerd::config::Flags,
+    ) -> routerd::app::Running {
+        flags.config = Some(file.to_owned());
+        let config = routerd::config::Config::load(&flags).expect("valid initial config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        routerd::app::start_with_flags(listener, config, flags).expect("start router")
+    }
+}
+
+impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A config file with `policy` over `urls`.
+pub fn workers_toml(policy: &str, urls: &[String]) -> String {
+    let mut s = format!("[policy]\nname = \"{policy}\"\n");
+    for u in urls {
+        s.push_str(&format!("[[workers]]\nurl = \"{u}\"\n"));
+    }
+    s
+}

@@ -1,50 +1,13 @@
 //! Reloading the configuration (POST /admin/reload; SIGHUP is tested on the binary): load,
 //! validate, diff, apply whole or not at all, with state kept for what stays.
 
-use std::path::PathBuf;
-
-use routerd::config::{Config, Flags};
-use routerd_e2e::{client, fleet, get_json, post_json, shutdown_all};
+use routerd::config::Flags;
+use routerd_e2e::{client, fleet, get_json, post_json, shutdown_all, workers_toml, ConfigDir};
 use serde_json::{json, Value};
 
-struct Setup {
-    dir: PathBuf,
-    file: PathBuf,
-}
-
-impl Setup {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("routerd-reload-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("routerd.toml");
-        Self { dir, file }
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.file, text).unwrap();
-    }
-
-    async fn start(&self, mut flags: Flags) -> routerd::app::Running {
-        flags.config = Some(self.file.clone());
-        let config = Config::load(&flags).expect("valid initial config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        routerd::app::start_with_flags(listener, config, flags).unwrap()
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn workers_toml(policy: &str, urls: &[String]) -> String {
-    let mut s = format!("[policy]\nname = \"{policy}\"\n");
-    for u in urls {
-        s.push_str(&format!("[[workers]]\nurl = \"{u}\"\n"));
-    }
-    s
+/// These tests reload explicitly, so the watcher is off.
+async fn start(s: &ConfigDir, flags: Flags) -> routerd::app::Running {
+    s.start(&s.file, Flags { no_watch_config: true, ..flags }).await
 }
 
 async fn reload(url: &str) -> (u16, Value) {
@@ -63,9 +26,9 @@ async fn workers_change_live_and_those_that_stay_keep_their_state() {
     })
     .await;
     let (a, b) = (ws[0].url(), ws[1].url());
-    let s = Setup::new("workers");
+    let s = ConfigDir::new("workers");
     s.write(&workers_toml("round_robin", std::slice::from_ref(&a)));
-    let r = s.start(Flags::default()).await;
+    let r = start(&s, Flags::default()).await;
     let u = r.url();
     for _ in 0..2 {
         assert_eq!(post_json(format!("{u}/generate"), &small()).await.0, 200);
@@ -110,9 +73,9 @@ async fn workers_change_live_and_those_that_stay_keep_their_state() {
 #[tokio::test]
 async fn invalid_files_are_rejected_whole_and_the_last_good_config_keeps_serving() {
     let ws = fleet(1, |_| {}).await;
-    let s = Setup::new("invalid");
+    let s = ConfigDir::new("invalid");
     s.write(&workers_toml("random", &[ws[0].url()]));
-    let r = s.start(Flags::default()).await;
+    let r = start(&s, Flags::default()).await;
     let u = r.url();
     let (st, out) = reload(&u).await;
     assert_eq!((st, out["result"].as_str()), (200, Some("unchanged")));
@@ -154,9 +117,9 @@ async fn invalid_files_are_rejected_whole_and_the_last_good_config_keeps_serving
 #[tokio::test]
 async fn flags_keep_overriding_the_file_across_reloads() {
     let ws = fleet(1, |_| {}).await;
-    let s = Setup::new("flags");
+    let s = ConfigDir::new("flags");
     s.write(&workers_toml("random", &[ws[0].url()]));
-    let r = s.start(Flags { policy: Some("round_robin".into()), ..Default::default() }).await;
+    let r = start(&s, Flags { policy: Some("round_robin".into()), ..Default::default() }).await;
     let u = r.url();
     assert_eq!(
         get_json(&format!("{u}/admin/config")).await["config"]["policy"]["name"],
@@ -178,9 +141,9 @@ async fn flags_keep_overriding_the_file_across_reloads() {
 async fn cache_aware_keeps_its_tree_when_only_parameters_change() {
     let ws = fleet(2, |a| a.zero_compute = true).await;
     let urls: Vec<String> = ws.iter().map(|w| w.url()).collect();
-    let s = Setup::new("tree");
+    let s = ConfigDir::new("tree");
     s.write(&(workers_toml("cache_aware", &urls) + "api_key = \"secret-key\"\n"));
-    let r = s.start(Flags::default()).await;
+    let r = start(&s, Flags::default()).await;
     let u = r.url();
     post_json(format!("{u}/generate"), &json!({"text": "a prompt long enough to remember"})).await;
     let tree = |v: &Value| {

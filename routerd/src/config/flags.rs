@@ -78,6 +78,9 @@ pub struct Flags {
     /// [default: x-request-id x-correlation-id x-trace-id request-id].
     #[arg(long, num_args = 1.., value_name = "HEADER")]
     pub request_id_headers: Option<Vec<String>>,
+    /// Do not watch --config for changes (reload only on SIGHUP or POST /admin/reload).
+    #[arg(long)]
+    pub no_watch_config: bool,
     /// Async runtime threads; 1 runs everything on one thread [default: one per CPU].
     #[arg(long)]
     pub worker_threads: Option<usize>,
