@@ -185,3 +185,42 @@ async fn without_a_file_there_is_nothing_to_reload() {
     r.shutdown().await;
     shutdown_all(ws).await;
 }
+
+#[tokio::test]
+async fn each_kind_of_invalid_file_is_rejected_with_its_location() {
+    let ws = fleet(1, |_| {}).await;
+    let s = ConfigDir::new("invalid-kinds");
+    let good = workers_toml("random", &[ws[0].url()]);
+    s.write(&good);
+    let r = start(&s, Flags::default()).await;
+    let u = r.url();
+    let file = s.file.display().to_string();
+    let w = ws[0].url();
+    for (text, want) in [
+        ("[policy\nname = \"random\"\n".to_owned(), format!("{file}:1:")),
+        (
+            good.clone() + "[server]\nbogus = 1\n",
+            format!("{file}:6:1: server.bogus: unknown field"),
+        ),
+        ("[server]\nport = \"eighty\"\n".to_owned(), format!("{file}:2:8: server.port")),
+        (format!("[[workers]]\nurl = \"{w}/v1\"\n"), format!("{file}:2:7: workers[0].url")),
+        (
+            format!("[[workers]]\nurl = \"{w}\"\n[[workers]]\nurl = \"{w}\"\n"),
+            format!("{file}:4:7: workers[1].url: duplicate worker"),
+        ),
+        (
+            "[policy]\nname = \"fastest\"\n".to_owned(),
+            format!("{file}:2:8: policy.name: unknown policy"),
+        ),
+    ] {
+        s.write(&text);
+        let (st, out) = reload(&u).await;
+        assert_eq!(st, 400, "{text}: {out}");
+        let first = out["errors"][0].as_str().unwrap();
+        assert!(first.starts_with(&want), "{text}: got {first:?}, want {want:?}");
+        assert_eq!(post_json(format!("{u}/generate"), &small()).await.0, 200, "still serving");
+    }
+    assert_eq!(get_json(&format!("{u}/admin/config")).await["reloads"]["rejected"], 6);
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
