@@ -129,37 +129,49 @@ fn serve(flags: Flags) -> ExitCode {
             workers = a.registry.load().workers.len(),
             "routerd listening"
         );
-        println!("routerd listening on {}", running.url());
+        // Every signal handler is in place before readiness is announced: a signal that arrives
+        // right after the startup line must not meet the default action (terminate).
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("routerd: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         // SIGHUP reloads the configuration file (the same path as POST /admin/reload).
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            let app = running.app.clone();
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    let app = app.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await;
-                }
-            });
+        let app = running.app.clone();
+        let mut hup = signals.hup;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let app = app.clone();
+                let _ = tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await;
+            }
+        });
+        println!("routerd listening on {}", running.url());
+        let (mut term, mut int) = (signals.term, signals.int);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        shutdown_signal().await;
         tracing::info!("shutting down: readiness fails, draining in-flight requests");
         running.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }

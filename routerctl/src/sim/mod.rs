@@ -22,7 +22,12 @@ use routerd::serve::Ended;
 /// Runs a worker until Ctrl-C / SIGTERM (graceful) or an injected crash. Returns the process
 /// exit code.
 pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
     let worker = SimWorker::start(args).await?;
+    // Handlers go in before the startup line: a signal right after it must not meet the
+    // default action (terminate).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let a = &worker.state.args;
     println!(
         "sim-worker listening on {} (model {}, role {}{})",
@@ -36,7 +41,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
     );
     let stop = worker.stopper();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         stop.drain.cancel();
     });
     Ok(match worker.wait().await {
@@ -46,19 +54,4 @@ pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
         }
         Ended::Drained | Ended::GraceExpired => 0,
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
