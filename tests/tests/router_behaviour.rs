@@ -144,18 +144,27 @@ async fn removed_worker_finishes_its_streams_and_gets_nothing_new() {
 
 #[tokio::test]
 async fn admission_queue_429_when_full_503_on_timeout() {
-    let w = sim(|a| a.faults.latency_ms = 600).await;
+    let w = sim(|a| a.faults.latency_ms = 2500).await;
     let mut cfg = router_config("round_robin", &[&w]);
     cfg.server.max_concurrent_requests = NonZeroUsize::new(1);
     cfg.server.queue_size = 1;
-    cfg.server.queue_timeout = Duration::from_millis(200);
+    cfg.server.queue_timeout = Duration::from_millis(1000);
     let r = router(cfg).await;
     let u = format!("{}/generate", r.url());
     let spawn_post = |u: String| tokio::spawn(async move { post_json(u, &small()).await });
+    // Wait on the router's own state, not on sleeps: a loaded CI machine reorders sleeps.
     let first = spawn_post(u.clone());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(Duration::from_secs(5), "first request holds the slot", || async {
+        get_json(&format!("{}/workers", r.url())).await["workers"][0]["in_flight"] == 1
+    })
+    .await;
     let queued = spawn_post(u.clone());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let limiter = r.app.live().limiter.clone().expect("limits configured");
+    eventually(Duration::from_secs(5), "second request waits in the queue", || {
+        let l = limiter.clone();
+        async move { l.waiting() == 1 }
+    })
+    .await;
     let (s, body) = post_json(u.clone(), &small()).await;
     assert_eq!(s, 429, "{body}");
     let (s, body) = queued.await.unwrap();
