@@ -34,6 +34,30 @@ fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
+/// Starts routerd with `args` (which must include `--port 0`); returns it and its URL from the
+/// startup line.
+fn spawn_routerd(args: &[&str]) -> (Proc, String) {
+    let mut child =
+        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (Proc(child), url)
+}
+
+/// The exit code once `p` has exited, within `within`.
+fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(Instant::now() < deadline, "routerd did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn every_example_config_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
@@ -91,17 +115,14 @@ fn cannot_bind_exits_3() {
 
 #[test]
 fn serves_then_exits_0_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args(["--policy", "round_robin", "--port", "0", "--worker-urls", "http://127.0.0.1:9"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let mut p = Proc(child);
-    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let (mut p, url) = spawn_routerd(&[
+        "--policy",
+        "round_robin",
+        "--port",
+        "0",
+        "--worker-urls",
+        "http://127.0.0.1:9",
+    ]);
     let http = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
     assert_eq!(http.get(format!("{url}/health")).send().unwrap().status(), 200);
     let listed: serde_json::Value =
@@ -109,15 +130,7 @@ fn serves_then_exits_0_on_sigterm() {
     assert_eq!(listed["urls"][0], "http://127.0.0.1:9");
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(Instant::now() < deadline, "routerd did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(wait_exit(&mut p, Duration::from_secs(10)), Some(0), "clean exit after SIGTERM");
 }
 
 #[test]
@@ -128,16 +141,7 @@ fn sighup_reloads_the_config_file() {
         "r.toml",
         "[policy]\nname = \"random\"\n[[workers]]\nurl = \"http://127.0.0.1:9\"\n",
     );
-    let mut child = Command::new(BIN)
-        .args(["--config", &f, "--port", "0", "--no-watch-config"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let p = Proc(child);
-    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let (p, url) = spawn_routerd(&["--config", &f, "--port", "0", "--no-watch-config"]);
     let http = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
     write(&d, "r.toml", "[policy]\nname = \"random\"\n[[workers]]\nurl = \"http://127.0.0.1:9\"\n[[workers]]\nurl = \"http://127.0.0.1:10\"\n");
     // SAFETY: kill(2) on our own child.

@@ -178,3 +178,8 @@ pub fn workers_toml(policy: &str, urls: &[String]) -> String {
     }
     s
 }
+
+/// A minimal `/generate` body: one output token.
+pub fn small_generate() -> Value {
+    serde_json::json!({"text": "x", "sampling_params": {"max_new_tokens": 1}})
+}

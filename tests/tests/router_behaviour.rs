@@ -7,7 +7,7 @@ use std::time::Duration;
 use routerd::serve::Ended;
 use routerd_e2e::{
     client, disconnect_twice, eventually, fleet, get_json, post_json, router, router_config,
-    shutdown_all, sim, stats,
+    shutdown_all, sim, small_generate, stats,
 };
 use serde_json::json;
 
@@ -19,24 +19,20 @@ async fn requests(ws: &[routerctl::sim::SimWorker]) -> Vec<u64> {
     out
 }
 
-fn small() -> serde_json::Value {
-    json!({"text": "x", "sampling_params": {"max_new_tokens": 1}})
-}
-
 #[tokio::test]
 async fn round_robin_and_random_spread_evenly() {
     let ws = fleet(3, |_| {}).await;
     let refs: Vec<_> = ws.iter().collect();
     let r = router(router_config("round_robin", &refs)).await;
     for _ in 0..30 {
-        post_json(format!("{}/generate", r.url()), &small()).await;
+        post_json(format!("{}/generate", r.url()), &small_generate()).await;
     }
     assert_eq!(requests(&ws).await, vec![10, 10, 10]);
     r.shutdown().await;
 
     let r = router(router_config("random", &refs)).await;
     for _ in 0..300 {
-        post_json(format!("{}/generate", r.url()), &small()).await;
+        post_json(format!("{}/generate", r.url()), &small_generate()).await;
     }
     let got = requests(&ws).await;
     assert!(got.iter().all(|&n| n > 10 + 60), "random spread {got:?}");
@@ -103,7 +99,7 @@ async fn power_of_two_sees_load_from_outside_via_get_load() {
     .await;
     let before = requests(&ws).await;
     for _ in 0..20 {
-        post_json(format!("{}/generate", r.url()), &small()).await;
+        post_json(format!("{}/generate", r.url()), &small_generate()).await;
     }
     let after = requests(&ws).await;
     assert_eq!(after[0], before[0], "nothing new for the busy worker: {before:?} -> {after:?}");
@@ -134,7 +130,7 @@ async fn removed_worker_finishes_its_streams_and_gets_nothing_new() {
     let busy = ws.iter().position(|w| w.url() == on).unwrap();
     let before = requests(&ws).await;
     for _ in 0..6 {
-        post_json(format!("{}/generate", r.url()), &small()).await;
+        post_json(format!("{}/generate", r.url()), &small_generate()).await;
     }
     let after = requests(&ws).await;
     assert_eq!(after[busy], before[busy]);
@@ -151,7 +147,7 @@ async fn admission_queue_429_when_full_503_on_timeout() {
     cfg.server.queue_timeout = Duration::from_millis(1000);
     let r = router(cfg).await;
     let u = format!("{}/generate", r.url());
-    let spawn_post = |u: String| tokio::spawn(async move { post_json(u, &small()).await });
+    let spawn_post = |u: String| tokio::spawn(async move { post_json(u, &small_generate()).await });
     // Wait on the router's own state, not on sleeps: a loaded CI machine reorders sleeps.
     let first = spawn_post(u.clone());
     eventually(Duration::from_secs(5), "first request holds the slot", || async {
@@ -165,13 +161,13 @@ async fn admission_queue_429_when_full_503_on_timeout() {
         async move { l.waiting() == 1 }
     })
     .await;
-    let (s, body) = post_json(u.clone(), &small()).await;
+    let (s, body) = post_json(u.clone(), &small_generate()).await;
     assert_eq!(s, 429, "{body}");
     let (s, body) = queued.await.unwrap();
     assert_eq!(s, 503, "{body}");
     assert_eq!(body["error"]["type"], "queue_timeout");
     assert_eq!(first.await.unwrap().0, 200);
-    assert_eq!(post_json(u, &small()).await.0, 200, "slots are released");
+    assert_eq!(post_json(u, &small_generate()).await.0, 200, "slots are released");
     r.shutdown().await;
     w.shutdown().await;
 }

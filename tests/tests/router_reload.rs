@@ -2,7 +2,9 @@
 //! validate, diff, apply whole or not at all, with state kept for what stays.
 
 use routerd::config::Flags;
-use routerd_e2e::{client, fleet, get_json, post_json, shutdown_all, workers_toml, ConfigDir};
+use routerd_e2e::{
+    client, fleet, get_json, post_json, shutdown_all, small_generate, workers_toml, ConfigDir,
+};
 use serde_json::{json, Value};
 
 /// These tests reload explicitly, so the watcher is off.
@@ -12,10 +14,6 @@ async fn start(s: &ConfigDir, flags: Flags) -> routerd::app::Running {
 
 async fn reload(url: &str) -> (u16, Value) {
     post_json(format!("{url}/admin/reload"), &json!({})).await
-}
-
-fn small() -> Value {
-    json!({"text": "x", "sampling_params": {"max_new_tokens": 1}})
 }
 
 #[tokio::test]
@@ -31,7 +29,7 @@ async fn workers_change_live_and_those_that_stay_keep_their_state() {
     let r = start(&s, Flags::default()).await;
     let u = r.url();
     for _ in 0..2 {
-        assert_eq!(post_json(format!("{u}/generate"), &small()).await.0, 200);
+        assert_eq!(post_json(format!("{u}/generate"), &small_generate()).await.0, 200);
     }
     s.write(&workers_toml("round_robin", &[a.clone(), b.clone()]));
     let (st, out) = reload(&u).await;
@@ -62,7 +60,8 @@ async fn workers_change_live_and_those_that_stay_keep_their_state() {
     let events = routerd_e2e::sse_events(&stream.unwrap().text().await.unwrap());
     assert_eq!(events.len(), 31, "the removed worker's stream ran to the end");
     for _ in 0..4 {
-        let resp = client().post(format!("{u}/generate")).json(&small()).send().await.unwrap();
+        let resp =
+            client().post(format!("{u}/generate")).json(&small_generate()).send().await.unwrap();
         assert_eq!(resp.headers()["x-routerd-worker"], b.as_str());
     }
     assert_eq!(get_json(&format!("{u}/list_workers")).await, json!({"urls": [b]}));
@@ -95,7 +94,7 @@ async fn invalid_files_are_rejected_whole_and_the_last_good_config_keeps_serving
         errors[1].as_str().unwrap().starts_with(&format!("{file}:4:7: workers[0].url")),
         "{errors:?}"
     );
-    assert_eq!(post_json(format!("{u}/generate"), &small()).await.0, 200, "still serving");
+    assert_eq!(post_json(format!("{u}/generate"), &small_generate()).await.0, 200, "still serving");
 
     s.write("[server]\nport = 1\n[policy]\nname = \"random\"\n");
     let (st, out) = reload(&u).await;
@@ -218,7 +217,11 @@ async fn each_kind_of_invalid_file_is_rejected_with_its_location() {
         assert_eq!(st, 400, "{text}: {out}");
         let first = out["errors"][0].as_str().unwrap();
         assert!(first.starts_with(&want), "{text}: got {first:?}, want {want:?}");
-        assert_eq!(post_json(format!("{u}/generate"), &small()).await.0, 200, "still serving");
+        assert_eq!(
+            post_json(format!("{u}/generate"), &small_generate()).await.0,
+            200,
+            "still serving"
+        );
     }
     assert_eq!(get_json(&format!("{u}/admin/config")).await["reloads"]["rejected"], 6);
     r.shutdown().await;

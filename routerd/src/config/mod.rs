@@ -292,19 +292,13 @@ impl Builder<'_> {
     }
 
     /// A number in [0, 1] from a flag or the file.
-    fn fraction(
-        &mut self,
-        key: &str,
-        flag: Option<(f64, At)>,
-        file: Option<(f64, At)>,
-        default: f64,
-    ) -> f64 {
-        let Some((v, at)) = flag.or(file) else { return default };
-        if !(0.0..=1.0).contains(&v) {
-            self.error(key, &at, format!("must be between 0 and 1, got {v}"));
+    /// `value` if it is within [0, 1]; otherwise an error at `at` and the default.
+    fn fraction(&mut self, key: &str, (value, at): (f64, At), default: f64) -> f64 {
+        if !(0.0..=1.0).contains(&value) {
+            self.error(key, &at, format!("must be between 0 and 1, got {value}"));
             return default;
         }
-        v
+        value
     }
 
     /// A duration from a `--*-secs` flag or a `"30s"` / `"500ms"` string in the file.
@@ -381,12 +375,9 @@ impl Builder<'_> {
                 PolicyName::RoundRobin
             }
         };
-        let cache_threshold = self.fraction(
-            "policy.cache_threshold",
-            f.cache_threshold.map(|v| (v, At::flag("--cache-threshold"))),
-            p.cache_threshold.as_ref().map(|v| (*v.get_ref(), At::span(v))),
-            0.5,
-        );
+        let threshold =
+            layered(f.cache_threshold, "--cache-threshold", p.cache_threshold.as_ref(), 0.5);
+        let cache_threshold = self.fraction("policy.cache_threshold", threshold, 0.5);
         let rel = layered(
             f.balance_rel_threshold,
             "--balance-rel-threshold",

@@ -4,6 +4,7 @@
 //! response relayed to the client frame by frame. The relayed body holds whatever must live as
 //! long as it (the in-flight guard, the admission slot) and enforces the request deadline.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -223,5 +224,3 @@ impl<H: Unpin> HttpBody for Relay<H> {
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
