@@ -29,11 +29,13 @@ pub struct EngineConfig {
     pub speed: f64,
 }
 
-/// What the engine tells a request, in order: `Started` once, `Token` per output token, `Done`.
+/// What the engine tells a request, in order: `Started` once, `Token` per output token (the
+/// last one says so, in the same message, so no reader has to guess whether more will come),
+/// then `Done`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Started { cached_tokens: usize },
-    Token(u32),
+    Token { id: u32, last: bool },
     Done,
 }
 
@@ -242,7 +244,8 @@ impl Scheduler {
                 a.generated.push(id);
                 counters.generated_tokens.fetch_add(1, Relaxed);
                 counters.running_tokens.fetch_add(1, Relaxed);
-                let _ = a.out.send(Event::Token(id));
+                let last = a.generated.len() as u32 >= a.job.max_new_tokens;
+                let _ = a.out.send(Event::Token { id, last });
             }
             if a.generated.len() as u32 >= a.job.max_new_tokens {
                 let _ = a.out.send(Event::Done);

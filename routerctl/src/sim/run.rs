@@ -37,12 +37,16 @@ pub struct ItemRun {
     events: mpsc::UnboundedReceiver<Event>,
     buffered: VecDeque<Event>,
     emitted: u32,
+    finished: bool,
     stall_after: Option<u32>,
 }
 
 impl ItemRun {
-    /// The next step; `None` if the engine went away.
+    /// The next step; `None` after the finishing step, or if the engine went away.
     pub async fn next(&mut self) -> Option<Step> {
+        if self.finished {
+            return None;
+        }
         if self.stall_after.is_some_and(|n| self.emitted >= n) {
             // Injected mid-stream stall: nothing more, ever, until the client gives up.
             pending::<()>().await;
@@ -52,21 +56,16 @@ impl ItemRun {
             None => self.events.recv().await?,
         };
         match ev {
-            Event::Token(id) => {
+            Event::Token { id, last } => {
                 self.emitted += 1;
-                // The engine sends a sequence's last token and Done in the same step.
-                let finished =
-                    match self.buffered.pop_front().or_else(|| self.events.try_recv().ok()) {
-                        Some(Event::Done) => true,
-                        Some(other) => {
-                            self.buffered.push_front(other);
-                            false
-                        }
-                        None => false,
-                    };
-                Some(Step { token: Some(id), finished })
+                self.finished = last;
+                Some(Step { token: Some(id), finished: last })
             }
-            Event::Done => Some(Step { token: None, finished: true }),
+            // Only reached when no token came (max_new_tokens 0): the last token ends it otherwise.
+            Event::Done => {
+                self.finished = true;
+                Some(Step { token: None, finished: true })
+            }
             Event::Started { .. } => None,
         }
     }
@@ -200,7 +199,7 @@ async fn start_item(state: &SimState, item: &Item) -> Result<ItemRun, SimError> 
     };
     let stall_after = state.faults().stall_after_tokens;
     let meta = Meta { prompt_tokens, cached_tokens, seed };
-    Ok(ItemRun { meta, events, buffered, emitted: 0, stall_after })
+    Ok(ItemRun { meta, events, buffered, emitted: 0, finished: false, stall_after })
 }
 
 /// Streams whatever `produce` writes as a `text/event-stream` body. `produce` runs in its own
@@ -249,5 +248,45 @@ impl SseTx {
         self.data(&serde_json::json!({"error": {"message": e.message, "code": e.status.as_u16()}}))
             .await;
         self.done().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(events: &[Event]) -> (ItemRun, mpsc::UnboundedSender<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for e in events {
+            tx.send(e.clone()).unwrap();
+        }
+        let meta = Meta { prompt_tokens: 1, cached_tokens: 0, seed: 0 };
+        let run = ItemRun {
+            meta,
+            events: rx,
+            buffered: VecDeque::new(),
+            emitted: 0,
+            finished: false,
+            stall_after: None,
+        };
+        (run, tx)
+    }
+
+    #[tokio::test]
+    async fn the_last_token_finishes_even_before_done_arrives() {
+        // The reader may wake between the engine's last token and its Done (another thread).
+        let (mut run, tx) =
+            run_with(&[Event::Token { id: 7, last: false }, Event::Token { id: 8, last: true }]);
+        assert_eq!(run.next().await, Some(Step { token: Some(7), finished: false }));
+        assert_eq!(run.next().await, Some(Step { token: Some(8), finished: true }));
+        tx.send(Event::Done).unwrap();
+        assert_eq!(run.next().await, None, "no extra empty final step after the last token");
+    }
+
+    #[tokio::test]
+    async fn done_alone_finishes_a_sequence_without_tokens() {
+        let (mut run, _tx) = run_with(&[Event::Done]);
+        assert_eq!(run.next().await, Some(Step { token: None, finished: true }));
+        assert_eq!(run.next().await, None);
     }
 }
