@@ -69,6 +69,8 @@ pub struct App {
     /// Set when shutdown begins: readiness fails first.
     pub draining: AtomicBool,
     pub reloader: Reloader,
+    /// Spreads informational requests (`/get_model_info` and the like) over the workers.
+    pub info_spread: policy::RoundRobin,
 }
 
 impl App {
@@ -81,6 +83,7 @@ impl App {
             http: Default::default(),
             draining: AtomicBool::new(false),
             reloader: Reloader::new(flags),
+            info_spread: Default::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! rest fetched from a routable worker (`/get_server_info`, `/get_model_info`, `/v1/models`,
 //! `/health_generate`) or fanned out to every worker (`/get_loads`, `/flush_cache`).
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::error::RouterError;
+use crate::policy::{Policy, RequestInfo};
 use crate::proxy::upstream;
 use crate::registry::Worker;
 
@@ -38,16 +39,14 @@ pub async fn readiness(State(app): State<Arc<App>>) -> Response {
     Json(json!({"status": "ready", "routable_workers": n})).into_response()
 }
 
-/// Spreads informational requests over the routable workers.
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
+/// Spreads informational requests over the routable workers, whatever the routing policy.
 fn pick(app: &App) -> Result<Arc<Worker>, RouterError> {
     let snap = app.registry.load();
-    let routable: Vec<&Arc<Worker>> = snap.workers.iter().filter(|w| w.is_routable()).collect();
-    if routable.is_empty() {
-        return Err(RouterError::NoWorkers);
-    }
-    Ok(routable[NEXT.fetch_add(1, Relaxed) % routable.len()].clone())
+    let i = app
+        .info_spread
+        .select(&snap.workers, &RequestInfo::default())
+        .ok_or(RouterError::NoWorkers)?;
+    Ok(snap.workers[i].clone())
 }
 
 fn pq(path: &str) -> Result<PathAndQuery, RouterError> {
