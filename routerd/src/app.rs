@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -20,10 +20,9 @@ use crate::config::{Config, Flags};
 use crate::error::RouterError;
 use crate::limits::Limiter;
 use crate::policy::{self, Policy};
-use crate::proxy::{self, Route};
 use crate::registry::{Registry, WorkerRole, WorkerSource, WorkerSpec};
 use crate::reload::Reloader;
-use crate::serve::{serve, Ended, Stop};
+use crate::serve::{serve_router, Ended, Stop};
 use crate::{admin, info, poll};
 
 /// What a reload may change, swapped whole: requests load it once and use one consistent view.
@@ -101,17 +100,9 @@ impl App {
     }
 }
 
-fn inference(route: Route) -> axum::routing::MethodRouter<Arc<App>> {
-    post(move |s: State<Arc<App>>, req: Request| proxy::handle(s, route, req))
-}
-
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.live().config.server.max_payload_size;
     Router::new()
-        .route("/generate", inference(Route::Generate))
-        .route("/v1/completions", inference(Route::Completions))
-        .route("/v1/chat/completions", inference(Route::Chat))
-        .route("/v1/embeddings", inference(Route::Embeddings))
         .route("/health", get(info::health))
         .route("/liveness", get(info::health))
         .route("/readiness", get(info::readiness))
@@ -176,7 +167,8 @@ pub fn start_with_flags(
             tasks.spawn(watching);
         }
     }
-    let serving = tokio::spawn(serve(listener, router(app.clone()), stop.clone()));
+    let serving =
+        tokio::spawn(serve_router(listener, app.clone(), router(app.clone()), stop.clone()));
     Ok(Running { app, addr, stop, serving, tasks, cancel })
 }
 

@@ -36,6 +36,8 @@ pub enum RouterError {
     WorkerFailed { worker: String, reason: String },
     #[error("worker {worker} did not answer within {secs}s")]
     WorkerTimeout { worker: String, secs: u64 },
+    #[error("{1}")]
+    Protocol(StatusCode, String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -56,6 +58,7 @@ impl RouterError {
             Self::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::WorkerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Protocol(status, _) => *status,
         }
     }
 
@@ -66,6 +69,7 @@ impl RouterError {
             | Self::NotFound(_)
             | Self::MethodNotAllowed(_)
             | Self::Conflict(_)
+            | Self::Protocol(..)
             | Self::UnknownWorker(_) => Fault::Client,
             Self::NoWorkers | Self::QueueFull | Self::QueueTimeout | Self::ShuttingDown => {
                 Fault::Router
@@ -92,6 +96,7 @@ impl RouterError {
             Self::WorkerFailed { .. } => "worker_error",
             Self::WorkerTimeout { .. } => "worker_timeout",
             Self::Conflict(_) => "conflict",
+            Self::Protocol(..) => "invalid_http_request",
             Self::UnknownWorker(_) => "unknown_worker",
         }
     }

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod http1;
 pub mod info;
 pub mod limits;
 pub mod policy;

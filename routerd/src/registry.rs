@@ -57,6 +57,8 @@ pub struct Worker {
     pub polled_load: AtomicU64,
     pub polled: AtomicBool,
     pub healthy: AtomicBool,
+    /// Keep-alive connections to this worker, for the inference path.
+    pub idle: crate::proxy::pool::IdleConns,
 }
 
 impl Worker {
@@ -86,6 +88,7 @@ impl Worker {
             polled_load: AtomicU64::new(0),
             polled: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
+            idle: Default::default(),
         }
     }
 

@@ -3,16 +3,20 @@
 //! and an abort drops every connection at once (what a crashing process looks like to peers).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
 
 /// How a server stops: `drain` stops accepting and lets open requests finish for up to
 /// `grace`; `abort` drops every connection immediately.
@@ -40,9 +44,34 @@ pub enum Ended {
     Aborted,
 }
 
-/// Serves `app` on `listener` until `stop` says otherwise. Handlers can extract
+/// Serves `app` on `listener` with hyper until `stop` says otherwise. Handlers can extract
 /// `ConnectInfo<SocketAddr>` for the peer address.
 pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
+    accept_loop(listener, stop, move |stream, peer, drain| {
+        connection(stream, peer, app.clone(), drain)
+    })
+    .await
+}
+
+/// Serves routerd's own routes: inference on its HTTP/1 fast path, the rest through `router`.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Arc<App>,
+    router: Router,
+    stop: Stop,
+) -> Ended {
+    accept_loop(listener, stop, move |stream, peer, drain| {
+        crate::http1::connection(stream, peer, app.clone(), router.clone(), drain)
+    })
+    .await
+}
+
+/// Accepts connections and runs `conn` for each, tracked, until `stop`.
+async fn accept_loop<F, Fut>(listener: TcpListener, stop: Stop, conn: F) -> Ended
+where
+    F: Fn(TcpStream, SocketAddr, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -55,7 +84,7 @@ pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(stream, peer, app.clone(), stop.drain.clone()));
+                    conns.spawn(conn(stream, peer, stop.drain.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -81,12 +110,7 @@ pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
     }
 }
 
-async fn connection(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    app: Router,
-    drain: CancellationToken,
-) {
+async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, drain: CancellationToken) {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.clone();

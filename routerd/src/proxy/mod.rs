@@ -3,23 +3,27 @@
 //! `/v1/embeddings`.
 
 pub mod extract;
+pub mod pool;
+pub mod relay;
 pub mod upstream;
 pub mod usage;
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
-use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::IntoResponse;
+use bytes::Bytes;
 
 use crate::app::{App, Live};
 use crate::config::Config;
 use crate::error::RouterError;
+use crate::http1::head::Head;
+use crate::http1::respond::{self, header_line};
+use crate::http1::Conn;
 use crate::policy::RequestInfo;
+use crate::registry::Worker;
 pub use extract::Route;
+use relay::Stop;
 
 /// The request id: the first configured header the client sent, else a new one under the first
 /// configured name.
@@ -41,45 +45,44 @@ pub fn request_id(config: &Config, headers: &HeaderMap) -> (HeaderName, HeaderVa
     (name, HeaderValue::from_bytes(&id).expect("hex is a valid header value"))
 }
 
-pub async fn handle(State(app): State<Arc<App>>, route: Route, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    // One consistent view of the configuration for the whole request, even across a reload.
-    let live = app.live();
-    let (rid_name, rid) = request_id(&live.config, &parts.headers);
-    let mut resp = match dispatch(&app, &live, route, &parts.headers, body, (&rid_name, &rid)).await
-    {
-        Ok(r) => r,
-        Err(e) => {
+/// Serves one inference request read from `c`; returns whether the connection stays open.
+pub async fn forward(
+    app: &App,
+    live: &Live,
+    c: &mut Conn,
+    route: Route,
+    head: &Head,
+    body: Bytes,
+    keep: bool,
+) -> bool {
+    let (rid_name, rid) = request_id(&live.config, &head.headers);
+    match dispatch(app, live, c, route, head, body, (&rid_name, &rid), keep).await {
+        Ok(keep) => keep,
+        Err(Stop::Closed) => false,
+        Err(Stop::Failed(e)) => {
             tracing::debug!(route = route.path(), error = %e, "request failed");
-            e.into_response()
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(rid_name, rid);
+            respond::write(c, resp, head.version, keep, false).await
         }
-    };
-    resp.headers_mut().insert(rid_name, rid);
-    resp
-}
-
-/// The whole request body, or 413 past `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, RouterError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(RouterError::PayloadTooLarge(limit)),
-        Err(e) => Err(RouterError::BadRequest(format!("cannot read the request body: {e}"))),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     app: &App,
     live: &Live,
+    c: &mut Conn,
     route: Route,
-    headers: &HeaderMap,
-    body: Body,
+    head: &Head,
+    body: Bytes,
     rid: (&HeaderName, &HeaderValue),
-) -> Result<Response, RouterError> {
-    let body = read_body(body, live.config.server.max_payload_size).await?;
-    let probe = extract::probe(&body)?;
-    let probe_stream = probe.stream.unwrap_or(false);
-    let slot = match &live.limiter {
-        Some(l) => Some(l.acquire().await?),
+    keep: bool,
+) -> Result<bool, Stop> {
+    let probe = extract::probe(&body).map_err(Stop::Failed)?;
+    let streaming = probe.stream.unwrap_or(false);
+    let _slot = match &live.limiter {
+        Some(l) => Some(l.acquire().await.map_err(Stop::Failed)?),
         None => None,
     };
     let worker = {
@@ -89,21 +92,50 @@ async fn dispatch(
         let idx = live
             .policy
             .select(&snap.workers, &RequestInfo { text: &text })
-            .ok_or(RouterError::NoWorkers)?;
+            .ok_or(Stop::Failed(RouterError::NoWorkers))?;
         snap.workers[idx].clone()
     };
-    let guard = worker.start_request();
-    let wh = upstream::worker_headers(&worker, headers, Some(rid));
+    let _guard = worker.start_request();
     let timeout = live.config.server.request_timeout;
-    let path = PathAndQuery::from_static(route.path());
-    match app.http.send(&worker, Method::POST, path, wh, body, timeout).await {
-        Ok(answer) => {
-            let scan = usage::UsageScan::new(worker.clone(), probe_stream);
-            Ok(upstream::relay(answer, worker.url(), (guard, slot), Some(scan)))
-        }
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut request = Vec::with_capacity(body.len() + 256);
+    write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
+    let answer = match relay::exchange(&worker, &request, c, deadline.as_mut(), timeout).await {
+        Ok(a) => a,
         Err(e) => {
-            worker.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(e)
+            if let Stop::Failed(_) = e {
+                worker.errors_total.fetch_add(1, Relaxed);
+            }
+            return Err(e);
         }
-    }
+    };
+    let scan = usage::UsageScan::new(worker.clone(), streaming);
+    let extra: [(&[u8], &[u8]); 2] = [
+        (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
+        (b"x-routerd-worker", worker.url().as_bytes()),
+    ];
+    let v = head.version;
+    Ok(relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), deadline.as_mut()).await)
+}
+
+/// The request as the worker gets it: the client's body unchanged, headers chosen for it.
+fn write_request(
+    out: &mut Vec<u8>,
+    worker: &Worker,
+    path: &str,
+    client: &HeaderMap,
+    rid: (&HeaderName, &HeaderValue),
+    body: &[u8],
+) {
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    header_line(out, b"host", worker.authority.as_str().as_bytes());
+    upstream::each_worker_header(worker, client, Some(rid), |name, value| {
+        header_line(out, name.as_str().as_bytes(), value.as_bytes())
+    });
+    header_line(out, b"content-length", body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
 }

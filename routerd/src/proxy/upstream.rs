@@ -125,23 +125,35 @@ pub fn worker_headers(
     request_id: Option<(&HeaderName, &HeaderValue)>,
 ) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(6);
+    each_worker_header(worker, client, request_id, |name, value| {
+        h.insert(name.clone(), value.clone());
+    });
+    h
+}
+
+/// Calls `put` with each header a call to `worker` carries (see `worker_headers`).
+pub fn each_worker_header(
+    worker: &Worker,
+    client: &HeaderMap,
+    request_id: Option<(&HeaderName, &HeaderValue)>,
+    mut put: impl FnMut(&HeaderName, &HeaderValue),
+) {
     for name in &PASSED {
         if let Some(v) = client.get(name) {
-            h.insert(name.clone(), v.clone());
+            put(name, v);
         }
     }
-    if !h.contains_key(header::CONTENT_TYPE) {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if !client.contains_key(header::CONTENT_TYPE) {
+        put(&header::CONTENT_TYPE, &HeaderValue::from_static("application/json"));
     }
     match (&worker.auth, client.get(header::AUTHORIZATION)) {
-        (Some(key), _) => h.insert(header::AUTHORIZATION, key.clone()),
-        (None, Some(v)) => h.insert(header::AUTHORIZATION, v.clone()),
-        (None, None) => None,
+        (Some(key), _) => put(&header::AUTHORIZATION, key),
+        (None, Some(v)) => put(&header::AUTHORIZATION, v),
+        (None, None) => {}
     };
     if let Some((name, value)) = request_id {
-        h.insert(name.clone(), value.clone());
+        put(name, value);
     }
-    h
 }
 
 /// Connection-scoped headers that must not be relayed.
