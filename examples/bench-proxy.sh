@@ -77,8 +77,9 @@ port_of() { case $1 in direct) echo "$UP";; nginx) echo "$NGX";; routerd) echo "
 printf "| %-10s | %5s | %12s | %9s | %9s | %6s |\n" target conc "requests/s" p50 p99 errors
 printf "|%s|\n" "------------|-------|--------------|-----------|-----------|--------"
 rss_max=0
-for t in $targets; do
-    for c in 1 16 64 256; do
+# Concurrency outer, targets inner: machine drift over the run hits every target alike.
+for c in 1 16 64 256; do
+    for t in $targets; do
         threads=$(( c < 2 ? 1 : 2 ))
         out=$(taskset -c 1 wrk -t"$threads" -c"$c" -d"${dur}s" --latency -s "$tmp/post.lua" "http://127.0.0.1:$(port_of "$t")/generate")
         if [ "$t" = routerd ]; then

@@ -6,7 +6,9 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use memchr::memmem;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 use crate::registry::Worker;
 
@@ -30,11 +32,11 @@ impl UsageScan {
     pub fn frame(&mut self, data: &[u8]) {
         let (sum, seen) = (self.sum, &mut self.seen);
         let (prompt, cached) = (&mut self.prompt, &mut self.cached);
-        numbers_after(data, PROMPT, |n| {
+        numbers_after(data, &PROMPT, |n| {
             *seen = true;
             *prompt = if sum { *prompt + n } else { n };
         });
-        numbers_after(data, CACHED, |n| *cached = if sum { *cached + n } else { n });
+        numbers_after(data, &CACHED, |n| *cached = if sum { *cached + n } else { n });
     }
 }
 
@@ -47,13 +49,14 @@ impl Drop for UsageScan {
     }
 }
 
-const PROMPT: &[u8] = b"\"prompt_tokens\"";
-const CACHED: &[u8] = b"\"cached_tokens\"";
+// Built once: building a searcher costs more than running it on a small response.
+static PROMPT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_tokens\""));
+static CACHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"cached_tokens\""));
 
 /// Calls `found` with every integer that follows `key` and a colon in `data`.
-fn numbers_after(data: &[u8], key: &[u8], mut found: impl FnMut(u64)) {
-    for at in memmem::find_iter(data, key) {
-        let rest = &data[at + key.len()..];
+fn numbers_after(data: &[u8], key: &Finder, mut found: impl FnMut(u64)) {
+    for at in key.find_iter(data) {
+        let rest = &data[at + key.needle().len()..];
         let rest = rest
             .iter()
             .position(|b| !b.is_ascii_whitespace())
@@ -85,7 +88,7 @@ mod tests {
 
     fn all(data: &[u8], key: &[u8]) -> Vec<u64> {
         let mut v = Vec::new();
-        numbers_after(data, key, |n| v.push(n));
+        numbers_after(data, &Finder::new(key), |n| v.push(n));
         v
     }
 
