@@ -24,9 +24,19 @@ pub struct WorkerView {
     pub url: String,
     pub role: WorkerRole,
     pub bootstrap_port: Option<u16>,
+    /// The active health checks' verdict.
     pub healthy: bool,
-    /// Circuit breakers are not built yet: every worker's circuit is closed.
+    /// `closed`, `open` or `half_open`.
     pub circuit: String,
+    /// Whether the policy may choose it now: healthy, circuit not open, not backing off after
+    /// a 429 with `Retry-After`.
+    pub routable: bool,
+    /// Health checks done, times its circuit opened, retries that moved a request off it.
+    pub health_checks_total: u64,
+    pub circuit_opened_total: u64,
+    pub retries_total: u64,
+    /// The last failure seen on it (a request or a health check).
+    pub last_error: Option<String>,
     pub in_flight: u64,
     /// The load policies compare: `in_flight`, or the worker's own report when polled and higher.
     pub load: u64,
@@ -54,7 +64,12 @@ impl WorkerView {
             role: w.spec.role,
             bootstrap_port: w.spec.bootstrap_port,
             healthy: w.healthy.load(Relaxed),
-            circuit: "closed".into(),
+            circuit: w.breaker.state().as_str().into(),
+            routable: w.is_routable(),
+            health_checks_total: w.health.lock().map(|t| t.checks_total).unwrap_or(0),
+            circuit_opened_total: w.breaker.opened_total.load(Relaxed),
+            retries_total: w.retries_total.load(Relaxed),
+            last_error: w.last_error(),
             in_flight: w.in_flight.load(Relaxed),
             load: w.load(),
             requests_total: w.requests_total.load(Relaxed),

@@ -70,6 +70,8 @@ pub struct App {
     pub reloader: Reloader,
     /// Spreads informational requests (`/get_model_info` and the like) over the workers.
     pub info_spread: policy::RoundRobin,
+    pub retry_budget: crate::proxy::retry::Budget,
+    pub retries_total: std::sync::atomic::AtomicU64,
 }
 
 impl App {
@@ -83,6 +85,8 @@ impl App {
             draining: AtomicBool::new(false),
             reloader: Reloader::new(flags),
             info_spread: Default::default(),
+            retry_budget: Default::default(),
+            retries_total: Default::default(),
         }
     }
 
@@ -162,6 +166,7 @@ pub fn start_with_flags(
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
     tasks.spawn(poll::poll_loads(app.clone(), cancel.clone()));
+    tasks.spawn(crate::health::run(app.clone(), cancel.clone()));
     if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
         if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
             tasks.spawn(watching);

@@ -34,8 +34,8 @@ pub enum RouterError {
     ShuttingDown,
     #[error("worker {worker} failed: {reason}")]
     WorkerFailed { worker: String, reason: String },
-    #[error("worker {worker} did not answer within {secs}s")]
-    WorkerTimeout { worker: String, secs: u64 },
+    #[error("worker {worker} did not answer within {}", humantime::format_duration(*after))]
+    WorkerTimeout { worker: String, after: std::time::Duration },
     #[error("{1}")]
     Protocol(StatusCode, String),
     #[error("{0}")]

@@ -6,8 +6,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod http1;
 pub mod info;
 pub mod limits;

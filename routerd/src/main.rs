@@ -18,12 +18,13 @@ fn main() -> ExitCode {
 /// `routerd --port 1 check --config f` and `routerd check --config f --port 1` both work.
 fn merge(sub: Flags, top: Flags) -> Flags {
     macro_rules! pick {
-        ($($f:ident),*) => {
-            Flags { no_watch_config: sub.no_watch_config || top.no_watch_config, $($f: sub.$f.or(top.$f)),* }
+        (switches: $($b:ident),*; values: $($f:ident),*) => {
+            Flags { $($b: sub.$b || top.$b,)* $($f: sub.$f.or(top.$f)),* }
         };
     }
     pick!(
-        config,
+        switches: no_watch_config, disable_retries, disable_circuit_breaker;
+        values: config,
         host,
         port,
         worker_urls,
@@ -40,6 +41,23 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         queue_timeout_secs,
         request_id_headers,
         worker_threads,
+        retry_max_retries,
+        retry_initial_backoff_ms,
+        retry_max_backoff_ms,
+        retry_backoff_multiplier,
+        retry_jitter_factor,
+        cb_failure_threshold,
+        cb_success_threshold,
+        cb_timeout_duration_secs,
+        cb_window_duration_secs,
+        health_check_interval_secs,
+        health_check_timeout_secs,
+        health_failure_threshold,
+        health_success_threshold,
+        health_check_endpoint,
+        worker_startup_timeout_secs,
+        worker_startup_check_interval,
+        stream_idle_timeout_secs,
         log_level
     )
 }

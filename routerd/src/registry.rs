@@ -59,6 +59,15 @@ pub struct Worker {
     pub healthy: AtomicBool,
     /// Keep-alive connections to this worker, for the inference path.
     pub idle: crate::proxy::pool::IdleConns,
+    pub breaker: crate::breaker::Breaker,
+    /// The active health checker's view (it alone writes it).
+    pub health: Mutex<crate::health::Track>,
+    /// A 429 with `Retry-After` keeps the worker out of routing until then.
+    pub throttled_until: Mutex<Option<std::time::Instant>>,
+    pub throttled: AtomicBool,
+    /// The last failure seen on this worker (request or health check), for operators.
+    pub last_error: Mutex<Option<String>>,
+    pub retries_total: AtomicU64,
 }
 
 impl Worker {
@@ -89,6 +98,12 @@ impl Worker {
             polled: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             idle: Default::default(),
+            breaker: Default::default(),
+            health: Mutex::new(crate::health::Track::new()),
+            throttled_until: Mutex::new(None),
+            throttled: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            retries_total: AtomicU64::new(0),
         }
     }
 
@@ -96,8 +111,39 @@ impl Worker {
         &self.spec.url
     }
 
+    /// Healthy, its circuit not open, and not asked to back off.
     pub fn is_routable(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.healthy.load(Relaxed) && self.breaker.allows() && !self.is_throttled()
+    }
+
+    fn is_throttled(&self) -> bool {
+        if !self.throttled.load(Relaxed) {
+            return false;
+        }
+        let mut until = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *until {
+            Some(t) if t > std::time::Instant::now() => true,
+            _ => {
+                *until = None;
+                self.throttled.store(false, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Keeps the worker out of routing for `d` (its `Retry-After`).
+    pub fn throttle(&self, d: std::time::Duration) {
+        *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + d);
+        self.throttled.store(true, Relaxed);
+    }
+
+    pub fn set_last_error(&self, e: impl std::fmt::Display) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The load policies compare: this router's in-flight requests, or what the worker reports

@@ -179,7 +179,10 @@ fn config_for(url: &str) -> routerd::config::Config {
         worker_urls: Some(vec![url.to_owned()]),
         ..Default::default()
     };
-    routerd::config::Config::build(None, &flags).unwrap()
+    let mut config = routerd::config::Config::build(None, &flags).unwrap();
+    // These workers count connections: no health checks.
+    config.health.enabled = false;
+    config
 }
 
 #[tokio::test]

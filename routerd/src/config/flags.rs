@@ -84,6 +84,65 @@ pub struct Flags {
     /// Async runtime threads; 1 runs everything on one thread [default: one per CPU].
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// Retries of a failed request on other workers [default: 3].
+    #[arg(long)]
+    pub retry_max_retries: Option<u32>,
+    /// Wait before the first retry, in milliseconds [default: 100].
+    #[arg(long)]
+    pub retry_initial_backoff_ms: Option<u64>,
+    /// Longest wait between retries, in milliseconds [default: 10000].
+    #[arg(long)]
+    pub retry_max_backoff_ms: Option<u64>,
+    /// Each wait is the previous times this [default: 2.0].
+    #[arg(long)]
+    pub retry_backoff_multiplier: Option<f64>,
+    /// Waits vary randomly by up to this fraction [default: 0.1].
+    #[arg(long)]
+    pub retry_jitter_factor: Option<f64>,
+    /// Never retry.
+    #[arg(long)]
+    pub disable_retries: bool,
+    /// Consecutive failures that open a worker's circuit [default: 5].
+    #[arg(long)]
+    pub cb_failure_threshold: Option<u32>,
+    /// Successes in half-open state that close it again [default: 2].
+    #[arg(long)]
+    pub cb_success_threshold: Option<u32>,
+    /// How long a circuit stays open before trial requests, in seconds [default: 30].
+    #[arg(long)]
+    pub cb_timeout_duration_secs: Option<u64>,
+    /// Failures count as consecutive only within this window, in seconds [default: 60].
+    #[arg(long)]
+    pub cb_window_duration_secs: Option<u64>,
+    /// No circuit breakers.
+    #[arg(long)]
+    pub disable_circuit_breaker: bool,
+    /// Seconds between active health checks of each worker [default: 10].
+    #[arg(long)]
+    pub health_check_interval_secs: Option<u64>,
+    /// Seconds a health check may take [default: 5].
+    #[arg(long)]
+    pub health_check_timeout_secs: Option<u64>,
+    /// Consecutive failed checks that mark a worker unhealthy [default: 3].
+    #[arg(long)]
+    pub health_failure_threshold: Option<u32>,
+    /// Consecutive passed checks that mark it healthy again [default: 2].
+    #[arg(long)]
+    pub health_success_threshold: Option<u32>,
+    /// Path checked on each worker [default: /health].
+    #[arg(long)]
+    pub health_check_endpoint: Option<String>,
+    /// How long a worker that has not answered yet is checked at the startup interval, in
+    /// seconds; routerd serves meanwhile with the workers that are up [default: 600].
+    #[arg(long)]
+    pub worker_startup_timeout_secs: Option<u64>,
+    /// Seconds between checks of a worker that has not answered yet [default: 2].
+    #[arg(long)]
+    pub worker_startup_check_interval: Option<u64>,
+    /// Longest silence between two chunks of a worker's response, in seconds; then the
+    /// client's stream ends with an error event [default: 120].
+    #[arg(long)]
+    pub stream_idle_timeout_secs: Option<u64>,
     /// Log level: trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,

@@ -22,7 +22,56 @@ pub struct Config {
     pub server: ServerConfig,
     pub policy: PolicyConfig,
     pub workers: Vec<WorkerConfig>,
+    pub health: HealthConfig,
+    pub circuit_breaker: BreakerConfig,
+    pub retry: RetryConfig,
     pub log_level: String,
+}
+
+/// Active health checks (see docs/fault-tolerance.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub endpoint: String,
+    #[serde(serialize_with = "ser::duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "ser::duration")]
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    #[serde(serialize_with = "ser::duration")]
+    pub startup_timeout: Duration,
+    #[serde(serialize_with = "ser::duration")]
+    pub startup_check_interval: Duration,
+}
+
+/// Per-worker circuit breakers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BreakerConfig {
+    pub enabled: bool,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    #[serde(serialize_with = "ser::duration")]
+    pub timeout: Duration,
+    #[serde(serialize_with = "ser::duration")]
+    pub window: Duration,
+}
+
+/// Retries on other workers, before the first response byte.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryConfig {
+    pub enabled: bool,
+    pub max_retries: u32,
+    #[serde(serialize_with = "ser::duration")]
+    pub initial_backoff: Duration,
+    #[serde(serialize_with = "ser::duration")]
+    pub max_backoff: Duration,
+    pub backoff_multiplier: f64,
+    pub jitter_factor: f64,
+    /// Retries may add at most this fraction of the request rate...
+    pub budget_ratio: f64,
+    /// ...plus this many per second.
+    pub budget_min_per_sec: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -42,6 +91,14 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Async runtime threads (`None`: one per CPU; 1: a single-threaded runtime).
     pub worker_threads: Option<NonZeroUsize>,
+    #[serde(serialize_with = "ser::duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for a worker's response head (at most `request_timeout`).
+    #[serde(serialize_with = "ser::duration")]
+    pub header_timeout: Duration,
+    /// Longest silence between two chunks of a worker's response body.
+    #[serde(serialize_with = "ser::duration")]
+    pub stream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +298,9 @@ impl Builder<'_> {
             server: self.server(raw.server, f),
             policy: self.policy(raw.policy, f),
             workers: self.workers(raw.workers, f),
+            health: self.health(raw.health, f),
+            circuit_breaker: self.breaker(raw.circuit_breaker, f),
+            retry: self.retry(raw.retry, f),
             log_level: self.log_level(f),
         }
     }
@@ -261,19 +321,33 @@ impl Builder<'_> {
         }
         let request_timeout = self.duration(
             "server.request_timeout",
-            f.request_timeout_secs.map(|n| (n, "--request-timeout-secs")),
+            secs(f.request_timeout_secs, "--request-timeout-secs"),
             s.request_timeout,
             Duration::from_secs(600),
         );
         let queue_timeout = self.duration(
             "server.queue_timeout",
-            f.queue_timeout_secs.map(|n| (n, "--queue-timeout-secs")),
+            secs(f.queue_timeout_secs, "--queue-timeout-secs"),
             s.queue_timeout,
             Duration::from_secs(60),
         );
         let shutdown_grace =
             self.duration("server.shutdown_grace", None, s.shutdown_grace, Duration::from_secs(30));
         let max_concurrent = f.max_concurrent_requests.or(s.max_concurrent_requests).unwrap_or(0);
+        let connect_timeout = self.duration(
+            "server.connect_timeout",
+            None,
+            s.connect_timeout,
+            Duration::from_secs(5),
+        );
+        let header_timeout =
+            self.duration("server.header_timeout", None, s.header_timeout, request_timeout);
+        let stream_idle_timeout = self.duration(
+            "server.stream_idle_timeout",
+            secs(f.stream_idle_timeout_secs, "--stream-idle-timeout-secs"),
+            s.stream_idle_timeout,
+            Duration::from_secs(120),
+        );
         ServerConfig {
             host: host.0,
             port: f.port.or(s.port).unwrap_or(30000),
@@ -288,6 +362,9 @@ impl Builder<'_> {
             request_id_headers: self.request_id_headers(s.request_id_headers, f),
             shutdown_grace,
             worker_threads: f.worker_threads.or(s.worker_threads).and_then(NonZeroUsize::new),
+            connect_timeout,
+            header_timeout: header_timeout.min(request_timeout),
+            stream_idle_timeout,
         }
     }
 
@@ -301,20 +378,20 @@ impl Builder<'_> {
         value
     }
 
-    /// A duration from a `--*-secs` flag or a `"30s"` / `"500ms"` string in the file.
+    /// A duration from a flag (see `secs`, `millis`) or a `"30s"` / `"500ms"` string in the file.
     fn duration(
         &mut self,
         key: &str,
-        flag_secs: Option<(u64, &'static str)>,
+        flag: Option<(Duration, &'static str)>,
         file: Option<Spanned<String>>,
         default: Duration,
     ) -> Duration {
-        if let Some((secs, flag)) = flag_secs {
-            if secs == 0 {
-                self.error(key, &At::flag(flag), "must be at least 1 second".into());
+        if let Some((d, flag)) = flag {
+            if d.is_zero() {
+                self.error(key, &At::flag(flag), "must be longer than zero".into());
                 return default;
             }
-            return Duration::from_secs(secs);
+            return d;
         }
         let Some(v) = file else { return default };
         match humantime::parse_duration(v.get_ref().trim()) {
@@ -398,7 +475,7 @@ impl Builder<'_> {
         }
         let eviction_interval = self.duration(
             "policy.eviction_interval",
-            f.eviction_interval_secs.map(|n| (n, "--eviction-interval-secs")),
+            secs(f.eviction_interval_secs, "--eviction-interval-secs"),
             p.eviction_interval,
             Duration::from_secs(60),
         );
@@ -443,6 +520,156 @@ impl Builder<'_> {
         out
     }
 
+    /// A count that must be at least 1.
+    fn count(&mut self, key: &str, (value, at): (u32, At), default: u32) -> u32 {
+        if value == 0 {
+            self.error(key, &at, "must be at least 1".into());
+            return default;
+        }
+        value
+    }
+
+    fn health(&mut self, h: raw::RawHealth, f: &Flags) -> HealthConfig {
+        let endpoint = layered(
+            f.health_check_endpoint.clone(),
+            "--health-check-endpoint",
+            h.endpoint.as_ref(),
+            "/health".to_owned(),
+        );
+        if !endpoint.0.starts_with('/') || endpoint.0.parse::<http::uri::PathAndQuery>().is_err() {
+            self.error(
+                "health.endpoint",
+                &endpoint.1,
+                format!("{:?} must be a path starting with /", endpoint.0),
+            );
+        }
+        let failures = layered(
+            f.health_failure_threshold,
+            "--health-failure-threshold",
+            h.failure_threshold.as_ref(),
+            3,
+        );
+        let successes = layered(
+            f.health_success_threshold,
+            "--health-success-threshold",
+            h.success_threshold.as_ref(),
+            2,
+        );
+        HealthConfig {
+            enabled: h.enabled.unwrap_or(true),
+            endpoint: endpoint.0,
+            interval: self.duration(
+                "health.interval",
+                secs(f.health_check_interval_secs, "--health-check-interval-secs"),
+                h.interval,
+                Duration::from_secs(10),
+            ),
+            timeout: self.duration(
+                "health.timeout",
+                secs(f.health_check_timeout_secs, "--health-check-timeout-secs"),
+                h.timeout,
+                Duration::from_secs(5),
+            ),
+            failure_threshold: self.count("health.failure_threshold", failures, 3),
+            success_threshold: self.count("health.success_threshold", successes, 2),
+            startup_timeout: self.duration(
+                "health.startup_timeout",
+                secs(f.worker_startup_timeout_secs, "--worker-startup-timeout-secs"),
+                h.startup_timeout,
+                Duration::from_secs(600),
+            ),
+            startup_check_interval: self.duration(
+                "health.startup_check_interval",
+                secs(f.worker_startup_check_interval, "--worker-startup-check-interval"),
+                h.startup_check_interval,
+                Duration::from_secs(2),
+            ),
+        }
+    }
+
+    fn breaker(&mut self, b: raw::RawBreaker, f: &Flags) -> BreakerConfig {
+        let failures = layered(
+            f.cb_failure_threshold,
+            "--cb-failure-threshold",
+            b.failure_threshold.as_ref(),
+            5,
+        );
+        let successes = layered(
+            f.cb_success_threshold,
+            "--cb-success-threshold",
+            b.success_threshold.as_ref(),
+            2,
+        );
+        BreakerConfig {
+            enabled: !f.disable_circuit_breaker && b.enabled.unwrap_or(true),
+            failure_threshold: self.count("circuit_breaker.failure_threshold", failures, 5),
+            success_threshold: self.count("circuit_breaker.success_threshold", successes, 2),
+            timeout: self.duration(
+                "circuit_breaker.timeout",
+                secs(f.cb_timeout_duration_secs, "--cb-timeout-duration-secs"),
+                b.timeout,
+                Duration::from_secs(30),
+            ),
+            window: self.duration(
+                "circuit_breaker.window",
+                secs(f.cb_window_duration_secs, "--cb-window-duration-secs"),
+                b.window,
+                Duration::from_secs(60),
+            ),
+        }
+    }
+
+    fn retry(&mut self, r: raw::RawRetry, f: &Flags) -> RetryConfig {
+        let initial_backoff = self.duration(
+            "retry.initial_backoff",
+            millis(f.retry_initial_backoff_ms, "--retry-initial-backoff-ms"),
+            r.initial_backoff,
+            Duration::from_millis(100),
+        );
+        let max_backoff = self.duration(
+            "retry.max_backoff",
+            millis(f.retry_max_backoff_ms, "--retry-max-backoff-ms"),
+            r.max_backoff,
+            Duration::from_secs(10),
+        );
+        let multiplier = layered(
+            f.retry_backoff_multiplier,
+            "--retry-backoff-multiplier",
+            r.backoff_multiplier.as_ref(),
+            2.0,
+        );
+        if !(multiplier.0.is_finite() && multiplier.0 >= 1.0) {
+            self.error(
+                "retry.backoff_multiplier",
+                &multiplier.1,
+                format!("must be a number >= 1.0, got {}", multiplier.0),
+            );
+        }
+        let jitter =
+            layered(f.retry_jitter_factor, "--retry-jitter-factor", r.jitter_factor.as_ref(), 0.1);
+        let jitter_factor = self.fraction("retry.jitter_factor", jitter, 0.1);
+        let ratio = layered(None, "", r.budget_ratio.as_ref(), 0.2);
+        let budget_ratio = self.fraction("retry.budget_ratio", ratio, 0.2);
+        let min = layered(None, "", r.budget_min_per_sec.as_ref(), 10.0);
+        if !(min.0.is_finite() && min.0 >= 0.0) {
+            self.error(
+                "retry.budget_min_per_sec",
+                &min.1,
+                format!("must be a number >= 0, got {}", min.0),
+            );
+        }
+        RetryConfig {
+            enabled: !f.disable_retries && r.enabled.unwrap_or(true),
+            max_retries: f.retry_max_retries.or(r.max_retries).unwrap_or(3),
+            initial_backoff,
+            max_backoff: max_backoff.max(initial_backoff),
+            backoff_multiplier: multiplier.0.max(1.0),
+            jitter_factor,
+            budget_ratio,
+            budget_min_per_sec: min.0.max(0.0),
+        }
+    }
+
     fn log_level(&mut self, f: &Flags) -> String {
         let level = f.log_level.clone().unwrap_or_else(|| "info".into()).to_ascii_lowercase();
         if !["trace", "debug", "info", "warn", "error"].contains(&level.as_str()) {
@@ -454,6 +681,14 @@ impl Builder<'_> {
         }
         level
     }
+}
+
+fn secs(v: Option<u64>, flag: &'static str) -> Option<(Duration, &'static str)> {
+    v.map(|n| (Duration::from_secs(n), flag))
+}
+
+fn millis(v: Option<u64>, flag: &'static str) -> Option<(Duration, &'static str)> {
+    v.map(|n| (Duration::from_millis(n), flag))
 }
 
 /// A worker URL as the registry keys it: `http(s)://host[:port]` with no path, query or

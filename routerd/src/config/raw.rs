@@ -10,6 +10,9 @@ pub struct RawConfig {
     pub server: RawServer,
     pub policy: RawPolicy,
     pub workers: Vec<RawWorker>,
+    pub health: RawHealth,
+    pub circuit_breaker: RawBreaker,
+    pub retry: RawRetry,
     // Pinned by the contract but not built yet: present only to be refused with a clear error.
     pub prefill: Option<Spanned<toml::Value>>,
     pub decode: Option<Spanned<toml::Value>>,
@@ -29,6 +32,45 @@ pub struct RawServer {
     pub request_id_headers: Option<Vec<Spanned<String>>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub worker_threads: Option<usize>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub stream_idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    pub enabled: Option<bool>,
+    pub endpoint: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub failure_threshold: Option<Spanned<u32>>,
+    pub success_threshold: Option<Spanned<u32>>,
+    pub startup_timeout: Option<Spanned<String>>,
+    pub startup_check_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBreaker {
+    pub enabled: Option<bool>,
+    pub failure_threshold: Option<Spanned<u32>>,
+    pub success_threshold: Option<Spanned<u32>>,
+    pub timeout: Option<Spanned<String>>,
+    pub window: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    pub enabled: Option<bool>,
+    pub max_retries: Option<u32>,
+    pub initial_backoff: Option<Spanned<String>>,
+    pub max_backoff: Option<Spanned<String>>,
+    pub backoff_multiplier: Option<Spanned<f64>>,
+    pub jitter_factor: Option<Spanned<f64>>,
+    pub budget_ratio: Option<Spanned<f64>>,
+    pub budget_min_per_sec: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

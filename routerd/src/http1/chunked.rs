@@ -38,6 +38,11 @@ impl Chunked {
         self.state == State::Done
     }
 
+    /// Between two chunks: nothing of a chunk has been read yet.
+    pub fn at_chunk_start(&self) -> bool {
+        self.state == State::Size { value: 0, digits: 0 }
+    }
+
     /// Reads `input` up to the end of the message; returns how many bytes belong to it and
     /// calls `payload` with each slice of chunk data among them.
     pub fn feed(

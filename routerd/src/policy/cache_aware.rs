@@ -78,7 +78,7 @@ impl CacheAware {
     /// `select` that also says which rule decided.
     pub fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<(usize, Branch)> {
         let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| workers[i].is_routable()).collect();
+            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
         if routable.is_empty() {
             return None;
         }
@@ -182,7 +182,7 @@ mod tests {
     }
 
     fn req(text: &str) -> RequestInfo<'_> {
-        RequestInfo { text }
+        RequestInfo { text, ignore_health: false }
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub struct RequestInfo<'a> {
     /// The text the request's prompt is made of (generate: `text`; completions: `prompt`;
     /// chat: the whole conversation). Empty when the request has none.
     pub text: &'a str,
+    /// Every worker given is a candidate, routable or not: when none is routable, routing to
+    /// one that may have recovered beats failing every request.
+    pub ignore_health: bool,
+}
+
+impl RequestInfo<'_> {
+    /// Whether `w` may be chosen for this request.
+    pub fn usable(&self, w: &Worker) -> bool {
+        self.ignore_health || w.is_routable()
+    }
 }
 
 pub trait Policy: Send + Sync {
@@ -65,9 +75,9 @@ pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
 }
 
 /// The first routable worker at or after `start`, wrapping around.
-fn routable_from(workers: &[Arc<Worker>], start: usize) -> Option<usize> {
+fn routable_from(workers: &[Arc<Worker>], start: usize, req: &RequestInfo) -> Option<usize> {
     let n = workers.len();
-    (0..n).map(|i| (start + i) % n).find(|&i| workers[i].is_routable())
+    (0..n).map(|i| (start + i) % n).find(|&i| req.usable(&workers[i]))
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ impl Policy for PowerOfTwo {
         "power_of_two"
     }
 
-    fn select(&self, workers: &[Arc<Worker>], _req: &RequestInfo) -> Option<usize> {
+    fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
         let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| workers[i].is_routable()).collect();
+            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
         let mut rng = rand::rng();
         match routable.len() {
             0 => None,

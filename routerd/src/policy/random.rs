@@ -15,19 +15,19 @@ impl Policy for Random {
         "random"
     }
 
-    fn select(&self, workers: &[Arc<Worker>], _req: &RequestInfo) -> Option<usize> {
+    fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
         if workers.is_empty() {
             return None;
         }
         let pick = rand::rng().random_range(0..workers.len());
-        if workers[pick].is_routable() {
+        if req.usable(&workers[pick]) {
             return Some(pick);
         }
         // Rare path: choose uniformly among the routable ones.
         let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| workers[i].is_routable()).collect();
+            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
         match routable.len() {
-            0 => routable_from(workers, 0),
+            0 => routable_from(workers, 0, req),
             n => Some(routable[rand::rng().random_range(0..n)]),
         }
     }

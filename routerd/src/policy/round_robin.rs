@@ -17,12 +17,12 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
-    fn select(&self, workers: &[Arc<Worker>], _req: &RequestInfo) -> Option<usize> {
+    fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
         if workers.is_empty() {
             return None;
         }
         let start = self.next.fetch_add(1, Relaxed) % workers.len();
-        routable_from(workers, start)
+        routable_from(workers, start, req)
     }
 }
 

@@ -5,14 +5,17 @@
 pub mod extract;
 pub mod pool;
 pub mod relay;
+pub mod retry;
 pub mod upstream;
 pub mod usage;
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use crate::app::{App, Live};
 use crate::config::Config;
@@ -85,38 +88,127 @@ async fn dispatch(
         Some(l) => Some(l.acquire().await.map_err(Stop::Failed)?),
         None => None,
     };
-    let worker = {
-        let snap = app.registry.load();
-        let text =
-            if live.policy.needs_text() { probe.routing_text(route) } else { Default::default() };
-        let idx = live
-            .policy
-            .select(&snap.workers, &RequestInfo { text: &text })
-            .ok_or(Stop::Failed(RouterError::NoWorkers))?;
-        snap.workers[idx].clone()
-    };
-    let _guard = worker.start_request();
-    let timeout = live.config.server.request_timeout;
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
+    let text =
+        if live.policy.needs_text() { probe.routing_text(route) } else { Default::default() };
+    let cfg = &live.config;
+    let retry = &cfg.retry;
+    let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
+    app.retry_budget.deposit(retry);
+    let deadline = Instant::now() + cfg.server.request_timeout;
+    let mut tried: Vec<Arc<Worker>> = Vec::new();
     let mut request = Vec::with_capacity(body.len() + 256);
-    write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
-    let answer = match relay::exchange(&worker, &request, c, deadline.as_mut(), timeout).await {
-        Ok(a) => a,
-        Err(e) => {
-            if let Stop::Failed(_) = e {
+    let mut attempt = 0;
+    loop {
+        let worker = pick(app, live, &text, &tried).ok_or(Stop::Failed(RouterError::NoWorkers))?;
+        let guard = worker.start_request();
+        request.clear();
+        write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
+        let (connect, header) = (cfg.server.connect_timeout, cfg.server.header_timeout);
+        let outcome = relay::exchange(&worker, &request, c, connect, header, deadline).await;
+        attempt += 1;
+        let may_retry = |tried: &[Arc<Worker>]| {
+            attempt < attempts
+                && Instant::now() < deadline
+                && untried_left(app, tried, &worker)
+                && app.retry_budget.withdraw(retry)
+        };
+        let answer = match outcome {
+            Err(Stop::Closed) => return Err(Stop::Closed),
+            Err(Stop::Failed(e)) => {
                 worker.errors_total.fetch_add(1, Relaxed);
+                worker.breaker.record_failure(&cfg.circuit_breaker);
+                worker.set_last_error(&e);
+                if !(e.retryable() && may_retry(&tried)) {
+                    return Err(Stop::Failed(e));
+                }
+                tracing::debug!(worker = worker.url(), error = %e, attempt, "retrying on another worker");
+                None
             }
-            return Err(e);
+            Ok(answer) => {
+                let status = answer.head.status;
+                if status >= 500 {
+                    worker.errors_total.fetch_add(1, Relaxed);
+                    worker.breaker.record_failure(&cfg.circuit_breaker);
+                    worker.set_last_error(format!("answered {status}"));
+                } else {
+                    worker.breaker.record_success(&cfg.circuit_breaker);
+                }
+                if let (429, Some(after)) = (status, answer.head.retry_after) {
+                    worker.throttle(after);
+                }
+                if retry::retryable_status(status) && may_retry(&tried) {
+                    tracing::debug!(
+                        worker = worker.url(),
+                        status,
+                        attempt,
+                        "retrying on another worker"
+                    );
+                    None
+                } else {
+                    Some(answer)
+                }
+            }
+        };
+        let Some(answer) = answer else {
+            drop(guard);
+            tried.push(worker);
+            app.retries_total.fetch_add(1, Relaxed);
+            tried.last().expect("just pushed").retries_total.fetch_add(1, Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(retry::backoff(retry, attempt)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            continue;
+        };
+        let scan = usage::UsageScan::new(worker.clone(), streaming);
+        let extra: [(&[u8], &[u8]); 2] = [
+            (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
+            (b"x-routerd-worker", worker.url().as_bytes()),
+        ];
+        let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
+        let v = head.version;
+        let done = relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), limits).await;
+        if let Some(failure) = done.worker_failure {
+            worker.errors_total.fetch_add(1, Relaxed);
+            worker.breaker.record_failure(&cfg.circuit_breaker);
+            worker.set_last_error(failure);
         }
+        drop(guard);
+        return Ok(done.keep);
+    }
+}
+
+/// The policy's choice among the workers not tried yet for this request; when none of them is
+/// routable (all unhealthy, ejected or backing off), the choice among all of them anyway.
+fn pick(app: &App, live: &Live, text: &str, tried: &[Arc<Worker>]) -> Option<Arc<Worker>> {
+    let snap = app.registry.load();
+    let fresh: Vec<Arc<Worker>>;
+    let pool: &[Arc<Worker>] = if tried.is_empty() {
+        &snap.workers
+    } else {
+        fresh = snap
+            .workers
+            .iter()
+            .filter(|w| !tried.iter().any(|t| Arc::ptr_eq(t, w)))
+            .cloned()
+            .collect();
+        &fresh
     };
-    let scan = usage::UsageScan::new(worker.clone(), streaming);
-    let extra: [(&[u8], &[u8]); 2] = [
-        (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
-        (b"x-routerd-worker", worker.url().as_bytes()),
-    ];
-    let v = head.version;
-    Ok(relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), deadline.as_mut()).await)
+    let strict = RequestInfo { text, ignore_health: false };
+    let idx = live.policy.select(pool, &strict).or_else(|| {
+        let any = RequestInfo { text, ignore_health: true };
+        live.policy.select(pool, &any)
+    })?;
+    Some(pool[idx].clone())
+}
+
+/// Whether a worker other than `current` and those already tried is registered.
+fn untried_left(app: &App, tried: &[Arc<Worker>], current: &Arc<Worker>) -> bool {
+    app.registry
+        .load()
+        .workers
+        .iter()
+        .any(|w| !Arc::ptr_eq(w, current) && !tried.iter().any(|t| Arc::ptr_eq(t, w)))
 }
 
 /// The request as the worker gets it: the client's body unchanged, headers chosen for it.

@@ -10,7 +10,7 @@ use axum::http::Version;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::usage::UsageScan;
 use crate::error::RouterError;
@@ -19,7 +19,6 @@ use crate::http1::respond::{has_body, header_line, is_hop_by_hop, itoa, status_l
 use crate::http1::{Conn, MAX_BUFFERED};
 use crate::registry::Worker;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Why a relay stopped early.
@@ -43,6 +42,10 @@ pub struct Answer {
 pub struct Head {
     pub status: u16,
     reason: String,
+    /// `Retry-After` in seconds, when the worker sent one.
+    pub retry_after: Option<Duration>,
+    /// A `text/event-stream` body: it can end with an error event if the worker fails.
+    event_stream: bool,
     /// The worker's end-to-end headers as `name: value\r\n` lines.
     lines: Vec<u8>,
     framing: Framing,
@@ -91,17 +94,17 @@ async fn wait(
     }
 }
 
-async fn connect(worker: &Worker) -> Result<TcpStream, RouterError> {
+async fn connect(worker: &Worker, timeout: Duration) -> Result<TcpStream, RouterError> {
     let host = worker.authority.host().trim_start_matches('[').trim_end_matches(']');
     let port = worker.authority.port_u16().unwrap_or(80);
     let failed = |reason: String| RouterError::WorkerFailed { worker: worker.url().into(), reason };
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
         Ok(Err(e)) => Err(failed(format!("cannot connect: {e}"))),
-        Err(_) => Err(failed(format!("cannot connect: no answer in {CONNECT_TIMEOUT:?}"))),
+        Err(_) => Err(failed(format!("cannot connect: no answer in {timeout:?}"))),
     }
 }
 
@@ -112,16 +115,19 @@ pub async fn exchange(
     worker: &Worker,
     request: &[u8],
     c: &mut Conn,
-    mut deadline: Pin<&mut Sleep>,
-    timeout: Duration,
+    connect_timeout: Duration,
+    header_timeout: Duration,
+    deadline: Instant,
 ) -> Result<Answer, Stop> {
+    let deadline = tokio::time::sleep_until(deadline.min(Instant::now() + header_timeout));
+    tokio::pin!(deadline);
     let failed = |reason: String| {
         Stop::Failed(RouterError::WorkerFailed { worker: worker.url().into(), reason })
     };
     let timed_out = || {
         Stop::Failed(RouterError::WorkerTimeout {
             worker: worker.url().into(),
-            secs: timeout.as_secs(),
+            after: header_timeout,
         })
     };
     let mut fresh_tried = false;
@@ -131,7 +137,7 @@ pub async fn exchange(
             _ => {
                 fresh_tried = true;
                 let conn = tokio::select! {
-                    r = connect(worker) => r.map_err(Stop::Failed)?,
+                    r = connect(worker, connect_timeout) => r.map_err(Stop::Failed)?,
                     _ = deadline.as_mut() => return Err(timed_out()),
                 };
                 (conn, false)
@@ -186,6 +192,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     let status = resp.code.unwrap_or(502);
     let mut lines = Vec::with_capacity(n);
     let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, false, false);
+    let (mut retry_after, mut event_stream) = (None, false);
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -207,6 +214,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             close |= v.contains("close");
             keep_alive |= v.contains("keep-alive");
         } else if !is_hop_by_hop(name) {
+            if name.eq_ignore_ascii_case("retry-after") {
+                retry_after = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+            } else if name.eq_ignore_ascii_case("content-type") {
+                event_stream = h.value.starts_with(b"text/event-stream");
+            }
             header_line(&mut lines, name.as_bytes(), h.value);
         }
     }
@@ -222,7 +237,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     let http10 = resp.version == Some(0);
     let reusable = !close && (!http10 || keep_alive) && framing != Framing::UntilClose;
     let reason = resp.reason.unwrap_or("").to_owned();
-    Ok(Some((Head { status, reason, lines, framing, reusable }, n)))
+    let head = Head { status, reason, retry_after, event_stream, lines, framing, reusable };
+    Ok(Some((head, n)))
 }
 
 /// How the body goes to the client.
@@ -238,8 +254,23 @@ enum Mode {
     Raw,
 }
 
-/// Relays `answer` to the client, with `extra` headers added to the worker's. Returns whether
-/// the client connection can serve another request.
+/// How a relay ended.
+pub struct Relayed {
+    /// Whether the client connection can serve another request.
+    pub keep: bool,
+    /// The worker failed after the response began (closed, broke framing, went silent).
+    pub worker_failure: Option<String>,
+}
+
+/// Limits on the body's delivery: the request's deadline, and the longest silence.
+pub struct BodyTimeouts {
+    pub deadline: Instant,
+    pub idle: Duration,
+}
+
+/// Relays `answer` to the client, with `extra` headers added to the worker's. If the worker
+/// fails mid-stream, an event stream still ends well-formed: one error event and `[DONE]`.
+#[allow(clippy::too_many_arguments)]
 pub async fn respond(
     answer: Answer,
     worker: &Worker,
@@ -248,8 +279,8 @@ pub async fn respond(
     keep: bool,
     extra: &[(&[u8], &[u8])],
     mut usage: Option<UsageScan>,
-    mut deadline: Pin<&mut Sleep>,
-) -> bool {
+    limits: BodyTimeouts,
+) -> Relayed {
     let Answer { mut conn, mut buf, head } = answer;
     let http11 = version == Version::HTTP_11;
     let mut keep = keep;
@@ -283,44 +314,106 @@ pub async fn respond(
         header_line(&mut c.out, b"connection", b"close");
     }
     c.out.extend_from_slice(b"\r\n");
+    let timer = tokio::time::sleep_until(limits.deadline);
+    tokio::pin!(timer);
+    let mut tail = Tail::default();
     let mut eof = false;
-    loop {
-        let done = match take(&mut mode, &mut buf, &mut c.out, usage.as_mut(), eof) {
+    let failure = loop {
+        let done = match take(&mut mode, &mut buf, &mut c.out, usage.as_mut(), &mut tail, eof) {
             Ok(done) => done,
-            Err(_) => return false,
+            Err(e) => break e.to_string(),
         };
         if done {
-            break;
-        }
-        if !c.out.is_empty() {
-            let wrote = tokio::select! {
-                r = c.stream.write_all(&c.out) => r.is_ok(),
-                _ = deadline.as_mut() => false,
-            };
-            c.out.clear();
-            if !wrote {
-                return false;
+            let wrote = write_out(c, timer.as_mut()).await;
+            if head.reusable && buf.is_empty() {
+                worker.idle.put(conn);
             }
+            return Relayed { keep: wrote && keep, worker_failure: None };
         }
-        match wait(&mut conn, &mut buf, c, deadline.as_mut()).await {
+        if !c.out.is_empty() && !write_out(c, timer.as_mut()).await {
+            return Relayed { keep: false, worker_failure: None };
+        }
+        let idle_until = Instant::now() + limits.idle;
+        let (until, idle_first) = if idle_until < limits.deadline {
+            (idle_until, true)
+        } else {
+            (limits.deadline, false)
+        };
+        timer.as_mut().reset(until);
+        match wait(&mut conn, &mut buf, c, timer.as_mut()).await {
             Wait::Read(0) if matches!(mode, Mode::Rechunk | Mode::Raw) => eof = true,
-            Wait::Read(0) => {
-                tracing::debug!(worker = worker.url(), "worker closed the connection mid-response");
-                return false;
-            }
+            Wait::Read(0) => break "the worker closed the connection mid-response".into(),
             Wait::Read(_) => {}
-            Wait::ClientGone | Wait::Timeout | Wait::Failed(_) => return false,
+            Wait::ClientGone => return Relayed { keep: false, worker_failure: None },
+            Wait::Timeout if idle_first => {
+                break format!("the worker sent nothing for {:?}", limits.idle)
+            }
+            Wait::Timeout => {
+                tracing::debug!(worker = worker.url(), "request deadline passed mid-response");
+                return Relayed { keep: false, worker_failure: None };
+            }
+            Wait::Failed(e) => break format!("reading from the worker failed: {e}"),
         }
+    };
+    // The worker failed mid-response. An event stream at an event boundary still ends
+    // well-formed; anything else can only be cut.
+    tracing::warn!(worker = worker.url(), error = %failure, "response cut short");
+    let at_boundary = match &mode {
+        Mode::Chunked(dec) => dec.at_chunk_start(),
+        Mode::Dechunk(_) | Mode::Rechunk | Mode::Raw => true,
+        Mode::Length(_) => false,
+    };
+    if head.event_stream && at_boundary && tail.at_event_start() {
+        let event = error_event(worker, &failure);
+        match &mode {
+            Mode::Chunked(_) | Mode::Rechunk => {
+                c.out.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+                c.out.extend_from_slice(&event);
+                c.out.extend_from_slice(b"\r\n0\r\n\r\n");
+            }
+            _ => c.out.extend_from_slice(&event),
+        }
+        let wrote = write_out(c, timer.as_mut()).await;
+        return Relayed { keep: wrote && keep, worker_failure: Some(failure) };
     }
+    let _ = write_out(c, timer.as_mut()).await;
+    Relayed { keep: false, worker_failure: Some(failure) }
+}
+
+/// One SSE error event in the shape SGLang uses, then the end marker.
+fn error_event(worker: &Worker, reason: &str) -> Vec<u8> {
+    let message = format!("worker {} failed mid-stream: {reason}", worker.url());
+    let v = serde_json::json!({"error": {"message": message, "type": "worker_stream_error", "code": 502}});
+    format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
+}
+
+async fn write_out(c: &mut Conn, timer: Pin<&mut Sleep>) -> bool {
     let wrote = tokio::select! {
         r = c.stream.write_all(&c.out) => r.is_ok(),
-        _ = deadline.as_mut() => false,
+        _ = timer => false,
     };
     c.out.clear();
-    if head.reusable && buf.is_empty() {
-        worker.idle.put(conn);
+    wrote
+}
+
+/// The last bytes of payload relayed, to know whether the stream stands between two events.
+#[derive(Default)]
+struct Tail {
+    last: [u8; 4],
+    any: bool,
+}
+
+impl Tail {
+    fn push(&mut self, d: &[u8]) {
+        for &b in &d[d.len().saturating_sub(4)..] {
+            self.last = [self.last[1], self.last[2], self.last[3], b];
+        }
+        self.any |= !d.is_empty();
     }
-    wrote && keep
+
+    fn at_event_start(&self) -> bool {
+        !self.any || self.last[2..] == *b"\n\n" || self.last == *b"\r\n\r\n"
+    }
 }
 
 /// Moves what `buf` holds of the body into `out`; true once the body is complete.
@@ -329,9 +422,11 @@ fn take(
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
     mut usage: Option<&mut UsageScan>,
+    tail: &mut Tail,
     eof: bool,
 ) -> Result<bool, crate::http1::chunked::ChunkError> {
     let mut scan = |d: &[u8]| {
+        tail.push(d);
         if let Some(u) = usage.as_mut() {
             u.frame(d)
         }

@@ -90,10 +90,9 @@ impl Upstream {
                     if e.is_connect() { format!("cannot connect: {e}") } else { e.to_string() };
                 Err(RouterError::WorkerFailed { worker: worker.url().to_owned(), reason })
             }
-            Err(_) => Err(RouterError::WorkerTimeout {
-                worker: worker.url().to_owned(),
-                secs: timeout.as_secs(),
-            }),
+            Err(_) => {
+                Err(RouterError::WorkerTimeout { worker: worker.url().to_owned(), after: timeout })
+            }
         }
     }
 

@@ -1,0 +1,147 @@
+//! Active health checks: every worker's health endpoint is fetched on a schedule, and
+//! consecutive outcomes move it between healthy and unhealthy (`failure_threshold`,
+//! `success_threshold`). A worker starts out routable (a worker added at runtime takes requests
+//! at once) and is checked immediately; until it has passed one check it counts as starting:
+//! one failure marks it down, one success up, and it is checked every
+//! `startup_check_interval` for up to `startup_timeout`, so routerd serves with the workers that
+//! are up while the others boot. Probes run concurrently, one at a time per worker.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderMap, Method};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::HealthConfig;
+use crate::proxy::upstream;
+use crate::registry::Worker;
+
+/// What the checker knows about one worker.
+#[derive(Debug)]
+pub struct Track {
+    passed: u32,
+    failed: u32,
+    ever_passed: bool,
+    added: Instant,
+    next: Option<Instant>,
+    probing: bool,
+    warned: bool,
+    pub checks_total: u64,
+}
+
+impl Track {
+    pub fn new() -> Self {
+        Self {
+            passed: 0,
+            failed: 0,
+            ever_passed: false,
+            added: Instant::now(),
+            next: None,
+            probing: false,
+            warned: false,
+            checks_total: 0,
+        }
+    }
+}
+
+impl Default for Track {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How often the loop looks for due probes and new workers.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Checks every registered worker until `cancel`.
+pub async fn run(app: Arc<App>, cancel: CancellationToken) {
+    let mut probes = JoinSet::new();
+    loop {
+        let cfg = app.live().config.health.clone();
+        let now = Instant::now();
+        for w in app.registry.snapshot().workers.iter() {
+            if !cfg.enabled {
+                // Checks turned off: nothing can vouch against a worker any more.
+                w.healthy.store(true, Relaxed);
+                continue;
+            }
+            let mut t = w.health.lock().unwrap_or_else(|p| p.into_inner());
+            if !t.probing && t.next.is_none_or(|n| n <= now) {
+                t.probing = true;
+                probes.spawn(probe(app.clone(), w.clone(), cfg.clone()));
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                probes.abort_all();
+                return;
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        while probes.try_join_next().is_some() {}
+    }
+}
+
+async fn probe(app: Arc<App>, w: Arc<Worker>, cfg: HealthConfig) {
+    let outcome = check(&app, &w, &cfg).await;
+    let mut t = w.health.lock().unwrap_or_else(|p| p.into_inner());
+    t.probing = false;
+    t.checks_total += 1;
+    let healthy = w.healthy.load(Relaxed);
+    match outcome {
+        Ok(()) => {
+            t.passed += 1;
+            t.failed = 0;
+            if !healthy && (t.passed >= cfg.success_threshold || !t.ever_passed) {
+                w.healthy.store(true, Relaxed);
+                tracing::info!(worker = w.url(), "worker is healthy");
+            }
+            t.ever_passed = true;
+        }
+        Err(e) => {
+            t.failed += 1;
+            t.passed = 0;
+            if healthy && (t.failed >= cfg.failure_threshold || !t.ever_passed) {
+                w.healthy.store(false, Relaxed);
+                tracing::warn!(worker = w.url(), error = %e, "worker is unhealthy");
+            }
+            w.set_last_error(format!("health check: {e}"));
+        }
+    }
+    let now = Instant::now();
+    let starting = !t.ever_passed && now.duration_since(t.added) < cfg.startup_timeout;
+    if !t.ever_passed && !starting && !t.warned {
+        t.warned = true;
+        tracing::warn!(
+            worker = w.url(),
+            timeout = ?cfg.startup_timeout,
+            "worker has not passed a health check since it was added; checking it at the regular interval"
+        );
+    }
+    t.next = Some(now + if starting { cfg.startup_check_interval } else { cfg.interval });
+}
+
+async fn check(app: &App, w: &Worker, cfg: &HealthConfig) -> Result<(), String> {
+    let path = PathAndQuery::try_from(cfg.endpoint.as_str()).map_err(|e| e.to_string())?;
+    let headers = upstream::worker_headers(w, &HeaderMap::new(), None);
+    let answer = app
+        .http
+        .send(w, Method::GET, path, headers, Bytes::new(), cfg.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = answer.response.status();
+    let body = tokio::time::timeout_at(answer.deadline, answer.response.into_body().collect());
+    match body.await {
+        Ok(Ok(_)) if status.is_success() => Ok(()),
+        Ok(Ok(_)) => Err(format!("{} answered {status}", cfg.endpoint)),
+        Ok(Err(e)) => Err(format!("{} body failed: {e}", cfg.endpoint)),
+        Err(_) => Err(format!("{} body took longer than {:?}", cfg.endpoint, cfg.timeout)),
+    }
+}
