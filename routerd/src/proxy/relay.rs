@@ -358,6 +358,8 @@ pub async fn respond(
     // The worker failed mid-response. An event stream at an event boundary still ends
     // well-formed; anything else can only be cut.
     tracing::warn!(worker = worker.url(), error = %failure, "response cut short");
+    // The timer may have fired (idle timeout): the last words get a moment of their own.
+    timer.as_mut().reset(Instant::now() + Duration::from_secs(1));
     let at_boundary = match &mode {
         Mode::Chunked(dec) => dec.at_chunk_start(),
         Mode::Dechunk(_) | Mode::Rechunk | Mode::Raw => true,
