@@ -183,3 +183,77 @@ fn worker_urls_are_normalised_and_checked() {
         assert!(normalize_worker_url(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn fault_tolerance_sections_and_their_errors() {
+    let c = build(
+        r#"
+[server]
+stream_idle_timeout = "2s"
+header_timeout = "1h"
+
+[health]
+endpoint = "/health_generate"
+interval = "3s"
+failure_threshold = 4
+
+[circuit_breaker]
+enabled = false
+
+[retry]
+max_retries = 5
+initial_backoff = "50ms"
+"#,
+        &Flags::default(),
+    )
+    .unwrap();
+    assert_eq!(c.server.stream_idle_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.header_timeout, c.server.request_timeout, "capped by request_timeout");
+    assert_eq!((c.health.endpoint.as_str(), c.health.failure_threshold), ("/health_generate", 4));
+    assert_eq!(c.health.interval, Duration::from_secs(3));
+    assert!(!c.circuit_breaker.enabled);
+    assert_eq!((c.retry.max_retries, c.retry.initial_backoff), (5, Duration::from_millis(50)));
+
+    let errs = errors(
+        "[health]\nendpoint = \"health\"\nsuccess_threshold = 0\n[circuit_breaker]\nfailure_threshold = 0\n[retry]\njitter_factor = 2.0\nbackoff_multiplier = 0.5\n",
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml:2:12: health.endpoint: \"health\" must be a path starting with /",
+            "r.toml:3:21: health.success_threshold: must be at least 1",
+            "r.toml:5:21: circuit_breaker.failure_threshold: must be at least 1",
+            "r.toml:8:22: retry.backoff_multiplier: must be a number >= 1.0, got 0.5",
+            "r.toml:7:17: retry.jitter_factor: must be between 0 and 1, got 2",
+        ]
+    );
+}
+
+#[test]
+fn sgl_router_fault_flags_override_the_file() {
+    let flags = Flags {
+        retry_max_retries: Some(1),
+        retry_initial_backoff_ms: Some(20),
+        disable_circuit_breaker: true,
+        cb_failure_threshold: Some(9),
+        health_check_interval_secs: Some(7),
+        health_check_endpoint: Some("/ping".into()),
+        worker_startup_check_interval: Some(1),
+        stream_idle_timeout_secs: Some(9),
+        ..Default::default()
+    };
+    let c = build("[retry]\nmax_retries = 4\n[circuit_breaker]\nenabled = true\n", &flags).unwrap();
+    assert_eq!((c.retry.max_retries, c.retry.initial_backoff), (1, Duration::from_millis(20)));
+    assert!(!c.circuit_breaker.enabled);
+    assert_eq!(c.circuit_breaker.failure_threshold, 9);
+    assert_eq!((c.health.interval, c.health.endpoint.as_str()), (Duration::from_secs(7), "/ping"));
+    assert_eq!(c.health.startup_check_interval, Duration::from_secs(1));
+    assert_eq!(c.server.stream_idle_timeout, Duration::from_secs(9));
+    let zero = Flags { retry_max_backoff_ms: Some(0), ..Default::default() };
+    let errs: Vec<String> =
+        build("", &zero).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        vec!["flag --retry-max-backoff-ms: retry.max_backoff: must be longer than zero"]
+    );
+}
