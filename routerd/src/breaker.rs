@@ -61,16 +61,18 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// An open circuit whose timeout has passed (or whose worker passed a health check)
+    /// lets trial requests through: it is half-open.
     pub fn state(&self) -> Circuit {
-        Circuit::from_u8(self.state.load(Relaxed))
+        match Circuit::from_u8(self.state.load(Relaxed)) {
+            Circuit::Open if now_ms() >= self.retry_at_ms.load(Relaxed) => Circuit::HalfOpen,
+            c => c,
+        }
     }
 
     /// Whether a request may go to the worker now.
     pub fn allows(&self) -> bool {
-        match self.state() {
-            Circuit::Closed | Circuit::HalfOpen => true,
-            Circuit::Open => now_ms() >= self.retry_at_ms.load(Relaxed),
-        }
+        self.state() != Circuit::Open
     }
 
     fn set(&self, c: Circuit) {
@@ -131,11 +133,12 @@ impl Breaker {
         }
     }
 
-    /// Back to closed (the worker was re-registered or the breaker disabled).
-    pub fn reset(&self) {
-        *self.streak.lock().unwrap_or_else(|p| p.into_inner()) = Streak::default();
-        self.failing.store(0, Relaxed);
-        self.set(Circuit::Closed);
+    /// An active health check passed: an open circuit lets trial requests through now rather
+    /// than at the end of its timeout, so a worker that came back recovers within one check.
+    pub fn probe_passed(&self) {
+        if self.state() == Circuit::Open {
+            self.retry_at_ms.store(now_ms(), Relaxed);
+        }
     }
 }
 

@@ -97,6 +97,7 @@ async fn probe(app: Arc<App>, w: Arc<Worker>, cfg: HealthConfig) {
     let healthy = w.healthy.load(Relaxed);
     match outcome {
         Ok(()) => {
+            w.breaker.probe_passed();
             t.passed += 1;
             t.failed = 0;
             if !healthy && (t.passed >= cfg.success_threshold || !t.ever_passed) {

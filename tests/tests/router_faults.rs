@@ -51,6 +51,8 @@ async fn always_500_opens_the_circuit_and_clients_never_see_it() {
     let bad = sim(|a| a.faults.error_rate = 1.0).await;
     let mut c = config("round_robin", urls(&[&good, &bad]));
     c.circuit_breaker.timeout = Duration::from_secs(60);
+    // A passing health check lets trial requests through an open circuit: none in this test.
+    c.health.interval = Duration::from_secs(60);
     let r = router(c).await;
     for i in 0..20 {
         let (status, _) = post_json(format!("{}/generate", r.url()), &small()).await;

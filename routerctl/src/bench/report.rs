@@ -19,6 +19,9 @@ pub struct Report {
     pub requests: usize,
     pub ok: usize,
     pub failed: usize,
+    /// Failed after the first token arrived (a stream cut by a worker failure), as opposed to
+    /// failing before anything was streamed.
+    pub failed_mid_stream: usize,
     pub seconds: f64,
     pub requests_per_sec: f64,
     pub output_tokens_per_sec: f64,
@@ -85,6 +88,7 @@ impl Report {
             requests: samples.len(),
             ok: ok.len(),
             failed: samples.len() - ok.len(),
+            failed_mid_stream: samples.iter().filter(|s| !s.ok && s.ttft.is_some()).count(),
             seconds,
             requests_per_sec: ok.len() as f64 / seconds.max(1e-9),
             output_tokens_per_sec: tokens as f64 / seconds.max(1e-9),
@@ -109,7 +113,10 @@ impl Report {
         }
         println!("workload     {}", self.workload);
         println!("target       {}", self.target);
-        println!("requests     {} ok, {} failed in {:.2} s", self.ok, self.failed, self.seconds);
+        println!(
+            "requests     {} ok, {} failed ({} of them mid-stream) in {:.2} s",
+            self.ok, self.failed, self.failed_mid_stream, self.seconds
+        );
         println!(
             "throughput   {:.1} req/s, {:.0} output tokens/s",
             self.requests_per_sec, self.output_tokens_per_sec
