@@ -90,7 +90,14 @@ impl Breaker {
     }
 
     pub fn record_success(&self, cfg: &BreakerConfig) {
-        if !cfg.enabled || (self.state() == Circuit::Closed && self.failing.load(Relaxed) == 0) {
+        if self.state() == Circuit::Closed && self.failing.load(Relaxed) == 0 {
+            return;
+        }
+        if !cfg.enabled {
+            // Breakers were turned off (a reload): forget what this one held.
+            *self.streak.lock().unwrap_or_else(|p| p.into_inner()) = Streak::default();
+            self.failing.store(0, Relaxed);
+            self.set(Circuit::Closed);
             return;
         }
         let mut st = self.streak.lock().unwrap_or_else(|p| p.into_inner());
