@@ -56,7 +56,7 @@ pub struct WorkerView {
 
 impl WorkerView {
     pub fn new(w: &Worker, app: &App) -> Self {
-        let tree = app.policy().tree_stats(w.url());
+        let tree = app.policy_for(w.spec.role).tree_stats(w.url());
         let prompt_tokens = w.prompt_tokens.load(Relaxed);
         let cached_tokens = w.cached_tokens.load(Relaxed);
         Self {
@@ -99,11 +99,23 @@ pub struct NewWorker {
 }
 
 fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
-    let role = new.role.unwrap_or_default();
-    if role != WorkerRole::Regular {
-        return Err(RouterError::BadRequest(
-            "prefill/decode workers are not supported yet (PD routing is not built)".into(),
-        ));
+    let pd = app.live().config.pd.is_some();
+    let role = match (new.role, pd) {
+        (None, false) | (Some(WorkerRole::Regular), false) => WorkerRole::Regular,
+        (Some(r @ (WorkerRole::Prefill | WorkerRole::Decode)), true) => r,
+        (_, true) => {
+            return Err(RouterError::BadRequest(
+                "the router is in PD mode: role must be prefill or decode".into(),
+            ))
+        }
+        (Some(_), false) => {
+            return Err(RouterError::BadRequest(
+                "prefill and decode workers need PD mode (--pd-disaggregation)".into(),
+            ))
+        }
+    };
+    if new.bootstrap_port.is_some() && role != WorkerRole::Prefill {
+        return Err(RouterError::BadRequest("bootstrap_port is for prefill workers".into()));
     }
     let url = normalize_worker_url(&new.url).map_err(RouterError::BadRequest)?;
     let spec = WorkerSpec {
@@ -126,7 +138,7 @@ fn registry_error(e: RegistryError) -> RouterError {
 fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
     let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
     let removed = app.registry.remove(&url).map_err(registry_error)?;
-    app.policy().worker_removed(&url);
+    app.policy_for(removed.spec.role).worker_removed(&url);
     Ok(removed)
 }
 

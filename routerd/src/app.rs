@@ -28,15 +28,42 @@ use crate::{admin, info, poll};
 /// What a reload may change, swapped whole: requests load it once and use one consistent view.
 pub struct Live {
     pub config: Config,
+    /// The regular workers' policy.
     pub policy: Arc<dyn Policy>,
+    /// PD mode: each pool's policy (`None` in regular mode).
+    pub pools: Option<PoolPolicies>,
     pub limiter: Option<Arc<Limiter>>,
+}
+
+pub struct PoolPolicies {
+    pub prefill: Arc<dyn Policy>,
+    pub decode: Arc<dyn Policy>,
+}
+
+impl PoolPolicies {
+    pub fn build(config: &Config) -> Option<Self> {
+        config.pd.as_ref().map(|pd| Self {
+            prefill: policy::build(&config.policy.named(pd.prefill_policy)),
+            decode: policy::build(&config.policy.named(pd.decode_policy)),
+        })
+    }
 }
 
 impl Live {
     fn new(config: Config) -> Self {
         let policy = policy::build(&config.policy);
+        let pools = PoolPolicies::build(&config);
         let limiter = limiter_for(&config);
-        Self { config, policy, limiter }
+        Self { config, policy, pools, limiter }
+    }
+
+    /// The policy that routes to workers of `role`.
+    pub fn policy_for(&self, role: WorkerRole) -> &Arc<dyn Policy> {
+        match (role, &self.pools) {
+            (WorkerRole::Prefill, Some(p)) => &p.prefill,
+            (WorkerRole::Decode, Some(p)) => &p.decode,
+            _ => &self.policy,
+        }
     }
 }
 
@@ -46,19 +73,29 @@ pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {
         .map(|n| Arc::new(Limiter::new(n.get(), s.queue_size, s.queue_timeout)))
 }
 
-/// The config file's workers as registry entries.
+/// The configuration's workers (regular, or both PD pools) as registry entries.
 pub fn config_workers(config: &Config) -> Vec<WorkerSpec> {
-    config
+    let spec = |url: &str, role, bootstrap_port, api_key: &Option<String>| WorkerSpec {
+        url: url.to_owned(),
+        role,
+        bootstrap_port,
+        api_key: api_key.clone(),
+        source: WorkerSource::Config,
+    };
+    let mut out: Vec<WorkerSpec> = config
         .workers
         .iter()
-        .map(|w| WorkerSpec {
-            url: w.url.clone(),
-            role: WorkerRole::Regular,
-            bootstrap_port: None,
-            api_key: w.api_key.clone(),
-            source: WorkerSource::Config,
-        })
-        .collect()
+        .map(|w| spec(&w.url, WorkerRole::Regular, None, &w.api_key))
+        .collect();
+    if let Some(pd) = &config.pd {
+        out.extend(
+            pd.prefill
+                .iter()
+                .map(|p| spec(&p.url, WorkerRole::Prefill, p.bootstrap_port, &p.api_key)),
+        );
+        out.extend(pd.decode.iter().map(|d| spec(&d.url, WorkerRole::Decode, None, &d.api_key)));
+    }
+    out
 }
 
 pub struct App {
@@ -101,6 +138,11 @@ impl App {
 
     pub fn policy(&self) -> Arc<dyn Policy> {
         self.live.load().policy.clone()
+    }
+
+    /// The policy that routes to workers of `role` (a PD pool's, or the regular one).
+    pub fn policy_for(&self, role: WorkerRole) -> Arc<dyn Policy> {
+        self.live.load().policy_for(role).clone()
     }
 }
 

@@ -26,6 +26,8 @@ pub enum RouterError {
     MethodNotAllowed(String),
     #[error("no available workers")]
     NoWorkers,
+    #[error("no available {0} workers")]
+    NoPoolWorkers(&'static str),
     #[error("too many requests: the admission queue is full")]
     QueueFull,
     #[error("timed out waiting for an admission slot")]
@@ -51,7 +53,7 @@ impl RouterError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) | Self::UnknownWorker(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NoWorkers | Self::QueueTimeout | Self::ShuttingDown => {
+            Self::NoWorkers | Self::NoPoolWorkers(_) | Self::QueueTimeout | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
@@ -71,9 +73,11 @@ impl RouterError {
             | Self::Conflict(_)
             | Self::Protocol(..)
             | Self::UnknownWorker(_) => Fault::Client,
-            Self::NoWorkers | Self::QueueFull | Self::QueueTimeout | Self::ShuttingDown => {
-                Fault::Router
-            }
+            Self::NoWorkers
+            | Self::NoPoolWorkers(_)
+            | Self::QueueFull
+            | Self::QueueTimeout
+            | Self::ShuttingDown => Fault::Router,
             Self::WorkerFailed { .. } | Self::WorkerTimeout { .. } => Fault::Worker,
         }
     }
@@ -89,7 +93,7 @@ impl RouterError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::NoWorkers => "no_available_workers",
+            Self::NoWorkers | Self::NoPoolWorkers(_) => "no_available_workers",
             Self::QueueFull => "rate_limited",
             Self::QueueTimeout => "queue_timeout",
             Self::ShuttingDown => "shutting_down",

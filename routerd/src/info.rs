@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::error::RouterError;
 use crate::policy::{Policy, RequestInfo};
 use crate::proxy::upstream;
-use crate::registry::Worker;
+use crate::registry::{Worker, WorkerRole};
 
 const INFO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,7 +31,19 @@ pub async fn readiness(State(app): State<Arc<App>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
             .into_response();
     }
-    let n = app.registry.load().routable();
+    let snap = app.registry.load();
+    if app.live().config.pd.is_some() {
+        let (p, d) = (snap.routable_in(WorkerRole::Prefill), snap.routable_in(WorkerRole::Decode));
+        let body = json!({"status": "ready", "routable_prefill": p, "routable_decode": d});
+        if p == 0 || d == 0 {
+            let pool = if p == 0 { "prefill" } else { "decode" };
+            let reason = format!("no routable {pool} worker");
+            let body = json!({"status": "not_ready", "reason": reason, "routable_prefill": p, "routable_decode": d});
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+        return Json(body).into_response();
+    }
+    let n = snap.routable();
     if n == 0 {
         let body = json!({"status": "not_ready", "reason": "no routable worker"});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();

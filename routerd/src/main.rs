@@ -18,12 +18,17 @@ fn main() -> ExitCode {
 /// `routerd --port 1 check --config f` and `routerd check --config f --port 1` both work.
 fn merge(sub: Flags, top: Flags) -> Flags {
     macro_rules! pick {
-        (switches: $($b:ident),*; values: $($f:ident),*) => {
-            Flags { $($b: sub.$b || top.$b,)* $($f: sub.$f.or(top.$f)),* }
+                (switches: $($b:ident),*; lists: $($l:ident),*; values: $($f:ident),*) => {
+            Flags {
+                $($b: sub.$b || top.$b,)*
+                $($l: if sub.$l.is_empty() { top.$l } else { sub.$l },)*
+                $($f: sub.$f.or(top.$f)),*
+            }
         };
     }
     pick!(
-        switches: no_watch_config, disable_retries, disable_circuit_breaker;
+                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation;
+        lists: prefill, decode;
         values: config,
         host,
         port,
@@ -40,7 +45,9 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         queue_size,
         queue_timeout_secs,
         request_id_headers,
-        worker_threads,
+                worker_threads,
+        prefill_policy,
+        decode_policy,
         retry_max_retries,
         retry_initial_backoff_ms,
         retry_max_backoff_ms,

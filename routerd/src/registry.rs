@@ -195,6 +195,16 @@ impl Snapshot {
     pub fn routable(&self) -> usize {
         self.workers.iter().filter(|w| w.is_routable()).count()
     }
+
+    /// The workers of one role (a PD pool), in registration order.
+    pub fn pool(&self, role: WorkerRole) -> Vec<Arc<Worker>> {
+        self.workers.iter().filter(|w| w.spec.role == role).cloned().collect()
+    }
+
+    /// Routable workers of one role.
+    pub fn routable_in(&self, role: WorkerRole) -> usize {
+        self.workers.iter().filter(|w| w.spec.role == role && w.is_routable()).count()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -242,7 +252,7 @@ impl Registry {
 
     /// Makes the workers of `source` exactly `specs`: workers that stay keep their state (a
     /// changed API key counts as a new worker), the others are removed (requests already on
-    /// them finish), new ones are added. A URL already registered by another source is left
+    /// them finish), new ones are added (a changed role or bootstrap port counts as new too). A URL already registered by another source is left
     /// alone. Returns (added, removed) URLs.
     pub fn sync_source(
         &self,
@@ -254,8 +264,7 @@ impl Registry {
         let mut removed = Vec::new();
         let mut workers: Vec<Arc<Worker>> = Vec::with_capacity(specs.len());
         for w in &cur.workers {
-            let keep = w.spec.source != source
-                || specs.iter().any(|s| s.url == w.spec.url && s.api_key == w.spec.api_key);
+            let keep = w.spec.source != source || specs.iter().any(|s| *s == w.spec);
             if keep {
                 workers.push(w.clone());
             } else {

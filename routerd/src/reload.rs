@@ -20,9 +20,9 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::app::{config_workers, App, Live};
-use crate::config::{Config, Flags};
-use crate::policy;
+use crate::app::{config_workers, App, Live, PoolPolicies};
+use crate::config::{Config, Flags, PolicyConfig};
+use crate::policy::{self, Policy};
 use crate::registry::WorkerSource;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -130,6 +130,9 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     if old.log_level != new.log_level {
         restart.push("log_level".to_owned());
     }
+    if old.pd.is_some() != new.pd.is_some() {
+        restart.push("PD mode (on or off)".to_owned());
+    }
     if !restart.is_empty() {
         let errors = restart
             .into_iter()
@@ -141,22 +144,25 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     let (added, removed) = app.registry.sync_source(WorkerSource::Config, config_workers(&new));
     changes.extend(added.iter().map(|u| format!("worker added: {u}")));
     changes.extend(removed.iter().map(|u| format!("worker removed: {u}")));
-    let policy = if old.policy.name == new.policy.name {
-        if old.policy != new.policy {
-            live.policy.reconfigure(&new.policy);
-            changes.push(format!("policy {} reconfigured", new.policy.name.as_str()));
-        }
-        for u in &removed {
-            live.policy.worker_removed(u);
-        }
-        live.policy.clone()
-    } else {
-        changes.push(format!(
-            "policy {} -> {}",
-            old.policy.name.as_str(),
-            new.policy.name.as_str()
-        ));
-        policy::build(&new.policy)
+    let policy = carry(&live.policy, (&old.policy, &new.policy), &removed, &mut changes, "policy");
+    let pools = match (&live.pools, &old.pd, &new.pd) {
+        (Some(p), Some(o), Some(n)) => Some(PoolPolicies {
+            prefill: carry(
+                &p.prefill,
+                (&old.policy.named(o.prefill_policy), &new.policy.named(n.prefill_policy)),
+                &removed,
+                &mut changes,
+                "prefill policy",
+            ),
+            decode: carry(
+                &p.decode,
+                (&old.policy.named(o.decode_policy), &new.policy.named(n.decode_policy)),
+                &removed,
+                &mut changes,
+                "decode policy",
+            ),
+        }),
+        _ => None,
     };
     let (ol, nl) = (&old.server, &new.server);
     let limiter = if (ol.max_concurrent_requests, ol.queue_size, ol.queue_timeout)
@@ -170,8 +176,31 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     if old.server != new.server {
         changes.push("server settings".to_owned());
     }
-    app.swap_live(Live { config: new, policy, limiter });
+    app.swap_live(Live { config: new, policy, pools, limiter });
     Outcome::Applied { generation: generation + 1, changes }
+}
+
+/// The same policy object when only its parameters change (it keeps what it learned, minus
+/// removed workers), a new one when the algorithm changes.
+fn carry(
+    current: &Arc<dyn Policy>,
+    (old, new): (&PolicyConfig, &PolicyConfig),
+    removed: &[String],
+    changes: &mut Vec<String>,
+    label: &str,
+) -> Arc<dyn Policy> {
+    if old.name != new.name {
+        changes.push(format!("{label} {} -> {}", old.name.as_str(), new.name.as_str()));
+        return policy::build(new);
+    }
+    if old != new {
+        current.reconfigure(new);
+        changes.push(format!("{label} {} reconfigured", new.name.as_str()));
+    }
+    for u in removed {
+        current.worker_removed(u);
+    }
+    current.clone()
 }
 
 /// `POST /admin/reload`: 200 with the outcome, or 400 with every error when rejected.

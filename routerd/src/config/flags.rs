@@ -37,6 +37,21 @@ pub struct Flags {
     /// Worker URLs (regular mode).
     #[arg(long, num_args = 1.., value_name = "URL")]
     pub worker_urls: Option<Vec<String>>,
+    /// Prefill-decode disaggregation: every request goes to a prefill and a decode worker.
+    #[arg(long)]
+    pub pd_disaggregation: bool,
+    /// A prefill worker and its bootstrap port (or `none`); repeat for more.
+    #[arg(long, num_args = 1..=2, value_names = ["URL", "BOOTSTRAP_PORT"], action = clap::ArgAction::Append)]
+    pub prefill: Vec<String>,
+    /// A decode worker; repeat for more.
+    #[arg(long, num_args = 1.., value_name = "URL", action = clap::ArgAction::Append)]
+    pub decode: Vec<String>,
+    /// Policy for the prefill pool [default: --policy].
+    #[arg(long)]
+    pub prefill_policy: Option<String>,
+    /// Policy for the decode pool [default: --policy].
+    #[arg(long)]
+    pub decode_policy: Option<String>,
     /// Load-balancing policy: cache_aware, round_robin, random or power_of_two
     /// [default: cache_aware].
     #[arg(long)]

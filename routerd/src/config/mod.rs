@@ -22,6 +22,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub policy: PolicyConfig,
     pub workers: Vec<WorkerConfig>,
+    /// Prefill-decode mode: `Some` with its pools (possibly empty, filled at runtime).
+    pub pd: Option<PdConfig>,
     pub health: HealthConfig,
     pub circuit_breaker: BreakerConfig,
     pub retry: RetryConfig,
@@ -139,6 +141,31 @@ pub struct PolicyConfig {
     /// When set, workers' `/get_load` is polled at this interval and used by power_of_two.
     #[serde(serialize_with = "ser::opt_duration")]
     pub load_poll_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PdConfig {
+    pub prefill: Vec<PrefillConfig>,
+    pub decode: Vec<WorkerConfig>,
+    /// Each pool's policy (the same parameters as `policy`, another algorithm if asked).
+    pub prefill_policy: PolicyName,
+    pub decode_policy: PolicyName,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrefillConfig {
+    pub url: String,
+    /// Where decode workers fetch the KV cache from; `None` sends `bootstrap_port: null`.
+    pub bootstrap_port: Option<u16>,
+    #[serde(serialize_with = "ser::redacted")]
+    pub api_key: Option<String>,
+}
+
+impl PolicyConfig {
+    /// The same parameters under another algorithm (a PD pool's policy).
+    pub fn named(&self, name: PolicyName) -> PolicyConfig {
+        PolicyConfig { name, ..self.clone() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -283,21 +310,30 @@ impl Builder<'_> {
     }
 
     fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
-        for (key, value) in
-            [("prefill", &raw.prefill), ("decode", &raw.decode), ("metrics", &raw.metrics)]
-        {
-            if let Some(v) = value {
-                self.error(
-                    key,
-                    &At::span(v),
-                    "not implemented yet in this version of routerd".into(),
-                );
-            }
+        if let Some(v) = &raw.metrics {
+            self.error(
+                "metrics",
+                &At::span(v),
+                "not implemented yet in this version of routerd".into(),
+            );
+        }
+        let server = self.server(raw.server, f);
+        let pools = (raw.policy.prefill_policy.clone(), raw.policy.decode_policy.clone());
+        let policy = self.policy(raw.policy, f);
+        let pd = self.pd(raw.prefill, raw.decode, pools, &policy, f);
+        if pd.is_some() && (f.worker_urls.is_some() || !raw.workers.is_empty()) {
+            let at = match (&f.worker_urls, raw.workers.first()) {
+                (Some(_), _) => At::flag("--worker-urls"),
+                (None, Some(w)) => At::span(&w.url),
+                (None, None) => At::default(),
+            };
+            self.error("workers", &at, "PD mode routes to prefill and decode pools; regular workers are not allowed with them".into());
         }
         Config {
-            server: self.server(raw.server, f),
-            policy: self.policy(raw.policy, f),
+            server,
+            policy,
             workers: self.workers(raw.workers, f),
+            pd,
             health: self.health(raw.health, f),
             circuit_breaker: self.breaker(raw.circuit_breaker, f),
             retry: self.retry(raw.retry, f),
@@ -518,6 +554,144 @@ impl Builder<'_> {
             }
         }
         out
+    }
+
+    fn policy_name(&mut self, key: &str, (name, at): (String, At)) -> PolicyName {
+        PolicyName::parse(&name).unwrap_or_else(|| {
+            let names: Vec<&str> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
+            let msg = format!("unknown policy {name:?}; expected one of {}", names.join(", "));
+            self.error(key, &at, msg);
+            PolicyName::RoundRobin
+        })
+    }
+
+    fn pd(
+        &mut self,
+        prefill: Vec<raw::RawPrefill>,
+        decode: Vec<raw::RawWorker>,
+        (p_policy, d_policy): (Option<Spanned<String>>, Option<Spanned<String>>),
+        policy: &PolicyConfig,
+        f: &Flags,
+    ) -> Option<PdConfig> {
+        let on = f.pd_disaggregation
+            || !prefill.is_empty()
+            || !decode.is_empty()
+            || !f.prefill.is_empty()
+            || !f.decode.is_empty();
+        if !on {
+            for (flag, given) in
+                [("--prefill-policy", &f.prefill_policy), ("--decode-policy", &f.decode_policy)]
+            {
+                if given.is_some() {
+                    self.error(
+                        "policy",
+                        &At::flag(flag),
+                        "only applies in PD mode (--pd-disaggregation)".into(),
+                    );
+                }
+            }
+            return None;
+        }
+        let inherit = policy.name.as_str().to_owned();
+        let p = layered(
+            f.prefill_policy.clone(),
+            "--prefill-policy",
+            p_policy.as_ref(),
+            inherit.clone(),
+        );
+        let prefill_policy = self.policy_name("policy.prefill_policy", p);
+        let d = layered(f.decode_policy.clone(), "--decode-policy", d_policy.as_ref(), inherit);
+        let decode_policy = self.policy_name("policy.decode_policy", d);
+        let given: Vec<(String, Option<String>, Option<String>, At)> = if !f.prefill.is_empty() {
+            self.prefill_flags(&f.prefill)
+        } else {
+            prefill
+                .into_iter()
+                .map(|p| {
+                    let port = p.bootstrap_port.as_ref().map(|v| v.get_ref().to_string());
+                    (p.url.get_ref().clone(), port, p.api_key, At::span(&p.url))
+                })
+                .collect()
+        };
+        let mut seen: Vec<String> = Vec::new();
+        let mut pools =
+            PdConfig { prefill: Vec::new(), decode: Vec::new(), prefill_policy, decode_policy };
+        for (i, (url, port, api_key, at)) in given.into_iter().enumerate() {
+            let bootstrap_port = match port.as_deref() {
+                None => None,
+                Some(p) if p.eq_ignore_ascii_case("none") => None,
+                Some(p) => match p.parse::<u16>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => {
+                        let msg = format!("bootstrap port {p:?} must be a port number or `none`");
+                        self.error(&format!("prefill[{i}].bootstrap_port"), &at, msg);
+                        None
+                    }
+                },
+            };
+            if let Some(url) = self.pool_url(&format!("prefill[{i}].url"), &url, &at, &mut seen) {
+                pools.prefill.push(PrefillConfig { url, bootstrap_port, api_key });
+            }
+        }
+        let given: Vec<(String, Option<String>, At)> = if !f.decode.is_empty() {
+            f.decode.iter().map(|u| (u.clone(), None, At::flag("--decode"))).collect()
+        } else {
+            decode
+                .into_iter()
+                .map(|w| (w.url.get_ref().clone(), w.api_key, At::span(&w.url)))
+                .collect()
+        };
+        for (i, (url, api_key, at)) in given.into_iter().enumerate() {
+            if let Some(url) = self.pool_url(&format!("decode[{i}].url"), &url, &at, &mut seen) {
+                pools.decode.push(WorkerConfig { url, api_key });
+            }
+        }
+        Some(pools)
+    }
+
+    /// `--prefill URL [PORT|none]`, repeated: clap hands the values over flat; a port (digits
+    /// or `none`) belongs to the URL before it.
+    fn prefill_flags(
+        &mut self,
+        values: &[String],
+    ) -> Vec<(String, Option<String>, Option<String>, At)> {
+        let mut out: Vec<(String, Option<String>, Option<String>, At)> = Vec::new();
+        for v in values {
+            let is_port = v.eq_ignore_ascii_case("none") || v.bytes().all(|b| b.is_ascii_digit());
+            match out.last_mut() {
+                Some(last) if is_port && last.1.is_none() => last.1 = Some(v.clone()),
+                _ if is_port => {
+                    let msg = format!("bootstrap port {v:?} must follow a prefill URL");
+                    self.error("prefill", &At::flag("--prefill"), msg);
+                }
+                _ => out.push((v.clone(), None, None, At::flag("--prefill"))),
+            }
+        }
+        out
+    }
+
+    /// A normalised worker URL not seen before in either pool.
+    fn pool_url(
+        &mut self,
+        key: &str,
+        url: &str,
+        at: &At,
+        seen: &mut Vec<String>,
+    ) -> Option<String> {
+        match normalize_worker_url(url) {
+            Ok(u) if seen.contains(&u) => {
+                self.error(key, at, format!("duplicate worker {u}"));
+                None
+            }
+            Ok(u) => {
+                seen.push(u.clone());
+                Some(u)
+            }
+            Err(e) => {
+                self.error(key, at, e);
+                None
+            }
+        }
     }
 
     /// A count that must be at least 1.

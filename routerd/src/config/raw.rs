@@ -13,9 +13,9 @@ pub struct RawConfig {
     pub health: RawHealth,
     pub circuit_breaker: RawBreaker,
     pub retry: RawRetry,
+    pub prefill: Vec<RawPrefill>,
+    pub decode: Vec<RawWorker>,
     // Pinned by the contract but not built yet: present only to be refused with a clear error.
-    pub prefill: Option<Spanned<toml::Value>>,
-    pub decode: Option<Spanned<toml::Value>>,
     pub metrics: Option<Spanned<toml::Value>>,
 }
 
@@ -83,6 +83,16 @@ pub struct RawPolicy {
     pub eviction_interval: Option<Spanned<String>>,
     pub max_tree_size: Option<Spanned<u64>>,
     pub load_poll_interval: Option<Spanned<String>>,
+    pub prefill_policy: Option<Spanned<String>>,
+    pub decode_policy: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrefill {
+    pub url: Spanned<String>,
+    pub bootstrap_port: Option<Spanned<u16>>,
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -99,12 +99,95 @@ url = "http://b:1/"
 
 #[test]
 fn unbuilt_sections_are_refused_not_ignored() {
-    let e = errors(
-        "[policy]\nname = \"random\"\n[[prefill]]\nurl = \"http://p:1\"\n[metrics]\nport = 1\n",
+    let e = errors("[policy]\nname = \"random\"\n[metrics]\nport = 1\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("metrics: not implemented yet"));
+}
+
+fn cli(args: &[&str]) -> Flags {
+    use clap::Parser;
+    let mut all = vec!["routerd"];
+    all.extend_from_slice(args);
+    Cli::try_parse_from(all).expect("flags parse").flags
+}
+
+#[test]
+fn pd_pools_from_sgl_router_flags_with_policy_inheritance() {
+    let f = cli(&[
+        "--pd-disaggregation",
+        "--policy",
+        "power_of_two",
+        "--prefill",
+        "http://p1:30000",
+        "8998",
+        "--prefill",
+        "http://p2:30000",
+        "none",
+        "--prefill",
+        "http://p3:30000",
+        "--decode",
+        "http://d1:30001",
+        "--decode",
+        "http://d2:30001",
+        "--decode-policy",
+        "round_robin",
+    ]);
+    let c = Config::build(None, &f).unwrap();
+    let pd = c.pd.unwrap();
+    let prefill: Vec<_> = pd.prefill.iter().map(|p| (p.url.as_str(), p.bootstrap_port)).collect();
+    assert_eq!(
+        prefill,
+        vec![("http://p1:30000", Some(8998)), ("http://p2:30000", None), ("http://p3:30000", None)]
     );
-    assert_eq!(e.len(), 2, "{e:?}");
-    assert!(e[0].contains("prefill: not implemented yet"));
-    assert!(e[1].contains("metrics: not implemented yet"));
+    let decode: Vec<_> = pd.decode.iter().map(|d| d.url.as_str()).collect();
+    assert_eq!(decode, vec!["http://d1:30001", "http://d2:30001"]);
+    assert_eq!(pd.prefill_policy, PolicyName::PowerOfTwo, "inherits --policy");
+    assert_eq!(pd.decode_policy, PolicyName::RoundRobin);
+
+    let only_pd = Config::build(None, &cli(&["--pd-disaggregation"])).unwrap();
+    assert_eq!(
+        only_pd.pd.map(|p| (p.prefill.len(), p.prefill_policy)),
+        Some((0, PolicyName::CacheAware))
+    );
+}
+
+#[test]
+fn pd_pools_from_the_file_and_their_errors() {
+    let c = build(
+        "[policy]\nprefill_policy = \"cache_aware\"\ndecode_policy = \"random\"\n[[prefill]]\nurl = \"http://p:1\"\nbootstrap_port = 8998\n[[decode]]\nurl = \"http://d:1\"\n",
+        &Flags::default(),
+    )
+    .unwrap();
+    let pd = c.pd.unwrap();
+    assert_eq!((pd.prefill[0].bootstrap_port, pd.decode_policy), (Some(8998), PolicyName::Random));
+    let e = errors("[[workers]]\nurl = \"http://w:1\"\n[[prefill]]\nurl = \"http://p:1\"\n[[decode]]\nurl = \"http://p:1\"\n");
+    assert_eq!(
+        e,
+        vec![
+            "r.toml:6:7: decode[0].url: duplicate worker http://p:1",
+            "r.toml:2:7: workers: PD mode routes to prefill and decode pools; regular workers are not allowed with them",
+        ]
+    );
+    let f = cli(&["--prefill", "http://p:1", "99999", "--decode-policy", "fastest"]);
+    let e: Vec<String> =
+        Config::build(None, &f).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        e,
+        vec![
+            "flag --decode-policy: policy.decode_policy: unknown policy \"fastest\"; expected one of cache_aware, round_robin, random, power_of_two",
+            "flag --prefill: prefill[0].bootstrap_port: bootstrap port \"99999\" must be a port number or `none`",
+        ]
+    );
+    let e: Vec<String> = Config::build(None, &cli(&["--prefill-policy", "random"]))
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        e,
+        vec!["flag --prefill-policy: policy: only applies in PD mode (--pd-disaggregation)"]
+    );
 }
 
 #[test]

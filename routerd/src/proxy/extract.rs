@@ -44,6 +44,8 @@ pub struct Probe<'a> {
     input: Option<&'a RawValue>,
     #[serde(default)]
     pub stream: Option<bool>,
+    #[serde(borrow, default)]
+    return_logprob: Option<&'a RawValue>,
 }
 
 pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
@@ -59,6 +61,27 @@ pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
 }
 
 impl<'a> Probe<'a> {
+    /// How many prompts a batched request carries (`None`: a single prompt). Generate batches
+    /// by `text` list or `input_ids` list of lists; completions by a `prompt` list.
+    pub fn batch_size(&self, route: Route) -> Option<usize> {
+        let field = match route {
+            Route::Generate => self.text.or(self.input_ids),
+            Route::Completions => self.prompt,
+            Route::Chat | Route::Embeddings => None,
+        }?;
+        let items: Vec<&RawValue> = serde_json::from_str(field.get()).ok()?;
+        let nested =
+            items.first().is_some_and(|v| v.get().starts_with('[') || v.get().starts_with('"'));
+        let is_ids_of_one = route == Route::Generate && self.text.is_none() && !nested;
+        let is_tokens_of_one = route == Route::Completions && !nested && !items.is_empty();
+        (!is_ids_of_one && !is_tokens_of_one).then_some(items.len())
+    }
+
+    /// Whether the native request asks for logprobs (`return_logprob`, for any item).
+    pub fn wants_logprob(&self) -> bool {
+        self.return_logprob.is_some_and(|v| v.get().contains("true"))
+    }
+
     /// The prompt text a prefix-aware policy routes on: generate's `text` (or its
     /// `input_ids`), completions' `prompt`, the whole chat conversation, embeddings' `input`.
     /// Strings are decoded; other shapes (batches, token ids) route on their JSON text.

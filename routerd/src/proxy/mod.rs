@@ -3,8 +3,10 @@
 //! `/v1/embeddings`.
 
 pub mod extract;
+pub mod pd;
 pub mod pool;
 pub mod relay;
+
 pub mod retry;
 pub mod upstream;
 pub mod usage;
@@ -88,8 +90,15 @@ async fn dispatch(
         Some(l) => Some(l.acquire().await.map_err(Stop::Failed)?),
         None => None,
     };
-    let text =
-        if live.policy.needs_text() { probe.routing_text(route) } else { Default::default() };
+    let needs_text = match &live.pools {
+        Some(p) => p.prefill.needs_text() || p.decode.needs_text(),
+        None => live.policy.needs_text(),
+    };
+    let text = if needs_text { probe.routing_text(route) } else { Default::default() };
+    if let Some(pools) = &live.pools {
+        return pd::dispatch(app, live, pools, c, route, head, &body, &probe, &text, rid, keep)
+            .await;
+    }
     let cfg = &live.config;
     let retry = &cfg.retry;
     let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
@@ -104,7 +113,8 @@ async fn dispatch(
         request.clear();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
         let (connect, header) = (cfg.server.connect_timeout, cfg.server.header_timeout);
-        let outcome = relay::exchange(&worker, &request, c, connect, header, deadline).await;
+        let outcome =
+            relay::exchange(&worker, &request, Some(&mut *c), connect, header, deadline).await;
         attempt += 1;
         let may_retry = |tried: &[Arc<Worker>]| {
             attempt < attempts

@@ -1,0 +1,380 @@
+//! The prefill-decode request path. Each request goes to a prefill worker (chosen by the
+//! prefill pool's policy on the prompt: its placement decides the cache hits) and a decode
+//! worker at once, with `bootstrap_host`, `bootstrap_port` and a fresh random `bootstrap_room`
+//! (one per item of a batch) appended to the body, so both legs meet on the same room. The
+//! client gets the decode leg's answer; with `return_logprob`, the prefill leg's input-token
+//! logprobs are put in front of the decode leg's. If either leg fails, the other is cancelled
+//! at once (its connection dropped) and, before any byte reached the client, the request is
+//! tried again with a new pair and a new room.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::extract::{Probe, Route};
+use super::relay::{self, Stop};
+use super::{retry, usage, write_request};
+use crate::app::{App, Live, PoolPolicies};
+use crate::error::RouterError;
+use crate::http1::head::Head;
+use crate::http1::{respond, Conn};
+use crate::policy::RequestInfo;
+use crate::registry::{Worker, WorkerRole};
+
+/// Largest prefill answer read (it carries the prompt's logprobs at most).
+const PREFILL_LIMIT: usize = 64 << 20;
+
+/// One PD request, after admission. `text` is the routing text.
+#[allow(clippy::too_many_arguments)]
+pub async fn dispatch(
+    app: &App,
+    live: &Live,
+    pools: &PoolPolicies,
+    c: &mut Conn,
+    route: Route,
+    head: &Head,
+    body: &Bytes,
+    probe: &Probe<'_>,
+    text: &str,
+    rid: (&HeaderName, &HeaderValue),
+    keep: bool,
+) -> Result<bool, Stop> {
+    let cfg = &live.config;
+    let retry = &cfg.retry;
+    let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
+    app.retry_budget.deposit(retry);
+    let deadline = Instant::now() + cfg.server.request_timeout;
+    let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
+    let batch = probe.batch_size(route);
+    let merge = route == Route::Generate && probe.wants_logprob();
+    let mut avoid: Vec<Arc<Worker>> = Vec::new();
+    let mut attempt = 0;
+    loop {
+        let prefill = pick(app, WorkerRole::Prefill, &*pools.prefill, text, &avoid)?;
+        let decode = pick(app, WorkerRole::Decode, &*pools.decode, text, &avoid)?;
+        let (_pg, _dg) = (prefill.start_request(), decode.start_request());
+        let with_room = bootstrap(body, &prefill, batch);
+        let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
+        write_request(&mut req_p, &prefill, route.path(), &head.headers, rid, &with_room);
+        write_request(&mut req_d, &decode, route.path(), &head.headers, rid, &with_room);
+        let legs = both(app, &prefill, &decode, &req_p, &req_d, c, timeouts, deadline).await;
+        attempt += 1;
+        let (failed_leg, failure) = match legs {
+            Legs::ClientGone => return Err(Stop::Closed),
+            Legs::Ok(fetched, answer) => {
+                prefill.breaker.record_success(&cfg.circuit_breaker);
+                decode.breaker.record_success(&cfg.circuit_breaker);
+                let extra: [(&[u8], &[u8]); 3] = [
+                    (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
+                    (b"x-routerd-worker", decode.url().as_bytes()),
+                    (b"x-routerd-prefill-worker", prefill.url().as_bytes()),
+                ];
+                let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
+                let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
+                let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
+                let v = head.version;
+                let done = match prefix {
+                    Some(prefix) => {
+                        let edit = move |event: &mut Value| prepend_logprobs(event, &prefix);
+                        relay::respond_edited(answer, &decode, c, v, keep, &extra, limits, edit)
+                            .await
+                    }
+                    None => {
+                        relay::respond(answer, &decode, c, v, keep, &extra, Some(scan), limits)
+                            .await
+                    }
+                };
+                if let Some(failure) = done.worker_failure {
+                    decode.errors_total.fetch_add(1, Relaxed);
+                    decode.breaker.record_failure(&cfg.circuit_breaker);
+                    decode.set_last_error(failure);
+                }
+                return Ok(done.keep);
+            }
+            Legs::PrefillAnswered(f) if !retry::retryable_status(f.status) => {
+                // The prefill worker refused the request itself (400, 422...): the client's
+                // answer, with the decode leg already cancelled.
+                prefill.breaker.record_success(&cfg.circuit_breaker);
+                let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut resp = (status, f.body).into_response();
+                let json = HeaderValue::from_static("application/json");
+                resp.headers_mut().insert(header::CONTENT_TYPE, json);
+                resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
+                return Ok(respond::write(c, resp, head.version, keep, false).await);
+            }
+            Legs::DecodeAnswered(answer) if !retry::retryable_status(answer.head.status) => {
+                decode.breaker.record_success(&cfg.circuit_breaker);
+                let extra: [(&[u8], &[u8]); 2] = [
+                    (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
+                    (b"x-routerd-worker", decode.url().as_bytes()),
+                ];
+                let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
+                let v = head.version;
+                let done = relay::respond(answer, &decode, c, v, keep, &extra, None, limits).await;
+                return Ok(done.keep);
+            }
+            Legs::PrefillAnswered(f) => {
+                let reason = format!("prefill leg answered {}: {}", f.status, excerpt(&f.body));
+                (
+                    prefill.clone(),
+                    RouterError::WorkerFailed { worker: prefill.url().into(), reason },
+                )
+            }
+            Legs::DecodeAnswered(a) => {
+                let reason = format!("decode leg answered {}", a.head.status);
+                (decode.clone(), RouterError::WorkerFailed { worker: decode.url().into(), reason })
+            }
+            Legs::PrefillFailed(e) => (prefill.clone(), e),
+            Legs::DecodeFailed(e) => (decode.clone(), e),
+        };
+        failed_leg.errors_total.fetch_add(1, Relaxed);
+        failed_leg.breaker.record_failure(&cfg.circuit_breaker);
+        failed_leg.set_last_error(&failure);
+        let may_retry = failure.retryable()
+            && attempt < attempts
+            && Instant::now() < deadline
+            && app.retry_budget.withdraw(retry);
+        if !may_retry {
+            return Err(Stop::Failed(failure));
+        }
+        tracing::debug!(worker = failed_leg.url(), error = %failure, attempt, "PD retry with a new pair");
+        failed_leg.retries_total.fetch_add(1, Relaxed);
+        app.retries_total.fetch_add(1, Relaxed);
+        avoid.push(failed_leg);
+        tokio::select! {
+            _ = tokio::time::sleep(retry::backoff(retry, attempt)) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+}
+
+/// The pool policy's choice among the workers of `role` not to avoid; when none is routable,
+/// among all of them; 503 naming the pool when it is empty.
+fn pick(
+    app: &App,
+    role: WorkerRole,
+    policy: &dyn crate::policy::Policy,
+    text: &str,
+    avoid: &[Arc<Worker>],
+) -> Result<Arc<Worker>, Stop> {
+    let name = if role == WorkerRole::Prefill { "prefill" } else { "decode" };
+    let pool = app.registry.load().pool(role);
+    let fresh: Vec<Arc<Worker>> =
+        pool.iter().filter(|w| !avoid.iter().any(|a| Arc::ptr_eq(a, w))).cloned().collect();
+    // Every worker of the pool failed this request already: try them again rather than fail.
+    let candidates = if fresh.is_empty() { &pool } else { &fresh };
+    let strict = RequestInfo { text, ignore_health: false };
+    let idx = policy
+        .select(candidates, &strict)
+        .or_else(|| policy.select(candidates, &RequestInfo { text, ignore_health: true }))
+        .ok_or(Stop::Failed(RouterError::NoPoolWorkers(name)))?;
+    Ok(candidates[idx].clone())
+}
+
+enum Legs {
+    Ok(relay::Fetched, relay::Answer),
+    PrefillFailed(RouterError),
+    DecodeFailed(RouterError),
+    PrefillAnswered(relay::Fetched),
+    DecodeAnswered(relay::Answer),
+    ClientGone,
+}
+
+/// Runs both legs at once. The first failure wins and drops the other leg (which cancels it on
+/// its worker); success needs the prefill leg's whole answer and the decode leg's head.
+#[allow(clippy::too_many_arguments)]
+async fn both(
+    _app: &App,
+    prefill: &Worker,
+    decode: &Worker,
+    req_p: &[u8],
+    req_d: &[u8],
+    c: &mut Conn,
+    timeouts: (std::time::Duration, std::time::Duration),
+    deadline: Instant,
+) -> Legs {
+    let p = relay::fetch(prefill, req_p, timeouts, deadline, PREFILL_LIMIT);
+    let d = relay::exchange(decode, req_d, Some(c), timeouts.0, timeouts.1, deadline);
+    tokio::pin!(p, d);
+    let (mut p_done, mut d_done) = (None, None);
+    loop {
+        tokio::select! {
+            r = &mut p, if p_done.is_none() => match r {
+                Ok(f) if f.status < 400 => p_done = Some(f),
+                Ok(f) => return Legs::PrefillAnswered(f),
+                Err(e) => return Legs::PrefillFailed(e),
+            },
+            r = &mut d, if d_done.is_none() => match r {
+                Ok(a) if a.head.status < 400 => d_done = Some(a),
+                Ok(a) => return Legs::DecodeAnswered(a),
+                Err(Stop::Closed) => return Legs::ClientGone,
+                Err(Stop::Failed(e)) => return Legs::DecodeFailed(e),
+            },
+        }
+        if p_done.is_some() && d_done.is_some() {
+            let (Some(f), Some(a)) = (p_done.take(), d_done.take()) else { unreachable!() };
+            return Legs::Ok(f, a);
+        }
+    }
+}
+
+/// The body with the bootstrap fields appended (last keys win in JSON decoders, so a client's
+/// own bootstrap fields cannot override them). One fresh room per item of a batch.
+fn bootstrap(body: &[u8], prefill: &Worker, batch: Option<usize>) -> Vec<u8> {
+    let host = prefill.authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = prefill.spec.bootstrap_port;
+    let room = || rand::random::<u64>() & (i64::MAX as u64);
+    let (h, p, r) = match batch {
+        None => (Value::from(host), Value::from(port), Value::from(room())),
+        Some(n) => (
+            Value::from(vec![host; n]),
+            Value::from(vec![port; n]),
+            Value::from((0..n).map(|_| room()).collect::<Vec<_>>()),
+        ),
+    };
+    let end = body.iter().rposition(|b| *b == b'}').unwrap_or(body.len());
+    let before = &body[..end];
+    let empty =
+        before.iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| before[i]) == Some(b'{');
+    let mut out = Vec::with_capacity(body.len() + 128);
+    out.extend_from_slice(before);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(
+        format!(r#""bootstrap_host":{h},"bootstrap_port":{p},"bootstrap_room":{r}}}"#).as_bytes(),
+    );
+    out
+}
+
+/// A prefill answer's input-token logprobs: one list, or one per item of a batch.
+#[derive(Debug, Clone, PartialEq)]
+enum Prefix {
+    One(Vec<Value>),
+    Batch(Vec<Option<Vec<Value>>>),
+}
+
+fn logprobs_of(v: &Value) -> Option<Vec<Value>> {
+    v.pointer("/meta_info/input_token_logprobs").and_then(Value::as_array).cloned()
+}
+
+/// The prefill answer's `meta_info.input_token_logprobs`, from a JSON answer or the last
+/// event of a stream that carries them.
+fn prefill_logprobs(body: &[u8]) -> Option<Prefix> {
+    let of = |v: &Value| match v {
+        Value::Array(items) => Some(Prefix::Batch(items.iter().map(logprobs_of).collect())),
+        v => logprobs_of(v).map(Prefix::One),
+    };
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return of(&v);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .filter_map(|v| of(&v))
+        .last()
+}
+
+/// Puts the prefill leg's input-token logprobs in front of the decode leg's, in one answer or
+/// one stream event (a batch item by item: by position in answers, by `index` in events).
+fn prepend_logprobs(event: &mut Value, prefix: &Prefix) {
+    fn one(item: &mut Value, pre: &[Value]) {
+        let Some(meta) = item.get_mut("meta_info").and_then(Value::as_object_mut) else { return };
+        let mut merged = pre.to_vec();
+        if let Some(Value::Array(own)) = meta.get("input_token_logprobs") {
+            merged.extend(own.iter().cloned());
+        }
+        meta.insert("input_token_logprobs".into(), Value::Array(merged));
+    }
+    match (event, prefix) {
+        (event, Prefix::One(pre)) => one(event, pre),
+        (Value::Array(items), Prefix::Batch(pre)) => {
+            for (item, p) in items.iter_mut().zip(pre) {
+                if let Some(p) = p {
+                    one(item, p);
+                }
+            }
+        }
+        (event, Prefix::Batch(pre)) => {
+            let i = event.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if let Some(Some(p)) = pre.get(i) {
+                one(event, p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{WorkerSource, WorkerSpec};
+    use serde_json::json;
+
+    fn prefill(port: Option<u16>) -> Worker {
+        Worker::new(WorkerSpec {
+            url: "http://10.0.0.9:30000".into(),
+            role: WorkerRole::Prefill,
+            bootstrap_port: port,
+            api_key: None,
+            source: WorkerSource::Config,
+        })
+    }
+
+    #[test]
+    fn bootstrap_fields_are_appended_single_and_batched() {
+        let one: Value =
+            serde_json::from_slice(&bootstrap(br#"{"text": "hi"} "#, &prefill(Some(8998)), None))
+                .unwrap();
+        assert_eq!(
+            (one["bootstrap_host"].as_str(), one["bootstrap_port"].as_u64()),
+            (Some("10.0.0.9"), Some(8998))
+        );
+        assert!(one["bootstrap_room"].as_u64().unwrap() <= i64::MAX as u64);
+        assert_eq!(one["text"], "hi");
+        let many: Value =
+            serde_json::from_slice(&bootstrap(br#"{"text": ["a", "b"]}"#, &prefill(None), Some(2)))
+                .unwrap();
+        assert_eq!(many["bootstrap_port"], json!([null, null]));
+        let rooms = many["bootstrap_room"].as_array().unwrap();
+        assert_eq!(rooms.len(), 2);
+        assert_ne!(rooms[0], rooms[1], "one room per item");
+        let empty: Value =
+            serde_json::from_slice(&bootstrap(b"{ }", &prefill(None), None)).unwrap();
+        assert!(empty["bootstrap_room"].is_u64());
+        let theirs = br#"{"text": "x", "bootstrap_room": 1}"#;
+        let v: Value = serde_json::from_slice(&bootstrap(theirs, &prefill(None), None)).unwrap();
+        assert_ne!(v["bootstrap_room"], 1, "ours come last and win");
+    }
+
+    #[test]
+    fn logprobs_merge_in_answers_batches_and_streams() {
+        let p = br#"{"meta_info": {"input_token_logprobs": [[-1.0, 1, null], [-2.0, 2, null]]}}"#;
+        let prefix = prefill_logprobs(p).unwrap();
+        let mut d = json!({"meta_info": {"input_token_logprobs": [], "completion_tokens": 3}});
+        prepend_logprobs(&mut d, &prefix);
+        assert_eq!(d["meta_info"]["input_token_logprobs"].as_array().unwrap().len(), 2);
+
+        let pb = br#"[{"meta_info": {"input_token_logprobs": [[-1.0, 1, null]]}}, {"meta_info": {"input_token_logprobs": [[-3.0, 3, null], [-4.0, 4, null]]}}]"#;
+        let prefix = prefill_logprobs(pb).unwrap();
+        let mut db = json!([{"meta_info": {}}, {"meta_info": {"input_token_logprobs": []}}]);
+        prepend_logprobs(&mut db, &prefix);
+        assert_eq!(db[0]["meta_info"]["input_token_logprobs"].as_array().unwrap().len(), 1);
+        assert_eq!(db[1]["meta_info"]["input_token_logprobs"].as_array().unwrap().len(), 2);
+        let mut event = json!({"index": 1, "meta_info": {"input_token_logprobs": []}});
+        prepend_logprobs(&mut event, &prefix);
+        assert_eq!(event["meta_info"]["input_token_logprobs"].as_array().unwrap().len(), 2);
+
+        let stream = b"data: {\"meta_info\": {\"input_token_logprobs\": [[-5.0, 5, null]]}}\n\ndata: [DONE]\n\n";
+        assert_eq!(prefill_logprobs(stream), Some(Prefix::One(vec![json!([-5.0, 5, null])])));
+    }
+}
