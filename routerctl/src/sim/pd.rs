@@ -63,14 +63,29 @@ impl Rooms {
     }
 
     /// Prefill leg: wait for the decode leg to arrive in `id`.
+    /// A prefill leg whose client goes away (the router cancelled it) leaves its room at once,
+    /// as an engine aborting the request would.
     pub async fn await_decode(&self, id: u64, timeout: Duration) -> Result<(), SimError> {
+        struct Leave<'a> {
+            rooms: &'a Rooms,
+            id: u64,
+            armed: bool,
+        }
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                if self.armed {
+                    self.rooms.remove(self.id);
+                }
+            }
+        }
         let room = self.get_or_create(id, timeout);
+        let mut leave = Leave { rooms: self, id, armed: true };
         let mut rx = room.decode_arrived.subscribe();
         let arrived = matches!(tokio::time::timeout(timeout, rx.wait_for(|a| *a)).await, Ok(Ok(_)));
         if arrived {
+            leave.armed = false;
             Ok(())
         } else {
-            self.remove(id);
             Err(SimError::bootstrap_timeout(id, timeout))
         }
     }

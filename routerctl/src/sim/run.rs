@@ -156,6 +156,15 @@ async fn start_item(state: &SimState, item: &Item) -> Result<ItemRun, SimError> 
     };
     let mut handoff = None;
     if let Some(b) = boot {
+        // Counted while this leg waits for the other; a cancelled leg stops waiting at once.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        state.counters.bootstrap_waiting.fetch_add(1, Relaxed);
+        let waiting = Waiting(&state.counters.bootstrap_waiting);
         match role {
             Role::Prefill => {
                 if let Err(e) = state.rooms.await_decode(b.room, timeout).await {
@@ -178,6 +187,7 @@ async fn start_item(state: &SimState, item: &Item) -> Result<ItemRun, SimError> 
             }
             Role::Regular => unreachable!("regular workers ignore bootstrap fields"),
         }
+        drop(waiting);
     }
     let seed = prompt_seed(&item.tokens);
     let mut events = state.engine.submit(job);

@@ -40,6 +40,8 @@ pub struct ServerCounters {
     pub health_checks: AtomicU64,
     pub health_checks_with_key: AtomicU64,
     pub bootstrap_timeouts: AtomicU64,
+    /// PD legs waiting for their other leg right now (a gauge).
+    pub bootstrap_waiting: AtomicU64,
     pub flushes: AtomicU64,
     pub by_route: [AtomicU64; 4],
 }
@@ -170,7 +172,8 @@ impl SimState {
             "unauthorized": c.unauthorized.load(Relaxed),
             "health_checks": c.health_checks.load(Relaxed),
             "health_checks_with_key": c.health_checks_with_key.load(Relaxed),
-            "bootstrap_timeouts": c.bootstrap_timeouts.load(Relaxed),
+                        "bootstrap_timeouts": c.bootstrap_timeouts.load(Relaxed),
+            "bootstrap_waiting": c.bootstrap_waiting.load(Relaxed),
             "open_rooms": self.rooms.open(),
             "flushes": c.flushes.load(Relaxed),
             "dp_rank_requests": self.dp_rank_requests.iter().map(|n| n.load(Relaxed)).collect::<Vec<_>>(),

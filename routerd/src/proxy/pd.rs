@@ -64,7 +64,7 @@ pub async fn dispatch(
         write_request(&mut req_d, &decode, route.path(), &head.headers, rid, &with_room);
         let legs = both(app, &prefill, &decode, &req_p, &req_d, c, timeouts, deadline).await;
         attempt += 1;
-        let (failed_leg, failure) = match legs {
+        let (failed_leg, failure, answered) = match legs {
             Legs::ClientGone => return Err(Stop::Closed),
             Legs::Ok(fetched, answer) => {
                 prefill.breaker.record_success(&cfg.circuit_breaker);
@@ -100,12 +100,7 @@ pub async fn dispatch(
                 // The prefill worker refused the request itself (400, 422...): the client's
                 // answer, with the decode leg already cancelled.
                 prefill.breaker.record_success(&cfg.circuit_breaker);
-                let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                let mut resp = (status, f.body).into_response();
-                let json = HeaderValue::from_static("application/json");
-                resp.headers_mut().insert(header::CONTENT_TYPE, json);
-                resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
-                return Ok(respond::write(c, resp, head.version, keep, false).await);
+                return Ok(relay_fetched(c, f, head, rid, keep).await);
             }
             Legs::DecodeAnswered(answer) if !retry::retryable_status(answer.head.status) => {
                 decode.breaker.record_success(&cfg.circuit_breaker);
@@ -120,17 +115,16 @@ pub async fn dispatch(
             }
             Legs::PrefillAnswered(f) => {
                 let reason = format!("prefill leg answered {}: {}", f.status, excerpt(&f.body));
-                (
-                    prefill.clone(),
-                    RouterError::WorkerFailed { worker: prefill.url().into(), reason },
-                )
+                let e = RouterError::WorkerFailed { worker: prefill.url().into(), reason };
+                (prefill.clone(), e, Some(Answered::Prefill(f)))
             }
             Legs::DecodeAnswered(a) => {
                 let reason = format!("decode leg answered {}", a.head.status);
-                (decode.clone(), RouterError::WorkerFailed { worker: decode.url().into(), reason })
+                let e = RouterError::WorkerFailed { worker: decode.url().into(), reason };
+                (decode.clone(), e, Some(Answered::Decode(a)))
             }
-            Legs::PrefillFailed(e) => (prefill.clone(), e),
-            Legs::DecodeFailed(e) => (decode.clone(), e),
+            Legs::PrefillFailed(e) => (prefill.clone(), e, None),
+            Legs::DecodeFailed(e) => (decode.clone(), e, None),
         };
         failed_leg.errors_total.fetch_add(1, Relaxed);
         failed_leg.breaker.record_failure(&cfg.circuit_breaker);
@@ -140,7 +134,21 @@ pub async fn dispatch(
             && Instant::now() < deadline
             && app.retry_budget.withdraw(retry);
         if !may_retry {
-            return Err(Stop::Failed(failure));
+            // The worker's own answer when it sent one (as on the regular path), else ours.
+            return match answered {
+                Some(Answered::Prefill(f)) => Ok(relay_fetched(c, f, head, rid, keep).await),
+                Some(Answered::Decode(a)) => {
+                    let extra: [(&[u8], &[u8]); 2] = [
+                        (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
+                        (b"x-routerd-worker", decode.url().as_bytes()),
+                    ];
+                    let limits =
+                        relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
+                    let v = head.version;
+                    Ok(relay::respond(a, &decode, c, v, keep, &extra, None, limits).await.keep)
+                }
+                None => Err(Stop::Failed(failure)),
+            };
         }
         tracing::debug!(worker = failed_leg.url(), error = %failure, attempt, "PD retry with a new pair");
         failed_leg.retries_total.fetch_add(1, Relaxed);
@@ -151,6 +159,26 @@ pub async fn dispatch(
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+enum Answered {
+    Prefill(relay::Fetched),
+    Decode(relay::Answer),
+}
+
+/// A prefill leg's answer (read whole) as the client's response.
+async fn relay_fetched(
+    c: &mut Conn,
+    f: relay::Fetched,
+    head: &Head,
+    rid: (&HeaderName, &HeaderValue),
+    keep: bool,
+) -> bool {
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = (status, f.body).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
+    respond::write(c, resp, head.version, keep, false).await
 }
 
 fn excerpt(body: &[u8]) -> String {
