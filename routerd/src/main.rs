@@ -91,11 +91,17 @@ fn check(flags: &Flags) -> ExitCode {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "flags".into());
-            println!(
-                "{file}: configuration is valid ({} workers, policy {})",
-                c.workers.len(),
-                c.policy.name.as_str()
-            );
+                        let workers = match &c.pd {
+                None => format!("{} workers, policy {}", c.workers.len(), c.policy.name.as_str()),
+                Some(pd) => format!(
+                    "PD: {} prefill workers, policy {}; {} decode workers, policy {}",
+                    pd.prefill.len(),
+                    pd.prefill_policy.as_str(),
+                    pd.decode.len(),
+                    pd.decode_policy.as_str()
+                ),
+            };
+            println!("{file}: configuration is valid ({workers})");
             ExitCode::SUCCESS
         }
         Err(code) => code,
