@@ -91,7 +91,7 @@ fn check(flags: &Flags) -> ExitCode {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "flags".into());
-                        let workers = match &c.pd {
+            let workers = match &c.pd {
                 None => format!("{} workers, policy {}", c.workers.len(), c.policy.name.as_str()),
                 Some(pd) => format!(
                     "PD: {} prefill workers, policy {}; {} decode workers, policy {}",

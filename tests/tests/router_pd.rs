@@ -254,3 +254,49 @@ async fn cache_aware_prefill_placement_follows_the_conversation() {
     }
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn pd_pools_reload_live_but_the_mode_needs_a_restart() {
+    let (p, d1, d2) = (prefill(|_| {}).await, decode(|_| {}).await, decode(|_| {}).await);
+    let port = p.bootstrap_addr.unwrap().port();
+    let pd_toml = |decodes: &[&SimWorker], decode_policy: &str| {
+        let mut s = format!(
+            "[policy]\nname = \"round_robin\"\ndecode_policy = \"{decode_policy}\"\n[[prefill]]\nurl = \"{}\"\nbootstrap_port = {port}\n",
+            p.url()
+        );
+        for d in decodes {
+            s.push_str(&format!("[[decode]]\nurl = \"{}\"\n", d.url()));
+        }
+        s
+    };
+    let dir = routerd_e2e::ConfigDir::new("pd-reload");
+    dir.write(&pd_toml(&[&d1], "round_robin"));
+    let flags = routerd::config::Flags { no_watch_config: true, ..Default::default() };
+    let r = dir.start(&dir.file, flags).await;
+    let reload = || async {
+        let resp = client().post(format!("{}/admin/reload", r.url())).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+    dir.write(&pd_toml(&[&d1, &d2], "power_of_two"));
+    let (s, out) = reload().await;
+    assert_eq!(s, 200, "{out}");
+    let changes = out["changes"].to_string();
+    assert!(
+        changes.contains("worker added")
+            && changes.contains("decode policy round_robin -> power_of_two"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        assert_eq!(post_json(format!("{}/generate", r.url()), &json!({"text": "x"})).await.0, 200);
+    }
+    assert!(requests(&d2).await >= 1, "the new decode worker takes requests");
+
+    dir.write(&format!("[[workers]]\nurl = \"{}\"\n", d1.url()));
+    let (s, out) = reload().await;
+    assert_eq!(s, 400);
+    assert!(out["errors"].to_string().contains("PD mode"), "{out}");
+    r.shutdown().await;
+    for w in [p, d1, d2] {
+        w.shutdown().await;
+    }
+}
