@@ -108,7 +108,8 @@ pub struct App {
     /// Spreads informational requests (`/get_model_info` and the like) over the workers.
     pub info_spread: policy::RoundRobin,
     pub retry_budget: crate::proxy::retry::Budget,
-    pub retries_total: std::sync::atomic::AtomicU64,
+    pub metrics: crate::metrics::Metrics,
+    pub decisions: crate::decisions::DecisionLog,
 }
 
 impl App {
@@ -123,7 +124,8 @@ impl App {
             reloader: Reloader::new(flags),
             info_spread: Default::default(),
             retry_budget: Default::default(),
-            retries_total: Default::default(),
+            metrics: Default::default(),
+            decisions: Default::default(),
         }
     }
 
@@ -165,6 +167,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/workers/{url}", delete(admin::delete_worker))
         .route("/admin/config", get(crate::reload::admin_config))
         .route("/admin/reload", post(crate::reload::admin_reload))
+        .route("/admin/decisions", get(crate::decisions::admin_decisions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -239,6 +242,28 @@ impl Running {
     /// A token that starts `shutdown` when cancelled, for signal handlers.
     pub fn drain_token(&self) -> CancellationToken {
         self.stop.drain.clone()
+    }
+
+    /// Serves Prometheus metrics (`GET /metrics`) on `listener` until shutdown.
+    pub fn serve_metrics(&self, listener: TcpListener) {
+        let router = Router::new()
+            .route("/metrics", get(crate::metrics::serve_metrics))
+            .fallback(not_found)
+            .with_state(self.app.clone());
+        let stop = Stop::new(std::time::Duration::ZERO);
+        let cancel = self.cancel.clone();
+        let drain = stop.drain.clone();
+        self.tasks.spawn(async move {
+            let serving = crate::serve::serve(listener, router, stop);
+            tokio::pin!(serving);
+            tokio::select! {
+                _ = &mut serving => {}
+                _ = cancel.cancelled() => {
+                    drain.cancel();
+                    serving.await;
+                }
+            }
+        });
     }
 
     pub async fn wait_drain_requested(&self) {

@@ -8,11 +8,15 @@ pub mod admin;
 pub mod app;
 pub mod breaker;
 pub mod config;
+pub mod decisions;
+
 pub mod error;
 pub mod health;
 pub mod http1;
 pub mod info;
 pub mod limits;
+pub mod metrics;
+
 pub mod policy;
 pub mod poll;
 pub mod proxy;

@@ -46,8 +46,13 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         queue_timeout_secs,
         request_id_headers,
                 worker_threads,
-        prefill_policy,
+                prefill_policy,
         decode_policy,
+        prometheus_host,
+        prometheus_port,
+        cors_allowed_origins,
+        log_format,
+        log_dir,
         retry_max_retries,
         retry_initial_backoff_ms,
         retry_max_backoff_ms,
@@ -113,14 +118,26 @@ fn serve(flags: Flags) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
+    // Logs go to stderr, or to daily-rotated files; a background thread writes them so a slow
+    // disk never stalls a request. The guard flushes what is left at exit.
+    let (writer, _flush_at_exit) = match &config.log_dir {
+        Some(dir) => {
+            tracing_appender::non_blocking(tracing_appender::rolling::daily(dir, "routerd.log"))
+        }
+        None => tracing_appender::non_blocking(std::io::stderr()),
+    };
+    let ansi = config.log_dir.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
             "routerd={0},warn",
             config.log_level
         )))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match config.log_format {
+        routerd::config::LogFormat::Json => logs.json().flatten_event(true).init(),
+        routerd::config::LogFormat::Text => logs.init(),
+    }
     let mut builder = match config.server.worker_threads.map(|n| n.get()) {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
@@ -139,6 +156,8 @@ fn serve(flags: Flags) -> ExitCode {
     };
     runtime.block_on(async move {
         let addr = (config.server.host.clone(), config.server.port);
+        let metrics = config.metrics.clone();
+        let mut metrics_url = None;
         let listener = match tokio::net::TcpListener::bind(&addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -153,6 +172,19 @@ fn serve(flags: Flags) -> ExitCode {
                 return ExitCode::from(3);
             }
         };
+        if let Some(m) = metrics {
+            match tokio::net::TcpListener::bind((m.host.as_str(), m.port)).await {
+                Ok(l) => {
+                    metrics_url = l.local_addr().ok().map(|a| format!("http://{a}/metrics"));
+                    running.serve_metrics(l);
+                }
+                Err(e) => {
+                    eprintln!("routerd: cannot listen for metrics on {}:{}: {e}", m.host, m.port);
+                    running.shutdown().await;
+                    return ExitCode::from(3);
+                }
+            }
+        }
         let a = &running.app;
         tracing::info!(
             url = %running.url(),
@@ -178,7 +210,13 @@ fn serve(flags: Flags) -> ExitCode {
                 let _ = tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await;
             }
         });
-        println!("routerd listening on {}", running.url());
+        // One write, errors ignored: a supervisor that reads only the first line and closes
+        // the pipe must not make the router fail later.
+        let mut out = format!("routerd listening on {}\n", running.url());
+        if let Some(u) = metrics_url {
+            out.push_str(&format!("routerd metrics on {u}\n"));
+        }
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
         let (mut term, mut int) = (signals.term, signals.int);
         tokio::select! {
             _ = term.recv() => {}

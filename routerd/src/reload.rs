@@ -90,6 +90,11 @@ pub fn reload(app: &App) -> Outcome {
             Ok(new) => apply(app, new, generation),
         },
     };
+    app.metrics.reload(match &outcome {
+        Outcome::Applied { .. } => "applied",
+        Outcome::Unchanged { .. } => "unchanged",
+        Outcome::Rejected { .. } => "rejected",
+    });
     match &outcome {
         Outcome::Applied { generation, changes } => {
             r.generation.store(*generation, Relaxed);
@@ -129,6 +134,12 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     }
     if old.log_level != new.log_level {
         restart.push("log_level".to_owned());
+    }
+    if old.metrics != new.metrics {
+        restart.push("metrics (the listener)".to_owned());
+    }
+    if (old.log_format, &old.log_dir) != (new.log_format, &new.log_dir) {
+        restart.push("log_format/log_dir".to_owned());
     }
     if old.pd.is_some() != new.pd.is_some() {
         restart.push("PD mode (on or off)".to_owned());

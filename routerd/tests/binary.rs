@@ -37,8 +37,14 @@ fn rand_suffix() -> u64 {
 /// Starts routerd with `args` (which must include `--port 0`); returns it and its URL from the
 /// startup line.
 fn spawn_routerd(args: &[&str]) -> (Proc, String) {
-    let mut child =
-        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // Tests run side by side: each router's metrics listener takes any free port.
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--prometheus-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_owned();
@@ -161,4 +167,89 @@ fn sighup_reloads_the_config_file() {
     assert_eq!(cfg["generation"], 2);
     drop(p);
     std::fs::remove_dir_all(d).ok();
+}
+
+/// The JSON access log lines routerd wrote, once one for `request_id` shows up.
+fn access_lines(read: impl Fn() -> String, request_id: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<serde_json::Value> = read()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.iter().any(|l| l["request_id"] == request_id) {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "no access line for {request_id}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn json_logs_to_stderr_and_to_daily_files() {
+    let dir = std::env::temp_dir().join(format!("routerd-logs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = dir.join("stderr.log");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spawn = |extra: &[&str]| {
+        let mut child = Command::new(BIN)
+            .args(["--port", "0", "--prometheus-port", "0", "--log-format", "json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        (Proc(child), line.trim().rsplit(' ').next().unwrap().to_owned())
+    };
+    let call = |url: &str, id: &str| {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{url}/generate"))
+            .header("x-request-id", id)
+            .body(r#"{"text": "secret prompt"}"#)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 503, "no workers");
+    };
+
+    let (mut p, url) = spawn(&[]);
+    call(&url, "req-to-stderr");
+    let lines = access_lines(|| std::fs::read_to_string(&err).unwrap_or_default(), "req-to-stderr");
+    let access = lines.iter().find(|l| l["request_id"] == "req-to-stderr").unwrap();
+    assert_eq!(access["target"], "routerd::access");
+    assert_eq!(
+        (access["route"].as_str(), access["status"].as_u64()),
+        (Some("/generate"), Some(503))
+    );
+    assert_eq!(access["worker"], "-");
+    assert!(access["latency_ms"].as_f64().is_some());
+    assert!(
+        !std::fs::read_to_string(&err).unwrap().contains("secret prompt"),
+        "prompts are never logged"
+    );
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    let code = wait_exit(&mut p, Duration::from_secs(5));
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(&err).unwrap());
+
+    let logs = dir.join("files");
+    let (mut p, url) = spawn(&["--log-dir", logs.to_str().unwrap()]);
+    call(&url, "req-to-file");
+    let read_files = || {
+        std::fs::read_dir(&logs)
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()).collect::<String>()
+            })
+            .unwrap_or_default()
+    };
+    access_lines(read_files, "req-to-file");
+    let names: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("routerd.log.")), "{names:?}");
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    let code = wait_exit(&mut p, Duration::from_secs(5));
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(&err).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }

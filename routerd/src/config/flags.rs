@@ -158,6 +158,21 @@ pub struct Flags {
     /// client's stream ends with an error event [default: 120].
     #[arg(long)]
     pub stream_idle_timeout_secs: Option<u64>,
+    /// Prometheus metrics listener address [default: 127.0.0.1].
+    #[arg(long)]
+    pub prometheus_host: Option<String>,
+    /// Prometheus metrics listener port [default: 29000].
+    #[arg(long)]
+    pub prometheus_port: Option<u16>,
+    /// Origins allowed to call the router from a browser (`*` for any) [default: none].
+    #[arg(long, num_args = 1.., value_name = "ORIGIN")]
+    pub cors_allowed_origins: Option<Vec<String>>,
+    /// Log format: text or json [default: text].
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Write logs to daily-rotated files in this directory instead of stderr.
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
     /// Log level: trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,

@@ -27,7 +27,24 @@ pub struct Config {
     pub health: HealthConfig,
     pub circuit_breaker: BreakerConfig,
     pub retry: RetryConfig,
+    /// The Prometheus listener (`None`: off).
+    pub metrics: Option<MetricsConfig>,
     pub log_level: String,
+    pub log_format: LogFormat,
+    pub log_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricsConfig {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Active health checks (see docs/fault-tolerance.md).
@@ -101,6 +118,8 @@ pub struct ServerConfig {
     /// Longest silence between two chunks of a worker's response body.
     #[serde(serialize_with = "ser::duration")]
     pub stream_idle_timeout: Duration,
+    /// Browser origins allowed by CORS (`*`: any).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,13 +329,6 @@ impl Builder<'_> {
     }
 
     fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
-        if let Some(v) = &raw.metrics {
-            self.error(
-                "metrics",
-                &At::span(v),
-                "not implemented yet in this version of routerd".into(),
-            );
-        }
         let server = self.server(raw.server, f);
         let pools = (raw.policy.prefill_policy.clone(), raw.policy.decode_policy.clone());
         let policy = self.policy(raw.policy, f);
@@ -337,7 +349,10 @@ impl Builder<'_> {
             health: self.health(raw.health, f),
             circuit_breaker: self.breaker(raw.circuit_breaker, f),
             retry: self.retry(raw.retry, f),
+            metrics: self.metrics(raw.metrics, f),
             log_level: self.log_level(f),
+            log_format: self.log_format(f),
+            log_dir: f.log_dir.clone(),
         }
     }
 
@@ -401,6 +416,11 @@ impl Builder<'_> {
             connect_timeout,
             header_timeout: header_timeout.min(request_timeout),
             stream_idle_timeout,
+            cors_allowed_origins: f
+                .cors_allowed_origins
+                .clone()
+                .or(s.cors_allowed_origins)
+                .unwrap_or_default(),
         }
     }
 
@@ -841,6 +861,32 @@ impl Builder<'_> {
             jitter_factor,
             budget_ratio,
             budget_min_per_sec: min.0.max(0.0),
+        }
+    }
+
+    fn metrics(&mut self, m: raw::RawMetrics, f: &Flags) -> Option<MetricsConfig> {
+        let host = layered(
+            f.prometheus_host.clone(),
+            "--prometheus-host",
+            m.host.as_ref(),
+            "127.0.0.1".into(),
+        );
+        if host.0.trim().is_empty() {
+            self.error("metrics.host", &host.1, "must not be empty".into());
+        }
+        let port = f.prometheus_port.or(m.port).unwrap_or(29000);
+        m.enabled.unwrap_or(true).then_some(MetricsConfig { host: host.0, port })
+    }
+
+    fn log_format(&mut self, f: &Flags) -> LogFormat {
+        match f.log_format.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                let msg = format!("unknown log format {other:?}; expected text or json");
+                self.error("log_format", &At::flag("--log-format"), msg);
+                LogFormat::Text
+            }
         }
     }
 

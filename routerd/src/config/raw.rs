@@ -15,8 +15,7 @@ pub struct RawConfig {
     pub retry: RawRetry,
     pub prefill: Vec<RawPrefill>,
     pub decode: Vec<RawWorker>,
-    // Pinned by the contract but not built yet: present only to be refused with a clear error.
-    pub metrics: Option<Spanned<toml::Value>>,
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +34,15 @@ pub struct RawServer {
     pub connect_timeout: Option<Spanned<String>>,
     pub header_timeout: Option<Spanned<String>>,
     pub stream_idle_timeout: Option<Spanned<String>>,
+    pub cors_allowed_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub host: Option<Spanned<String>>,
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,10 +98,27 @@ url = "http://b:1/"
 }
 
 #[test]
-fn unbuilt_sections_are_refused_not_ignored() {
-    let e = errors("[policy]\nname = \"random\"\n[metrics]\nport = 1\n");
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].contains("metrics: not implemented yet"));
+fn metrics_logging_and_cors_settings() {
+    let c = build(
+        "[metrics]\nport = 9100\n[server]\ncors_allowed_origins = [\"https://ui\"]\n",
+        &Flags::default(),
+    )
+    .unwrap();
+    assert_eq!(c.metrics, Some(MetricsConfig { host: "127.0.0.1".into(), port: 9100 }));
+    assert_eq!(c.server.cors_allowed_origins, vec!["https://ui"]);
+    assert_eq!(c.log_format, LogFormat::Text);
+    let off = build("[metrics]\nenabled = false\n", &Flags::default()).unwrap();
+    assert_eq!(off.metrics, None);
+    let f =
+        Flags { prometheus_port: Some(1), log_format: Some("JSON".into()), ..Default::default() };
+    let c = build("[metrics]\nport = 9100\n", &f).unwrap();
+    assert_eq!((c.metrics.unwrap().port, c.log_format), (1, LogFormat::Json));
+    let bad = Flags { log_format: Some("xml".into()), ..Default::default() };
+    let e: Vec<String> = build("", &bad).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        e,
+        vec!["flag --log-format: log_format: unknown log format \"xml\"; expected text or json"]
+    );
 }
 
 fn cli(args: &[&str]) -> Flags {

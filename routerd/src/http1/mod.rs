@@ -7,6 +7,8 @@
 //! chunked request bodies are supported; HTTP/2 is not.
 
 pub mod chunked;
+pub mod cors;
+
 pub mod head;
 pub mod respond;
 
@@ -43,11 +45,22 @@ pub struct Conn {
     pub buf: BytesMut,
     /// Output assembled before each write.
     pub out: Vec<u8>,
+    /// When the current response's first body bytes were written.
+    pub first_payload: Option<Instant>,
+    /// The current request's `Origin`, echoed when CORS allows it.
+    pub cors_origin: Option<axum::http::HeaderValue>,
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
-        Self { stream, peer, buf: BytesMut::new(), out: Vec::with_capacity(READ_CHUNK) }
+        Self {
+            stream,
+            peer,
+            buf: BytesMut::new(),
+            out: Vec::with_capacity(READ_CHUNK),
+            first_payload: None,
+            cors_origin: None,
+        }
     }
 
     /// Reads more client bytes; `Ok(0)` is the end of the connection.
@@ -197,6 +210,15 @@ pub async fn connection(
             }
         };
         let keep = head.keep_alive && !drain.is_cancelled();
+        c.first_payload = None;
+        c.cors_origin = cors::allowed(&live.config.server.cors_allowed_origins, &head.headers);
+        if let (Some(origin), true) = (&c.cors_origin, cors::is_preflight(&head)) {
+            cors::preflight(origin, &head, keep, &mut c.out);
+            if c.stream.write_all(&c.out).await.is_err() || !keep {
+                return;
+            }
+            continue;
+        }
         let keep = match inference_route(head.path()) {
             Some(route) if head.method == Method::POST => {
                 proxy::forward(&app, &live, &mut c, route, &head, body, keep).await

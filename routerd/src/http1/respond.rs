@@ -44,6 +44,14 @@ pub fn itoa(n: u64) -> String {
     n.to_string()
 }
 
+/// `Access-Control-Allow-Origin` for a request whose origin CORS allows (see `http1::cors`).
+pub fn cors_lines(origin: &Option<axum::http::HeaderValue>, out: &mut Vec<u8>) {
+    if let Some(o) = origin {
+        header_line(out, b"access-control-allow-origin", o.as_bytes());
+        header_line(out, b"vary", b"origin");
+    }
+}
+
 /// Whether a response with this status carries a body.
 pub fn has_body(status: u16) -> bool {
     !(100..200).contains(&status) && status != 204 && status != 304
@@ -70,6 +78,7 @@ pub async fn write(
             header_line(&mut c.out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
+    cors_lines(&c.cors_origin, &mut c.out);
     match exact {
         Some(n) if body_allowed || head_only => {
             header_line(&mut c.out, b"content-length", itoa(n).as_bytes())

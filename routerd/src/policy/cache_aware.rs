@@ -76,7 +76,11 @@ impl CacheAware {
     }
 
     /// `select` that also says which rule decided.
-    pub fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<(usize, Branch)> {
+    pub fn choose(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<(usize, Branch)> {
+        self.choose_explained(workers, req).map(|d| (d.index, d.branch))
+    }
+
+    fn choose_explained(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<Choice> {
         let routable: Vec<usize> =
             (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
         if routable.is_empty() {
@@ -121,11 +125,28 @@ impl CacheAware {
         if text_chars > 0 {
             st.tree.insert(req.text, tenants[pick]);
         }
-        Some((routable[pick], branch))
+        let match_ratio = (text_chars > 0).then(|| matched(pick) as f64 / text_chars as f64);
+        Some(Choice { index: routable[pick], branch, match_ratio, imbalanced })
     }
 
     pub fn whole_tree_stats(&self) -> super::tree::TreeStats {
         self.state.lock().expect("cache_aware state").tree.stats()
+    }
+}
+
+struct Choice {
+    index: usize,
+    branch: Branch,
+    match_ratio: Option<f64>,
+    imbalanced: bool,
+}
+
+impl Branch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Branch::Hit => "hit",
+            Branch::Miss => "miss",
+        }
     }
 }
 
@@ -139,7 +160,20 @@ impl Policy for CacheAware {
     }
 
     fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
-        self.decide(workers, req).map(|(i, _)| i)
+        self.choose(workers, req).map(|(i, _)| i)
+    }
+
+    fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<super::Decision> {
+        self.choose_explained(workers, req).map(|c| super::Decision {
+            index: c.index,
+            branch: c.branch.as_str(),
+            match_ratio: c.match_ratio,
+            imbalanced: c.imbalanced,
+        })
+    }
+
+    fn tree_totals(&self) -> Option<super::tree::TreeStats> {
+        Some(self.whole_tree_stats())
     }
 
     fn reconfigure(&self, cfg: &crate::config::PolicyConfig) {
@@ -190,10 +224,10 @@ mod tests {
         let ws = workers(4);
         let p = policy(0.5, 32);
         let sys = "You are a helpful assistant. ".repeat(10);
-        let (first, b) = p.decide(&ws, &req(&format!("{sys}Q1"))).unwrap();
+        let (first, b) = p.choose(&ws, &req(&format!("{sys}Q1"))).unwrap();
         assert_eq!(b, Branch::Miss);
         for q in 2..20 {
-            assert_eq!(p.decide(&ws, &req(&format!("{sys}Q{q}"))).unwrap(), (first, Branch::Hit));
+            assert_eq!(p.choose(&ws, &req(&format!("{sys}Q{q}"))).unwrap(), (first, Branch::Hit));
         }
     }
 
@@ -204,7 +238,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for i in 0..4 {
             let (w, b) =
-                p.decide(&ws, &req(&format!("{i}: a distinct prompt with its own text"))).unwrap();
+                p.choose(&ws, &req(&format!("{i}: a distinct prompt with its own text"))).unwrap();
             assert_eq!(b, Branch::Miss);
             seen.insert(w);
         }
@@ -214,16 +248,16 @@ mod tests {
         let _busy: Vec<_> = (0..3).map(|_| ws[0].start_request()).collect();
         let _busy2: Vec<_> = (0..3).map(|_| ws[1].start_request()).collect();
         let _busy3: Vec<_> = (0..3).map(|_| ws[3].start_request()).collect();
-        assert_eq!(q.decide(&ws, &req("fresh")).unwrap(), (2, Branch::Miss));
+        assert_eq!(q.choose(&ws, &req("fresh")).unwrap(), (2, Branch::Miss));
     }
 
     #[test]
     fn below_the_threshold_is_a_miss() {
         let ws = workers(2);
         let p = policy(0.8, 32);
-        let (a, _) = p.decide(&ws, &req("abcdefghij")).unwrap();
+        let (a, _) = p.choose(&ws, &req("abcdefghij")).unwrap();
         // 5 of 10 chars match a's tree: below 0.8, so a miss, which goes to the emptier tree.
-        let (b, branch) = p.decide(&ws, &req("abcdeXXXXX")).unwrap();
+        let (b, branch) = p.choose(&ws, &req("abcdeXXXXX")).unwrap();
         assert_eq!(branch, Branch::Miss);
         assert_ne!(a, b);
     }
@@ -233,15 +267,15 @@ mod tests {
         let ws = workers(3);
         let p = policy(0.5, 2);
         let text = "shared system prompt and a question";
-        let (home, _) = p.decide(&ws, &req(text)).unwrap();
+        let (home, _) = p.choose(&ws, &req(text)).unwrap();
         // The home worker gets overloaded: the request must go elsewhere, and once there,
         // its prefix follows it while loads stay imbalanced.
         let _busy: Vec<_> = (0..10).map(|_| ws[home].start_request()).collect();
-        let (other, b1) = p.decide(&ws, &req(text)).unwrap();
+        let (other, b1) = p.choose(&ws, &req(text)).unwrap();
         assert_ne!(other, home);
         assert_eq!(b1, Branch::Miss);
         assert_eq!(
-            p.decide(&ws, &req(text)).unwrap(),
+            p.choose(&ws, &req(text)).unwrap(),
             (other, Branch::Hit),
             "locality kept among the rest"
         );
@@ -251,24 +285,24 @@ mod tests {
     fn unroutable_and_removed_workers() {
         let ws = workers(2);
         let p = policy(0.5, 32);
-        let (home, _) = p.decide(&ws, &req("prompt prompt prompt")).unwrap();
+        let (home, _) = p.choose(&ws, &req("prompt prompt prompt")).unwrap();
         let share = p.tree_stats(ws[home].url());
         assert_eq!(share.chars, 20);
         assert_eq!(share.nodes, 1);
         assert!(share.approx_bytes > share.chars);
         set_healthy(&ws[home], false);
-        assert_eq!(p.decide(&ws, &req("prompt prompt prompt")).unwrap().0, 1 - home);
+        assert_eq!(p.choose(&ws, &req("prompt prompt prompt")).unwrap().0, 1 - home);
         p.worker_removed(ws[home].url());
         assert_eq!(p.tree_stats(ws[home].url()), Default::default());
         set_healthy(&ws[1 - home], false);
-        assert_eq!(p.decide(&ws, &req("x")), None);
+        assert_eq!(p.choose(&ws, &req("x")), None);
     }
 
     #[test]
     fn empty_text_is_a_miss_and_records_nothing() {
         let ws = workers(2);
         let p = policy(0.5, 32);
-        assert_eq!(p.decide(&ws, &req("")).unwrap().1, Branch::Miss);
+        assert_eq!(p.choose(&ws, &req("")).unwrap().1, Branch::Miss);
         assert_eq!(p.whole_tree_stats().chars, 0);
     }
 }

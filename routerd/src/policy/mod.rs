@@ -37,11 +37,34 @@ impl RequestInfo<'_> {
     }
 }
 
+/// A routing decision and why it was taken (for decision records and metrics).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// Index into the workers given.
+    pub index: usize,
+    /// The rule that decided: cache_aware's `hit` or `miss`; the policy's name otherwise.
+    pub branch: &'static str,
+    /// cache_aware: the share of the prompt the chosen worker's tree matched.
+    pub match_ratio: Option<f64>,
+    /// cache_aware: loads were imbalanced, so overloaded workers were left out.
+    pub imbalanced: bool,
+}
+
 pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Index into `workers` of the chosen worker; only routable workers may be chosen.
     fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize>;
+
+    /// `select`, with the reason.
+    fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<Decision> {
+        self.select(workers, req).map(|index| Decision {
+            index,
+            branch: self.name(),
+            match_ratio: None,
+            imbalanced: false,
+        })
+    }
 
     /// Whether `select` looks at the routing text (others skip extracting it).
     fn needs_text(&self) -> bool {
@@ -57,6 +80,11 @@ pub trait Policy: Send + Sync {
     /// This worker's share of the policy's prefix tree (all zero for policies without one).
     fn tree_stats(&self, _url: &str) -> tree::TenantStats {
         tree::TenantStats::default()
+    }
+
+    /// The whole prefix tree's size and evictions, for policies that keep one.
+    fn tree_totals(&self) -> Option<tree::TreeStats> {
+        None
     }
 }
 

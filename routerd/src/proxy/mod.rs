@@ -21,11 +21,12 @@ use tokio::time::Instant;
 
 use crate::app::{App, Live};
 use crate::config::Config;
+use crate::decisions::{Record, DECISION_HEADER, EXPLAIN_HEADER};
 use crate::error::RouterError;
 use crate::http1::head::Head;
 use crate::http1::respond::{self, header_line};
 use crate::http1::Conn;
-use crate::policy::RequestInfo;
+use crate::policy::{Policy, RequestInfo};
 use crate::registry::Worker;
 pub use extract::Route;
 use relay::Stop;
@@ -50,6 +51,23 @@ pub fn request_id(config: &Config, headers: &HeaderMap) -> (HeaderName, HeaderVa
     (name, HeaderValue::from_bytes(&id).expect("hex is a valid header value"))
 }
 
+/// How a request was served, for the access log and metrics.
+pub struct Served {
+    /// Whether the client connection can serve another request.
+    pub keep: bool,
+    /// The status sent (499: the client went away before an answer).
+    pub status: u16,
+    pub worker: Option<Arc<Worker>>,
+    /// For event streams: when the first event reached the client.
+    pub first_event: Option<Instant>,
+}
+
+impl Served {
+    fn relayed(r: relay::Relayed, status: u16, worker: &Arc<Worker>) -> Self {
+        Self { keep: r.keep, status, worker: Some(worker.clone()), first_event: r.first_event }
+    }
+}
+
 /// Serves one inference request read from `c`; returns whether the connection stays open.
 pub async fn forward(
     app: &App,
@@ -60,17 +78,75 @@ pub async fn forward(
     body: Bytes,
     keep: bool,
 ) -> bool {
+    let started = Instant::now();
     let (rid_name, rid) = request_id(&live.config, &head.headers);
-    match dispatch(app, live, c, route, head, body, (&rid_name, &rid), keep).await {
-        Ok(keep) => keep,
-        Err(Stop::Closed) => false,
+    let served = match dispatch(app, live, c, route, head, body, (&rid_name, &rid), keep).await {
+        Ok(served) => served,
+        Err(Stop::Closed) => Served { keep: false, status: 499, worker: None, first_event: None },
         Err(Stop::Failed(e)) => {
+            let status = e.status().as_u16();
             tracing::debug!(route = route.path(), error = %e, "request failed");
             let mut resp = e.into_response();
-            resp.headers_mut().insert(rid_name, rid);
-            respond::write(c, resp, head.version, keep, false).await
+            resp.headers_mut().insert(rid_name.clone(), rid.clone());
+            let keep = respond::write(c, resp, head.version, keep, false).await;
+            Served { keep, status, worker: None, first_event: None }
         }
+    };
+    let took = started.elapsed();
+    app.metrics.request(route, served.status, took);
+    if let Some(t) = served.first_event {
+        app.metrics.first_token(route, t.duration_since(started));
     }
+    tracing::info!(
+        target: "routerd::access",
+        request_id = %String::from_utf8_lossy(rid.as_bytes()),
+        route = route.path(),
+        worker = served.worker.as_ref().map_or("-", |w| w.url()),
+        status = served.status,
+        latency_ms = (took.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+    );
+    served.keep
+}
+
+/// One request's routing context: what decision records and metrics say about it.
+pub(crate) struct Ask<'a> {
+    pub text: &'a str,
+    pub request_id: &'a str,
+    pub route: Route,
+    /// The client asked for the decision record (`x-routerd-explain`).
+    pub explain: bool,
+}
+
+/// `policy`'s choice among `pool` minus `avoid`; when none of them is routable (all unhealthy,
+/// ejected or backing off), its choice among them anyway. `None` when nothing is left. The
+/// decision is counted, logged for `/admin/decisions`, and rendered for the response header
+/// when the client asked for it.
+pub(crate) fn pick(
+    app: &App,
+    pool_name: &'static str,
+    pool: &[Arc<Worker>],
+    policy: &dyn Policy,
+    ask: &Ask,
+    avoid: &[Arc<Worker>],
+) -> Option<(Arc<Worker>, Option<String>)> {
+    let fresh: Vec<Arc<Worker>>;
+    let candidates: &[Arc<Worker>] = if avoid.is_empty() {
+        pool
+    } else {
+        fresh = pool.iter().filter(|w| !avoid.iter().any(|t| Arc::ptr_eq(t, w))).cloned().collect();
+        &fresh
+    };
+    let strict = RequestInfo { text: ask.text, ignore_health: false };
+    let d = policy.decide(candidates, &strict).or_else(|| {
+        let any = RequestInfo { text: ask.text, ignore_health: true };
+        policy.decide(candidates, &any)
+    })?;
+    app.metrics.decision(pool_name, policy.name(), &d);
+    let route = crate::metrics::route_label(ask.route);
+    let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates);
+    let header = ask.explain.then(|| record.header_value());
+    app.decisions.push(record);
+    Some((candidates[d.index].clone(), header))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -83,7 +159,7 @@ async fn dispatch(
     body: Bytes,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
-) -> Result<bool, Stop> {
+) -> Result<Served, Stop> {
     let probe = extract::probe(&body).map_err(Stop::Failed)?;
     let streaming = probe.stream.unwrap_or(false);
     let _slot = match &live.limiter {
@@ -95,9 +171,11 @@ async fn dispatch(
         None => live.policy.needs_text(),
     };
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
+    let request_id = String::from_utf8_lossy(rid.1.as_bytes());
+    let explain = head.headers.contains_key(EXPLAIN_HEADER);
+    let ask = Ask { text: &text, request_id: &request_id, route, explain };
     if let Some(pools) = &live.pools {
-        return pd::dispatch(app, live, pools, c, route, head, &body, &probe, &text, rid, keep)
-            .await;
+        return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
     }
     let cfg = &live.config;
     let retry = &cfg.retry;
@@ -108,7 +186,10 @@ async fn dispatch(
     let mut request = Vec::with_capacity(body.len() + 256);
     let mut attempt = 0;
     loop {
-        let worker = pick(app, live, &text, &tried).ok_or(Stop::Failed(RouterError::NoWorkers))?;
+        let snap = app.registry.load();
+        let (worker, decision) = pick(app, "regular", &snap.workers, &*live.policy, &ask, &tried)
+            .ok_or(Stop::Failed(RouterError::NoWorkers))?;
+        drop(snap);
         let guard = worker.start_request();
         request.clear();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
@@ -161,55 +242,35 @@ async fn dispatch(
         };
         let Some(answer) = answer else {
             drop(guard);
+            app.metrics.retries.increment(1);
+            worker.retries_total.fetch_add(1, Relaxed);
             tried.push(worker);
-            app.retries_total.fetch_add(1, Relaxed);
-            tried.last().expect("just pushed").retries_total.fetch_add(1, Relaxed);
             tokio::select! {
                 _ = tokio::time::sleep(retry::backoff(retry, attempt)) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             continue;
         };
+        let status = answer.head.status;
         let scan = usage::UsageScan::new(worker.clone(), streaming);
-        let extra: [(&[u8], &[u8]); 2] = [
+        let mut extra: Vec<(&[u8], &[u8])> = vec![
             (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
             (b"x-routerd-worker", worker.url().as_bytes()),
         ];
+        if let Some(d) = &decision {
+            extra.push((DECISION_HEADER.as_bytes(), d.as_bytes()));
+        }
         let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
         let v = head.version;
         let done = relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), limits).await;
-        if let Some(failure) = done.worker_failure {
+        if let Some(failure) = &done.worker_failure {
             worker.errors_total.fetch_add(1, Relaxed);
             worker.breaker.record_failure(&cfg.circuit_breaker);
             worker.set_last_error(failure);
         }
         drop(guard);
-        return Ok(done.keep);
+        return Ok(Served::relayed(done, status, &worker));
     }
-}
-
-/// The policy's choice among the workers not tried yet for this request; when none of them is
-/// routable (all unhealthy, ejected or backing off), the choice among all of them anyway.
-fn pick(app: &App, live: &Live, text: &str, tried: &[Arc<Worker>]) -> Option<Arc<Worker>> {
-    let snap = app.registry.load();
-    let fresh: Vec<Arc<Worker>>;
-    let pool: &[Arc<Worker>] = if tried.is_empty() {
-        &snap.workers
-    } else {
-        fresh = snap
-            .workers
-            .iter()
-            .filter(|w| !tried.iter().any(|t| Arc::ptr_eq(t, w)))
-            .cloned()
-            .collect();
-        &fresh
-    };
-    let strict = RequestInfo { text, ignore_health: false };
-    let idx = live.policy.select(pool, &strict).or_else(|| {
-        let any = RequestInfo { text, ignore_health: true };
-        live.policy.select(pool, &any)
-    })?;
-    Some(pool[idx].clone())
 }
 
 /// Whether a worker other than `current` and those already tried is registered.

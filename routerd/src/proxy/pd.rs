@@ -18,12 +18,12 @@ use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
 use super::relay::{self, Stop};
-use super::{retry, usage, write_request};
+use super::{pick, retry, usage, write_request, Ask, Served};
 use crate::app::{App, Live, PoolPolicies};
+use crate::decisions::DECISION_HEADER;
 use crate::error::RouterError;
 use crate::http1::head::Head;
 use crate::http1::{respond, Conn};
-use crate::policy::RequestInfo;
 use crate::registry::{Worker, WorkerRole};
 
 /// Largest prefill answer read (it carries the prompt's logprobs at most).
@@ -31,19 +31,19 @@ const PREFILL_LIMIT: usize = 64 << 20;
 
 /// One PD request, after admission. `text` is the routing text.
 #[allow(clippy::too_many_arguments)]
-pub async fn dispatch(
+pub(crate) async fn dispatch(
     app: &App,
     live: &Live,
     pools: &PoolPolicies,
     c: &mut Conn,
-    route: Route,
     head: &Head,
     body: &Bytes,
     probe: &Probe<'_>,
-    text: &str,
+    ask: &Ask<'_>,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
-) -> Result<bool, Stop> {
+) -> Result<Served, Stop> {
+    let route = ask.route;
     let cfg = &live.config;
     let retry = &cfg.retry;
     let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
@@ -55,8 +55,8 @@ pub async fn dispatch(
     let mut avoid: Vec<Arc<Worker>> = Vec::new();
     let mut attempt = 0;
     loop {
-        let prefill = pick(app, WorkerRole::Prefill, &*pools.prefill, text, &avoid)?;
-        let decode = pick(app, WorkerRole::Decode, &*pools.decode, text, &avoid)?;
+        let (prefill, p_why) = pick_in(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
+        let (decode, d_why) = pick_in(app, WorkerRole::Decode, &*pools.decode, ask, &avoid)?;
         let (_pg, _dg) = (prefill.start_request(), decode.start_request());
         let with_room = bootstrap(body, &prefill, batch);
         let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
@@ -69,11 +69,16 @@ pub async fn dispatch(
             Legs::Ok(fetched, answer) => {
                 prefill.breaker.record_success(&cfg.circuit_breaker);
                 decode.breaker.record_success(&cfg.circuit_breaker);
-                let extra: [(&[u8], &[u8]); 3] = [
+                let why = explain(p_why.as_deref(), d_why.as_deref());
+                let mut extra: Vec<(&[u8], &[u8])> = vec![
                     (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
                     (b"x-routerd-worker", decode.url().as_bytes()),
                     (b"x-routerd-prefill-worker", prefill.url().as_bytes()),
                 ];
+                if let Some(why) = &why {
+                    extra.push((DECISION_HEADER.as_bytes(), why.as_bytes()));
+                }
+                let status = answer.head.status;
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
@@ -89,18 +94,18 @@ pub async fn dispatch(
                             .await
                     }
                 };
-                if let Some(failure) = done.worker_failure {
+                if let Some(failure) = &done.worker_failure {
                     decode.errors_total.fetch_add(1, Relaxed);
                     decode.breaker.record_failure(&cfg.circuit_breaker);
                     decode.set_last_error(failure);
                 }
-                return Ok(done.keep);
+                return Ok(Served::relayed(done, status, &decode));
             }
             Legs::PrefillAnswered(f) if !retry::retryable_status(f.status) => {
                 // The prefill worker refused the request itself (400, 422...): the client's
                 // answer, with the decode leg already cancelled.
                 prefill.breaker.record_success(&cfg.circuit_breaker);
-                return Ok(relay_fetched(c, f, head, rid, keep).await);
+                return Ok(relay_fetched(c, f, head, rid, keep, &prefill).await);
             }
             Legs::DecodeAnswered(answer) if !retry::retryable_status(answer.head.status) => {
                 decode.breaker.record_success(&cfg.circuit_breaker);
@@ -110,8 +115,9 @@ pub async fn dispatch(
                 ];
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let v = head.version;
+                let status = answer.head.status;
                 let done = relay::respond(answer, &decode, c, v, keep, &extra, None, limits).await;
-                return Ok(done.keep);
+                return Ok(Served::relayed(done, status, &decode));
             }
             Legs::PrefillAnswered(f) => {
                 let reason = format!("prefill leg answered {}: {}", f.status, excerpt(&f.body));
@@ -127,6 +133,7 @@ pub async fn dispatch(
             Legs::DecodeFailed(e) => (decode.clone(), e, None),
         };
         failed_leg.errors_total.fetch_add(1, Relaxed);
+        app.metrics.pd_leg_failed(failed_leg.spec.role);
         failed_leg.breaker.record_failure(&cfg.circuit_breaker);
         failed_leg.set_last_error(&failure);
         let may_retry = failure.retryable()
@@ -136,7 +143,9 @@ pub async fn dispatch(
         if !may_retry {
             // The worker's own answer when it sent one (as on the regular path), else ours.
             return match answered {
-                Some(Answered::Prefill(f)) => Ok(relay_fetched(c, f, head, rid, keep).await),
+                Some(Answered::Prefill(f)) => {
+                    Ok(relay_fetched(c, f, head, rid, keep, &prefill).await)
+                }
                 Some(Answered::Decode(a)) => {
                     let extra: [(&[u8], &[u8]); 2] = [
                         (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
@@ -145,14 +154,16 @@ pub async fn dispatch(
                     let limits =
                         relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                     let v = head.version;
-                    Ok(relay::respond(a, &decode, c, v, keep, &extra, None, limits).await.keep)
+                    let status = a.head.status;
+                    let done = relay::respond(a, &decode, c, v, keep, &extra, None, limits).await;
+                    Ok(Served::relayed(done, status, &decode))
                 }
                 None => Err(Stop::Failed(failure)),
             };
         }
         tracing::debug!(worker = failed_leg.url(), error = %failure, attempt, "PD retry with a new pair");
         failed_leg.retries_total.fetch_add(1, Relaxed);
-        app.retries_total.fetch_add(1, Relaxed);
+        app.metrics.retries.increment(1);
         avoid.push(failed_leg);
         tokio::select! {
             _ = tokio::time::sleep(retry::backoff(retry, attempt)) => {}
@@ -173,39 +184,39 @@ async fn relay_fetched(
     head: &Head,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
-) -> bool {
+    prefill: &Arc<Worker>,
+) -> Served {
     let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut resp = (status, f.body).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
-    respond::write(c, resp, head.version, keep, false).await
+    let keep = respond::write(c, resp, head.version, keep, false).await;
+    Served { keep, status: status.as_u16(), worker: Some(prefill.clone()), first_event: None }
+}
+
+/// Both legs' decision records in one header value.
+fn explain(prefill: Option<&str>, decode: Option<&str>) -> Option<String> {
+    Some(format!(r#"{{"prefill":{},"decode":{}}}"#, prefill?, decode?))
 }
 
 fn excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
 }
 
-/// The pool policy's choice among the workers of `role` not to avoid; when none is routable,
-/// among all of them; 503 naming the pool when it is empty.
-fn pick(
+/// The pool policy's choice among the workers of `role` not to avoid (all of them again when
+/// every one was tried); 503 naming the pool when it is empty.
+fn pick_in(
     app: &App,
     role: WorkerRole,
     policy: &dyn crate::policy::Policy,
-    text: &str,
+    ask: &Ask<'_>,
     avoid: &[Arc<Worker>],
-) -> Result<Arc<Worker>, Stop> {
+) -> Result<(Arc<Worker>, Option<String>), Stop> {
     let name = if role == WorkerRole::Prefill { "prefill" } else { "decode" };
     let pool = app.registry.load().pool(role);
-    let fresh: Vec<Arc<Worker>> =
-        pool.iter().filter(|w| !avoid.iter().any(|a| Arc::ptr_eq(a, w))).cloned().collect();
-    // Every worker of the pool failed this request already: try them again rather than fail.
-    let candidates = if fresh.is_empty() { &pool } else { &fresh };
-    let strict = RequestInfo { text, ignore_health: false };
-    let idx = policy
-        .select(candidates, &strict)
-        .or_else(|| policy.select(candidates, &RequestInfo { text, ignore_health: true }))
-        .ok_or(Stop::Failed(RouterError::NoPoolWorkers(name)))?;
-    Ok(candidates[idx].clone())
+    pick(app, name, &pool, policy, ask, avoid)
+        .or_else(|| pick(app, name, &pool, policy, ask, &[]))
+        .ok_or(Stop::Failed(RouterError::NoPoolWorkers(name)))
 }
 
 enum Legs {

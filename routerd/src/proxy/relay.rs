@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use super::usage::UsageScan;
 use crate::error::RouterError;
 use crate::http1::chunked::Chunked;
-use crate::http1::respond::{has_body, header_line, is_hop_by_hop, itoa, status_line};
+use crate::http1::respond::{cors_lines, has_body, header_line, is_hop_by_hop, itoa, status_line};
 use crate::http1::{Conn, MAX_BUFFERED};
 use crate::registry::Worker;
 
@@ -342,6 +342,7 @@ pub async fn respond_edited(
     for (name, value) in extra {
         header_line(&mut c.out, name, value);
     }
+    cors_lines(&c.cors_origin, &mut c.out);
     if !keep {
         header_line(&mut c.out, b"connection", b"close");
     }
@@ -353,7 +354,7 @@ pub async fn respond_edited(
     if !head.event_stream {
         let body = match read_whole(worker, conn, buf, &head, limits.deadline, usize::MAX).await {
             Ok(b) => b,
-            Err(e) => return Relayed { keep: false, worker_failure: Some(e.to_string()) },
+            Err(e) => return ended(c, &head, false, Some(e.to_string())),
         };
         let body = edited(&body, &mut edit).unwrap_or(body);
         header_line(&mut c.out, b"content-length", itoa(body.len() as u64).as_bytes());
@@ -361,7 +362,8 @@ pub async fn respond_edited(
         c.out.extend_from_slice(&body);
         let timer = tokio::time::sleep_until(limits.deadline);
         tokio::pin!(timer);
-        return Relayed { keep: write_out(c, timer.as_mut()).await && keep, worker_failure: None };
+        let wrote = write_out(c, timer.as_mut(), true).await;
+        return ended(c, &head, wrote && keep, None);
     }
     if http11 {
         header_line(&mut c.out, b"transfer-encoding", b"chunked");
@@ -394,21 +396,21 @@ pub async fn respond_edited(
             if http11 {
                 c.out.extend_from_slice(b"0\r\n\r\n");
             }
-            let wrote = write_out(c, timer.as_mut()).await;
+            let wrote = write_out(c, timer.as_mut(), tail.any).await;
             if head.reusable && buf.is_empty() {
                 worker.idle.put(conn);
             }
-            return Relayed { keep: wrote && keep, worker_failure: None };
+            return ended(c, &head, wrote && keep, None);
         }
-        if !c.out.is_empty() && !write_out(c, timer.as_mut()).await {
-            return Relayed { keep: false, worker_failure: None };
+        if !c.out.is_empty() && !write_out(c, timer.as_mut(), tail.any).await {
+            return ended(c, &head, false, None);
         }
         timer.as_mut().reset(limits.deadline.min(Instant::now() + limits.idle));
         match wait(&mut conn, &mut buf, Some(&mut *c), timer.as_mut()).await {
             Wait::Read(0) if matches!(mode, Mode::Raw) => eof = true,
             Wait::Read(0) => break "the worker closed the connection mid-response".into(),
             Wait::Read(_) => {}
-            Wait::ClientGone => return Relayed { keep: false, worker_failure: None },
+            Wait::ClientGone => return ended(c, &head, false, None),
             Wait::Timeout => break format!("the worker sent nothing for {:?}", limits.idle),
             Wait::Failed(e) => break format!("reading from the worker failed: {e}"),
         }
@@ -419,8 +421,8 @@ pub async fn respond_edited(
     if http11 {
         c.out.extend_from_slice(b"0\r\n\r\n");
     }
-    let wrote = write_out(c, timer.as_mut()).await;
-    Relayed { keep: wrote && keep, worker_failure: Some(failure) }
+    let wrote = write_out(c, timer.as_mut(), tail.any).await;
+    ended(c, &head, wrote && keep, Some(failure))
 }
 
 fn push_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
@@ -448,6 +450,8 @@ enum Mode {
 
 /// How a relay ended.
 pub struct Relayed {
+    /// For event streams: when the first event reached the client.
+    pub first_event: Option<Instant>,
     /// Whether the client connection can serve another request.
     pub keep: bool,
     /// The worker failed after the response began (closed, broke framing, went silent).
@@ -482,6 +486,7 @@ pub async fn respond(
     for (name, value) in extra {
         header_line(&mut c.out, name, value);
     }
+    cors_lines(&c.cors_origin, &mut c.out);
     let mut mode = match head.framing {
         Framing::Empty => Mode::Length(0),
         Framing::Length(n) => {
@@ -516,14 +521,14 @@ pub async fn respond(
             Err(e) => break e.to_string(),
         };
         if done {
-            let wrote = write_out(c, timer.as_mut()).await;
+            let wrote = write_out(c, timer.as_mut(), tail.any).await;
             if head.reusable && buf.is_empty() {
                 worker.idle.put(conn);
             }
-            return Relayed { keep: wrote && keep, worker_failure: None };
+            return ended(c, &head, wrote && keep, None);
         }
-        if !c.out.is_empty() && !write_out(c, timer.as_mut()).await {
-            return Relayed { keep: false, worker_failure: None };
+        if !c.out.is_empty() && !write_out(c, timer.as_mut(), tail.any).await {
+            return ended(c, &head, false, None);
         }
         let idle_until = Instant::now() + limits.idle;
         let (until, idle_first) = if idle_until < limits.deadline {
@@ -536,13 +541,13 @@ pub async fn respond(
             Wait::Read(0) if matches!(mode, Mode::Rechunk | Mode::Raw) => eof = true,
             Wait::Read(0) => break "the worker closed the connection mid-response".into(),
             Wait::Read(_) => {}
-            Wait::ClientGone => return Relayed { keep: false, worker_failure: None },
+            Wait::ClientGone => return ended(c, &head, false, None),
             Wait::Timeout if idle_first => {
                 break format!("the worker sent nothing for {:?}", limits.idle)
             }
             Wait::Timeout => {
                 tracing::debug!(worker = worker.url(), "request deadline passed mid-response");
-                return Relayed { keep: false, worker_failure: None };
+                return ended(c, &head, false, None);
             }
             Wait::Failed(e) => break format!("reading from the worker failed: {e}"),
         }
@@ -564,11 +569,11 @@ pub async fn respond(
         if chunked {
             c.out.extend_from_slice(b"0\r\n\r\n");
         }
-        let wrote = write_out(c, timer.as_mut()).await;
-        return Relayed { keep: wrote && keep, worker_failure: Some(failure) };
+        let wrote = write_out(c, timer.as_mut(), tail.any).await;
+        return ended(c, &head, wrote && keep, Some(failure));
     }
-    let _ = write_out(c, timer.as_mut()).await;
-    Relayed { keep: false, worker_failure: Some(failure) }
+    let _ = write_out(c, timer.as_mut(), tail.any).await;
+    ended(c, &head, false, Some(failure))
 }
 
 /// One SSE error event in the shape SGLang uses, then the end marker.
@@ -578,13 +583,23 @@ fn error_event(worker: &Worker, reason: &str) -> Vec<u8> {
     format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
 }
 
-async fn write_out(c: &mut Conn, timer: Pin<&mut Sleep>) -> bool {
+/// Writes the assembled output; `payload` says whether it holds body bytes (the first such
+/// write is when the client got its first event).
+async fn write_out(c: &mut Conn, timer: Pin<&mut Sleep>, payload: bool) -> bool {
     let wrote = tokio::select! {
         r = c.stream.write_all(&c.out) => r.is_ok(),
         _ = timer => false,
     };
     c.out.clear();
+    if wrote && payload && c.first_payload.is_none() {
+        c.first_payload = Some(Instant::now());
+    }
     wrote
+}
+
+fn ended(c: &Conn, head: &Head, keep: bool, worker_failure: Option<String>) -> Relayed {
+    let first_event = c.first_payload.filter(|_| head.event_stream);
+    Relayed { keep, worker_failure, first_event }
 }
 
 /// The last bytes of payload relayed, to know whether the stream stands between two events.

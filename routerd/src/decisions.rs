@@ -1,0 +1,116 @@
+//! Why each request went where it went: a compact record per routing decision (policy, branch,
+//! prefix match ratio, the loads it compared), kept for the last few hundred requests for the
+//! dashboard (`GET /admin/decisions`) and returned on request in a response header
+//! (`x-routerd-explain: 1` → `x-routerd-decision: {json}`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::policy::Decision;
+use crate::registry::Worker;
+
+/// Decisions kept.
+pub const KEPT: usize = 256;
+
+/// The request header that asks for the decision record in the response.
+pub const EXPLAIN_HEADER: &str = "x-routerd-explain";
+pub const DECISION_HEADER: &str = "x-routerd-decision";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub seq: u64,
+    pub at_unix_ms: u64,
+    pub request_id: String,
+    pub route: &'static str,
+    /// `regular`, `prefill` or `decode`.
+    pub pool: &'static str,
+    pub policy: &'static str,
+    pub branch: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_ratio: Option<f64>,
+    pub imbalanced: bool,
+    pub worker: String,
+    /// The load of each worker the policy could choose from.
+    pub loads: Vec<(String, u64)>,
+}
+
+impl Record {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        request_id: &str,
+        route: &'static str,
+        pool: &'static str,
+        policy: &'static str,
+        d: &Decision,
+        candidates: &[Arc<Worker>],
+    ) -> Self {
+        let loads = candidates.iter().map(|w| (w.url().to_owned(), w.load())).collect();
+        let at_unix_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Self {
+            seq: 0,
+            at_unix_ms,
+            request_id: request_id.to_owned(),
+            route,
+            pool,
+            policy,
+            branch: d.branch,
+            match_ratio: d.match_ratio.map(|r| (r * 1000.0).round() / 1000.0),
+            imbalanced: d.imbalanced,
+            worker: candidates.get(d.index).map(|w| w.url().to_owned()).unwrap_or_default(),
+            loads,
+        }
+    }
+
+    /// The compact form for the response header.
+    pub fn header_value(&self) -> String {
+        let loads: serde_json::Map<String, Value> =
+            self.loads.iter().map(|(u, l)| (u.clone(), json!(l))).collect();
+        json!({"pool": self.pool, "policy": self.policy, "branch": self.branch,
+               "match_ratio": self.match_ratio, "imbalanced": self.imbalanced,
+               "worker": self.worker, "loads": loads})
+        .to_string()
+    }
+}
+
+#[derive(Default)]
+pub struct DecisionLog {
+    ring: Mutex<VecDeque<Record>>,
+    seq: AtomicU64,
+}
+
+impl DecisionLog {
+    pub fn push(&self, mut r: Record) {
+        r.seq = self.seq.fetch_add(1, Relaxed) + 1;
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.len() == KEPT {
+            ring.pop_front();
+        }
+        ring.push_back(r);
+    }
+
+    /// The newest `limit` records, newest first.
+    pub fn latest(&self, limit: usize) -> Vec<Record> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().rev().take(limit).cloned().collect()
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Limit {
+    limit: Option<usize>,
+}
+
+/// `GET /admin/decisions?limit=N` (default 50, at most 256): the latest routing decisions.
+pub async fn admin_decisions(State(app): State<Arc<App>>, Query(q): Query<Limit>) -> Json<Value> {
+    let limit = q.limit.unwrap_or(50).min(KEPT);
+    Json(json!({"decisions": app.decisions.latest(limit)}))
+}

@@ -1,0 +1,279 @@
+//! Prometheus metrics (docs/metrics.md). Each router owns its recorder (not a process-global
+//! one, so routers in one process, tests included, do not mix figures); hot-path series are
+//! registered once and updated with atomics; per-worker series are read from the registry's
+//! atomics when `/metrics` is scraped. Label values are bounded: route names, status codes,
+//! worker URLs of the fleet, policy branches.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use metrics_util::MetricKindMask;
+
+use crate::app::App;
+use crate::proxy::Route;
+use crate::registry::WorkerRole;
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const RATIO_BUCKETS: [f64; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// What each metric is, for the `# HELP` lines and docs/metrics.md.
+pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
+    ("sgl_router_requests_total", Unit::Count, "Inference requests answered, by route and HTTP status"),
+    ("sgl_router_request_duration_seconds", Unit::Seconds, "Inference request latency, from the request head to the end of the response, by route"),
+    ("sgl_router_time_to_first_token_seconds", Unit::Seconds, "Streamed requests: time from the request head to the first event sent to the client, by route"),
+    ("sgl_router_retries_total", Unit::Count, "Requests sent again to another worker (or PD pair)"),
+    ("sgl_router_routing_decisions_total", Unit::Count, "Routing decisions by pool, policy and branch"),
+    ("sgl_router_cache_hits_total", Unit::Count, "cache_aware decisions whose prefix match passed cache_threshold"),
+    ("sgl_router_cache_misses_total", Unit::Count, "cache_aware decisions that went to the worker with the most cache room"),
+    ("sgl_router_cache_match_ratio", Unit::Count, "cache_aware: share of the prompt the chosen worker's tree matched"),
+    ("sgl_router_queue_depth", Unit::Count, "Requests waiting for an admission slot"),
+    ("sgl_router_pd_leg_failures_total", Unit::Count, "PD requests whose prefill or decode leg failed (the other leg was cancelled)"),
+    ("sgl_router_config_reloads_total", Unit::Count, "Configuration reloads by result: applied, unchanged, rejected"),
+    ("sgl_router_config_last_reload_successful", Unit::Count, "1 if the last reload was applied or unchanged, 0 if rejected"),
+    ("sgl_router_workers", Unit::Count, "Registered workers by role"),
+    ("sgl_router_worker_requests_active", Unit::Count, "Requests in flight on the worker (streams until their end)"),
+    ("sgl_router_worker_requests_total", Unit::Count, "Requests sent to the worker, retries included"),
+    ("sgl_router_worker_errors_total", Unit::Count, "Failed requests on the worker: connection errors, timeouts, 5xx, streams cut"),
+    ("sgl_router_worker_retries_total", Unit::Count, "Requests moved off the worker by a retry"),
+    ("sgl_router_worker_health", Unit::Count, "1 if the worker passes its health checks, else 0"),
+    ("sgl_router_cb_state", Unit::Count, "The worker's circuit: 0 closed, 1 open, 2 half-open"),
+    ("sgl_router_cb_opened_total", Unit::Count, "Times the worker's circuit opened"),
+    ("sgl_router_worker_prompt_tokens_total", Unit::Count, "Prompt tokens the worker reported in its responses"),
+    ("sgl_router_worker_cached_tokens_total", Unit::Count, "Prompt tokens the worker reported as served from its prefix cache"),
+    ("sgl_router_tree_size", Unit::Count, "cache_aware: characters of the worker's share of the prefix tree"),
+    ("sgl_router_tree_nodes", Unit::Count, "cache_aware: nodes of the prefix tree, by pool"),
+    ("sgl_router_tree_evicted_chars_total", Unit::Count, "cache_aware: characters evicted from the prefix tree, by pool"),
+];
+
+pub fn route_label(route: Route) -> &'static str {
+    match route {
+        Route::Generate => "generate",
+        Route::Completions => "completions",
+        Route::Chat => "chat_completions",
+        Route::Embeddings => "embeddings",
+    }
+}
+
+const ROUTES: [Route; 4] = [Route::Generate, Route::Completions, Route::Chat, Route::Embeddings];
+
+fn route_index(route: Route) -> usize {
+    ROUTES.iter().position(|r| *r == route).expect("listed")
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    requests: Mutex<HashMap<(usize, u16), Counter>>,
+    duration: [Histogram; 4],
+    ttft: [Histogram; 4],
+    pub retries: Counter,
+    decisions: Mutex<HashMap<(&'static str, &'static str, &'static str), Counter>>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    match_ratio: Histogram,
+    pd_leg_failures: [Counter; 2],
+    reloads: Mutex<HashMap<&'static str, Counter>>,
+    last_reload_ok: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_ratio".into()), &RATIO_BUCKETS)
+            })
+            .expect("static buckets are valid")
+            // Series of removed workers stop being updated and disappear after this.
+            .idle_timeout(
+                MetricKindMask::GAUGE | MetricKindMask::COUNTER,
+                Some(Duration::from_secs(600)),
+            )
+            .build_recorder();
+        for (name, unit, help) in DESCRIPTIONS {
+            let key = KeyName::from_const_str(name);
+            let help = (*help).into();
+            if name.ends_with("_seconds") || name.ends_with("_ratio") {
+                recorder.describe_histogram(key, Some(*unit), help);
+            } else if name.ends_with("_total") {
+                recorder.describe_counter(key, Some(*unit), help);
+            } else {
+                recorder.describe_gauge(key, Some(*unit), help);
+            }
+        }
+        let handle = recorder.handle();
+        let r = &recorder;
+        let per_route = |name: &'static str| {
+            ROUTES.map(|route| {
+                r.register_histogram(&key(name, &[("route", route_label(route))]), &META)
+            })
+        };
+        let m = Self {
+            duration: per_route("sgl_router_request_duration_seconds"),
+            ttft: per_route("sgl_router_time_to_first_token_seconds"),
+            retries: r.register_counter(&key("sgl_router_retries_total", &[]), &META),
+            cache_hits: r.register_counter(&key("sgl_router_cache_hits_total", &[]), &META),
+            cache_misses: r.register_counter(&key("sgl_router_cache_misses_total", &[]), &META),
+            match_ratio: r.register_histogram(&key("sgl_router_cache_match_ratio", &[]), &META),
+            pd_leg_failures: ["prefill", "decode"].map(|leg| {
+                r.register_counter(&key("sgl_router_pd_leg_failures_total", &[("leg", leg)]), &META)
+            }),
+            last_reload_ok: r
+                .register_gauge(&key("sgl_router_config_last_reload_successful", &[]), &META),
+            requests: Mutex::default(),
+            decisions: Mutex::default(),
+            reloads: Mutex::default(),
+            handle,
+            recorder,
+        };
+        m.last_reload_ok.set(1.0);
+        m
+    }
+
+    /// One answered inference request.
+    pub fn request(&self, route: Route, status: u16, took: Duration) {
+        let i = route_index(route);
+        self.duration[i].record(took.as_secs_f64());
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        requests
+            .entry((i, status))
+            .or_insert_with(|| {
+                let status = status.to_string();
+                let k = Key::from_parts(
+                    "sgl_router_requests_total",
+                    vec![Label::new("route", route_label(route)), Label::new("status", status)],
+                );
+                self.recorder.register_counter(&k, &META)
+            })
+            .increment(1);
+    }
+
+    pub fn first_token(&self, route: Route, after: Duration) {
+        self.ttft[route_index(route)].record(after.as_secs_f64());
+    }
+
+    /// A routing decision of `policy` in `pool` (`regular`, `prefill`, `decode`).
+    pub fn decision(&self, pool: &'static str, policy: &'static str, d: &crate::policy::Decision) {
+        let mut decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        decisions
+            .entry((pool, policy, d.branch))
+            .or_insert_with(|| {
+                let labels = [("pool", pool), ("policy", policy), ("branch", d.branch)];
+                self.recorder
+                    .register_counter(&key("sgl_router_routing_decisions_total", &labels), &META)
+            })
+            .increment(1);
+        drop(decisions);
+        match d.branch {
+            "hit" => self.cache_hits.increment(1),
+            "miss" => self.cache_misses.increment(1),
+            _ => {}
+        }
+        if let Some(r) = d.match_ratio {
+            self.match_ratio.record(r);
+        }
+    }
+
+    pub fn pd_leg_failed(&self, role: WorkerRole) {
+        self.pd_leg_failures[usize::from(role == WorkerRole::Decode)].increment(1);
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        let mut reloads = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
+        reloads
+            .entry(result)
+            .or_insert_with(|| {
+                self.recorder.register_counter(
+                    &key("sgl_router_config_reloads_total", &[("result", result)]),
+                    &META,
+                )
+            })
+            .increment(1);
+        self.last_reload_ok.set(if result == "rejected" { 0.0 } else { 1.0 });
+    }
+
+    /// The exposition text, with per-worker series read from the registry now.
+    pub fn render(&self, app: &App) -> String {
+        let r = &self.recorder;
+        let snap = app.registry.snapshot();
+        let live = app.live();
+        for role in [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode] {
+            let n = snap.workers.iter().filter(|w| w.spec.role == role).count();
+            r.register_gauge(&key("sgl_router_workers", &[("role", role_label(role))]), &META)
+                .set(n as f64);
+        }
+        for w in &snap.workers {
+            let labels = [("worker", w.url())];
+            let gauge =
+                |name: &'static str, v: f64| r.register_gauge(&key(name, &labels), &META).set(v);
+            let counter = |name: &'static str, v: u64| {
+                r.register_counter(&key(name, &labels), &META).absolute(v)
+            };
+            gauge("sgl_router_worker_requests_active", w.in_flight.load(Relaxed) as f64);
+            gauge("sgl_router_worker_health", f64::from(u8::from(w.healthy.load(Relaxed))));
+            gauge("sgl_router_cb_state", w.breaker.state() as u8 as f64);
+            gauge(
+                "sgl_router_tree_size",
+                live.policy_for(w.spec.role).tree_stats(w.url()).chars as f64,
+            );
+            counter("sgl_router_worker_requests_total", w.requests_total.load(Relaxed));
+            counter("sgl_router_worker_errors_total", w.errors_total.load(Relaxed));
+            counter("sgl_router_worker_retries_total", w.retries_total.load(Relaxed));
+            counter("sgl_router_cb_opened_total", w.breaker.opened_total.load(Relaxed));
+            counter("sgl_router_worker_prompt_tokens_total", w.prompt_tokens.load(Relaxed));
+            counter("sgl_router_worker_cached_tokens_total", w.cached_tokens.load(Relaxed));
+        }
+        let mut pools = vec![("regular", live.policy.clone())];
+        if let Some(p) = &live.pools {
+            pools = vec![("prefill", p.prefill.clone()), ("decode", p.decode.clone())];
+        }
+        for (pool, policy) in pools {
+            if let Some(t) = policy.tree_totals() {
+                let labels = [("pool", pool)];
+                r.register_gauge(&key("sgl_router_tree_nodes", &labels), &META).set(t.nodes as f64);
+                r.register_counter(&key("sgl_router_tree_evicted_chars_total", &labels), &META)
+                    .absolute(t.evicted_chars);
+            }
+        }
+        let waiting = live.limiter.as_ref().map_or(0, |l| l.waiting());
+        r.register_gauge(&key("sgl_router_queue_depth", &[]), &META).set(waiting as f64);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn role_label(role: WorkerRole) -> &'static str {
+    match role {
+        WorkerRole::Regular => "regular",
+        WorkerRole::Prefill => "prefill",
+        WorkerRole::Decode => "decode",
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect();
+    Key::from_parts(name, labels)
+}
+
+/// `GET /metrics` on the metrics listener.
+pub async fn serve_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(&app))
+}

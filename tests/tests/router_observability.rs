@@ -1,0 +1,231 @@
+//! Observability end to end: Prometheus series after known traffic, decision records for each
+//! cache_aware branch (header and admin API), CORS, and trace headers reaching workers.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use routerd_e2e::{client, get_json, post_json, router, router_config, sim};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The value of the series `name{labels}` in an exposition text (labels as written, sorted).
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn scrape(url: &str) -> String {
+    client().get(url).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test]
+async fn metrics_move_with_known_traffic() {
+    let ws = [sim(|_| {}).await, sim(|_| {}).await];
+    let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
+    r.serve_metrics(ml);
+    let prompt = "a system prompt long enough to be recognised again later ".repeat(4);
+    for _ in 0..3 {
+        let (s, _) = post_json(
+            format!("{}/generate", r.url()),
+            &json!({"text": prompt, "sampling_params": {"max_new_tokens": 2}}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let (s, _) = post_json(format!("{}/generate", r.url()), &json!([1])).await;
+    assert_eq!(s, 400);
+    let stream =
+        json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 3});
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", r.url()))
+        .json(&stream)
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    while body.next().await.is_some() {}
+
+    let text = scrape(&metrics_url).await;
+    let v = |s: &str| series(&text, s).unwrap_or_else(|| panic!("no series {s} in\n{text}"));
+    assert_eq!(v(r#"sgl_router_requests_total{route="generate",status="200"}"#), 3.0);
+    assert_eq!(v(r#"sgl_router_requests_total{route="generate",status="400"}"#), 1.0);
+    assert_eq!(v(r#"sgl_router_requests_total{route="chat_completions",status="200"}"#), 1.0);
+    assert_eq!(v(r#"sgl_router_request_duration_seconds_count{route="generate"}"#), 4.0);
+    assert_eq!(v(r#"sgl_router_time_to_first_token_seconds_count{route="chat_completions"}"#), 1.0);
+    assert_eq!(v("sgl_router_cache_misses_total"), 2.0, "the first prompt and the chat");
+    assert_eq!(v("sgl_router_cache_hits_total"), 2.0, "the prompt again, twice");
+    assert_eq!(v("sgl_router_cache_match_ratio_count"), 4.0);
+    assert_eq!(
+        v(
+            r#"sgl_router_routing_decisions_total{pool="regular",policy="cache_aware",branch="hit"}"#
+        ),
+        2.0
+    );
+    let per_worker: f64 = ws
+        .iter()
+        .map(|w| v(&format!(r#"sgl_router_worker_requests_total{{worker="{}"}}"#, w.url())))
+        .sum();
+    assert_eq!(per_worker, 4.0);
+    assert_eq!(v(&format!(r#"sgl_router_worker_health{{worker="{}"}}"#, ws[0].url())), 1.0);
+    assert_eq!(v(&format!(r#"sgl_router_cb_state{{worker="{}"}}"#, ws[0].url())), 0.0);
+    assert_eq!(v(r#"sgl_router_workers{role="regular"}"#), 2.0);
+    assert!(v(r#"sgl_router_tree_nodes{pool="regular"}"#) >= 1.0);
+    assert_eq!(v("sgl_router_queue_depth"), 0.0);
+    assert!(text.contains("# HELP sgl_router_requests_total"), "described");
+
+    let (s, _) = post_json(format!("{}/admin/reload", r.url()), &json!({})).await;
+    assert_eq!(s, 400, "no configuration file to reload");
+    let text = scrape(&metrics_url).await;
+    assert_eq!(series(&text, r#"sgl_router_config_reloads_total{result="rejected"}"#), Some(1.0));
+    assert_eq!(series(&text, "sgl_router_config_last_reload_successful"), Some(0.0));
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+async fn explained(url: &str, text: &str) -> Value {
+    let resp = client()
+        .post(format!("{url}/generate"))
+        .header("x-routerd-explain", "1")
+        .json(&json!({"text": text, "stream": true, "sampling_params": {"max_new_tokens": 40}}))
+        .send()
+        .await
+        .unwrap();
+    let record = resp.headers()["x-routerd-decision"].to_str().unwrap().to_owned();
+    tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        while body.next().await.is_some() {}
+    });
+    serde_json::from_str(&record).unwrap()
+}
+
+#[tokio::test]
+async fn decision_records_for_each_cache_aware_branch() {
+    let ws =
+        [sim(|a| a.decode_ms_per_step = 200.0).await, sim(|a| a.decode_ms_per_step = 200.0).await];
+    let mut config = router_config("cache_aware", &[&ws[0], &ws[1]]);
+    config.policy.balance_abs_threshold = 1;
+    let r = router(config).await;
+    let text = "the same long prefix for every request of this test, ".repeat(3);
+
+    let miss = explained(&r.url(), &text).await;
+    assert_eq!(
+        (miss["policy"].as_str(), miss["branch"].as_str()),
+        (Some("cache_aware"), Some("miss"))
+    );
+    assert_eq!(miss["match_ratio"], 0.0);
+    assert_eq!(miss["loads"].as_object().unwrap().len(), 2);
+    let home = miss["worker"].as_str().unwrap().to_owned();
+
+    let hit = explained(&r.url(), &text).await;
+    assert_eq!(
+        (hit["branch"].as_str(), hit["worker"].as_str()),
+        (Some("hit"), Some(home.as_str()))
+    );
+    assert!(hit["match_ratio"].as_f64().unwrap() > 0.9, "{hit}");
+    assert_eq!(hit["imbalanced"], false);
+    assert_eq!(hit["loads"][&home], 1, "the first stream is still running there");
+
+    // Two streams on the home worker, none elsewhere: imbalanced, so it is left out.
+    let third = explained(&r.url(), &text).await;
+    assert_eq!(third["imbalanced"], true, "{third}");
+    assert_ne!(third["worker"].as_str(), Some(home.as_str()));
+    assert_eq!(third["branch"], "miss", "no match on the only candidate");
+
+    let log = get_json(&format!("{}/admin/decisions?limit=2", r.url())).await;
+    let decisions = log["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 2);
+    assert_eq!(decisions[0]["imbalanced"], true, "newest first");
+    assert_eq!(decisions[1]["branch"], "hit");
+    assert_eq!(decisions[0]["route"], "generate");
+    assert_eq!(decisions[0]["request_id"].as_str().unwrap().len(), 32);
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn cors_preflight_and_allowed_origins() {
+    let w = sim(|_| {}).await;
+    let mut config = router_config("round_robin", &[&w]);
+    config.server.cors_allowed_origins = vec!["https://ui.example".into()];
+    let r = router(config).await;
+    let c = client();
+    let pre = c
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", r.url()))
+        .header("origin", "https://ui.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type, authorization")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(pre.headers()["access-control-allow-origin"], "https://ui.example");
+    assert_eq!(pre.headers()["access-control-allow-headers"], "content-type, authorization");
+    let models = c
+        .get(format!("{}/v1/models", r.url()))
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.headers()["access-control-allow-origin"], "https://ui.example");
+    let gen = c
+        .post(format!("{}/generate", r.url()))
+        .header("origin", "https://ui.example")
+        .json(&json!({"text": "x", "sampling_params": {"max_new_tokens": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gen.headers()["access-control-allow-origin"], "https://ui.example");
+    let other = c
+        .get(format!("{}/v1/models", r.url()))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    r.shutdown().await;
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn trace_context_reaches_the_worker() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).await.unwrap();
+        let body = r#"{"text":"ok"}"#;
+        let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        s.write_all(resp.as_bytes()).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+    });
+    let flags = routerd::config::Flags {
+        policy: Some("round_robin".into()),
+        worker_urls: Some(vec![url]),
+        ..Default::default()
+    };
+    let mut config = routerd::config::Config::build(None, &flags).unwrap();
+    config.health.enabled = false;
+    let r = router(config).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = client()
+        .post(format!("{}/generate", r.url()))
+        .header("traceparent", tp)
+        .header("tracestate", "vendor=1")
+        .json(&json!({"text": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let head = tokio::time::timeout(Duration::from_secs(5), seen).await.unwrap().unwrap();
+    assert!(head.contains(&format!("traceparent: {tp}")), "{head}");
+    assert!(head.contains("tracestate: vendor=1"), "{head}");
+    r.shutdown().await;
+}
