@@ -212,6 +212,7 @@ pub fn start_with_flags(
     let cancel = CancellationToken::new();
     tasks.spawn(poll::poll_loads(app.clone(), cancel.clone()));
     tasks.spawn(crate::health::run(app.clone(), cancel.clone()));
+    tasks.spawn(crate::metrics::upkeep(app.clone(), cancel.clone()));
     if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
         if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
             tasks.spawn(watching);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
+use axum::http::HeaderValue;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -24,8 +25,23 @@ pub const KEPT: usize = 256;
 pub const EXPLAIN_HEADER: &str = "x-routerd-explain";
 pub const DECISION_HEADER: &str = "x-routerd-decision";
 
-#[derive(Debug, Clone, Serialize)]
+/// One decision, kept cheaply (workers by reference); rendered when read.
+#[derive(Clone)]
 pub struct Record {
+    seq: u64,
+    at_unix_ms: u64,
+    request_id: HeaderValue,
+    route: &'static str,
+    pool: &'static str,
+    policy: &'static str,
+    decision: Decision,
+    /// The workers the policy could choose from, with the load each had.
+    loads: Vec<(Arc<Worker>, u64)>,
+}
+
+/// A record as the admin API and the response header show it.
+#[derive(Debug, Serialize)]
+pub struct View {
     pub seq: u64,
     pub at_unix_ms: u64,
     pub request_id: String,
@@ -43,40 +59,53 @@ pub struct Record {
 }
 
 impl Record {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        request_id: &str,
+        request_id: &HeaderValue,
         route: &'static str,
         pool: &'static str,
         policy: &'static str,
-        d: &Decision,
+        decision: &Decision,
         candidates: &[Arc<Worker>],
     ) -> Self {
-        let loads = candidates.iter().map(|w| (w.url().to_owned(), w.load())).collect();
         let at_unix_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         Self {
             seq: 0,
             at_unix_ms,
-            request_id: request_id.to_owned(),
+            request_id: request_id.clone(),
             route,
             pool,
             policy,
+            decision: *decision,
+            loads: candidates.iter().map(|w| (w.clone(), w.load())).collect(),
+        }
+    }
+
+    pub fn view(&self) -> View {
+        let d = &self.decision;
+        View {
+            seq: self.seq,
+            at_unix_ms: self.at_unix_ms,
+            request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+            route: self.route,
+            pool: self.pool,
+            policy: self.policy,
             branch: d.branch,
             match_ratio: d.match_ratio.map(|r| (r * 1000.0).round() / 1000.0),
             imbalanced: d.imbalanced,
-            worker: candidates.get(d.index).map(|w| w.url().to_owned()).unwrap_or_default(),
-            loads,
+            worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),
+            loads: self.loads.iter().map(|(w, l)| (w.url().to_owned(), *l)).collect(),
         }
     }
 
     /// The compact form for the response header.
     pub fn header_value(&self) -> String {
+        let v = self.view();
         let loads: serde_json::Map<String, Value> =
-            self.loads.iter().map(|(u, l)| (u.clone(), json!(l))).collect();
-        json!({"pool": self.pool, "policy": self.policy, "branch": self.branch,
-               "match_ratio": self.match_ratio, "imbalanced": self.imbalanced,
-               "worker": self.worker, "loads": loads})
+            v.loads.into_iter().map(|(u, l)| (u, json!(l))).collect();
+        json!({"pool": v.pool, "policy": v.policy, "branch": v.branch,
+               "match_ratio": v.match_ratio, "imbalanced": v.imbalanced,
+               "worker": v.worker, "loads": loads})
         .to_string()
     }
 }
@@ -98,9 +127,9 @@ impl DecisionLog {
     }
 
     /// The newest `limit` records, newest first.
-    pub fn latest(&self, limit: usize) -> Vec<Record> {
+    pub fn latest(&self, limit: usize) -> Vec<View> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.iter().rev().take(limit).cloned().collect()
+        ring.iter().rev().take(limit).map(Record::view).collect()
     }
 }
 

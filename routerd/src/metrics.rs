@@ -260,6 +260,18 @@ impl Metrics {
     }
 }
 
+/// Folds recorded latency samples into their buckets every second, so memory stays flat
+/// between scrapes (or with no scraper at all).
+pub async fn upkeep(app: Arc<App>, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => app.metrics.handle.run_upkeep(),
+        }
+    }
+}
+
 fn role_label(role: WorkerRole) -> &'static str {
     match role {
         WorkerRole::Regular => "regular",

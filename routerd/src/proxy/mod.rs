@@ -111,7 +111,7 @@ pub async fn forward(
 /// One request's routing context: what decision records and metrics say about it.
 pub(crate) struct Ask<'a> {
     pub text: &'a str,
-    pub request_id: &'a str,
+    pub request_id: &'a HeaderValue,
     pub route: Route,
     /// The client asked for the decision record (`x-routerd-explain`).
     pub explain: bool,
@@ -171,9 +171,8 @@ async fn dispatch(
         None => live.policy.needs_text(),
     };
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
-    let request_id = String::from_utf8_lossy(rid.1.as_bytes());
     let explain = head.headers.contains_key(EXPLAIN_HEADER);
-    let ask = Ask { text: &text, request_id: &request_id, route, explain };
+    let ask = Ask { text: &text, request_id: rid.1, route, explain };
     if let Some(pools) = &live.pools {
         return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
     }
