@@ -1,10 +1,12 @@
-//! routerctl's command line. Subcommands arrive as their issues land; today: `sim-worker`,
-//! `bench`.
+//! routerctl's command line: the operator's commands against a running router, the live
+//! dashboard, and the tools (`sim-worker`, `bench`).
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
+use crate::ops::{StatusArgs, WorkersArgs};
 use crate::sim::SimArgs;
+use crate::top::TopArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "routerctl", version, about = "Operator CLI for routerd")]
@@ -15,15 +17,52 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// List, add or remove the router's workers.
+    Workers(WorkersArgs),
+    /// Router health, readiness, configuration generation and last reload.
+    Status(StatusArgs),
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Live dashboard of the router and its workers.
+    Top(TopArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run one simulated SGLang worker (same HTTP API, no GPU needed).
     SimWorker(Box<SimArgs>),
     /// Load a router (or, with --affinity, the workers directly) with an LLM workload.
     Bench(Box<BenchArgs>),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a routerd configuration file: exit 0, or 1 with every error.
+    Check { file: std::path::PathBuf },
+}
+
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Workers(args) => Ok(crate::ops::workers(args).await),
+        Command::Status(args) => Ok(crate::ops::status(args).await),
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            Ok(crate::ops::config_check(&file))
+        }
+        Command::Top(args) => crate::top::run(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "routerctl",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
         Command::SimWorker(args) => crate::sim::run(*args).await,
         Command::Bench(args) => crate::bench::run(*args).await,
     }

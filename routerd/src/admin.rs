@@ -19,7 +19,7 @@ use crate::error::RouterError;
 use crate::registry::{RegistryError, Worker, WorkerRole, WorkerSource, WorkerSpec};
 
 /// A worker as `GET /workers` shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerView {
     pub url: String,
     pub role: WorkerRole,
@@ -125,7 +125,18 @@ fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
         api_key: new.api_key,
         source: WorkerSource::Api,
     };
-    app.registry.add(spec).map_err(registry_error)
+    let role = spec.role;
+    let w = app.registry.add(spec).map_err(registry_error)?;
+    app.events.push("worker_added", format!("{} ({}, via the API)", w.url(), role_name(role)));
+    Ok(w)
+}
+
+fn role_name(role: WorkerRole) -> &'static str {
+    match role {
+        WorkerRole::Regular => "regular",
+        WorkerRole::Prefill => "prefill",
+        WorkerRole::Decode => "decode",
+    }
 }
 
 fn registry_error(e: RegistryError) -> RouterError {
@@ -139,6 +150,7 @@ fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
     let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
     let removed = app.registry.remove(&url).map_err(registry_error)?;
     app.policy_for(removed.spec.role).worker_removed(&url);
+    app.events.push("worker_removed", format!("{url} (via the API)"));
     Ok(removed)
 }
 

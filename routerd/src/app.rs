@@ -110,6 +110,9 @@ pub struct App {
     pub retry_budget: crate::proxy::retry::Budget,
     pub metrics: crate::metrics::Metrics,
     pub decisions: crate::decisions::DecisionLog,
+    pub totals: crate::stats::Totals,
+    pub events: crate::stats::EventLog,
+    pub started: std::time::Instant,
 }
 
 impl App {
@@ -126,6 +129,9 @@ impl App {
             retry_budget: Default::default(),
             metrics: Default::default(),
             decisions: Default::default(),
+            totals: Default::default(),
+            events: Default::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -168,6 +174,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/config", get(crate::reload::admin_config))
         .route("/admin/reload", post(crate::reload::admin_reload))
         .route("/admin/decisions", get(crate::decisions::admin_decisions))
+        .route("/admin/stats", get(crate::stats::admin_stats))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -118,10 +118,12 @@ impl Breaker {
         }
     }
 
-    pub fn record_failure(&self, cfg: &BreakerConfig) {
+    /// Returns whether this failure opened the circuit.
+    pub fn record_failure(&self, cfg: &BreakerConfig) -> bool {
         if !cfg.enabled {
-            return;
+            return false;
         }
+        let was_open = self.state() == Circuit::Open;
         let mut st = self.streak.lock().unwrap_or_else(|p| p.into_inner());
         match self.state() {
             Circuit::Closed => {
@@ -138,6 +140,7 @@ impl Breaker {
             }
             Circuit::Open | Circuit::HalfOpen => self.open(cfg, &mut st),
         }
+        !was_open && self.state() == Circuit::Open
     }
 
     /// An active health check passed: an open circuit lets trial requests through now rather

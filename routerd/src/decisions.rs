@@ -40,16 +40,16 @@ pub struct Record {
 }
 
 /// A record as the admin API and the response header show it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct View {
     pub seq: u64,
     pub at_unix_ms: u64,
     pub request_id: String,
-    pub route: &'static str,
+    pub route: String,
     /// `regular`, `prefill` or `decode`.
-    pub pool: &'static str,
-    pub policy: &'static str,
-    pub branch: &'static str,
+    pub pool: String,
+    pub policy: String,
+    pub branch: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_ratio: Option<f64>,
     pub imbalanced: bool,
@@ -87,10 +87,10 @@ impl Record {
             seq: self.seq,
             at_unix_ms: self.at_unix_ms,
             request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
-            route: self.route,
-            pool: self.pool,
-            policy: self.policy,
-            branch: d.branch,
+            route: self.route.into(),
+            pool: self.pool.into(),
+            policy: self.policy.into(),
+            branch: d.branch.into(),
             match_ratio: d.match_ratio.map(|r| (r * 1000.0).round() / 1000.0),
             imbalanced: d.imbalanced,
             worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),

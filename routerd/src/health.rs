@@ -103,6 +103,7 @@ async fn probe(app: Arc<App>, w: Arc<Worker>, cfg: HealthConfig) {
             if !healthy && (t.passed >= cfg.success_threshold || !t.ever_passed) {
                 w.healthy.store(true, Relaxed);
                 tracing::info!(worker = w.url(), "worker is healthy");
+                app.events.push("worker_healthy", w.url());
             }
             t.ever_passed = true;
         }
@@ -112,6 +113,7 @@ async fn probe(app: Arc<App>, w: Arc<Worker>, cfg: HealthConfig) {
             if healthy && (t.failed >= cfg.failure_threshold || !t.ever_passed) {
                 w.healthy.store(false, Relaxed);
                 tracing::warn!(worker = w.url(), error = %e, "worker is unhealthy");
+                app.events.push("worker_unhealthy", format!("{}: {e}", w.url()));
             }
             w.set_last_error(format!("health check: {e}"));
         }

@@ -23,3 +23,4 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod serve;
+pub mod stats;

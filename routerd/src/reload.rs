@@ -90,6 +90,16 @@ pub fn reload(app: &App) -> Outcome {
             Ok(new) => apply(app, new, generation),
         },
     };
+    app.events.push(
+        "reload",
+        match &outcome {
+            Outcome::Applied { generation, changes } => {
+                format!("applied, generation {generation}: {}", changes.join("; "))
+            }
+            Outcome::Unchanged { .. } => "unchanged".to_owned(),
+            Outcome::Rejected { errors, .. } => format!("rejected: {}", errors.join("; ")),
+        },
+    );
     app.metrics.reload(match &outcome {
         Outcome::Applied { .. } => "applied",
         Outcome::Unchanged { .. } => "unchanged",

@@ -229,3 +229,32 @@ async fn trace_context_reaches_the_worker() {
     assert!(head.contains("tracestate: vendor=1"), "{head}");
     r.shutdown().await;
 }
+
+#[tokio::test]
+async fn admin_stats_totals_latency_and_events() {
+    let ws = [sim(|_| {}).await, sim(|_| {}).await];
+    let r = router(router_config("round_robin", &[&ws[0]])).await;
+    for _ in 0..5 {
+        let (s, _) = post_json(
+            format!("{}/generate", r.url()),
+            &json!({"text": "x", "sampling_params": {"max_new_tokens": 1}}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let (s, _) = post_json(format!("{}/workers", r.url()), &json!({"url": ws[1].url()})).await;
+    assert_eq!(s, 201);
+    let st: routerd::stats::Stats =
+        serde_json::from_value(get_json(&format!("{}/admin/stats", r.url())).await).unwrap();
+    assert_eq!((st.requests_total, st.errors_total, st.in_flight), (5, 0, 0));
+    assert_eq!(st.latency_counts.iter().sum::<u64>(), 5);
+    assert_eq!(st.latency_counts.len(), st.latency_bounds_ms.len() + 1);
+    assert_eq!(st.workers.len(), 2);
+    assert!(st.ready);
+    let added = st.events.iter().find(|e| e.kind == "worker_added").expect("an event");
+    assert!(added.message.contains(&ws[1].url()));
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}

@@ -94,6 +94,7 @@ pub async fn forward(
     };
     let took = started.elapsed();
     app.metrics.request(route, served.status, took);
+    app.totals.record(served.status, took);
     if let Some(t) = served.first_event {
         app.metrics.first_token(route, t.duration_since(started));
     }
@@ -106,6 +107,14 @@ pub async fn forward(
         latency_ms = (took.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
     );
     served.keep
+}
+
+/// Counts a failure against `worker`'s circuit; an opening is an event for the dashboard.
+pub(crate) fn failed(app: &App, worker: &Worker, cfg: &crate::config::BreakerConfig) {
+    if worker.breaker.record_failure(cfg) {
+        tracing::warn!(worker = worker.url(), "circuit opened");
+        app.events.push("circuit_opened", worker.url());
+    }
 }
 
 /// One request's routing context: what decision records and metrics say about it.
@@ -206,7 +215,7 @@ async fn dispatch(
             Err(Stop::Closed) => return Err(Stop::Closed),
             Err(Stop::Failed(e)) => {
                 worker.errors_total.fetch_add(1, Relaxed);
-                worker.breaker.record_failure(&cfg.circuit_breaker);
+                failed(app, &worker, &cfg.circuit_breaker);
                 worker.set_last_error(&e);
                 if !(e.retryable() && may_retry(&tried)) {
                     return Err(Stop::Failed(e));
@@ -218,7 +227,7 @@ async fn dispatch(
                 let status = answer.head.status;
                 if status >= 500 {
                     worker.errors_total.fetch_add(1, Relaxed);
-                    worker.breaker.record_failure(&cfg.circuit_breaker);
+                    failed(app, &worker, &cfg.circuit_breaker);
                     worker.set_last_error(format!("answered {status}"));
                 } else {
                     worker.breaker.record_success(&cfg.circuit_breaker);
@@ -264,7 +273,7 @@ async fn dispatch(
         let done = relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), limits).await;
         if let Some(failure) = &done.worker_failure {
             worker.errors_total.fetch_add(1, Relaxed);
-            worker.breaker.record_failure(&cfg.circuit_breaker);
+            failed(app, &worker, &cfg.circuit_breaker);
             worker.set_last_error(failure);
         }
         drop(guard);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
 use super::relay::{self, Stop};
-use super::{pick, retry, usage, write_request, Ask, Served};
+use super::{failed, pick, retry, usage, write_request, Ask, Served};
 use crate::app::{App, Live, PoolPolicies};
 use crate::decisions::DECISION_HEADER;
 use crate::error::RouterError;
@@ -96,7 +96,7 @@ pub(crate) async fn dispatch(
                 };
                 if let Some(failure) = &done.worker_failure {
                     decode.errors_total.fetch_add(1, Relaxed);
-                    decode.breaker.record_failure(&cfg.circuit_breaker);
+                    failed(app, &decode, &cfg.circuit_breaker);
                     decode.set_last_error(failure);
                 }
                 return Ok(Served::relayed(done, status, &decode));
@@ -134,7 +134,7 @@ pub(crate) async fn dispatch(
         };
         failed_leg.errors_total.fetch_add(1, Relaxed);
         app.metrics.pd_leg_failed(failed_leg.spec.role);
-        failed_leg.breaker.record_failure(&cfg.circuit_breaker);
+        failed(app, &failed_leg, &cfg.circuit_breaker);
         failed_leg.set_last_error(&failure);
         let may_retry = failure.retryable()
             && attempt < attempts

@@ -1,0 +1,241 @@
+//! The scripted subcommands: `workers list|add|remove`, `status`, `config check`,
+//! `completions`. Each prints a table or JSON (`-o`) and returns the exit code.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand, ValueEnum};
+use routerd::admin::WorkerView;
+use serde_json::{json, Value};
+
+use crate::admin::{encode_segment, Admin, AdminError, Endpoint};
+use crate::bench::Output;
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersCommand {
+    /// List the router's workers.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Register a worker (it takes requests from the next one on).
+    Add {
+        url: String,
+        /// PD mode: `prefill` or `decode`.
+        #[arg(long, value_enum)]
+        role: Option<Role>,
+        /// PD prefill workers: the port decode workers fetch the KV cache from.
+        #[arg(long)]
+        bootstrap_port: Option<u16>,
+        /// Sent to this worker as `Authorization: Bearer KEY`.
+        #[arg(long)]
+        api_key: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Remove a worker (requests already on it finish).
+    Remove {
+        url: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Role {
+    Regular,
+    Prefill,
+    Decode,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[command(subcommand)]
+    pub command: WorkersCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+fn fail(e: AdminError) -> i32 {
+    eprintln!("routerctl: {e}");
+    e.exit_code()
+}
+
+/// The workers as an aligned table.
+pub fn workers_table(workers: &[WorkerView]) -> String {
+    let header = [
+        "URL",
+        "ROLE",
+        "HEALTH",
+        "CIRCUIT",
+        "IN-FLIGHT",
+        "REQUESTS",
+        "ERRORS",
+        "HIT",
+        "TREE",
+        "SOURCE",
+    ];
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.url.clone(),
+                json!(w.role).as_str().unwrap_or("").to_owned(),
+                if w.healthy { "up" } else { "down" }.to_owned(),
+                w.circuit.clone(),
+                w.in_flight.to_string(),
+                w.requests_total.to_string(),
+                w.errors_total.to_string(),
+                w.hit_ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+                w.tree_chars.to_string(),
+                json!(w.source).as_str().unwrap_or("").to_owned(),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+pub async fn workers(args: WorkersArgs) -> i32 {
+    let admin = Admin::new(&args.endpoint);
+    match args.command {
+        WorkersCommand::List { output } => {
+            match admin.get::<Value>("/workers").await.and_then(|v| {
+                serde_json::from_value::<Vec<WorkerView>>(v["workers"].clone())
+                    .map_err(|e| AdminError::Malformed(e.to_string()))
+            }) {
+                Ok(ws) if output == Output::Json => print_json(&ws),
+                Ok(ws) => print!("{}", workers_table(&ws)),
+                Err(e) => return fail(e),
+            }
+        }
+        WorkersCommand::Add { url, role, bootstrap_port, api_key, output } => {
+            let role = role.map(|r| format!("{r:?}").to_ascii_lowercase());
+            let body = json!({"url": url, "role": role, "bootstrap_port": bootstrap_port, "api_key": api_key});
+            match admin.post_json::<WorkerView>("/workers", &body).await {
+                Ok(w) if output == Output::Json => print_json(&w),
+                Ok(w) => println!("added {}", w.url),
+                Err(e) => return fail(e),
+            }
+        }
+        WorkersCommand::Remove { url, output } => {
+            let path = format!("/workers/{}", encode_segment(&url));
+            match admin.delete::<WorkerView>(&path).await {
+                Ok(w) if output == Output::Json => print_json(&w),
+                Ok(w) => println!("removed {}", w.url),
+                Err(e) => return fail(e),
+            }
+        }
+    }
+    0
+}
+
+/// Router health, readiness, configuration generation and the last reload's outcome.
+pub async fn status(args: StatusArgs) -> i32 {
+    let admin = Admin::new(&args.endpoint);
+    let health = match admin.status_of("/health").await {
+        Ok((s, _)) => s,
+        Err(e) => return fail(e),
+    };
+    let (ready_status, ready_body) = match admin.status_of("/readiness").await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let config: Value = match admin.get("/admin/config").await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let workers: Value = admin.get("/workers").await.unwrap_or(Value::Null);
+    let ready: Value = serde_json::from_str(&ready_body).unwrap_or(Value::Null);
+    let last = &config["last_reload"];
+    let summary = json!({
+        "endpoint": admin.base(),
+        "healthy": health == 200,
+        "ready": ready_status == 200,
+        "readiness": ready,
+        "generation": config["generation"],
+        "config_source": config["source"],
+        "policy": config["config"]["policy"]["name"],
+        "workers": workers["workers"].as_array().map(Vec::len),
+        "last_reload": last,
+    });
+    if args.output == Output::Json {
+        print_json(&summary);
+        return 0;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "router      {}", admin.base());
+    let _ = writeln!(out, "health      {}", if health == 200 { "ok" } else { "failing" });
+    let reason = ready["reason"].as_str().or(ready["status"].as_str()).unwrap_or("");
+    let _ = writeln!(
+        out,
+        "readiness   {} ({reason})",
+        if ready_status == 200 { "ready" } else { "not ready" }
+    );
+    let _ = writeln!(out, "workers     {}", summary["workers"]);
+    let _ = writeln!(out, "policy      {}", summary["policy"].as_str().unwrap_or("-"));
+    let source = config["source"].as_str().unwrap_or("flags only");
+    let _ = writeln!(out, "config      generation {} from {source}", config["generation"]);
+    let reload = match last["outcome"]["result"].as_str() {
+        None => "none yet".to_owned(),
+        Some(r) => {
+            let errors = last["outcome"]["errors"].as_array().map(|e| e.len()).unwrap_or(0);
+            if errors > 0 {
+                format!("{r} ({errors} errors)")
+            } else {
+                r.to_owned()
+            }
+        }
+    };
+    let _ = writeln!(out, "last reload {reload}");
+    0
+}
+
+/// `routerctl config check FILE`: the file as routerd would load it.
+pub fn config_check(file: &std::path::Path) -> i32 {
+    let flags = routerd::config::Flags { config: Some(file.to_owned()), ..Default::default() };
+    match routerd::config::Config::load(&flags) {
+        Ok(c) => {
+            let workers =
+                c.workers.len() + c.pd.as_ref().map_or(0, |p| p.prefill.len() + p.decode.len());
+            println!("{}: configuration is valid ({workers} workers)", file.display());
+            0
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!("routerctl: invalid configuration ({} errors)", errors.0.len());
+            1
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Dashboard screens rendered from fixture data on ratatui's `TestBackend`, compared with the
+//! snapshots next to this file (insta).
+
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+use routerd::admin::WorkerView;
+use routerd::registry::{WorkerRole, WorkerSource};
+use routerd::stats::{Event, Stats};
+
+use super::render::render;
+use super::state::{Action, Mode, State};
+
+fn worker(
+    url: &str,
+    requests: u64,
+    prompt: u64,
+    cached: u64,
+    healthy: bool,
+    circuit: &str,
+) -> WorkerView {
+    WorkerView {
+        url: url.into(),
+        role: WorkerRole::Regular,
+        bootstrap_port: None,
+        healthy,
+        circuit: circuit.into(),
+        routable: healthy && circuit != "open",
+        health_checks_total: 10,
+        circuit_opened_total: u64::from(circuit == "open"),
+        retries_total: 0,
+        last_error: None,
+        in_flight: requests % 7,
+        load: requests % 7,
+        requests_total: requests,
+        errors_total: if healthy { 0 } else { requests / 10 },
+        prompt_tokens: prompt,
+        cached_tokens: cached,
+        hit_ratio: (prompt > 0).then(|| cached as f64 / prompt as f64),
+        tree_chars: prompt * 4,
+        tree_nodes: 3,
+        tree_bytes: 1000,
+        source: WorkerSource::Config,
+    }
+}
+
+fn stats(uptime: f64, scale: u64) -> Stats {
+    Stats {
+        generation: 3,
+        uptime_secs: uptime,
+        policy: "cache_aware".into(),
+        pd: false,
+        ready: true,
+        requests_total: 300 * scale,
+        errors_total: 3 * scale,
+        retries_total: scale,
+        in_flight: 9,
+        latency_bounds_ms: routerd::stats::LATENCY_BOUNDS_MS[..15].to_vec(),
+        latency_counts: vec![
+            0,
+            0,
+            0,
+            10 * scale,
+            200 * scale,
+            80 * scale,
+            7 * scale,
+            3 * scale,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
+        workers: vec![
+            worker("http://10.0.0.1:8000", 120 * scale, 9000 * scale, 8100 * scale, true, "closed"),
+            worker("http://10.0.0.2:8000", 150 * scale, 9000 * scale, 7200 * scale, true, "closed"),
+            worker("http://10.0.0.3:8000", 30 * scale, 3000 * scale, 300 * scale, false, "open"),
+        ],
+        events: vec![
+            Event {
+                seq: 1,
+                at_unix_ms: 0,
+                kind: "worker_added".into(),
+                message: "http://10.0.0.3:8000 (regular, via the API)".into(),
+            },
+            Event {
+                seq: 2,
+                at_unix_ms: 0,
+                kind: "circuit_opened".into(),
+                message: "http://10.0.0.3:8000".into(),
+            },
+        ],
+    }
+}
+
+fn screen(s: &State) -> String {
+    let mut t = Terminal::new(TestBackend::new(110, 28)).unwrap();
+    t.draw(|f| render(f, s)).unwrap();
+    t.backend().to_string()
+}
+
+fn running() -> State {
+    let mut s = State::new("http://127.0.0.1:30000");
+    s.update(stats(10.0, 1), vec![]);
+    s.update(stats(11.0, 2), vec![]);
+    s
+}
+
+#[test]
+fn live_screen() {
+    let s = running();
+    assert_eq!(s.rate, 300.0, "requests between two polls a second apart");
+    assert_eq!(s.p99_ms, Some(100.0));
+    insta::assert_snapshot!("live", screen(&s));
+}
+
+#[test]
+fn unreachable_keeps_the_last_figures() {
+    let mut s = running();
+    s.disconnected("connection refused".into());
+    insta::assert_snapshot!("unreachable", screen(&s));
+}
+
+#[test]
+fn help_sort_and_confirmed_removal() {
+    let mut s = running();
+    assert_eq!(s.key('?'), Action::None);
+    insta::assert_snapshot!("help", screen(&s));
+    s.key('x');
+    assert_eq!(s.mode, Mode::Normal);
+    s.key('s');
+    s.key('s');
+    assert_eq!(s.rows[0].view.url, "http://10.0.0.2:8000", "sorted by req/s");
+    s.down();
+    assert_eq!(s.key('d'), Action::None);
+    insta::assert_snapshot!("confirm", screen(&s));
+    assert_eq!(s.key('y'), Action::Remove("http://10.0.0.1:8000".into()));
+    s.key('d');
+    assert_eq!(s.key('n'), Action::None, "anything but y cancels");
+    assert_eq!(s.key('q'), Action::Quit);
+}

@@ -1,0 +1,134 @@
+//! `routerctl workers|status|config|completions` as scripts run them: a real routerd (in this
+//! process) with simulated workers, the routerctl binary, its output and exit codes.
+
+use std::process::Command;
+
+use routerctl::sim::{SimArgs, SimWorker};
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+async fn ctl(args: &[&str], endpoint: Option<&str>) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_routerctl"));
+    cmd.args(args).env_remove("ROUTERCTL_ENDPOINT");
+    if let Some(e) = endpoint {
+        cmd.env("ROUTERCTL_ENDPOINT", e);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn fleet() -> (routerd::app::Running, Vec<SimWorker>) {
+    let mut ws = Vec::new();
+    for _ in 0..2 {
+        ws.push(SimWorker::start(SimArgs::ephemeral()).await.unwrap());
+    }
+    let flags = routerd::config::Flags {
+        policy: Some("round_robin".into()),
+        worker_urls: Some(vec![ws[0].url()]),
+        ..Default::default()
+    };
+    let config = routerd::config::Config::build(None, &flags).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (routerd::app::start(listener, config).unwrap(), ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_list_add_remove_with_exit_codes() {
+    let (r, ws) = fleet().await;
+    let ep = r.url();
+    let list = ctl(&["workers", "list"], Some(&ep)).await;
+    assert_eq!(list.code, 0, "{}", list.err);
+    assert!(list.out.starts_with("URL"), "{}", list.out);
+    assert!(list.out.contains(&ws[0].url()) && list.out.contains("up"), "{}", list.out);
+
+    let added = ctl(&["workers", "add", &ws[1].url(), "--endpoint", &ep], None).await;
+    assert_eq!((added.code, added.out.trim()), (0, format!("added {}", ws[1].url()).as_str()));
+    let json = ctl(&["workers", "list", "-o", "json"], Some(&ep)).await;
+    let listed: Vec<Value> = serde_json::from_str(&json.out).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["source"], "api");
+
+    let dup = ctl(&["workers", "add", &ws[1].url()], Some(&ep)).await;
+    assert_eq!(dup.code, 1, "the router refused it");
+    assert!(dup.err.contains("409") && dup.err.contains("already registered"), "{}", dup.err);
+    let pd = ctl(&["workers", "add", "http://127.0.0.1:1", "--role", "prefill"], Some(&ep)).await;
+    assert_eq!(pd.code, 1);
+    assert!(pd.err.contains("PD mode"), "{}", pd.err);
+
+    let removed = ctl(&["workers", "remove", &ws[1].url(), "-o", "json"], Some(&ep)).await;
+    assert_eq!(removed.code, 0, "{}", removed.err);
+    let view: Value = serde_json::from_str(&removed.out).unwrap();
+    assert_eq!(view["url"], ws[1].url());
+    let unknown = ctl(&["workers", "remove", &ws[1].url()], Some(&ep)).await;
+    assert_eq!(unknown.code, 1);
+
+    let away = ctl(&["workers", "list"], Some("http://127.0.0.1:9")).await;
+    assert_eq!(away.code, 3, "unreachable");
+    assert!(away.err.contains("cannot reach the router at http://127.0.0.1:9"), "{}", away.err);
+    let usage = ctl(&["workers", "frobnicate"], None).await;
+    assert_eq!(usage.code, 2);
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_health_readiness_and_generation() {
+    let (r, ws) = fleet().await;
+    let st = ctl(&["status"], Some(&r.url())).await;
+    assert_eq!(st.code, 0, "{}", st.err);
+    for want in [
+        "health      ok",
+        "readiness   ready",
+        "workers     1",
+        "policy      round_robin",
+        "generation 1",
+        "last reload none yet",
+    ] {
+        assert!(st.out.contains(want), "{want:?} in\n{}", st.out);
+    }
+    let js = ctl(&["status", "-o", "json"], Some(&r.url())).await;
+    let v: Value = serde_json::from_str(&js.out).unwrap();
+    assert_eq!(
+        (v["healthy"].as_bool(), v["ready"].as_bool(), v["workers"].as_u64()),
+        (Some(true), Some(true), Some(1))
+    );
+    let away = ctl(&["status"], Some("http://127.0.0.1:9")).await;
+    assert_eq!(away.code, 3);
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_and_completions() {
+    let dir = std::env::temp_dir().join(format!("routerctl-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[[workers]]\nurl = \"http://127.0.0.1:31001\"\n").unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[policy]\nname = \"fastest\"\n").unwrap();
+    let ok = ctl(&["config", "check", good.to_str().unwrap()], None).await;
+    assert_eq!(ok.code, 0, "{}", ok.err);
+    assert!(ok.out.contains("configuration is valid (1 workers)"), "{}", ok.out);
+    let no = ctl(&["config", "check", bad.to_str().unwrap()], None).await;
+    assert_eq!(no.code, 1);
+    assert!(no.err.contains("bad.toml:2:8: policy.name: unknown policy \"fastest\""), "{}", no.err);
+    let _ = std::fs::remove_dir_all(&dir);
+    for shell in ["bash", "zsh", "fish"] {
+        let c = ctl(&["completions", shell], None).await;
+        assert_eq!(c.code, 0);
+        assert!(c.out.contains("routerctl") && c.out.contains("workers"), "{shell}");
+    }
+}
