@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::usage::UsageScan;
 use crate::error::RouterError;
+use crate::http1::respond::HOP_BY_HOP;
 use crate::registry::Worker;
 
 pub const WORKER_HEADER: HeaderName = HeaderName::from_static("x-routerd-worker");
@@ -154,17 +155,6 @@ pub fn each_worker_header(
         put(name, value);
     }
 }
-
-/// Connection-scoped headers that must not be relayed.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// The worker's answer as the client's response: status and end-to-end headers kept, body
 /// relayed frame by frame. `hold` is dropped when the body ends or the client goes away; the

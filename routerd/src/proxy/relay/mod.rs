@@ -19,6 +19,9 @@ use crate::http1::respond::{cors_lines, has_body, header_line, is_hop_by_hop, it
 use crate::http1::{Conn, MAX_BUFFERED};
 use crate::registry::Worker;
 
+mod whole;
+pub use whole::{fetch, respond_edited, Fetched};
+
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Why a relay stopped early.
@@ -159,7 +162,13 @@ pub async fn exchange(
             }
             return Err(failed(format!("cannot send the request: {e}")));
         }
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+                // The buffer of the connection's previous answer, when there is one: no allocation.
+        let mut buf = client
+            .as_deref_mut()
+            .map(|c| std::mem::take(&mut c.spare))
+            .filter(|b| b.capacity() > 0)
+            .unwrap_or_else(|| BytesMut::with_capacity(16 * 1024));
+        buf.clear();
         loop {
             match wait(&mut conn, &mut buf, client.as_deref_mut(), deadline.as_mut()).await {
                 Wait::Read(0) | Wait::Failed(_) if reused && buf.is_empty() => break,
@@ -245,184 +254,6 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     let reason = resp.reason.unwrap_or("").to_owned();
     let head = Head { status, reason, retry_after, event_stream, lines, framing, reusable };
     Ok(Some((head, n)))
-}
-
-/// A whole answer read into memory, without watching a client (a PD prefill leg).
-pub struct Fetched {
-    pub status: u16,
-    pub body: bytes::Bytes,
-}
-
-/// Sends `request` to `worker` and reads the whole answer (at most `limit` bytes of body).
-pub async fn fetch(
-    worker: &Worker,
-    request: &[u8],
-    timeouts: (Duration, Duration),
-    deadline: Instant,
-    limit: usize,
-) -> Result<Fetched, RouterError> {
-    let failed = |reason: String| RouterError::WorkerFailed { worker: worker.url().into(), reason };
-    let answer = match exchange(worker, request, None, timeouts.0, timeouts.1, deadline).await {
-        Ok(a) => a,
-        Err(Stop::Failed(e)) => return Err(e),
-        Err(Stop::Closed) => return Err(failed("closed".into())),
-    };
-    let Answer { conn, buf, head } = answer;
-    let body = read_whole(worker, conn, buf, &head, deadline, limit).await?;
-    Ok(Fetched { status: head.status, body: body.into() })
-}
-
-/// The rest of an answer's body, de-framed, into memory; the connection goes back to the pool.
-async fn read_whole(
-    worker: &Worker,
-    mut conn: TcpStream,
-    mut buf: BytesMut,
-    head: &Head,
-    deadline: Instant,
-    limit: usize,
-) -> Result<Vec<u8>, RouterError> {
-    let failed = |reason: String| RouterError::WorkerFailed { worker: worker.url().into(), reason };
-    let timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(timer);
-    let mut mode = match head.framing {
-        Framing::Empty => Mode::Length(0),
-        Framing::Length(n) if n > limit as u64 => {
-            return Err(failed(format!("answer larger than {limit} bytes")))
-        }
-        Framing::Length(n) => Mode::Length(n),
-        Framing::Chunked => Mode::Dechunk(Chunked::default()),
-        Framing::UntilClose => Mode::Raw,
-    };
-    let (mut body, mut tail, mut eof) = (Vec::new(), Tail::default(), false);
-    loop {
-        match take(&mut mode, &mut buf, &mut body, None, &mut tail, eof) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => return Err(failed(e.to_string())),
-        }
-        if body.len() > limit {
-            return Err(failed(format!("answer larger than {limit} bytes")));
-        }
-        match wait(&mut conn, &mut buf, None, timer.as_mut()).await {
-            Wait::Read(0) if matches!(mode, Mode::Raw) => eof = true,
-            Wait::Read(0) => return Err(failed("closed the connection mid-response".into())),
-            Wait::Read(_) => {}
-            Wait::Timeout => {
-                return Err(failed("the request deadline passed while reading the answer".into()))
-            }
-            Wait::Failed(e) => return Err(failed(e.to_string())),
-            Wait::ClientGone => unreachable!("no client is watched"),
-        }
-    }
-    if head.reusable && buf.is_empty() {
-        worker.idle.put(conn);
-    }
-    Ok(body)
-}
-
-/// Like `respond`, with `edit` applied to the JSON of the answer: to the whole body of a plain
-/// answer, to each `data:` event of a stream (events are relayed whole, as they complete).
-#[allow(clippy::too_many_arguments)]
-pub async fn respond_edited(
-    answer: Answer,
-    worker: &Worker,
-    c: &mut Conn,
-    version: Version,
-    keep: bool,
-    extra: &[(&[u8], &[u8])],
-    limits: BodyTimeouts,
-    mut edit: impl FnMut(&mut serde_json::Value),
-) -> Relayed {
-    let Answer { mut conn, mut buf, head } = answer;
-    let http11 = version == Version::HTTP_11;
-    let keep = keep && (http11 || !head.event_stream);
-    c.out.clear();
-    status_line(&mut c.out, head.status, &head.reason);
-    c.out.extend_from_slice(&head.lines);
-    for (name, value) in extra {
-        header_line(&mut c.out, name, value);
-    }
-    cors_lines(&c.cors_origin, &mut c.out);
-    if !keep {
-        header_line(&mut c.out, b"connection", b"close");
-    }
-    let edited = |raw: &[u8], edit: &mut dyn FnMut(&mut serde_json::Value)| -> Option<Vec<u8>> {
-        let mut v: serde_json::Value = serde_json::from_slice(raw).ok()?;
-        edit(&mut v);
-        serde_json::to_vec(&v).ok()
-    };
-    if !head.event_stream {
-        let body = match read_whole(worker, conn, buf, &head, limits.deadline, usize::MAX).await {
-            Ok(b) => b,
-            Err(e) => return ended(c, &head, false, Some(e.to_string())),
-        };
-        let body = edited(&body, &mut edit).unwrap_or(body);
-        header_line(&mut c.out, b"content-length", itoa(body.len() as u64).as_bytes());
-        c.out.extend_from_slice(b"\r\n");
-        c.out.extend_from_slice(&body);
-        let timer = tokio::time::sleep_until(limits.deadline);
-        tokio::pin!(timer);
-        let wrote = write_out(c, timer.as_mut(), true).await;
-        return ended(c, &head, wrote && keep, None);
-    }
-    if http11 {
-        header_line(&mut c.out, b"transfer-encoding", b"chunked");
-    }
-    c.out.extend_from_slice(b"\r\n");
-    let mut mode = match head.framing {
-        Framing::Empty => Mode::Length(0),
-        Framing::Length(n) => Mode::Length(n),
-        Framing::Chunked => Mode::Dechunk(Chunked::default()),
-        Framing::UntilClose => Mode::Raw,
-    };
-    let timer = tokio::time::sleep_until(limits.deadline);
-    tokio::pin!(timer);
-    let (mut pending, mut tail, mut eof) = (Vec::new(), Tail::default(), false);
-    let failure = loop {
-        let done = match take(&mut mode, &mut buf, &mut pending, None, &mut tail, eof) {
-            Ok(done) => done,
-            Err(e) => break e.to_string(),
-        };
-        while let Some(end) = memchr::memmem::find(&pending, b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let data = event.strip_prefix(b"data:").map(|d| d.trim_ascii());
-            let out = match data.and_then(|d| edited(d, &mut edit)) {
-                Some(json) => [&b"data: "[..], &json, b"\n\n"].concat(),
-                None => event,
-            };
-            push_chunk(&mut c.out, &out, http11);
-        }
-        if done {
-            if http11 {
-                c.out.extend_from_slice(b"0\r\n\r\n");
-            }
-            let wrote = write_out(c, timer.as_mut(), tail.any).await;
-            if head.reusable && buf.is_empty() {
-                worker.idle.put(conn);
-            }
-            return ended(c, &head, wrote && keep, None);
-        }
-        if !c.out.is_empty() && !write_out(c, timer.as_mut(), tail.any).await {
-            return ended(c, &head, false, None);
-        }
-        timer.as_mut().reset(limits.deadline.min(Instant::now() + limits.idle));
-        match wait(&mut conn, &mut buf, Some(&mut *c), timer.as_mut()).await {
-            Wait::Read(0) if matches!(mode, Mode::Raw) => eof = true,
-            Wait::Read(0) => break "the worker closed the connection mid-response".into(),
-            Wait::Read(_) => {}
-            Wait::ClientGone => return ended(c, &head, false, None),
-            Wait::Timeout => break format!("the worker sent nothing for {:?}", limits.idle),
-            Wait::Failed(e) => break format!("reading from the worker failed: {e}"),
-        }
-    };
-    // Only whole events were relayed: the stream can always end with an error event.
-    timer.as_mut().reset(Instant::now() + Duration::from_secs(1));
-    push_chunk(&mut c.out, &error_event(worker, &failure), http11);
-    if http11 {
-        c.out.extend_from_slice(b"0\r\n\r\n");
-    }
-    let wrote = write_out(c, timer.as_mut(), tail.any).await;
-    ended(c, &head, wrote && keep, Some(failure))
 }
 
 fn push_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
@@ -521,11 +352,7 @@ pub async fn respond(
             Err(e) => break e.to_string(),
         };
         if done {
-            let wrote = write_out(c, timer.as_mut(), tail.any).await;
-            if head.reusable && buf.is_empty() {
-                worker.idle.put(conn);
-            }
-            return ended(c, &head, wrote && keep, None);
+            return complete(c, timer.as_mut(), tail.any, &head, (conn, buf), worker, keep).await;
         }
         if !c.out.is_empty() && !write_out(c, timer.as_mut(), tail.any).await {
             return ended(c, &head, false, None);
@@ -595,6 +422,27 @@ async fn write_out(c: &mut Conn, timer: Pin<&mut Sleep>, payload: bool) -> bool 
         c.first_payload = Some(Instant::now());
     }
     wrote
+}
+
+/// The body is complete: write what is left, and pool the worker connection if it can serve
+/// another request.
+async fn complete(
+    c: &mut Conn,
+    timer: Pin<&mut Sleep>,
+    payload: bool,
+    head: &Head,
+        (conn, buf): (TcpStream, BytesMut),
+    worker: &Worker,
+    keep: bool,
+) -> Relayed {
+    let wrote = write_out(c, timer, payload).await;
+    if head.reusable && buf.is_empty() {
+        worker.idle.put(conn);
+    }
+    if buf.capacity() <= 64 * 1024 {
+        c.spare = buf;
+    }
+    ended(c, head, wrote && keep, None)
 }
 
 fn ended(c: &Conn, head: &Head, keep: bool, worker_failure: Option<String>) -> Relayed {
