@@ -51,13 +51,13 @@ http { access_log off; keepalive_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NGINX
 taskset -c 1 "$NGINX" -c "$tmp/up.conf" -p "$tmp"
-wait_up() { for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$1/health" && return 0; sleep 0.1; done; echo "port $1 did not come up" >&2; return 1; }
+wait_up() { for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/health" && return 0; sleep 0.1; done; echo "port $1 did not come up" >&2; return 1; }
 wait_up "$UP"
 for t in $targets; do
     case $t in
         nginx) taskset -c 0 "$NGINX" -c "$tmp/px.conf" -p "$tmp"; wait_up "$NGX" ;;
         routerd)
-            taskset -c 0 target/release/routerd --worker-threads 1 --policy round_robin --port "$RD" \
+            taskset -c 0 target/release/routerd --worker-threads 1 --policy round_robin --port "$RD" --prometheus-port 0 \
                 --worker-urls "http://127.0.0.1:$UP" --log-level warn >"$tmp/routerd.log" 2>&1 &
             pids+=($!); rd_pid=$!; wait_up "$RD" ;;
         sgl-router)
