@@ -45,7 +45,7 @@ pub struct Conn {
     pub buf: BytesMut,
     /// Output assembled before each write.
     pub out: Vec<u8>,
-        /// A worker read buffer kept from the previous answer, reused by the next.
+    /// A worker read buffer kept from the previous answer, reused by the next.
     pub spare: BytesMut,
     /// When the current response's first body bytes were written.
     pub first_payload: Option<Instant>,
@@ -60,7 +60,7 @@ impl Conn {
             peer,
             buf: BytesMut::new(),
             out: Vec::with_capacity(READ_CHUNK),
-                        spare: BytesMut::new(),
+            spare: BytesMut::new(),
             first_payload: None,
             cors_origin: None,
         }

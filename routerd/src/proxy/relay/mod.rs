@@ -162,7 +162,7 @@ pub async fn exchange(
             }
             return Err(failed(format!("cannot send the request: {e}")));
         }
-                // The buffer of the connection's previous answer, when there is one: no allocation.
+        // The buffer of the connection's previous answer, when there is one: no allocation.
         let mut buf = client
             .as_deref_mut()
             .map(|c| std::mem::take(&mut c.spare))
@@ -431,7 +431,7 @@ async fn complete(
     timer: Pin<&mut Sleep>,
     payload: bool,
     head: &Head,
-        (conn, buf): (TcpStream, BytesMut),
+    (conn, buf): (TcpStream, BytesMut),
     worker: &Worker,
     keep: bool,
 ) -> Relayed {
