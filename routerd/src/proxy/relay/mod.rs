@@ -311,13 +311,7 @@ pub async fn respond(
     let Answer { mut conn, mut buf, head } = answer;
     let http11 = version == Version::HTTP_11;
     let mut keep = keep;
-    c.out.clear();
-    status_line(&mut c.out, head.status, &head.reason);
-    c.out.extend_from_slice(&head.lines);
-    for (name, value) in extra {
-        header_line(&mut c.out, name, value);
-    }
-    cors_lines(&c.cors_origin, &mut c.out);
+    start_head(c, &head, extra);
     let mut mode = match head.framing {
         Framing::Empty => Mode::Length(0),
         Framing::Length(n) => {
@@ -422,6 +416,18 @@ async fn write_out(c: &mut Conn, timer: Pin<&mut Sleep>, payload: bool) -> bool 
         c.first_payload = Some(Instant::now());
     }
     wrote
+}
+
+/// Starts the client's response head: the worker's status and end-to-end headers, `extra`,
+/// and CORS; the caller adds the framing headers and the blank line.
+fn start_head(c: &mut Conn, head: &Head, extra: &[(&[u8], &[u8])]) {
+    c.out.clear();
+    status_line(&mut c.out, head.status, &head.reason);
+    c.out.extend_from_slice(&head.lines);
+    for (name, value) in extra {
+        header_line(&mut c.out, name, value);
+    }
+    cors_lines(&c.cors_origin, &mut c.out);
 }
 
 /// The body is complete: write what is left, and pool the worker connection if it can serve

@@ -10,12 +10,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{
-    complete, ended, error_event, exchange, push_chunk, take, wait, write_out, Answer,
+    complete, ended, error_event, exchange, push_chunk, start_head, take, wait, write_out, Answer,
     BodyTimeouts, Framing, Head, Mode, Relayed, Stop, Tail, Wait,
 };
 use crate::error::RouterError;
 use crate::http1::chunked::Chunked;
-use crate::http1::respond::{cors_lines, header_line, itoa, status_line};
+use crate::http1::respond::{header_line, itoa};
 use crate::http1::Conn;
 use crate::registry::Worker;
 
@@ -108,13 +108,7 @@ pub async fn respond_edited(
     let Answer { mut conn, mut buf, head } = answer;
     let http11 = version == Version::HTTP_11;
     let keep = keep && (http11 || !head.event_stream);
-    c.out.clear();
-    status_line(&mut c.out, head.status, &head.reason);
-    c.out.extend_from_slice(&head.lines);
-    for (name, value) in extra {
-        header_line(&mut c.out, name, value);
-    }
-    cors_lines(&c.cors_origin, &mut c.out);
+    start_head(c, &head, extra);
     if !keep {
         header_line(&mut c.out, b"connection", b"close");
     }
