@@ -87,7 +87,7 @@ pub fn workers_table(workers: &[WorkerView]) -> String {
         .map(|w| {
             vec![
                 w.url.clone(),
-                json!(w.role).as_str().unwrap_or("").to_owned(),
+                w.role.as_str().to_owned(),
                 if w.healthy { "up" } else { "down" }.to_owned(),
                 w.circuit.clone(),
                 w.in_flight.to_string(),

@@ -127,16 +127,8 @@ fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
     };
     let role = spec.role;
     let w = app.registry.add(spec).map_err(registry_error)?;
-    app.events.push("worker_added", format!("{} ({}, via the API)", w.url(), role_name(role)));
+    app.events.push("worker_added", format!("{} ({}, via the API)", w.url(), role.as_str()));
     Ok(w)
-}
-
-fn role_name(role: WorkerRole) -> &'static str {
-    match role {
-        WorkerRole::Regular => "regular",
-        WorkerRole::Prefill => "prefill",
-        WorkerRole::Decode => "decode",
-    }
 }
 
 fn registry_error(e: RegistryError) -> RouterError {

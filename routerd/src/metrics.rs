@@ -217,7 +217,7 @@ impl Metrics {
         let live = app.live();
         for role in [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode] {
             let n = snap.workers.iter().filter(|w| w.spec.role == role).count();
-            r.register_gauge(&key("sgl_router_workers", &[("role", role_label(role))]), &META)
+            r.register_gauge(&key("sgl_router_workers", &[("role", role.as_str())]), &META)
                 .set(n as f64);
         }
         for w in &snap.workers {
@@ -269,14 +269,6 @@ pub async fn upkeep(app: Arc<App>, cancel: tokio_util::sync::CancellationToken) 
             _ = cancel.cancelled() => return,
             _ = tick.tick() => app.metrics.handle.run_upkeep(),
         }
-    }
-}
-
-fn role_label(role: WorkerRole) -> &'static str {
-    match role {
-        WorkerRole::Regular => "regular",
-        WorkerRole::Prefill => "prefill",
-        WorkerRole::Decode => "decode",
     }
 }
 

@@ -20,6 +20,17 @@ pub enum WorkerRole {
     Decode,
 }
 
+impl WorkerRole {
+    /// The name used in the API, metrics labels and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerRole::Regular => "regular",
+            WorkerRole::Prefill => "prefill",
+            WorkerRole::Decode => "decode",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerSource {

@@ -106,7 +106,7 @@ fn render_table(f: &mut Frame, s: &State, area: Rect) {
         let circuit_color = if w.circuit == "closed" { Color::Reset } else { Color::Red };
         Row::new(vec![
             Cell::from(w.url.clone()),
-            Cell::from(serde_json::json!(w.role).as_str().unwrap_or("").to_owned()),
+            Cell::from(w.role.as_str().to_owned()),
             health,
             Cell::from(w.circuit.clone()).style(Style::default().fg(circuit_color)),
             Cell::from(w.in_flight.to_string()),
