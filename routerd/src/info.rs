@@ -72,7 +72,7 @@ pub async fn passthrough(State(app): State<Arc<App>>, uri: Uri, headers: HeaderM
         let h = upstream::worker_headers(&w, &headers, None);
         let answer =
             app.http.send(&w, Method::GET, pq(uri.path())?, h, Bytes::new(), INFO_TIMEOUT).await?;
-        Ok::<_, RouterError>(upstream::relay(answer, w.url(), (), None))
+        Ok::<_, RouterError>(upstream::relay(answer, w.url()))
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -263,7 +263,7 @@ async fn dispatch(
         let scan = usage::UsageScan::new(worker.clone(), streaming);
         let mut extra: Vec<(&[u8], &[u8])> = vec![
             (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
-            (b"x-routerd-worker", worker.url().as_bytes()),
+            (upstream::WORKER_HEADER_NAME.as_bytes(), worker.url().as_bytes()),
         ];
         if let Some(d) = &decision {
             extra.push((DECISION_HEADER.as_bytes(), d.as_bytes()));

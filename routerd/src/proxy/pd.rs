@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
 use super::relay::{self, Stop};
-use super::{failed, pick, retry, usage, write_request, Ask, Served};
+use super::{failed, pick, retry, upstream, usage, write_request, Ask, Served};
 use crate::app::{App, Live, PoolPolicies};
 use crate::decisions::DECISION_HEADER;
 use crate::error::RouterError;
@@ -72,7 +72,7 @@ pub(crate) async fn dispatch(
                 let why = explain(p_why.as_deref(), d_why.as_deref());
                 let mut extra: Vec<(&[u8], &[u8])> = vec![
                     (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
-                    (b"x-routerd-worker", decode.url().as_bytes()),
+                    (upstream::WORKER_HEADER_NAME.as_bytes(), decode.url().as_bytes()),
                     (b"x-routerd-prefill-worker", prefill.url().as_bytes()),
                 ];
                 if let Some(why) = &why {
@@ -111,7 +111,7 @@ pub(crate) async fn dispatch(
                 decode.breaker.record_success(&cfg.circuit_breaker);
                 let extra: [(&[u8], &[u8]); 2] = [
                     (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
-                    (b"x-routerd-worker", decode.url().as_bytes()),
+                    (upstream::WORKER_HEADER_NAME.as_bytes(), decode.url().as_bytes()),
                 ];
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let v = head.version;
@@ -149,7 +149,7 @@ pub(crate) async fn dispatch(
                 Some(Answered::Decode(a)) => {
                     let extra: [(&[u8], &[u8]); 2] = [
                         (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
-                        (b"x-routerd-worker", decode.url().as_bytes()),
+                        (upstream::WORKER_HEADER_NAME.as_bytes(), decode.url().as_bytes()),
                     ];
                     let limits =
                         relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };

@@ -1,8 +1,7 @@
-//! Calls to workers and their way back: one pooled HTTP/1 client (hyper-util's; it skips the
-//! URL re-parsing and layers a general-purpose client adds per request, which measured as a
-//! large share of the proxy's CPU), request headers chosen for the worker, and the worker's
-//! response relayed to the client frame by frame. The relayed body holds whatever must live as
-//! long as it (the in-flight guard, the admission slot) and enforces the request deadline.
+//! The router's own calls to workers outside the inference path (health checks, load polls,
+//! info passthrough): hyper-util's pooled HTTP/1 client, the request headers chosen for a
+//! worker (shared with the inference path), and an info answer relayed to the client frame by
+//! frame within the request deadline. Inference requests go through `proxy::relay`.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -21,12 +20,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::{Instant, Sleep};
 
-use super::usage::UsageScan;
 use crate::error::RouterError;
 use crate::http1::respond::HOP_BY_HOP;
 use crate::registry::Worker;
 
-pub const WORKER_HEADER: HeaderName = HeaderName::from_static("x-routerd-worker");
+/// The response header naming the worker that answered.
+pub const WORKER_HEADER_NAME: &str = "x-routerd-worker";
+pub const WORKER_HEADER: HeaderName = HeaderName::from_static(WORKER_HEADER_NAME);
 
 /// Request headers passed from the client to the worker (besides `authorization`, which the
 /// worker's own key replaces when it has one).
@@ -157,14 +157,8 @@ pub fn each_worker_header(
 }
 
 /// The worker's answer as the client's response: status and end-to-end headers kept, body
-/// relayed frame by frame. `hold` is dropped when the body ends or the client goes away; the
-/// latter also drops the upstream connection, which cancels the worker's request.
-pub fn relay<H: Send + Sync + Unpin + 'static>(
-    answer: Answer,
-    worker: &str,
-    hold: H,
-    usage: Option<UsageScan>,
-) -> axum::response::Response {
+/// relayed frame by frame until the request deadline.
+pub fn relay(answer: Answer, worker: &str) -> axum::response::Response {
     let (mut parts, body) = answer.response.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
@@ -172,27 +166,20 @@ pub fn relay<H: Send + Sync + Unpin + 'static>(
     if let Ok(v) = HeaderValue::from_str(worker) {
         parts.headers.insert(WORKER_HEADER, v);
     }
-    let body = Relay {
-        inner: body,
-        deadline: Box::pin(tokio::time::sleep_until(answer.deadline)),
-        usage,
-        _hold: hold,
-    };
+    let body = Relay { inner: body, deadline: Box::pin(tokio::time::sleep_until(answer.deadline)) };
     Response::from_parts(parts, Body::new(body))
 }
 
-struct Relay<H> {
+struct Relay {
     inner: Incoming,
     deadline: Pin<Box<Sleep>>,
-    usage: Option<UsageScan>,
-    _hold: H,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("the request deadline passed while the worker's response was streaming")]
 struct DeadlinePassed;
 
-impl<H: Unpin> HttpBody for Relay<H> {
+impl HttpBody for Relay {
     type Data = Bytes;
     type Error = axum::BoxError;
 
@@ -202,14 +189,7 @@ impl<H: Unpin> HttpBody for Relay<H> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(f) => {
-                if let (Some(Ok(frame)), Some(scan)) = (&f, &mut this.usage) {
-                    if let Some(data) = frame.data_ref() {
-                        scan.frame(data);
-                    }
-                }
-                Poll::Ready(f.map(|r| r.map_err(Into::into)))
-            }
+            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(DeadlinePassed.into()))),
                 Poll::Pending => Poll::Pending,
