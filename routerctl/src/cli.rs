@@ -33,6 +33,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Start workers (one per GPU, or a PD fleet), register them with routerd, keep them
+    /// running, and stop them all on Ctrl-C.
+    Launch(Box<crate::launch::LaunchArgs>),
     /// Run one simulated SGLang worker (same HTTP API, no GPU needed).
     SimWorker(Box<SimArgs>),
     /// Load a router (or, with --affinity, the workers directly) with an LLM workload.
@@ -63,6 +66,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        Command::Launch(args) => crate::launch::run(*args).await,
         Command::SimWorker(args) => crate::sim::run(*args).await,
         Command::Bench(args) => crate::bench::run(*args).await,
     }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod cli;
+pub mod launch;
 pub mod ops;
 pub mod sim;
 pub mod top;

@@ -96,6 +96,10 @@ pub struct NewWorker {
     pub bootstrap_port: Option<u16>,
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Who registers it: `api` (the default) or `launch` (`routerctl launch`, which supervises
+    /// the worker's process). `config` and `discovery` workers come from their own sources.
+    #[serde(default)]
+    pub source: Option<WorkerSource>,
 }
 
 fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
@@ -117,17 +121,26 @@ fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
     if new.bootstrap_port.is_some() && role != WorkerRole::Prefill {
         return Err(RouterError::BadRequest("bootstrap_port is for prefill workers".into()));
     }
-    let url = normalize_worker_url(&new.url).map_err(RouterError::BadRequest)?;
-    let spec = WorkerSpec {
-        url,
-        role,
-        bootstrap_port: new.bootstrap_port,
-        api_key: new.api_key,
-        source: WorkerSource::Api,
+    let source = match new.source.unwrap_or(WorkerSource::Api) {
+        s @ (WorkerSource::Api | WorkerSource::Launch) => s,
+        other => {
+            return Err(RouterError::BadRequest(format!(
+                "source must be `api` or `launch`, not `{}`: {} workers come from their own source",
+                other.as_str(),
+                other.as_str()
+            )))
+        }
     };
+    let url = normalize_worker_url(&new.url).map_err(RouterError::BadRequest)?;
+    let spec =
+        WorkerSpec { url, role, bootstrap_port: new.bootstrap_port, api_key: new.api_key, source };
     let role = spec.role;
     let w = app.registry.add(spec).map_err(registry_error)?;
-    app.events.push("worker_added", format!("{} ({}, via the API)", w.url(), role.as_str()));
+    let via = match source {
+        WorkerSource::Launch => "by routerctl launch",
+        _ => "via the API",
+    };
+    app.events.push("worker_added", format!("{} ({}, {via})", w.url(), role.as_str()));
     Ok(w)
 }
 

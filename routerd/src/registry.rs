@@ -40,6 +40,17 @@ pub enum WorkerSource {
     Launch,
 }
 
+impl WorkerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerSource::Config => "config",
+            WorkerSource::Api => "api",
+            WorkerSource::Discovery => "discovery",
+            WorkerSource::Launch => "launch",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerSpec {
     /// Normalised (`config::normalize_worker_url`).
