@@ -113,6 +113,7 @@ pub struct App {
     pub totals: crate::stats::Totals,
     pub events: crate::stats::EventLog,
     pub started: std::time::Instant,
+    pub discovery: crate::discovery::Status,
 }
 
 impl App {
@@ -132,6 +133,7 @@ impl App {
             totals: Default::default(),
             events: Default::default(),
             started: std::time::Instant::now(),
+            discovery: Default::default(),
         }
     }
 
@@ -175,6 +177,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/reload", post(crate::reload::admin_reload))
         .route("/admin/decisions", get(crate::decisions::admin_decisions))
         .route("/admin/stats", get(crate::stats::admin_stats))
+        .route("/admin/discovery", get(crate::discovery::admin_discovery))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -220,6 +223,7 @@ pub fn start_with_flags(
     tasks.spawn(poll::poll_loads(app.clone(), cancel.clone()));
     tasks.spawn(crate::health::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::metrics::upkeep(app.clone(), cancel.clone()));
+    tasks.spawn(crate::discovery::run(app.clone(), cancel.clone()));
     if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
         if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
             tasks.spawn(watching);

@@ -9,6 +9,7 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod decisions;
+pub mod discovery;
 
 pub mod error;
 pub mod health;

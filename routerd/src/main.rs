@@ -27,7 +27,7 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         };
     }
     pick!(
-                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation;
+                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation, service_discovery;
         lists: prefill, decode;
         values: config,
         host,
@@ -70,7 +70,13 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         worker_startup_timeout_secs,
         worker_startup_check_interval,
         stream_idle_timeout_secs,
-        log_level
+        log_level,
+        selector,
+        prefill_selector,
+        decode_selector,
+        service_discovery_port,
+        service_discovery_namespace,
+        bootstrap_port_annotation
     )
 }
 

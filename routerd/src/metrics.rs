@@ -54,6 +54,11 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_worker_cached_tokens_total", Unit::Count, "Prompt tokens the worker reported as served from its prefix cache"),
     ("sgl_router_tree_size", Unit::Count, "cache_aware: characters of the worker's share of the prefix tree"),
     ("sgl_router_tree_nodes", Unit::Count, "cache_aware: nodes of the prefix tree, by pool"),
+    ("sgl_router_discovery_up", Unit::Count, "Kubernetes discovery: 1 while every watch is listed and healthy, 0 while it fails or has not listed yet"),
+    ("sgl_router_discovery_workers", Unit::Count, "Kubernetes discovery: workers it has registered"),
+    ("sgl_router_discovery_pods", Unit::Count, "Kubernetes discovery: pods its watches report, by readiness (ready: Running, Ready and with an IP)"),
+    ("sgl_router_discovery_lists_total", Unit::Count, "Kubernetes discovery: complete pod lists, the first and every relist after a lost watch"),
+    ("sgl_router_discovery_errors_total", Unit::Count, "Kubernetes discovery: failed API calls (list, watch, client)"),
     ("sgl_router_tree_evicted_chars_total", Unit::Count, "cache_aware: characters evicted from the prefix tree, by pool"),
 ];
 
@@ -252,6 +257,20 @@ impl Metrics {
                 r.register_counter(&key("sgl_router_tree_evicted_chars_total", &labels), &META)
                     .absolute(t.evicted_chars);
             }
+        }
+        let d = app.discovery.get();
+        if d.enabled {
+            let gauge = |name, labels: &[(&'static str, &str)], v: u64| {
+                r.register_gauge(&key(name, labels), &META).set(v as f64)
+            };
+            gauge("sgl_router_discovery_up", &[], u64::from(d.state == "watching"));
+            gauge("sgl_router_discovery_workers", &[], d.workers);
+            gauge("sgl_router_discovery_pods", &[("ready", "true")], d.ready_pods);
+            gauge("sgl_router_discovery_pods", &[("ready", "false")], d.pods - d.ready_pods);
+            r.register_counter(&key("sgl_router_discovery_lists_total", &[]), &META)
+                .absolute(d.lists_total);
+            r.register_counter(&key("sgl_router_discovery_errors_total", &[]), &META)
+                .absolute(d.errors_total);
         }
         let waiting = live.limiter.as_ref().map_or(0, |l| l.waiting());
         r.register_gauge(&key("sgl_router_queue_depth", &[]), &META).set(waiting as f64);

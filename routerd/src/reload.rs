@@ -197,7 +197,18 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     if old.server != new.server {
         changes.push("server settings".to_owned());
     }
+    let rediscover = old.discovery != new.discovery;
+    if rediscover {
+        changes.push(match &new.discovery {
+            Some(_) => "discovery reconfigured".to_owned(),
+            None => "discovery off".to_owned(),
+        });
+    }
     app.swap_live(Live { config: new, policy, pools, limiter });
+    if rediscover {
+        // After the swap: the discovery task reads the new settings when it restarts.
+        app.discovery.reconfigured.notify_one();
+    }
     Outcome::Applied { generation: generation + 1, changes }
 }
 

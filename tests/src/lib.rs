@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: in-process simulated workers on 127.0.0.1:0, an HTTP
 //! client, and polling with a deadline instead of sleeps.
 
+pub mod fake_k8s;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -176,4 +176,26 @@ pub struct Flags {
     /// Log level: trace, debug, info, warn or error [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Discover workers as Kubernetes pods (in-cluster, or from the kubeconfig).
+    #[arg(long)]
+    pub service_discovery: bool,
+    /// Labels a pod needs to be a worker (regular mode): `key=value` ...
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub selector: Option<Vec<String>>,
+    /// PD mode: labels of prefill pods.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub prefill_selector: Option<Vec<String>>,
+    /// PD mode: labels of decode pods.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub decode_selector: Option<Vec<String>>,
+    /// The port workers serve on in each pod [default: 80].
+    #[arg(long)]
+    pub service_discovery_port: Option<u16>,
+    /// The namespace to watch [default: all namespaces].
+    #[arg(long)]
+    pub service_discovery_namespace: Option<String>,
+    /// The pod annotation that holds a prefill pod's bootstrap port
+    /// [default: sglang.ai/bootstrap-port].
+    #[arg(long)]
+    pub bootstrap_port_annotation: Option<String>,
 }

@@ -1,6 +1,7 @@
 //! One typed configuration, built once from the TOML file and sgl-router's flags (a flag
 //! overrides the file's key), with every error collected. See docs/configuration.md.
 
+mod discovery;
 mod error;
 mod flags;
 mod pd;
@@ -15,6 +16,7 @@ use http::HeaderName;
 use serde::Serialize;
 use toml::Spanned;
 
+pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{Cli, Command, Flags};
 use raw::RawConfig;
@@ -34,6 +36,23 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub log_dir: Option<std::path::PathBuf>,
+    /// Kubernetes service discovery (`None`: off).
+    pub discovery: Option<DiscoveryConfig>,
+}
+
+/// Workers discovered as Kubernetes pods (docs/discovery.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiscoveryConfig {
+    /// `None`: every namespace.
+    pub namespace: Option<String>,
+    pub port: u16,
+    /// Regular mode's pods; in PD mode the pools' selectors below.
+    pub selector: std::collections::BTreeMap<String, String>,
+    pub prefill_selector: std::collections::BTreeMap<String, String>,
+    pub decode_selector: std::collections::BTreeMap<String, String>,
+    pub bootstrap_port_annotation: String,
+    /// `None`: in-cluster, else `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -343,6 +362,7 @@ impl Builder<'_> {
             };
             self.error("workers", &at, "PD mode routes to prefill and decode pools; regular workers are not allowed with them".into());
         }
+        let discovery = self.discovery(raw.discovery, pd.is_some(), f);
         Config {
             server,
             policy,
@@ -355,6 +375,7 @@ impl Builder<'_> {
             log_level: self.log_level(f),
             log_format: self.log_format(f),
             log_dir: f.log_dir.clone(),
+            discovery,
         }
     }
 

@@ -16,6 +16,20 @@ pub struct RawConfig {
     pub prefill: Vec<RawPrefill>,
     pub decode: Vec<RawWorker>,
     pub metrics: RawMetrics,
+    pub discovery: Option<RawDiscovery>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDiscovery {
+    pub enabled: Option<bool>,
+    pub namespace: Option<Spanned<String>>,
+    pub port: Option<u16>,
+    pub selector: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub prefill_selector: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub decode_selector: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub bootstrap_port_annotation: Option<Spanned<String>>,
+    pub kubeconfig: Option<Spanned<std::path::PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,0 +1,243 @@
+//! Kubernetes service discovery against a fake API server on loopback (tests/src/fake_k8s.rs):
+//! pods coming, going, turning NotReady or changing labels; 410 Gone, dropped watches and
+//! API server downtime; PD pools; reload; each case asserts the router's worker set.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use routerd_e2e::fake_k8s::{pod, FakeK8s};
+use routerd_e2e::*;
+use serde_json::{json, Value};
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+/// Worker URLs by source, from `GET /workers`.
+async fn workers_of(router: &str, source: &str) -> BTreeSet<String> {
+    let v = get_json(&format!("{router}/workers")).await;
+    v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["source"] == source)
+        .map(|w| w["url"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn expect_discovered(router: &str, urls: &[String], what: &str) {
+    let want: BTreeSet<String> = urls.iter().cloned().collect();
+    eventually(WITHIN, what, || {
+        let want = want.clone();
+        async move { workers_of(router, "discovery").await == want }
+    })
+    .await;
+}
+
+async fn discovery(router: &str) -> Value {
+    get_json(&format!("{router}/admin/discovery")).await["discovery"].clone()
+}
+
+/// Counts of `worker_added` / `worker_removed` events that name discovery.
+async fn churn(router: &str) -> (usize, usize) {
+    let v = get_json(&format!("{router}/admin/stats")).await;
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    let count = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["kind"] == kind && e["message"].as_str().unwrap_or("").contains("(discovery)")
+            })
+            .count()
+    };
+    (count("worker_added"), count("worker_removed"))
+}
+
+fn toml(kubeconfig: &std::path::Path, port: u16, extra: &str) -> String {
+    format!(
+        "[policy]\nname = \"round_robin\"\n{extra}\n[discovery]\nkubeconfig = {:?}\nnamespace = \"llm\"\n\
+         port = {port}\nselector = {{ app = \"sglang\" }}\n",
+        kubeconfig.display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_follow_pods_that_come_go_turn_not_ready_or_stop_matching() {
+    let k8s = FakeK8s::start().await;
+    // Two real workers on one port at two loopback addresses, as two pods would be.
+    let a = sim(|s| s.host = "127.0.0.2".into()).await;
+    let port: u16 = a.url().rsplit(':').next().unwrap().parse().unwrap();
+    let b = sim(|s| {
+        s.host = "127.0.0.3".into();
+        s.port = port;
+    })
+    .await;
+    let fixed = sim(|_| {}).await;
+    let url = |ip: &str| format!("http://{ip}:{port}");
+    k8s.apply(pod("llm", "a", &[("app", "sglang")], "127.0.0.2", true));
+    k8s.apply(pod("llm", "b", &[("app", "sglang")], "127.0.0.3", true));
+    k8s.apply(pod("llm", "c", &[("app", "sglang")], "127.0.0.4", false));
+    k8s.apply(pod("llm", "other", &[("app", "vllm")], "127.0.0.5", true));
+    k8s.apply(pod("staging", "d", &[("app", "sglang")], "127.0.0.6", true));
+    let dir = ConfigDir::new("discovery");
+    k8s.kubeconfig(&dir.dir.join("kubeconfig"));
+    let static_worker = format!("[[workers]]\nurl = \"{}\"\n", fixed.url());
+    dir.write(&toml(&dir.dir.join("kubeconfig"), port, &static_worker));
+    let r = dir.start(&dir.file, Default::default()).await;
+    let router = r.url();
+
+    expect_discovered(&router, &[url("127.0.0.2"), url("127.0.0.3")], "the ready pods").await;
+    assert_eq!(workers_of(&router, "config").await, BTreeSet::from([fixed.url()]));
+    for _ in 0..6 {
+        let (status, _) = post_json(format!("{router}/generate"), &small_generate()).await;
+        assert_eq!(status, 200);
+    }
+    let d = discovery(&router).await;
+    assert_eq!((d["state"].as_str(), d["workers"].as_u64()), (Some("watching"), Some(2)), "{d}");
+    assert_eq!((d["pods"].as_u64(), d["ready_pods"].as_u64()), (Some(3), Some(2)), "{d}");
+    assert_eq!(d["selectors"]["regular"], "app=sglang");
+
+    k8s.edit("llm", "b", |p| p["status"]["conditions"][1]["status"] = json!("False"));
+    expect_discovered(&router, &[url("127.0.0.2")], "b turned NotReady").await;
+    k8s.edit("llm", "c", |p| p["status"]["conditions"][1]["status"] = json!("True"));
+    expect_discovered(&router, &[url("127.0.0.2"), url("127.0.0.4")], "c turned Ready").await;
+    k8s.edit("llm", "a", |p| p["metadata"]["labels"]["app"] = json!("retired"));
+    expect_discovered(&router, &[url("127.0.0.4")], "a stopped matching").await;
+    k8s.delete("llm", "c");
+    k8s.apply(pod("llm", "e", &[("app", "sglang")], "127.0.0.3", true));
+    expect_discovered(&router, &[url("127.0.0.3")], "c deleted, e added").await;
+    let (status, _) = post_json(format!("{router}/generate"), &small_generate()).await;
+    assert_eq!(status, 200);
+    let metrics = r.app.metrics.render(&r.app);
+    assert!(metrics.contains("sgl_router_discovery_up 1"), "{metrics}");
+    assert!(metrics.contains("sgl_router_discovery_workers 1"), "{metrics}");
+
+    // Discovery turned off on reload: its workers go, the static one stays.
+    dir.write(&format!("[policy]\nname = \"round_robin\"\n{static_worker}"));
+    let (status, body) = post_json(format!("{router}/admin/reload"), &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    expect_discovered(&router, &[], "discovery off").await;
+    assert_eq!(workers_of(&router, "config").await, BTreeSet::from([fixed.url()]));
+    assert_eq!(discovery(&router).await["state"], "off");
+    r.shutdown().await;
+    shutdown_all(vec![a, b, fixed]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_watches_relist_without_churn_and_downtime_keeps_the_last_known_set() {
+    let k8s = FakeK8s::start().await;
+    k8s.apply(pod("llm", "a", &[("app", "sglang")], "127.0.0.2", true));
+    k8s.apply(pod("llm", "b", &[("app", "sglang")], "127.0.0.3", true));
+    let dir = ConfigDir::new("discovery-faults");
+    k8s.kubeconfig(&dir.dir.join("kubeconfig"));
+    dir.write(&toml(&dir.dir.join("kubeconfig"), 8000, ""));
+    let r = dir.start(&dir.file, Default::default()).await;
+    let router = r.url();
+    let both = ["http://127.0.0.2:8000".to_owned(), "http://127.0.0.3:8000".to_owned()];
+    expect_discovered(&router, &both, "the first list").await;
+    assert_eq!(churn(&router).await, (2, 0));
+
+    // 410 Gone: the watcher relists; nothing still there is removed or added again.
+    let lists = discovery(&router).await["lists_total"].as_u64().unwrap();
+    k8s.expire();
+    eventually(WITHIN, "a relist after 410 Gone", || async {
+        discovery(&router).await["lists_total"].as_u64().unwrap() > lists
+    })
+    .await;
+    assert_eq!(workers_of(&router, "discovery").await, both.iter().cloned().collect());
+    assert_eq!(churn(&router).await, (2, 0), "a relist of the same pods changes nothing");
+
+    // A dropped watch resumes from its resource version: a change made meanwhile arrives.
+    let (_, watches) = k8s.requests();
+    k8s.drop_watches();
+    k8s.delete("llm", "b");
+    eventually(WITHIN, "the watch resumed", || async { k8s.requests().1 > watches }).await;
+    expect_discovered(&router, &both[..1], "b deleted while the watch was down").await;
+
+    // Downtime: errors are reported, the last known set keeps serving; after it, the pods
+    // that changed meanwhile are followed again.
+    k8s.set_down(true);
+    eventually(WITHIN, "discovery reports the outage", || async {
+        let d = discovery(&router).await;
+        d["state"] == "error" && d["errors_total"].as_u64().unwrap() > 0
+    })
+    .await;
+    let d = discovery(&router).await;
+    assert!(d["last_error"].as_str().unwrap().contains("503"), "{d}");
+    assert_eq!(workers_of(&router, "discovery").await, both[..1].iter().cloned().collect());
+    let metrics = r.app.metrics.render(&r.app);
+    assert!(metrics.contains("sgl_router_discovery_up 0"), "{metrics}");
+    k8s.apply(pod("llm", "c", &[("app", "sglang")], "127.0.0.4", true));
+    k8s.set_down(false);
+    let after = [both[0].clone(), "http://127.0.0.4:8000".to_owned()];
+    expect_discovered(&router, &after, "c, added during the outage").await;
+    eventually(WITHIN, "watching again", || async {
+        discovery(&router).await["state"] == "watching"
+    })
+    .await;
+    assert_eq!(churn(&router).await, (3, 1));
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_pods_are_classified_by_selector_with_bootstrap_ports_from_the_annotation() {
+    let k8s = FakeK8s::start().await;
+    let mut p = pod("llm", "p0", &[("app", "sglang"), ("role", "prefill")], "127.0.0.2", true);
+    p["metadata"]["annotations"]["sglang.ai/bootstrap-port"] = json!("9100");
+    k8s.apply(p);
+    k8s.apply(pod("llm", "d0", &[("app", "sglang"), ("role", "decode")], "127.0.0.3", true));
+    k8s.apply(pod("llm", "x", &[("app", "sglang")], "127.0.0.4", true));
+    let dir = ConfigDir::new("discovery-pd");
+    let kubeconfig = dir.dir.join("kubeconfig");
+    k8s.kubeconfig(&kubeconfig);
+    let flags = routerd::config::Flags {
+        pd_disaggregation: true,
+        service_discovery: true,
+        prefill_selector: Some(vec!["app=sglang".into(), "role=prefill".into()]),
+        decode_selector: Some(vec!["app=sglang".into(), "role=decode".into()]),
+        service_discovery_port: Some(30000),
+        service_discovery_namespace: Some("llm".into()),
+        ..Default::default()
+    };
+    dir.write(&format!("[discovery]\nkubeconfig = {:?}\n", kubeconfig.display().to_string()));
+    let r = dir.start(&dir.file, flags).await;
+    let router = r.url();
+    expect_discovered(
+        &router,
+        &["http://127.0.0.2:30000".into(), "http://127.0.0.3:30000".into()],
+        "one prefill and one decode pod",
+    )
+    .await;
+    let v = get_json(&format!("{router}/workers")).await;
+    let by_url =
+        |u: &str| v["workers"].as_array().unwrap().iter().find(|w| w["url"] == u).cloned().unwrap();
+    let prefill = by_url("http://127.0.0.2:30000");
+    assert_eq!(
+        (prefill["role"].as_str(), prefill["bootstrap_port"].as_u64()),
+        (Some("prefill"), Some(9100))
+    );
+    assert_eq!(by_url("http://127.0.0.3:30000")["role"], "decode");
+    let d = discovery(&router).await;
+    assert_eq!(
+        d["selectors"],
+        json!({"prefill": "app=sglang,role=prefill", "decode": "app=sglang,role=decode"})
+    );
+    r.shutdown().await;
+}
+
+#[test]
+fn discovery_settings_are_validated_with_their_keys() {
+    let flags = routerd::config::Flags {
+        service_discovery: true,
+        prefill_selector: Some(vec!["role=prefill".into()]),
+        selector: Some(vec!["app".into()]),
+        ..Default::default()
+    };
+    let errors = routerd::config::Config::build(None, &flags).unwrap_err().to_string();
+    assert!(errors.contains("\"app\" is not key=value"), "{errors}");
+    assert!(
+        errors.contains("discovery.prefill_selector") && errors.contains("only applies in PD mode"),
+        "{errors}"
+    );
+    let none = routerd::config::Flags { service_discovery: true, ..Default::default() };
+    let errors = routerd::config::Config::build(None, &none).unwrap_err().to_string();
+    assert!(errors.contains("service discovery needs a selector"), "{errors}");
+}
