@@ -80,6 +80,7 @@ impl Status {
         });
     }
 
+    #[cfg_attr(not(feature = "k8s"), allow(dead_code))]
     fn error(&self, message: String) {
         self.update(|s| {
             s.state = "error";
