@@ -241,3 +241,29 @@ fn discovery_settings_are_validated_with_their_keys() {
     let errors = routerd::config::Config::build(None, &none).unwrap_err().to_string();
     assert!(errors.contains("service discovery needs a selector"), "{errors}");
 }
+
+#[test]
+fn the_kubernetes_example_config_is_valid_and_selects_the_example_workers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s");
+    let router = std::fs::read_to_string(root.join("router.yaml")).unwrap();
+    // The ConfigMap's routerd.toml: the block indented under `routerd.toml: |`.
+    let toml: String = router
+        .lines()
+        .skip_while(|l| !l.contains("routerd.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let src = routerd::config::Source { name: "examples/k8s/router.yaml", text: &toml };
+    let config = routerd::config::Config::build(Some(src), &Default::default()).unwrap();
+    let d = config.discovery.expect("discovery on");
+    assert_eq!(d.namespace.as_deref(), Some("llm"));
+    let label = d.selector.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
+    let workers = std::fs::read_to_string(root.join("workers.yaml")).unwrap();
+    assert!(workers.contains(&format!("labels: {{ {label} }}")), "{label}");
+    assert!(workers.contains(&format!("containerPort: {}", d.port)));
+    for f in ["rbac-namespace.yaml", "rbac-cluster.yaml"] {
+        let rbac = std::fs::read_to_string(root.join(f)).unwrap();
+        assert!(rbac.contains(r#"verbs: ["get", "list", "watch"]"#), "{f}");
+    }
+}
