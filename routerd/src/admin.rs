@@ -86,7 +86,7 @@ impl WorkerView {
 }
 
 /// The body of `POST /workers` (and the query of `/add_worker`).
-#[derive(Debug, Deserialize, Serialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NewWorker {
     pub url: String,
@@ -95,15 +95,16 @@ pub struct NewWorker {
     #[serde(default)]
     pub bootstrap_port: Option<u16>,
     #[serde(default)]
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::secret::Secret>,
     /// Who registers it: `api` (the default) or `launch` (`routerctl launch`, which supervises
     /// the worker's process). `config` and `discovery` workers come from their own sources.
     #[serde(default)]
     pub source: Option<WorkerSource>,
 }
 
-fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
-    let pd = app.live().config.pd.is_some();
+async fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
+    let live = app.live();
+    let pd = live.config.pd.is_some();
     let role = match (new.role, pd) {
         (None, false) | (Some(WorkerRole::Regular), false) => WorkerRole::Regular,
         (Some(r @ (WorkerRole::Prefill | WorkerRole::Decode)), true) => r,
@@ -132,6 +133,16 @@ fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError> {
         }
     };
     let url = normalize_worker_url(&new.url).map_err(RouterError::BadRequest)?;
+    let allowed = &live.config.security.allowed_worker_networks;
+    crate::security::check_worker_url(&url, allowed).await.map_err(RouterError::BadRequest)?;
+    if let Some(k) = &new.api_key {
+        let v = k.expose();
+        if v.trim().is_empty() || v.chars().any(|c| c.is_control() || !c.is_ascii()) {
+            return Err(RouterError::BadRequest(
+                "api_key must be non-empty printable ASCII text".into(),
+            ));
+        }
+    }
     let spec =
         WorkerSpec { url, role, bootstrap_port: new.bootstrap_port, api_key: new.api_key, source };
     let role = spec.role;
@@ -160,7 +171,7 @@ fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
 }
 
 pub async fn add_worker(State(app): State<Arc<App>>, Query(q): Query<NewWorker>) -> Response {
-    match register(&app, q) {
+    match register(&app, q).await {
         Ok(w) => {
             (StatusCode::OK, format!("Successfully added worker: {}", w.url())).into_response()
         }
@@ -199,7 +210,7 @@ pub async fn create_worker(State(app): State<Arc<App>>, body: axum::body::Bytes)
         Ok(n) => n,
         Err(e) => return RouterError::BadRequest(format!("invalid worker: {e}")).into_response(),
     };
-    match register(&app, new) {
+    match register(&app, new).await {
         Ok(w) => (StatusCode::CREATED, Json(WorkerView::new(&w, &app))).into_response(),
         Err(e) => e.into_response(),
     }

@@ -75,13 +75,14 @@ pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {
 
 /// The configuration's workers (regular, or both PD pools) as registry entries.
 pub fn config_workers(config: &Config) -> Vec<WorkerSpec> {
-    let spec = |url: &str, role, bootstrap_port, api_key: &Option<String>| WorkerSpec {
-        url: url.to_owned(),
-        role,
-        bootstrap_port,
-        api_key: api_key.clone(),
-        source: WorkerSource::Config,
-    };
+    let spec =
+        |url: &str, role, bootstrap_port, api_key: &Option<crate::secret::Secret>| WorkerSpec {
+            url: url.to_owned(),
+            role,
+            bootstrap_port,
+            api_key: api_key.clone(),
+            source: WorkerSource::Config,
+        };
     let mut out: Vec<WorkerSpec> = config
         .workers
         .iter()

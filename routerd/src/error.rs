@@ -44,6 +44,12 @@ pub enum RouterError {
     Conflict(String),
     #[error("{0}")]
     UnknownWorker(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
 }
 
 impl RouterError {
@@ -61,6 +67,9 @@ impl RouterError {
             Self::WorkerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Protocol(status, _) => *status,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -72,7 +81,10 @@ impl RouterError {
             | Self::MethodNotAllowed(_)
             | Self::Conflict(_)
             | Self::Protocol(..)
-            | Self::UnknownWorker(_) => Fault::Client,
+            | Self::UnknownWorker(_)
+            | Self::Unauthorized(_)
+            | Self::Forbidden(_)
+            | Self::UnsupportedMediaType(_) => Fault::Client,
             Self::NoWorkers
             | Self::NoPoolWorkers(_)
             | Self::QueueFull
@@ -102,6 +114,9 @@ impl RouterError {
             Self::Conflict(_) => "conflict",
             Self::Protocol(..) => "invalid_http_request",
             Self::UnknownWorker(_) => "unknown_worker",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
         }
     }
 }
@@ -110,6 +125,13 @@ impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = json!({"error": {"message": self.to_string(), "type": self.kind(), "code": status.as_u16()}});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }

@@ -23,5 +23,7 @@ pub mod poll;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
+pub mod secret;
+pub mod security;
 pub mod serve;
 pub mod stats;

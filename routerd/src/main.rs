@@ -76,7 +76,12 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         decode_selector,
         service_discovery_port,
         service_discovery_namespace,
-        bootstrap_port_annotation
+        bootstrap_port_annotation,
+        api_key,
+        api_key_file,
+        admin_api_key,
+        admin_api_key_file,
+        allowed_worker_networks
     )
 }
 
@@ -143,6 +148,9 @@ fn serve(flags: Flags) -> ExitCode {
     match config.log_format {
         routerd::config::LogFormat::Json => logs.json().flatten_event(true).init(),
         routerd::config::LogFormat::Text => logs.init(),
+    }
+    for warning in routerd::security::startup_warnings(&config.security, &config.server.host) {
+        tracing::warn!("{warning}");
     }
     let mut builder = match config.server.worker_threads.map(|n| n.get()) {
         Some(1) => tokio::runtime::Builder::new_current_thread(),

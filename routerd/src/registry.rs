@@ -57,7 +57,7 @@ pub struct WorkerSpec {
     pub url: String,
     pub role: WorkerRole,
     pub bootstrap_port: Option<u16>,
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::secret::Secret>,
     pub source: WorkerSource,
 }
 
@@ -97,7 +97,7 @@ impl Worker {
         let auth = spec
             .api_key
             .as_ref()
-            .and_then(|k| HeaderValue::try_from(format!("Bearer {k}")).ok())
+            .and_then(|k| HeaderValue::try_from(format!("Bearer {}", k.expose())).ok())
             .map(|mut v| {
                 v.set_sensitive(true);
                 v

@@ -193,6 +193,7 @@ fn inputs(args: &LaunchArgs) -> Result<Inputs, String> {
             host: args.router_host.clone(),
             port,
             args: args.router_args.clone(),
+            admin_key: args.endpoint.admin_key.clone(),
         })
     } else {
         None

@@ -28,7 +28,17 @@ pub struct CommandLine {
 impl CommandLine {
     /// The command as a shell would show it, for logs and error messages.
     pub fn display(&self) -> String {
-        let mut out: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut out: Vec<String> =
+            self.env
+                .iter()
+                .map(|(k, v)| {
+                    if k.ends_with("_KEY") {
+                        format!("{k}=<redacted>")
+                    } else {
+                        format!("{k}={v}")
+                    }
+                })
+                .collect();
         out.push(self.program.display().to_string());
         out.extend(self.args.iter().map(|a| {
             if a.is_empty() || a.contains(char::is_whitespace) {
@@ -86,6 +96,9 @@ pub struct RouterInputs {
     pub host: String,
     pub port: u16,
     pub args: Vec<String>,
+    /// routerctl's `--admin-key`: the router started gets it as its admin key, through the
+    /// environment (`ROUTERD_ADMIN_API_KEY`) so that it never shows in a process list.
+    pub admin_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +262,15 @@ fn router_plan(r: &RouterInputs, fleet: Fleet, log_dir: &Path) -> ProcPlan {
         role: None,
         bootstrap_port: None,
         gpus: Vec::new(),
-        command: CommandLine { program: r.program.clone(), args, env: Vec::new() },
+        command: CommandLine {
+            program: r.program.clone(),
+            args,
+            env: r
+                .admin_key
+                .iter()
+                .map(|k| ("ROUTERD_ADMIN_API_KEY".to_owned(), k.clone()))
+                .collect(),
+        },
         log: log_dir.join("routerd.log"),
         health_path: "/liveness",
     }
@@ -356,6 +377,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 30000,
             args: vec!["--policy".into(), "round_robin".into()],
+            admin_key: Some("adm-secret".into()),
         });
         let (w, router) = plan(&i);
         assert_eq!(
@@ -368,8 +390,10 @@ mod tests {
         let r = router.unwrap();
         assert_eq!(
             r.command.display(),
-            "/bin/routerd --host 127.0.0.1 --port 30000 --pd-disaggregation --policy round_robin"
+            "ROUTERD_ADMIN_API_KEY=<redacted> /bin/routerd --host 127.0.0.1 --port 30000 \
+             --pd-disaggregation --policy round_robin"
         );
+        assert_eq!(r.command.env, [("ROUTERD_ADMIN_API_KEY".into(), "adm-secret".into())]);
         assert_eq!((r.url.as_str(), r.health_path), ("http://127.0.0.1:30000", "/liveness"));
     }
 

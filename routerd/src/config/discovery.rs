@@ -18,7 +18,13 @@ impl Builder<'_> {
     ) -> Option<DiscoveryConfig> {
         let given = raw.as_ref().is_some_and(|d| d.enabled.unwrap_or(true));
         let on = f.service_discovery || given;
-        let d = raw.unwrap_or_default();
+        let mut d = raw.unwrap_or_default();
+        let fields = super::security::SecretFields {
+            inline: d.api_key.take(),
+            file: d.api_key_file.take(),
+            env: d.api_key_env.take(),
+        };
+        let api_key = if on { self.secret("discovery.api_key", fields) } else { None };
         let selector = self.selector("discovery.selector", &f.selector, "--selector", d.selector);
         let prefill = self.selector(
             "discovery.prefill_selector",
@@ -97,6 +103,7 @@ impl Builder<'_> {
             decode_selector: decode.0,
             bootstrap_port_annotation: annotation.0,
             kubeconfig: d.kubeconfig.map(Spanned::into_inner),
+            api_key,
         })
     }
 

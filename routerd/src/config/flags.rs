@@ -194,6 +194,24 @@ pub struct Flags {
     /// The namespace to watch [default: all namespaces].
     #[arg(long)]
     pub service_discovery_namespace: Option<String>,
+    /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
+    /// the workers given by flags (as in sgl-router) and to discovered workers.
+    #[arg(long, env = "ROUTERD_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<crate::secret::Secret>,
+    /// Read --api-key from this file.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Required on management and admin routes as `Authorization: Bearer KEY`. Without it,
+    /// only loopback peers may add or remove workers, reload or flush.
+    #[arg(long, env = "ROUTERD_ADMIN_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub admin_api_key: Option<crate::secret::Secret>,
+    /// Read --admin-api-key from this file.
+    #[arg(long, value_name = "FILE")]
+    pub admin_api_key_file: Option<PathBuf>,
+    /// Networks that workers added through the API or discovery must be in, e.g.
+    /// `10.0.0.0/8` [default: any but link-local and metadata addresses].
+    #[arg(long, num_args = 1.., value_name = "CIDR")]
+    pub allowed_worker_networks: Option<Vec<String>>,
     /// The pod annotation that holds a prefill pod's bootstrap port
     /// [default: sglang.ai/bootstrap-port].
     #[arg(long)]

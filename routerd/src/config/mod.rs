@@ -7,6 +7,7 @@ mod flags;
 mod pd;
 mod raw;
 mod sections;
+mod security;
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -16,6 +17,7 @@ use http::HeaderName;
 use serde::Serialize;
 use toml::Spanned;
 
+pub use crate::secret::Secret;
 pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{Cli, Command, Flags};
@@ -38,6 +40,22 @@ pub struct Config {
     pub log_dir: Option<std::path::PathBuf>,
     /// Kubernetes service discovery (`None`: off).
     pub discovery: Option<DiscoveryConfig>,
+    pub security: SecurityConfig,
+}
+
+/// Who may call the router, and where workers may be (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct SecurityConfig {
+    /// Required from clients on inference routes (`Authorization: Bearer KEY`); also sent to
+    /// the workers given by flags and to discovered workers that have no key of their own.
+    pub api_key: Option<Secret>,
+    /// Required on management and admin routes; without it, only loopback peers may change
+    /// anything.
+    pub admin_api_key: Option<Secret>,
+    /// Workers added through the API or discovery must be in one of these (empty: anywhere
+    /// but link-local and metadata addresses).
+    #[serde(serialize_with = "ser::networks")]
+    pub allowed_worker_networks: Vec<ipnet::IpNet>,
 }
 
 /// Workers discovered as Kubernetes pods (docs/discovery.md).
@@ -53,6 +71,8 @@ pub struct DiscoveryConfig {
     pub bootstrap_port_annotation: String,
     /// `None`: in-cluster, else `$KUBECONFIG` or `~/.kube/config`.
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Sent to discovered workers (default: `security.api_key`).
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -141,6 +161,13 @@ pub struct ServerConfig {
     pub stream_idle_timeout: Duration,
     /// Browser origins allowed by CORS (`*`: any).
     pub cors_allowed_origins: Vec<String>,
+    /// Longest time a client may take to send a request head, or between two reads of its
+    /// body; then it gets 408 and the connection is closed.
+    #[serde(serialize_with = "ser::duration")]
+    pub header_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    #[serde(serialize_with = "ser::duration")]
+    pub keep_alive_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,8 +224,7 @@ pub struct PrefillConfig {
     pub url: String,
     /// Where decode workers fetch the KV cache from; `None` sends `bootstrap_port: null`.
     pub bootstrap_port: Option<u16>,
-    #[serde(serialize_with = "ser::redacted")]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 impl PolicyConfig {
@@ -211,8 +237,7 @@ impl PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkerConfig {
     pub url: String,
-    #[serde(serialize_with = "ser::redacted")]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 impl Serialize for PolicyName {
@@ -243,11 +268,8 @@ mod ser {
         s.collect_seq(h.iter().map(|h| h.as_str()))
     }
 
-    pub fn redacted<S: Serializer>(k: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-        match k {
-            Some(_) => s.serialize_str("<redacted>"),
-            None => s.serialize_none(),
-        }
+    pub fn networks<S: Serializer>(n: &[ipnet::IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(n.iter().map(|n| n.to_string()))
     }
 }
 
@@ -350,10 +372,11 @@ impl Builder<'_> {
     }
 
     fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
+        let security = self.security(raw.security, f);
         let server = self.server(raw.server, f);
         let pools = (raw.policy.prefill_policy.clone(), raw.policy.decode_policy.clone());
         let policy = self.policy(raw.policy, f);
-        let pd = self.pd(raw.prefill, raw.decode, pools, &policy, f);
+        let pd = self.pd(raw.prefill, raw.decode, pools, &policy, f, &security);
         if pd.is_some() && (f.worker_urls.is_some() || !raw.workers.is_empty()) {
             let at = match (&f.worker_urls, raw.workers.first()) {
                 (Some(_), _) => At::flag("--worker-urls"),
@@ -366,7 +389,7 @@ impl Builder<'_> {
         Config {
             server,
             policy,
-            workers: self.workers(raw.workers, f),
+            workers: self.workers(raw.workers, f, &security),
             pd,
             health: self.health(raw.health, f),
             circuit_breaker: self.breaker(raw.circuit_breaker, f),
@@ -376,6 +399,7 @@ impl Builder<'_> {
             log_format: self.log_format(f),
             log_dir: f.log_dir.clone(),
             discovery,
+            security,
         }
     }
 
@@ -439,6 +463,18 @@ impl Builder<'_> {
             connect_timeout,
             header_timeout: header_timeout.min(request_timeout),
             stream_idle_timeout,
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                None,
+                s.header_read_timeout,
+                Duration::from_secs(30),
+            ),
+            keep_alive_timeout: self.duration(
+                "server.keep_alive_timeout",
+                None,
+                s.keep_alive_timeout,
+                Duration::from_secs(300),
+            ),
             cors_allowed_origins: f
                 .cors_allowed_origins
                 .clone()
@@ -575,14 +611,25 @@ impl Builder<'_> {
         }
     }
 
-    fn workers(&mut self, file: Vec<raw::RawWorker>, f: &Flags) -> Vec<WorkerConfig> {
-        let given: Vec<(String, Option<String>, At)> = match &f.worker_urls {
-            Some(urls) => {
-                urls.iter().map(|u| (u.clone(), None, At::flag("--worker-urls"))).collect()
-            }
+    fn workers(
+        &mut self,
+        file: Vec<raw::RawWorker>,
+        f: &Flags,
+        sec: &SecurityConfig,
+    ) -> Vec<WorkerConfig> {
+        // sgl-router sends --api-key to the workers given on the command line.
+        let given: Vec<(String, Option<Secret>, At)> = match &f.worker_urls {
+            Some(urls) => urls
+                .iter()
+                .map(|u| (u.clone(), sec.api_key.clone(), At::flag("--worker-urls")))
+                .collect(),
             None => file
                 .into_iter()
-                .map(|w| (w.url.get_ref().clone(), w.api_key, At::span(&w.url)))
+                .enumerate()
+                .map(|(i, mut w)| {
+                    let key = self.secret(&format!("workers[{i}].api_key"), w.secret_fields());
+                    (w.url.get_ref().clone(), key, At::span(&w.url))
+                })
                 .collect(),
         };
         let mut out: Vec<WorkerConfig> = Vec::new();

@@ -5,7 +5,7 @@ use toml::Spanned;
 
 use super::{
     layered, normalize_worker_url, raw, At, Builder, Flags, PdConfig, PolicyConfig, PrefillConfig,
-    WorkerConfig,
+    Secret, SecurityConfig, WorkerConfig,
 };
 
 impl Builder<'_> {
@@ -16,6 +16,7 @@ impl Builder<'_> {
         (p_policy, d_policy): (Option<Spanned<String>>, Option<Spanned<String>>),
         policy: &PolicyConfig,
         f: &Flags,
+        sec: &SecurityConfig,
     ) -> Option<PdConfig> {
         let on = f.pd_disaggregation
             || !prefill.is_empty()
@@ -46,14 +47,21 @@ impl Builder<'_> {
         let prefill_policy = self.policy_name("policy.prefill_policy", p);
         let d = layered(f.decode_policy.clone(), "--decode-policy", d_policy.as_ref(), inherit);
         let decode_policy = self.policy_name("policy.decode_policy", d);
-        let given: Vec<(String, Option<String>, Option<String>, At)> = if !f.prefill.is_empty() {
-            self.prefill_flags(&f.prefill)
+        // Workers given by flags get --api-key, as in sgl-router.
+        let given: Vec<(String, Option<String>, Option<Secret>, At)> = if !f.prefill.is_empty() {
+            let mut given = self.prefill_flags(&f.prefill);
+            for g in &mut given {
+                g.2 = sec.api_key.clone();
+            }
+            given
         } else {
             prefill
                 .into_iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(i, mut p)| {
                     let port = p.bootstrap_port.as_ref().map(|v| v.get_ref().to_string());
-                    (p.url.get_ref().clone(), port, p.api_key, At::span(&p.url))
+                    let key = self.secret(&format!("prefill[{i}].api_key"), p.secret_fields());
+                    (p.url.get_ref().clone(), port, key, At::span(&p.url))
                 })
                 .collect()
         };
@@ -77,12 +85,17 @@ impl Builder<'_> {
                 pools.prefill.push(PrefillConfig { url, bootstrap_port, api_key });
             }
         }
-        let given: Vec<(String, Option<String>, At)> = if !f.decode.is_empty() {
-            f.decode.iter().map(|u| (u.clone(), None, At::flag("--decode"))).collect()
+        let given: Vec<(String, Option<Secret>, At)> = if !f.decode.is_empty() {
+            let key = &sec.api_key;
+            f.decode.iter().map(|u| (u.clone(), key.clone(), At::flag("--decode"))).collect()
         } else {
             decode
                 .into_iter()
-                .map(|w| (w.url.get_ref().clone(), w.api_key, At::span(&w.url)))
+                .enumerate()
+                .map(|(i, mut w)| {
+                    let key = self.secret(&format!("decode[{i}].api_key"), w.secret_fields());
+                    (w.url.get_ref().clone(), key, At::span(&w.url))
+                })
                 .collect()
         };
         for (i, (url, api_key, at)) in given.into_iter().enumerate() {
@@ -98,8 +111,8 @@ impl Builder<'_> {
     fn prefill_flags(
         &mut self,
         values: &[String],
-    ) -> Vec<(String, Option<String>, Option<String>, At)> {
-        let mut out: Vec<(String, Option<String>, Option<String>, At)> = Vec::new();
+    ) -> Vec<(String, Option<String>, Option<Secret>, At)> {
+        let mut out: Vec<(String, Option<String>, Option<Secret>, At)> = Vec::new();
         for v in values {
             let is_port = v.eq_ignore_ascii_case("none") || v.bytes().all(|b| b.is_ascii_digit());
             match out.last_mut() {

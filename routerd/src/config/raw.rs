@@ -17,6 +17,19 @@ pub struct RawConfig {
     pub decode: Vec<RawWorker>,
     pub metrics: RawMetrics,
     pub discovery: Option<RawDiscovery>,
+    pub security: RawSecurity,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSecurity {
+    pub api_key: Option<Spanned<String>>,
+    pub api_key_file: Option<Spanned<std::path::PathBuf>>,
+    pub api_key_env: Option<Spanned<String>>,
+    pub admin_api_key: Option<Spanned<String>>,
+    pub admin_api_key_file: Option<Spanned<std::path::PathBuf>>,
+    pub admin_api_key_env: Option<Spanned<String>>,
+    pub allowed_worker_networks: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -30,6 +43,9 @@ pub struct RawDiscovery {
     pub decode_selector: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub bootstrap_port_annotation: Option<Spanned<String>>,
     pub kubeconfig: Option<Spanned<std::path::PathBuf>>,
+    pub api_key: Option<Spanned<String>>,
+    pub api_key_file: Option<Spanned<std::path::PathBuf>>,
+    pub api_key_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +64,8 @@ pub struct RawServer {
     pub connect_timeout: Option<Spanned<String>>,
     pub header_timeout: Option<Spanned<String>>,
     pub stream_idle_timeout: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub keep_alive_timeout: Option<Spanned<String>>,
     pub cors_allowed_origins: Option<Vec<String>>,
 }
 
@@ -114,12 +132,36 @@ pub struct RawPolicy {
 pub struct RawPrefill {
     pub url: Spanned<String>,
     pub bootstrap_port: Option<Spanned<u16>>,
-    pub api_key: Option<String>,
+    pub api_key: Option<Spanned<String>>,
+    pub api_key_file: Option<Spanned<std::path::PathBuf>>,
+    pub api_key_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorker {
     pub url: Spanned<String>,
-    pub api_key: Option<String>,
+    pub api_key: Option<Spanned<String>>,
+    pub api_key_file: Option<Spanned<std::path::PathBuf>>,
+    pub api_key_env: Option<Spanned<String>>,
+}
+
+impl RawWorker {
+    pub fn secret_fields(&mut self) -> super::security::SecretFields {
+        super::security::SecretFields {
+            inline: self.api_key.take(),
+            file: self.api_key_file.take(),
+            env: self.api_key_env.take(),
+        }
+    }
+}
+
+impl RawPrefill {
+    pub fn secret_fields(&mut self) -> super::security::SecretFields {
+        super::security::SecretFields {
+            inline: self.api_key.take(),
+            file: self.api_key_file.take(),
+            env: self.api_key_env.take(),
+        }
+    }
 }

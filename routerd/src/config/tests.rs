@@ -55,7 +55,7 @@ api_key = "k"
     assert_eq!(c.policy.name, PolicyName::PowerOfTwo);
     assert_eq!(c.policy.load_poll_interval, Some(Duration::from_secs(2)));
     assert_eq!(c.workers[0].url, "http://127.0.0.1:31001");
-    assert_eq!(c.workers[1].api_key.as_deref(), Some("k"));
+    assert_eq!(c.workers[1].api_key.as_ref().map(|k| k.expose()), Some("k"));
 }
 
 #[test]

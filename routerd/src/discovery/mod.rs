@@ -43,6 +43,9 @@ pub struct State {
     /// Unix seconds.
     pub last_error_at: Option<u64>,
     pub last_change_at: Option<u64>,
+    /// Ready pods whose address the security rules refuse (link-local, metadata, outside
+    /// `allowed_worker_networks`), with the reason.
+    pub refused: Vec<String>,
 }
 
 /// Shared between the discovery task, reloads and the admin API.
@@ -139,7 +142,28 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
 
 /// Makes the discovered workers exactly `specs`: new ones added, the others removed (requests
 /// already on them finish) and forgotten by their pool's policy.
-fn apply(app: &App, specs: Vec<crate::registry::WorkerSpec>) {
+fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
+    let live = app.live();
+    let sec = &live.config.security;
+    let key = live.config.discovery.as_ref().and_then(|d| d.api_key.clone());
+    let mut refused = Vec::new();
+    specs.retain_mut(|s| {
+        if let Err(why) = crate::security::check_worker_addr(&s.url, &sec.allowed_worker_networks) {
+            refused.push(why);
+            return false;
+        }
+        s.api_key = key.clone().or_else(|| sec.api_key.clone());
+        true
+    });
+    let newly_refused: Vec<String> = {
+        let old = app.discovery.get().refused;
+        refused.iter().filter(|r| !old.contains(r)).cloned().collect()
+    };
+    for why in &newly_refused {
+        tracing::warn!(reason = %why, "discovery: pod refused as a worker");
+        app.events.push("worker_refused", format!("{why} (discovery)"));
+    }
+    app.discovery.update(|s| s.refused = refused);
     let before = app.registry.snapshot();
     let (added, removed) = app.registry.sync_source(WorkerSource::Discovery, specs);
     for url in &removed {

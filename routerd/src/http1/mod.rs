@@ -31,8 +31,6 @@ use crate::error::RouterError;
 use crate::proxy::{self, Route};
 use head::{BodyLen, Head};
 
-/// A slow client must finish sending a request head (and each read of its body) within this.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of a pipelined next request is buffered while a response is relayed.
 pub const MAX_BUFFERED: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
@@ -81,13 +79,16 @@ impl Conn {
         }
     }
 
-    /// The next request head; `None` when the client closed, stalled, or the server drains
-    /// while the connection is idle.
+    /// The next request head; `None` when the client closed, stayed idle longer than
+    /// `limits.idle`, or the server drains while the connection is idle. A head must arrive
+    /// whole within `limits.head` of its first byte (of the connection, for the first
+    /// request), else 408.
     async fn read_head(
         &mut self,
         drain: &CancellationToken,
+        limits: HeadLimits,
     ) -> Result<Option<Head>, head::HeadError> {
-        let mut deadline = None;
+        let mut deadline = limits.first.then(|| Instant::now() + limits.head);
         loop {
             if !self.buf.is_empty() {
                 if let Some((head, n)) = head::parse(&self.buf)? {
@@ -95,19 +96,36 @@ impl Conn {
                     return Ok(Some(head));
                 }
             }
-            let read = if self.buf.is_empty() {
+            let read = if self.buf.is_empty() && deadline.is_none() {
                 tokio::select! {
                     biased;
                     _ = drain.cancelled() => return Ok(None),
-                    r = self.read_more() => r,
+                    r = self.read_more_within(Instant::now() + limits.idle) => r,
                 }
             } else {
-                // A head has begun: it must complete in time.
-                let deadline = *deadline.get_or_insert(Instant::now() + READ_TIMEOUT);
-                self.read_more_within(deadline).await
+                // A head has begun (or the connection is new): it must complete in time.
+                let deadline = *deadline.get_or_insert(Instant::now() + limits.head);
+                tokio::select! {
+                    biased;
+                    _ = drain.cancelled(), if self.buf.is_empty() => return Ok(None),
+                    r = self.read_more_within(deadline) => r,
+                }
             };
-            if !matches!(read, Ok(n) if n > 0) {
-                return Ok(None);
+            match read {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && deadline.is_some() => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(head::HeadError {
+                        status: StatusCode::REQUEST_TIMEOUT,
+                        message: format!(
+                            "the request head did not arrive within {}",
+                            humantime::format_duration(limits.head)
+                        ),
+                    });
+                }
+                _ => return Ok(None),
             }
         }
     }
@@ -119,8 +137,13 @@ impl Conn {
         Ok(())
     }
 
-    /// The whole request body, up to `limit` bytes.
-    async fn read_body(&mut self, head: &Head, limit: usize) -> Result<Bytes, BodyError> {
+    /// The whole request body, up to `limit` bytes, each read within `timeout`.
+    async fn read_body(
+        &mut self,
+        head: &Head,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Bytes, BodyError> {
         match head.body {
             BodyLen::Length(n) => {
                 if n > limit as u64 {
@@ -132,7 +155,7 @@ impl Conn {
                     self.buf.reserve(n - self.buf.len());
                 }
                 while self.buf.len() < n {
-                    if self.read_more_within(Instant::now() + READ_TIMEOUT).await? == 0 {
+                    if self.read_more_within(Instant::now() + timeout).await? == 0 {
                         return Err(BodyError::Closed);
                     }
                 }
@@ -153,7 +176,7 @@ impl Conn {
                     if dec.is_done() {
                         return Ok(body.into());
                     }
-                    if self.read_more_within(Instant::now() + READ_TIMEOUT).await? == 0 {
+                    if self.read_more_within(Instant::now() + timeout).await? == 0 {
                         return Err(BodyError::Closed);
                     }
                 }
@@ -161,6 +184,19 @@ impl Conn {
         }
     }
 }
+
+/// How long a client may take over a request head, and stay idle between requests.
+#[derive(Clone, Copy)]
+struct HeadLimits {
+    head: Duration,
+    idle: Duration,
+    /// The connection's first request: the head deadline runs from the accept.
+    first: bool,
+}
+
+/// Bodies of refused requests up to this size are read and dropped so the connection can
+/// serve the next request; larger ones close it.
+const DISCARD_LIMIT: usize = 64 * 1024;
 
 enum BodyError {
     /// Answered with the error, then the connection is closed (the rest of the body unread).
@@ -193,8 +229,15 @@ pub async fn connection(
     drain: CancellationToken,
 ) {
     let mut c = Conn::new(stream, peer);
+    let mut first = true;
     loop {
-        let head = match c.read_head(&drain).await {
+        let server = &app.live().config.server;
+        let limits = HeadLimits {
+            head: server.header_read_timeout,
+            idle: server.keep_alive_timeout,
+            first: std::mem::take(&mut first),
+        };
+        let head = match c.read_head(&drain, limits).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
@@ -204,7 +247,21 @@ pub async fn connection(
             }
         };
         let live = app.live();
-        let body = match c.read_body(&head, live.config.server.max_payload_size).await {
+        let read_timeout = live.config.server.header_read_timeout;
+        let route = inference_route(head.path());
+        if let Err(e) = admit(&live.config, &c, &head, route.is_some()) {
+            // Refused before the body is read: a small one is skipped so the connection
+            // can go on; a large one (or a broken one) is not worth reading.
+            let keep = head.keep_alive
+                && !drain.is_cancelled()
+                && c.read_body(&head, DISCARD_LIMIT, read_timeout).await.is_ok();
+            if !respond::write(&mut c, e.into_response(), head.version, keep, false).await {
+                return;
+            }
+            continue;
+        }
+        let limit = live.config.server.max_payload_size;
+        let body = match c.read_body(&head, limit, read_timeout).await {
             Ok(body) => body,
             Err(BodyError::Closed) => return,
             Err(BodyError::Refused(e)) => {
@@ -222,7 +279,7 @@ pub async fn connection(
             }
             continue;
         }
-        let keep = match inference_route(head.path()) {
+        let keep = match route {
             Some(route) if head.method == Method::POST => {
                 proxy::forward(&app, &live, &mut c, route, &head, body, keep).await
             }
@@ -236,6 +293,41 @@ pub async fn connection(
             return;
         }
     }
+}
+
+/// Whether a request may be served at all, judged on its head: the API or admin key (or a
+/// loopback peer) its route needs (docs/security.md), and a JSON content type on inference
+/// routes. CORS preflights carry no credentials and are answered by the CORS rules.
+fn admit(
+    config: &crate::config::Config,
+    c: &Conn,
+    head: &Head,
+    inference: bool,
+) -> Result<(), RouterError> {
+    if cors::is_preflight(head) {
+        return Ok(());
+    }
+    crate::security::authorize(&config.security, &head.method, head.path(), &head.headers, c.peer)?;
+    if inference && head.method == Method::POST {
+        if let Some(ct) = head.headers.get(axum::http::header::CONTENT_TYPE) {
+            if !is_json(ct.as_bytes()) {
+                return Err(RouterError::UnsupportedMediaType(format!(
+                    "the body must be JSON (Content-Type: application/json), not {:?}",
+                    String::from_utf8_lossy(ct.as_bytes())
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `application/json` or `application/<anything>+json`, parameters allowed.
+fn is_json(content_type: &[u8]) -> bool {
+    let essence = content_type.split(|b| *b == b';').next().unwrap_or(b"").trim_ascii();
+    let Ok(essence) = std::str::from_utf8(essence) else { return false };
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Any route but the inference ones: the axum router answers, the response is written here.
