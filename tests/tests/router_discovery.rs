@@ -267,3 +267,39 @@ fn the_kubernetes_example_config_is_valid_and_selects_the_example_workers() {
         assert!(rbac.contains(r#"verbs: ["get", "list", "watch"]"#), "{f}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_at_refused_addresses_are_not_workers_and_discovered_workers_get_the_key() {
+    let k8s = FakeK8s::start().await;
+    let a = sim(|s| {
+        s.host = "127.0.0.2".into();
+        s.api_key = Some("pod-key".into());
+    })
+    .await;
+    let port: u16 = a.url().rsplit(':').next().unwrap().parse().unwrap();
+    k8s.apply(pod("llm", "a", &[("app", "sglang")], "127.0.0.2", true));
+    k8s.apply(pod("llm", "imds", &[("app", "sglang")], "169.254.169.254", true));
+    k8s.apply(pod("llm", "outside", &[("app", "sglang")], "10.9.9.9", true));
+    let dir = ConfigDir::new("discovery-refused");
+    k8s.kubeconfig(&dir.dir.join("kubeconfig"));
+    let extra = "[security]\nallowed_worker_networks = [\"127.0.0.0/8\"]\n";
+    let mut text = toml(&dir.dir.join("kubeconfig"), port, extra);
+    text.push_str("api_key = \"pod-key\"\n");
+    dir.write(&text);
+    let r = dir.start(&dir.file, Default::default()).await;
+    let router = r.url();
+    expect_discovered(&router, &[format!("http://127.0.0.2:{port}")], "only the allowed pod").await;
+    let d = discovery(&router).await;
+    let refused = d["refused"].to_string();
+    assert!(refused.contains("169.254.169.254") && refused.contains("link-local"), "{d}");
+    assert!(refused.contains("10.9.9.9") && refused.contains("outside"), "{d}");
+    let (status, body) = post_json(format!("{router}/generate"), &small_generate()).await;
+    assert_eq!(status, 200, "the discovered worker got the key: {body}");
+    eventually(WITHIN, "health checks with the key", || async {
+        stats(&a).await["health_checks_with_key"].as_u64().unwrap() > 0
+    })
+    .await;
+    assert_eq!(stats(&a).await["unauthorized"], 0);
+    r.shutdown().await;
+    a.shutdown().await;
+}

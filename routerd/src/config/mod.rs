@@ -688,28 +688,40 @@ fn millis(v: Option<u64>, flag: &'static str) -> Option<(Duration, &'static str)
 /// A worker URL as the registry keys it: `http(s)://host[:port]` with no path, query or
 /// credentials; a trailing `/` is dropped.
 pub fn normalize_worker_url(url: &str) -> Result<String, String> {
+    // Errors show the URL with any credentials in it masked: they may be echoed to a client.
+    let shown = redact_userinfo(url);
     let trimmed = url.trim().trim_end_matches('/');
-    let uri: http::Uri = trimmed.parse().map_err(|_| format!("{url:?} is not a valid URL"))?;
+    let uri: http::Uri = trimmed.parse().map_err(|_| format!("{shown:?} is not a valid URL"))?;
     match uri.scheme_str() {
         Some("http") => {}
         // The HTTP client is built without TLS to keep the binary lean; say so rather than
         // accept a worker that every request would fail on.
         Some("https") => {
-            return Err(format!("{url:?}: https workers are not supported by this build"))
+            return Err(format!("{shown:?}: https workers are not supported by this build"))
         }
-        _ => return Err(format!("{url:?} must start with http://")),
+        _ => return Err(format!("{shown:?} must start with http://")),
     }
-    let Some(auth) = uri.authority() else { return Err(format!("{url:?} has no host")) };
+    let Some(auth) = uri.authority() else { return Err(format!("{shown:?} has no host")) };
     if auth.as_str().contains('@') {
-        return Err(format!("{url:?} must not contain credentials"));
+        return Err(format!("{shown:?} must not contain credentials"));
     }
     if auth.host().is_empty() {
-        return Err(format!("{url:?} has no host"));
+        return Err(format!("{shown:?} has no host"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("{url:?} must not have a path or query"));
+        return Err(format!("{shown:?} must not have a path or query"));
     }
     Ok(format!("{}://{}", uri.scheme_str().unwrap_or("http"), auth.as_str()))
+}
+
+/// `url` with the `user:password@` part of its authority replaced by `***@`.
+pub fn redact_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -357,3 +357,12 @@ fn sgl_router_fault_flags_override_the_file() {
         vec!["flag --retry-max-backoff-ms: retry.max_backoff: must be longer than zero"]
     );
 }
+
+#[test]
+fn credentials_in_worker_urls_are_masked_in_errors() {
+    let e = normalize_worker_url("http://user:pw@10.0.0.1:8000/x").unwrap_err();
+    assert!(e.contains("http://***@10.0.0.1:8000/x") && !e.contains("pw"), "{e}");
+    assert_eq!(super::redact_userinfo("http://a:b@h:1"), "http://***@h:1");
+    assert_eq!(super::redact_userinfo("http://h:1/p@q"), "http://h:1/p@q");
+    assert_eq!(super::redact_userinfo("no scheme@x"), "no scheme@x");
+}
