@@ -253,3 +253,95 @@ fn json_logs_to_stderr_and_to_daily_files() {
     assert_eq!(code, Some(0), "{}", std::fs::read_to_string(&err).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn warns_at_startup_when_listening_beyond_loopback_and_never_logs_secrets() {
+    let dir = tempdir();
+    let err = dir.join("stderr.log");
+    let key_file = write(&dir, "admin.key", "admin-file-secret\n");
+    let start = |args: &[&str], env: &[(&str, &str)]| {
+        let mut child = Command::new(BIN)
+            .args(["--port", "0", "--prometheus-port", "0", "--log-level", "debug"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().rsplit(':').next().unwrap().to_owned();
+        (Proc(child), format!("http://127.0.0.1:{port}"))
+    };
+    let stop = |mut p: Proc| {
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(wait_exit(&mut p, Duration::from_secs(5)), Some(0));
+        std::fs::read_to_string(&err).unwrap()
+    };
+
+    // Beyond loopback, no keys: both warnings.
+    let (p, _) = start(&["--host", "0.0.0.0"], &[]);
+    let logs = stop(p);
+    assert!(logs.contains("changes only from loopback"), "{logs}");
+    assert!(logs.contains("without an API key"), "{logs}");
+
+    // Keys from the environment and a file; a worker (down) that gets the client key; every
+    // route that handles keys is called. No key appears in the debug logs.
+    let (p, url) = start(
+        &[
+            "--host",
+            "0.0.0.0",
+            "--admin-api-key-file",
+            &key_file,
+            "--worker-urls",
+            "http://127.0.0.1:9",
+        ],
+        &[("ROUTERD_API_KEY", "client-env-secret")],
+    );
+    let c = reqwest::blocking::Client::new();
+    let gen = |key: &str| {
+        c.post(format!("{url}/generate"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(r#"{"text": "x"}"#)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(gen("wrong-guess-secret"), 401);
+    assert!(gen("client-env-secret") >= 500, "the worker is down");
+    let add = c
+        .post(format!("{url}/workers"))
+        .bearer_auth("admin-file-secret")
+        .json(
+            &serde_json::json!({"url": "http://127.0.0.1:10", "api_key": "runtime-worker-secret"}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(add.status(), 201);
+    let cfg = c.get(format!("{url}/admin/config")).bearer_auth("admin-file-secret").send().unwrap();
+    assert!(!cfg.text().unwrap().contains("secret\""), "no secret in /admin/config");
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = stop(p);
+    assert!(!logs.contains("changes only from loopback"), "an admin key is set: {logs}");
+    assert!(logs.contains("DEBUG") || logs.contains("debug"), "debug logs were on: {logs}");
+    for secret in ["client-env-secret", "admin-file-secret", "runtime-worker-secret"] {
+        assert!(!logs.contains(secret), "{secret} logged: {logs}");
+    }
+
+    // `--help` shows that the env variable exists, not its value.
+    let help =
+        Command::new(BIN).arg("--help").env("ROUTERD_API_KEY", "help-secret").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("ROUTERD_API_KEY") && !help.contains("help-secret"), "{help}");
+    // A usage error naming the key flag does not print the key either.
+    let out = Command::new(BIN)
+        .args(["--api-key", "usage-secret", "--api-key-file", "/nonexistent", "check"])
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("--api-key") && !text.contains("usage-secret"), "{text}");
+}
