@@ -19,6 +19,7 @@ use crate::http1::respond::{cors_lines, has_body, header_line, is_hop_by_hop, it
 use crate::http1::{Conn, MAX_BUFFERED};
 use crate::registry::Worker;
 
+pub mod sse;
 mod whole;
 pub use whole::{fetch, respond_edited, Fetched};
 

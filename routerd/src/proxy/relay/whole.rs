@@ -112,17 +112,18 @@ pub async fn respond_edited(
     if !keep {
         header_line(&mut c.out, b"connection", b"close");
     }
-    let edited = |raw: &[u8], edit: &mut dyn FnMut(&mut serde_json::Value)| -> Option<Vec<u8>> {
-        let mut v: serde_json::Value = serde_json::from_slice(raw).ok()?;
-        edit(&mut v);
-        serde_json::to_vec(&v).ok()
-    };
     if !head.event_stream {
         let body = match read_whole(worker, conn, buf, &head, limits.deadline, usize::MAX).await {
             Ok(b) => b,
             Err(e) => return ended(c, &head, false, Some(e.to_string())),
         };
-        let body = edited(&body, &mut edit).unwrap_or(body);
+        let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(mut v) => {
+                edit(&mut v);
+                serde_json::to_vec(&v).map(Into::into).unwrap_or(body)
+            }
+            Err(_) => body,
+        };
         header_line(&mut c.out, b"content-length", itoa(body.len() as u64).as_bytes());
         c.out.extend_from_slice(b"\r\n");
         c.out.extend_from_slice(&body);
@@ -143,22 +144,24 @@ pub async fn respond_edited(
     };
     let timer = tokio::time::sleep_until(limits.deadline);
     tokio::pin!(timer);
-    let (mut pending, mut tail, mut eof) = (Vec::new(), Tail::default(), false);
+    let (mut events, mut piece) = (super::sse::Events::default(), Vec::new());
+    let (mut tail, mut eof) = (Tail::default(), false);
     let failure = loop {
-        let done = match take(&mut mode, &mut buf, &mut pending, None, &mut tail, eof) {
+        piece.clear();
+        let done = match take(&mut mode, &mut buf, &mut piece, None, &mut tail, eof) {
             Ok(done) => done,
             Err(e) => break e.to_string(),
         };
-        while let Some(end) = memchr::memmem::find(&pending, b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let data = event.strip_prefix(b"data:").map(|d| d.trim_ascii());
-            let out = match data.and_then(|d| edited(d, &mut edit)) {
-                Some(json) => [&b"data: "[..], &json, b"\n\n"].concat(),
-                None => event,
-            };
-            push_chunk(&mut c.out, &out, http11);
+        events.push(&piece);
+        while let Some(event) = events.next_event() {
+            push_chunk(&mut c.out, &super::sse::edit(event, &mut edit), http11);
         }
         if done {
+            // An unterminated last event is relayed as it came.
+            let rest = std::mem::take(&mut events).finish();
+            if !rest.is_empty() {
+                push_chunk(&mut c.out, &rest, http11);
+            }
             if http11 {
                 c.out.extend_from_slice(b"0\r\n\r\n");
             }
