@@ -67,6 +67,27 @@ async fn the_api_key_guards_inference_and_model_routes_but_not_health() {
     let s = stats(&w).await;
     assert_eq!(s["unauthorized"], 0, "{s}");
     r.shutdown().await;
+
+    // A worker added without a key of its own does not get the client's key passed on.
+    let r = start(flags(|f| f.api_key = Some(Secret::new("fleet-key"))), "127.0.0.1").await;
+    let url = r.url();
+    let (status, _, _) =
+        send(c.post(format!("{url}/workers")).json(&json!({"url": w.url()}))).await;
+    assert_eq!(status, 201);
+    let (status, body, _) =
+        send(c.post(format!("{url}/generate")).bearer_auth("fleet-key").json(&small_generate()))
+            .await;
+    assert_eq!(status, 401, "the worker refused: no key was passed on: {body}");
+    assert_eq!(stats(&w).await["unauthorized"], 1);
+    for bad in ["", "  ", "tab\tkey", "n\u{e9}"] {
+        let (status, body, _) = send(
+            c.post(format!("{url}/workers"))
+                .json(&json!({"url": "http://127.0.0.1:9", "api_key": bad})),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+    r.shutdown().await;
     w.shutdown().await;
 }
 

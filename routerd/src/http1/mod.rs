@@ -237,7 +237,7 @@ pub async fn connection(
             idle: server.keep_alive_timeout,
             first: std::mem::take(&mut first),
         };
-        let head = match c.read_head(&drain, limits).await {
+        let mut head = match c.read_head(&drain, limits).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
@@ -259,6 +259,10 @@ pub async fn connection(
                 return;
             }
             continue;
+        }
+        if live.config.security.api_key.is_some() {
+            // The client's key is the router's: it is not passed on to workers.
+            head.headers.remove(axum::http::header::AUTHORIZATION);
         }
         let limit = live.config.server.max_payload_size;
         let body = match c.read_body(&head, limit, read_timeout).await {
