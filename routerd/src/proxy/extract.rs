@@ -56,7 +56,12 @@ pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(RouterError::BadRequest("the body must be a JSON object".into()));
     }
-    serde_json::from_slice(body)
+    // serde_json does not check the UTF-8 of strings it skips (fields routing ignores), so a
+    // body with bad bytes there would pass as JSON: check it all first (found by fuzzing).
+    let text = std::str::from_utf8(body).map_err(|e| {
+        RouterError::BadRequest(format!("the body is not valid UTF-8 (byte {})", e.valid_up_to()))
+    })?;
+    serde_json::from_str(text)
         .map_err(|e| RouterError::BadRequest(format!("not a valid JSON object: {e}")))
 }
 
@@ -171,7 +176,8 @@ mod tests {
     fn stream_flag_and_bad_bodies() {
         assert_eq!(probe(br#"{"stream": true}"#).unwrap().stream, Some(true));
         assert_eq!(probe(br#"{"stream": null}"#).unwrap().stream, None);
-        for bad in [&b""[..], b"{", b"[1]", b"\"x\"", br#"{"stream": "yes"}"#] {
+        let skipped_bad_utf8 = b"{\"text\": \"a\", \"sampling_params\": {\"max_\x96\x96\": 8}}";
+        for bad in [&b""[..], b"{", b"[1]", b"\"x\"", br#"{"stream": "yes"}"#, skipped_bad_utf8] {
             assert!(matches!(probe(bad), Err(RouterError::BadRequest(_))), "{bad:?}");
         }
     }
