@@ -3,8 +3,9 @@
 //!
 //! - Inference and model-info routes need `--api-key` when one is set; health and liveness
 //!   stay open for probes.
-//! - Management and admin routes need `--admin-api-key` when one is set; without one, changes
-//!   (anything but GET/HEAD) are taken only from loopback peers.
+//! - Management and admin routes need `--admin-api-key` when one is set, else `--api-key` when
+//!   that is set (as in sgl-router); with neither, changes (anything but GET/HEAD) are taken
+//!   only from loopback peers.
 //! - Workers added through the API or found by discovery must be plain `http(s)://host:port`
 //!   URLs whose addresses are not link-local or cloud metadata endpoints, and within
 //!   `allowed_worker_networks` when that list is given.
@@ -59,15 +60,21 @@ pub fn authorize(
             )),
             _ => Ok(()),
         },
-        Access::Admin => match &sec.admin_api_key {
-            Some(key) if !key.matches_bearer(bearer()) => Err(RouterError::Unauthorized(
+        // As in sgl-router, the API key guards these routes when there is no admin key.
+        Access::Admin => match (&sec.admin_api_key, &sec.api_key) {
+            (Some(key), _) if !key.matches_bearer(bearer()) => Err(RouterError::Unauthorized(
                 "management and admin routes need `Authorization: Bearer <admin key>` \
                  (the router's --admin-api-key)"
                     .into(),
             )),
-            Some(_) => Ok(()),
-            None if is_read(method) || is_loopback(peer.ip()) => Ok(()),
-            None => Err(RouterError::Forbidden(format!(
+            (None, Some(key)) if !key.matches_bearer(bearer()) => Err(RouterError::Unauthorized(
+                "management and admin routes need `Authorization: Bearer <api key>` (the \
+                     router's --api-key; set --admin-api-key for a separate admin key)"
+                    .into(),
+            )),
+            (Some(_), _) | (None, Some(_)) => Ok(()),
+            (None, None) if is_read(method) || is_loopback(peer.ip()) => Ok(()),
+            (None, None) => Err(RouterError::Forbidden(format!(
                 "{method} {path} changes the router: without an admin key (--admin-api-key) \
                  changes are accepted only from loopback, and this request came from {}",
                 peer.ip()
@@ -101,7 +108,7 @@ pub fn startup_warnings(sec: &SecurityConfig, host: &str) -> Vec<String> {
     if host_is_loopback(host) {
         return out;
     }
-    if sec.admin_api_key.is_none() {
+    if sec.admin_api_key.is_none() && sec.api_key.is_none() {
         out.push(format!(
             "listening on {host} beyond loopback without an admin key: management and admin \
              routes accept changes only from loopback peers (set --admin-api-key to manage \
@@ -270,6 +277,17 @@ mod tests {
         assert!(authorize(&keyed, &Method::GET, "/health", &headers(None), remote).is_ok());
         let e = authorize(&keyed, &Method::GET, "/workers", &headers(Some("Bearer c")), local);
         assert_eq!(e.unwrap_err().status(), 401, "reads need the admin key when one is set");
+        let client_only = sec(Some("c"), None);
+        let e = authorize(&client_only, &Method::POST, "/workers", &headers(None), local);
+        assert_eq!(e.unwrap_err().status(), 401, "the API key guards admin routes then");
+        assert!(authorize(
+            &client_only,
+            &Method::POST,
+            "/workers",
+            &headers(Some("Bearer c")),
+            remote
+        )
+        .is_ok());
         assert!(authorize(&keyed, &Method::POST, "/workers", &headers(Some("Bearer a")), remote)
             .is_ok());
     }

@@ -71,9 +71,9 @@ async fn the_api_key_guards_inference_and_model_routes_but_not_health() {
     // A worker added without a key of its own does not get the client's key passed on.
     let r = start(flags(|f| f.api_key = Some(Secret::new("fleet-key"))), "127.0.0.1").await;
     let url = r.url();
-    let (status, _, _) =
-        send(c.post(format!("{url}/workers")).json(&json!({"url": w.url()}))).await;
-    assert_eq!(status, 201);
+    let add = || c.post(format!("{url}/workers")).json(&json!({"url": w.url()}));
+    assert_eq!(send(add()).await.0, 401, "without an admin key, the API key guards management");
+    assert_eq!(send(add().bearer_auth("fleet-key")).await.0, 201);
     let (status, body, _) =
         send(c.post(format!("{url}/generate")).bearer_auth("fleet-key").json(&small_generate()))
             .await;
@@ -82,6 +82,7 @@ async fn the_api_key_guards_inference_and_model_routes_but_not_health() {
     for bad in ["", "  ", "tab\tkey", "n\u{e9}"] {
         let (status, body, _) = send(
             c.post(format!("{url}/workers"))
+                .bearer_auth("fleet-key")
                 .json(&json!({"url": "http://127.0.0.1:9", "api_key": bad})),
         )
         .await;

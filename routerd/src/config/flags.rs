@@ -202,7 +202,7 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Required on management and admin routes as `Authorization: Bearer KEY`. Without it,
-    /// only loopback peers may add or remove workers, reload or flush.
+    /// --api-key guards them; with neither, only loopback peers may make changes.
     #[arg(long, env = "ROUTERD_ADMIN_API_KEY", hide_env_values = true, value_name = "KEY")]
     pub admin_api_key: Option<crate::secret::Secret>,
     /// Read --admin-api-key from this file.
