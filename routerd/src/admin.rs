@@ -146,13 +146,26 @@ async fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError>
     let spec =
         WorkerSpec { url, role, bootstrap_port: new.bootstrap_port, api_key: new.api_key, source };
     let role = spec.role;
-    let w = app.registry.add(spec).map_err(registry_error)?;
     let via = match source {
         WorkerSource::Launch => "by routerctl launch",
         _ => "via the API",
     };
-    app.events.push("worker_added", format!("{} ({}, {via})", w.url(), role.as_str()));
-    Ok(w)
+    // DP-aware: one target per rank, from the worker's own dp_size; the answer shows rank 0.
+    let specs = if live.config.policy.dp_aware {
+        let n = crate::dp::resolve(app, &spec)
+            .await
+            .map_err(|reason| RouterError::WorkerFailed { worker: spec.url.clone(), reason })?;
+        crate::dp::ranks(&spec, n)
+    } else {
+        vec![spec]
+    };
+    let mut first = None;
+    for spec in specs {
+        let w = app.registry.add(spec).map_err(registry_error)?;
+        app.events.push("worker_added", format!("{} ({}, {via})", w.url(), role.as_str()));
+        first.get_or_insert(w);
+    }
+    first.ok_or_else(|| RouterError::BadRequest("the worker has no ranks".into()))
 }
 
 fn registry_error(e: RegistryError) -> RouterError {
@@ -164,6 +177,24 @@ fn registry_error(e: RegistryError) -> RouterError {
 
 fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
     let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
+    // DP-aware: a base URL removes every rank of it.
+    let ranks: Vec<String> = app
+        .registry
+        .load()
+        .workers
+        .iter()
+        .filter(|w| w.dp_rank.is_some() && crate::dp::base_of(w.url()).0 == url)
+        .map(|w| w.url().to_owned())
+        .collect();
+    if !ranks.is_empty() {
+        let mut first = None;
+        for r in ranks {
+            if let Ok(w) = unregister(app, &r) {
+                first.get_or_insert(w);
+            }
+        }
+        return first.ok_or_else(|| RouterError::UnknownWorker(format!("unknown worker {url}")));
+    }
     let removed = app.registry.remove(&url).map_err(registry_error)?;
     app.policy_for(removed.spec.role).worker_removed(&url);
     app.events.push("worker_removed", format!("{url} (via the API)"));

@@ -115,6 +115,7 @@ pub struct App {
     pub events: crate::stats::EventLog,
     pub started: std::time::Instant,
     pub discovery: crate::discovery::Status,
+    pub dp: crate::dp::DpState,
 }
 
 impl App {
@@ -122,7 +123,12 @@ impl App {
     /// keep overriding the file's keys.
     pub fn new(config: Config, flags: Flags) -> Self {
         Self {
-            registry: Registry::new(config_workers(&config)),
+            // DP-aware: the ranks are registered once each worker's dp_size is known.
+            registry: Registry::new(if config.policy.dp_aware {
+                Vec::new()
+            } else {
+                config_workers(&config)
+            }),
             live: ArcSwap::from_pointee(Live::new(config)),
             http: Default::default(),
             draining: AtomicBool::new(false),
@@ -135,6 +141,7 @@ impl App {
             events: Default::default(),
             started: std::time::Instant::now(),
             discovery: Default::default(),
+            dp: Default::default(),
         }
     }
 
@@ -225,6 +232,7 @@ pub fn start_with_flags(
     tasks.spawn(crate::health::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::metrics::upkeep(app.clone(), cancel.clone()));
     tasks.spawn(crate::discovery::run(app.clone(), cancel.clone()));
+    tasks.spawn(crate::dp::run(app.clone(), cancel.clone()));
     if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
         if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
             tasks.spawn(watching);

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod decisions;
 pub mod discovery;
+pub mod dp;
 
 pub mod error;
 pub mod health;

@@ -27,7 +27,7 @@ fn merge(sub: Flags, top: Flags) -> Flags {
         };
     }
     pick!(
-                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation, service_discovery;
+                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation, service_discovery, dp_aware;
         lists: prefill, decode;
         values: config,
         host,

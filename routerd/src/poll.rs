@@ -27,7 +27,7 @@ pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
                 .get_json(w, "/get_load", every)
                 .await
                 .as_ref()
-                .and_then(reported_requests)
+                .and_then(|v| reported_requests(for_rank(v, w.dp_rank)?))
             {
                 Some(n) => {
                     w.polled_load.store(n, Relaxed);
@@ -40,6 +40,19 @@ pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = futures_util::future::join_all(polls) => {}
         }
+    }
+}
+
+/// A DP worker may report one load per rank (a list, each with its `dp_rank`): the one of
+/// `rank`. A single report stands for every rank.
+fn for_rank(v: &Value, rank: Option<u32>) -> Option<&Value> {
+    match (v, rank) {
+        (Value::Array(items), Some(r)) => items
+            .iter()
+            .find(|i| i.get("dp_rank").and_then(Value::as_u64) == Some(u64::from(r)))
+            .or_else(|| items.get(r as usize)),
+        (Value::Array(items), None) => items.first(),
+        (v, _) => Some(v),
     }
 }
 
@@ -67,5 +80,10 @@ mod tests {
             Some(5)
         );
         assert_eq!(reported_requests(&serde_json::json!({"x": 1})), None);
+        let per_rank = serde_json::json!([{"dp_rank": 1, "load": 5}, {"dp_rank": 0, "load": 9}]);
+        assert_eq!(for_rank(&per_rank, Some(0)).and_then(reported_requests), Some(9));
+        assert_eq!(for_rank(&per_rank, Some(1)).and_then(reported_requests), Some(5));
+        let one = serde_json::json!({"load": 4});
+        assert_eq!(for_rank(&one, Some(3)).and_then(reported_requests), Some(4));
     }
 }

@@ -67,6 +67,8 @@ pub struct Worker {
     pub spec: WorkerSpec,
     /// `host:port` of the URL, parsed once for building request URIs.
     pub authority: Authority,
+    /// DP-aware mode: the data-parallel rank this target stands for (`URL@rank`).
+    pub dp_rank: Option<u32>,
     /// `Authorization` value sent to this worker, precomputed.
     pub auth: Option<HeaderValue>,
     pub in_flight: AtomicU64,
@@ -92,6 +94,24 @@ pub struct Worker {
     pub retries_total: AtomicU64,
 }
 
+/// `http://host:port@3` → (`http://host:port`, `Some(3)`): a DP rank target (docs/dp-aware in
+/// docs/policies.md); any other URL → (itself, `None`).
+pub fn split_rank(url: &str) -> (&str, Option<u32>) {
+    match url.rsplit_once('@') {
+        Some((base, rank))
+            if !rank.is_empty()
+                && rank.bytes().all(|b| b.is_ascii_digit())
+                && base.contains("://") =>
+        {
+            match rank.parse() {
+                Ok(r) => (base, Some(r)),
+                Err(_) => (url, None),
+            }
+        }
+        _ => (url, None),
+    }
+}
+
 impl Worker {
     pub fn new(spec: WorkerSpec) -> Self {
         let auth = spec
@@ -102,14 +122,15 @@ impl Worker {
                 v.set_sensitive(true);
                 v
             });
-        let authority = spec
-            .url
+        let (base, dp_rank) = split_rank(&spec.url);
+        let authority = base
             .strip_prefix("http://")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| Authority::from_static("invalid.worker"));
         Self {
             spec,
             authority,
+            dp_rank,
             auth,
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),

@@ -20,7 +20,7 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::app::{config_workers, App, Live, PoolPolicies};
+use crate::app::{App, Live, PoolPolicies};
 use crate::config::{Config, Flags, PolicyConfig};
 use crate::policy::{self, Policy};
 use crate::registry::WorkerSource;
@@ -162,7 +162,8 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
         return Outcome::Rejected { generation, errors };
     }
     let mut changes = Vec::new();
-    let (added, removed) = app.registry.sync_source(WorkerSource::Config, config_workers(&new));
+    let specs = crate::dp::config_specs(app, &new);
+    let (added, removed) = app.registry.sync_source(WorkerSource::Config, specs);
     changes.extend(added.iter().map(|u| format!("worker added: {u}")));
     changes.extend(removed.iter().map(|u| format!("worker removed: {u}")));
     let policy = carry(&live.policy, (&old.policy, &new.policy), &removed, &mut changes, "policy");

@@ -194,6 +194,10 @@ pub struct Flags {
     /// The namespace to watch [default: all namespaces].
     #[arg(long)]
     pub service_discovery_namespace: Option<String>,
+    /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
+    /// target, with `data_parallel_rank` in the request body.
+    #[arg(long)]
+    pub dp_aware: bool,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
     #[arg(long, env = "ROUTERD_API_KEY", hide_env_values = true, value_name = "KEY")]

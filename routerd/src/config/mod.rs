@@ -208,6 +208,8 @@ pub struct PolicyConfig {
     /// When set, workers' `/get_load` is polled at this interval and used by power_of_two.
     #[serde(serialize_with = "ser::opt_duration")]
     pub load_poll_interval: Option<Duration>,
+    /// Each worker's data-parallel ranks are routing targets of their own (`URL@rank`).
+    pub dp_aware: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -608,6 +610,7 @@ impl Builder<'_> {
             eviction_interval,
             max_tree_size: usize::try_from(tree.0.max(1)).unwrap_or(usize::MAX),
             load_poll_interval,
+            dp_aware: f.dp_aware || p.dp_aware.unwrap_or(false),
         }
     }
 

@@ -164,6 +164,7 @@ fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
         app.events.push("worker_refused", format!("{why} (discovery)"));
     }
     app.discovery.update(|s| s.refused = refused);
+    let specs = crate::dp::discovered_specs(app, specs);
     let before = app.registry.snapshot();
     let (added, removed) = app.registry.sync_source(WorkerSource::Discovery, specs);
     for url in &removed {

@@ -291,7 +291,7 @@ fn untried_left(app: &App, tried: &[Arc<Worker>], current: &Arc<Worker>) -> bool
 }
 
 /// The request as the worker gets it: the client's body unchanged, headers chosen for it.
-fn write_request(
+pub(crate) fn write_request(
     out: &mut Vec<u8>,
     worker: &Worker,
     path: &str,
@@ -306,6 +306,14 @@ fn write_request(
     upstream::each_worker_header(worker, client, Some(rid), |name, value| {
         header_line(out, name.as_str().as_bytes(), value.as_bytes())
     });
+    let ranked;
+    let body = match worker.dp_rank {
+        Some(rank) => {
+            ranked = crate::dp::with_rank(body, rank);
+            &ranked[..]
+        }
+        None => body,
+    };
     header_line(out, b"content-length", body.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
