@@ -9,7 +9,13 @@ const ROUTES: [Route; 4] = [Route::Generate, Route::Completions, Route::Chat, Ro
 
 fuzz_target!(|body: &[u8]| {
     let Ok(p) = probe(body) else { return };
-    let v: serde_json::Value = serde_json::from_slice(body).expect("accepted bodies are JSON");
+    // RFC 8259 leaves number range to implementations: 1e4444 is JSON (Python reads inf)
+    // though serde_json's Value refuses it (the second fuzz finding, not a bug).
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) if e.to_string().contains("number out of range") => return,
+        Err(e) => panic!("accepted bodies are JSON: {e}"),
+    };
     assert!(v.is_object(), "accepted bodies are objects");
     for route in ROUTES {
         let text = p.routing_text(route);
