@@ -8,6 +8,11 @@ use clap::Parser;
 use routerd::config::{Cli, Command, Config, Flags};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(msg) = routerd::config::unsupported_flag(&args[1..]) {
+        eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { flags }) => check(&merge(flags, cli.flags)),

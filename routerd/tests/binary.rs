@@ -107,6 +107,17 @@ fn check_reports_every_error_with_file_line_col() {
 fn usage_errors_exit_2() {
     let out = Command::new(BIN).arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // sgl-router's flags for what routerd does not do are named, not ignored.
+    for (args, says) in [
+        (&["--worker-urls", "http://w:1", "--mcp-config-path", "mcp.yaml"][..], "MCP"),
+        (&["--history-backend", "oracle"][..], "history"),
+        (&["--worker-urls", "grpc://w:1", "--tokenizer-path", "t.json"][..], "gRPC"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says) && err.contains("does not implement"), "{err}");
+    }
 }
 
 #[test]

@@ -221,3 +221,48 @@ pub struct Flags {
     #[arg(long)]
     pub bootstrap_port_annotation: Option<String>,
 }
+
+/// sgl-router flags that routerd does not implement, and what they belong to. Given one,
+/// routerd stops with a usage error rather than run without what the operator asked for.
+pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
+    ("--grpc-mode", "gRPC workers"),
+    ("--model-path", "gRPC routing (local tokenizer)"),
+    ("--tokenizer-path", "gRPC routing (local tokenizer)"),
+    ("--tokenizer-cache-enable-l0", "gRPC routing (local tokenizer)"),
+    ("--tokenizer-cache-l0-max-entries", "gRPC routing (local tokenizer)"),
+    ("--chat-template", "gRPC routing (local chat templates)"),
+    ("--reasoning-parser", "gRPC routing (reasoning parsers)"),
+    ("--tool-call-parser", "gRPC routing (tool-call parsers)"),
+    ("--mcp-config-path", "MCP tool integration"),
+    ("--history-backend", "conversation history backends"),
+    ("--oracle-wallet-path", "the Oracle history backend"),
+    ("--oracle-tns-alias", "the Oracle history backend"),
+    ("--oracle-connect-descriptor", "the Oracle history backend"),
+    ("--oracle-username", "the Oracle history backend"),
+    ("--oracle-password", "the Oracle history backend"),
+    ("--oracle-pool-min", "the Oracle history backend"),
+    ("--oracle-pool-max", "the Oracle history backend"),
+    ("--oracle-pool-timeout-secs", "the Oracle history backend"),
+    ("--enable-igw", "the multi-model inference gateway"),
+    ("--backend", "OpenAI backend proxying"),
+    ("--mini-lb", "the debug mini load balancer"),
+    ("--rate-limit-tokens-per-second", "token-bucket rate limiting"),
+];
+
+/// The first unsupported sgl-router flag in `args` (as `--flag` or `--flag=value`), with a
+/// message saying so.
+pub fn unsupported_flag<S: AsRef<str>>(args: &[S]) -> Option<String> {
+    for a in args.iter().map(AsRef::as_ref) {
+        if a == "--" {
+            return None;
+        }
+        let name = a.split('=').next().unwrap_or(a);
+        if let Some((flag, what)) = UNSUPPORTED_SGL_ROUTER_FLAGS.iter().find(|(f, _)| *f == name) {
+            return Some(format!(
+                "{flag} is an sgl-router flag for {what}, which routerd does not implement; \
+                 remove it (see docs/migrating-from-sgl-router.md)"
+            ));
+        }
+    }
+    None
+}

@@ -20,7 +20,7 @@ use toml::Spanned;
 pub use crate::secret::Secret;
 pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
-pub use flags::{Cli, Command, Flags};
+pub use flags::{unsupported_flag, Cli, Command, Flags, UNSUPPORTED_SGL_ROUTER_FLAGS};
 use raw::RawConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

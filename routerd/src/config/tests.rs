@@ -366,3 +366,121 @@ fn credentials_in_worker_urls_are_masked_in_errors() {
     assert_eq!(super::redact_userinfo("http://h:1/p@q"), "http://h:1/p@q");
     assert_eq!(super::redact_userinfo("no scheme@x"), "no scheme@x");
 }
+
+/// sgl-router's documented command lines, with `routerd` in place of
+/// `python -m sglang_router.launch_router`: each becomes the configuration it describes.
+fn from_command_line(line: &str) -> Config {
+    use clap::Parser;
+    let args: Vec<&str> = std::iter::once("routerd").chain(line.split_whitespace()).collect();
+    assert_eq!(unsupported_flag(&args[1..]), None);
+    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
+    Config::build(None, &cli.flags).unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+#[test]
+fn the_sgl_router_documentation_command_lines() {
+    let c = from_command_line(
+        "--worker-urls http://worker1:8000 http://worker2:8000 --policy cache_aware",
+    );
+    let urls: Vec<&str> = c.workers.iter().map(|w| w.url.as_str()).collect();
+    assert_eq!(urls, ["http://worker1:8000", "http://worker2:8000"]);
+    assert_eq!(c.policy.name, PolicyName::CacheAware);
+    assert!(c.pd.is_none());
+
+    // PD with bootstrap ports (one given, one not) and explicit pool policies.
+    let c = from_command_line(
+        "--pd-disaggregation --prefill http://prefill1:30001 9001 --prefill http://prefill2:30002 \
+         --decode http://decode1:30011 --decode http://decode2:30012 --policy cache_aware \
+         --prefill-policy cache_aware --decode-policy power_of_two",
+    );
+    let pd = c.pd.unwrap();
+    let prefill: Vec<(&str, Option<u16>)> =
+        pd.prefill.iter().map(|p| (p.url.as_str(), p.bootstrap_port)).collect();
+    assert_eq!(prefill, [("http://prefill1:30001", Some(9001)), ("http://prefill2:30002", None)]);
+    let decode: Vec<&str> = pd.decode.iter().map(|d| d.url.as_str()).collect();
+    assert_eq!(decode, ["http://decode1:30011", "http://decode2:30012"]);
+    assert_eq!(
+        (pd.prefill_policy, pd.decode_policy),
+        (PolicyName::CacheAware, PolicyName::PowerOfTwo)
+    );
+
+    // `none` as the bootstrap port, and pools inheriting --policy.
+    let c = from_command_line(
+        "--pd-disaggregation --prefill http://127.0.0.1:30001 none --prefill http://127.0.0.1:30002 8999 \
+         --decode http://127.0.0.1:30011 --policy power_of_two --host 0.0.0.0 --port 8000",
+    );
+    let pd = c.pd.unwrap();
+    assert_eq!(pd.prefill[0].bootstrap_port, None);
+    assert_eq!(pd.prefill[1].bootstrap_port, Some(8999));
+    assert_eq!(
+        (pd.prefill_policy, pd.decode_policy),
+        (PolicyName::PowerOfTwo, PolicyName::PowerOfTwo)
+    );
+    assert_eq!((c.server.host.as_str(), c.server.port), ("0.0.0.0", 8000));
+    let c = from_command_line(
+        "--pd-disaggregation --prefill http://p:1 --decode http://d:2 --policy round_robin \
+         --decode-policy random",
+    );
+    let pd = c.pd.unwrap();
+    assert_eq!((pd.prefill_policy, pd.decode_policy), (PolicyName::RoundRobin, PolicyName::Random));
+    let c = from_command_line("--pd-disaggregation --prefill http://p:1 --decode http://d:2");
+    let pd = c.pd.unwrap();
+    assert_eq!(
+        (pd.prefill_policy, pd.decode_policy),
+        (PolicyName::CacheAware, PolicyName::CacheAware)
+    );
+
+    // Service discovery, regular and PD.
+    let c = from_command_line(
+        "--service-discovery --selector app=sglang-worker role=inference \
+         --service-discovery-namespace sglang-system --service-discovery-port 8000",
+    );
+    let d = c.discovery.unwrap();
+    assert_eq!(d.selector.get("role").map(String::as_str), Some("inference"));
+    assert_eq!((d.namespace.as_deref(), d.port), (Some("sglang-system"), 8000));
+    let c = from_command_line(
+        "--pd-disaggregation --prefill-selector app=sglang component=prefill \
+         --decode-selector app=sglang component=decode --service-discovery",
+    );
+    let d = c.discovery.unwrap();
+    assert_eq!(d.prefill_selector.get("component").map(String::as_str), Some("prefill"));
+    assert_eq!(d.bootstrap_port_annotation, "sglang.ai/bootstrap-port");
+
+    // The tuning flags, the key and DP-aware routing.
+    let c = from_command_line(
+        "--worker-urls http://w:1 --cache-threshold 0.3 --balance-abs-threshold 64 \
+         --balance-rel-threshold 1.5 --eviction-interval 30 --max-tree-size 67108864 \
+         --max-payload-size 536870912 --request-timeout-secs 1800 --max-concurrent-requests 512 \
+         --queue-size 200 --queue-timeout-secs 30 --retry-max-retries 5 --retry-initial-backoff-ms 50 \
+         --retry-max-backoff-ms 30000 --retry-backoff-multiplier 1.5 --retry-jitter-factor 0.2 \
+         --cb-failure-threshold 10 --cb-success-threshold 3 --cb-timeout-duration-secs 60 \
+         --cb-window-duration-secs 120 --health-check-interval-secs 30 --health-check-timeout-secs 10 \
+         --health-failure-threshold 5 --health-success-threshold 1 --health-check-endpoint /health \
+         --worker-startup-timeout-secs 300 --worker-startup-check-interval 5 --prometheus-host 0.0.0.0 \
+         --prometheus-port 29001 --log-level debug --request-id-headers x-trace-id \
+         --cors-allowed-origins https://a.example --api-key sk-fleet --dp-aware",
+    );
+    assert_eq!((c.policy.cache_threshold, c.policy.balance_abs_threshold), (0.3, 64));
+    assert_eq!(c.policy.eviction_interval, Duration::from_secs(30));
+    assert_eq!(c.server.max_concurrent_requests.map(|n| n.get()), Some(512));
+    assert_eq!((c.retry.max_retries, c.circuit_breaker.failure_threshold), (5, 10));
+    assert_eq!(c.health.startup_check_interval, Duration::from_secs(5));
+    assert_eq!(c.metrics.as_ref().map(|m| m.port), Some(29001));
+    assert!(c.policy.dp_aware);
+    assert_eq!(c.security.api_key.as_ref().map(|k| k.expose()), Some("sk-fleet"));
+    assert_eq!(c.workers[0].api_key.as_ref().map(|k| k.expose()), Some("sk-fleet"));
+    let c =
+        from_command_line("--worker-urls http://w:1 --disable-retries --disable-circuit-breaker");
+    assert!(!c.retry.enabled && !c.circuit_breaker.enabled);
+}
+
+#[test]
+fn unimplemented_sgl_router_flags_are_named() {
+    let e =
+        unsupported_flag(&["--worker-urls", "http://w:1", "--mcp-config-path", "m.yaml"]).unwrap();
+    assert!(e.contains("--mcp-config-path") && e.contains("MCP"), "{e}");
+    let e = unsupported_flag(&["--history-backend=oracle"]).unwrap();
+    assert!(e.contains("history"), "{e}");
+    assert!(unsupported_flag(&["--tokenizer-path", "x"]).unwrap().contains("gRPC"));
+    assert_eq!(unsupported_flag(&["--policy", "cache_aware", "--", "--backend"]), None);
+}
