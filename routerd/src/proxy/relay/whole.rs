@@ -120,7 +120,7 @@ pub async fn respond_edited(
         let body = match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(mut v) => {
                 edit(&mut v);
-                serde_json::to_vec(&v).map(Into::into).unwrap_or(body)
+                serde_json::to_vec(&v).unwrap_or(body)
             }
             Err(_) => body,
         };
