@@ -145,17 +145,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
 /// The body with `"data_parallel_rank": rank` as its last key (JSON decoders keep the last of
 /// duplicate keys, so this one wins over a client's).
 pub fn with_rank(body: &[u8], rank: u32) -> Bytes {
-    let end = body.iter().rposition(|b| *b == b'}').unwrap_or(body.len());
-    let before = &body[..end];
-    let empty =
-        before.iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| before[i]) == Some(b'{');
-    let mut out = Vec::with_capacity(body.len() + 32);
-    out.extend_from_slice(before);
-    if !empty {
-        out.push(b',');
-    }
-    out.extend_from_slice(format!("\"data_parallel_rank\":{rank}}}").as_bytes());
-    Bytes::from(out)
+    let field = format!("\"data_parallel_rank\":{rank}");
+    Bytes::from(crate::proxy::extract::append_fields(body, &field))
 }
 
 /// A worker URL without its rank, and the rank.

@@ -52,6 +52,23 @@ fn spawn_routerd(args: &[&str]) -> (Proc, String) {
     (Proc(child), url)
 }
 
+/// Starts routerd on port 0 with `args` and `env`, its stderr into `err`; returns it and the
+/// URL it serves on (127.0.0.1 and the port of its startup line).
+fn spawn_logging(args: &[&str], env: &[(&str, &str)], err: &Path) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["--port", "0", "--prometheus-port", "0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_owned();
+    (Proc(child), format!("http://127.0.0.1:{port}"))
+}
+
 /// The exit code once `p` has exited, within `within`.
 fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
@@ -203,16 +220,8 @@ fn json_logs_to_stderr_and_to_daily_files() {
     let err = dir.join("stderr.log");
     std::fs::create_dir_all(&dir).unwrap();
     let spawn = |extra: &[&str]| {
-        let mut child = Command::new(BIN)
-            .args(["--port", "0", "--prometheus-port", "0", "--log-format", "json"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        (Proc(child), line.trim().rsplit(' ').next().unwrap().to_owned())
+        let args: Vec<&str> = ["--log-format", "json"].iter().chain(extra).copied().collect();
+        spawn_logging(&args, &[], &err)
     };
     let call = |url: &str, id: &str| {
         let resp = reqwest::blocking::Client::new()
@@ -271,18 +280,8 @@ fn warns_at_startup_when_listening_beyond_loopback_and_never_logs_secrets() {
     let err = dir.join("stderr.log");
     let key_file = write(&dir, "admin.key", "admin-file-secret\n");
     let start = |args: &[&str], env: &[(&str, &str)]| {
-        let mut child = Command::new(BIN)
-            .args(["--port", "0", "--prometheus-port", "0", "--log-level", "debug"])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().rsplit(':').next().unwrap().to_owned();
-        (Proc(child), format!("http://127.0.0.1:{port}"))
+        let args: Vec<&str> = ["--log-level", "debug"].iter().chain(args).copied().collect();
+        spawn_logging(&args, env, &err)
     };
     let stop = |mut p: Proc| {
         unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };

@@ -65,6 +65,23 @@ pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
         .map_err(|e| RouterError::BadRequest(format!("not a valid JSON object: {e}")))
 }
 
+/// `body` (a JSON object) with `fields` (`"k":v,...`) appended as its last keys: JSON decoders
+/// keep the last of duplicate keys, so these win over a client's own.
+pub fn append_fields(body: &[u8], fields: &str) -> Vec<u8> {
+    let end = body.iter().rposition(|b| *b == b'}').unwrap_or(body.len());
+    let before = &body[..end];
+    let empty =
+        before.iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| before[i]) == Some(b'{');
+    let mut out = Vec::with_capacity(body.len() + fields.len() + 2);
+    out.extend_from_slice(before);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(fields.as_bytes());
+    out.push(b'}');
+    out
+}
+
 impl<'a> Probe<'a> {
     /// How many prompts a batched request carries (`None`: a single prompt). Generate batches
     /// by `text` list or `input_ids` list of lists; completions by a `prompt` list.

@@ -280,19 +280,8 @@ fn bootstrap(body: &[u8], prefill: &Worker, batch: Option<usize>) -> Vec<u8> {
             Value::from((0..n).map(|_| room()).collect::<Vec<_>>()),
         ),
     };
-    let end = body.iter().rposition(|b| *b == b'}').unwrap_or(body.len());
-    let before = &body[..end];
-    let empty =
-        before.iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| before[i]) == Some(b'{');
-    let mut out = Vec::with_capacity(body.len() + 128);
-    out.extend_from_slice(before);
-    if !empty {
-        out.push(b',');
-    }
-    out.extend_from_slice(
-        format!(r#""bootstrap_host":{h},"bootstrap_port":{p},"bootstrap_room":{r}}}"#).as_bytes(),
-    );
-    out
+    let fields = format!(r#""bootstrap_host":{h},"bootstrap_port":{p},"bootstrap_room":{r}"#);
+    super::extract::append_fields(body, &fields)
 }
 
 /// A prefill answer's input-token logprobs: one list, or one per item of a batch.
