@@ -55,7 +55,13 @@ fuzz_target!(|data: &[u8]| {
         let first = e.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
         let first_crlf = e.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
         assert_eq!(first.into_iter().chain(first_crlf).min(), Some(end), "cut at the first");
-        let edited = edit(e.clone(), &mut |v| v["x"] = serde_json::json!(1));
+        // An edit that, like the PD logprob merge, touches objects only.
+        let mut add = |v: &mut serde_json::Value| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("x".into(), serde_json::json!(1));
+            }
+        };
+        let edited = edit(e.clone(), &mut add);
         assert!(edited.ends_with(b"\n"), "an edited event still ends its line");
     }
     assert!(!rest.windows(2).any(|w| w == b"\n\n"), "no whole event left behind");
