@@ -183,7 +183,7 @@ fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
         .load()
         .workers
         .iter()
-        .filter(|w| w.dp_rank.is_some() && crate::dp::base_of(w.url()).0 == url)
+        .filter(|w| w.dp_rank.is_some() && crate::registry::split_rank(w.url()).0 == url)
         .map(|w| w.url().to_owned())
         .collect();
     if !ranks.is_empty() {

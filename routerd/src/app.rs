@@ -122,13 +122,10 @@ impl App {
     /// `flags` are what the configuration was built from; a reload rebuilds from them, so flags
     /// keep overriding the file's keys.
     pub fn new(config: Config, flags: Flags) -> Self {
+        // DP-aware: no size is known yet, so ranks are registered as `dp::run` learns them.
+        let dp = crate::dp::DpState::default();
         Self {
-            // DP-aware: the ranks are registered once each worker's dp_size is known.
-            registry: Registry::new(if config.policy.dp_aware {
-                Vec::new()
-            } else {
-                config_workers(&config)
-            }),
+            registry: Registry::new(crate::dp::config_specs(&dp, &config)),
             live: ArcSwap::from_pointee(Live::new(config)),
             http: Default::default(),
             draining: AtomicBool::new(false),
@@ -141,7 +138,7 @@ impl App {
             events: Default::default(),
             started: std::time::Instant::now(),
             discovery: Default::default(),
-            dp: Default::default(),
+            dp,
         }
     }
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::registry::{split_rank, Worker, WorkerSource, WorkerSpec};
+use crate::registry::{Worker, WorkerSource, WorkerSpec};
 
 /// What the resolver knows: each base URL's `dp_size`, and the discovered workers' base specs
 /// (re-expanded when a size becomes known).
@@ -52,12 +52,12 @@ pub fn expand(state: &DpState, specs: &[WorkerSpec]) -> (Vec<WorkerSpec>, Vec<Wo
 
 /// The configuration's workers as the registry should hold them: as they are, or per rank in
 /// DP-aware mode (without those whose size is not known yet).
-pub fn config_specs(app: &App, config: &crate::config::Config) -> Vec<WorkerSpec> {
+pub fn config_specs(state: &DpState, config: &crate::config::Config) -> Vec<WorkerSpec> {
     let specs = crate::app::config_workers(config);
     if !config.policy.dp_aware {
         return specs;
     }
-    expand(&app.dp, &specs).0
+    expand(state, &specs).0
 }
 
 /// The discovered workers (base specs): registered per rank once their sizes are known.
@@ -72,7 +72,7 @@ pub fn discovered_specs(app: &App, specs: Vec<WorkerSpec>) -> Vec<WorkerSpec> {
 
 /// Asks `spec`'s worker for its `dp_size` (1 when it reports none).
 pub async fn fetch_size(app: &App, spec: &WorkerSpec, timeout: Duration) -> Result<u32, String> {
-    let probe = Worker::new(WorkerSpec { source: WorkerSource::Api, ..spec.clone() });
+    let probe = Worker::new(spec.clone());
     let info = app
         .http
         .get_json(&probe, "/get_server_info", timeout)
@@ -126,7 +126,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                 }
             }
             if learnt {
-                let specs = config_specs(&app, &live.config);
+                let specs = config_specs(&app.dp, &live.config);
                 let (added, _) = app.registry.sync_source(WorkerSource::Config, specs);
                 let specs = expand(&app.dp, &discovered).0;
                 let (more, _) = app.registry.sync_source(WorkerSource::Discovery, specs);
@@ -149,15 +149,10 @@ pub fn with_rank(body: &[u8], rank: u32) -> Bytes {
     Bytes::from(crate::proxy::extract::append_fields(body, &field))
 }
 
-/// A worker URL without its rank, and the rank.
-pub fn base_of(url: &str) -> (&str, Option<u32>) {
-    split_rank(url)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::WorkerRole;
+    use crate::registry::{split_rank, WorkerRole};
 
     #[test]
     fn ranks_and_injection() {
@@ -182,8 +177,8 @@ mod tests {
         assert_eq!((v["data_parallel_rank"].as_u64(), v["text"].as_str()), (Some(2), Some("a")));
         let v: serde_json::Value = serde_json::from_slice(&with_rank(b"{ }", 0)).unwrap();
         assert_eq!(v, serde_json::json!({"data_parallel_rank": 0}));
-        assert_eq!(base_of("http://h:1@3"), ("http://h:1", Some(3)));
-        assert_eq!(base_of("http://h:1"), ("http://h:1", None));
+        assert_eq!(split_rank("http://h:1@3"), ("http://h:1", Some(3)));
+        assert_eq!(split_rank("http://h:1"), ("http://h:1", None));
         let state = DpState::default();
         state.learn("http://10.0.0.1:8000", 2);
         let other = WorkerSpec { url: "http://10.0.0.2:8000".into(), ..spec.clone() };

@@ -94,8 +94,8 @@ pub struct Worker {
     pub retries_total: AtomicU64,
 }
 
-/// `http://host:port@3` → (`http://host:port`, `Some(3)`): a DP rank target (docs/dp-aware in
-/// docs/policies.md); any other URL → (itself, `None`).
+/// `http://host:port@3` → (`http://host:port`, `Some(3)`): a DP rank target (`--dp-aware`,
+/// docs/migrating-from-sgl-router.md); any other URL → (itself, `None`).
 pub fn split_rank(url: &str) -> (&str, Option<u32>) {
     match url.rsplit_once('@') {
         Some((base, rank))

@@ -162,7 +162,7 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
         return Outcome::Rejected { generation, errors };
     }
     let mut changes = Vec::new();
-    let specs = crate::dp::config_specs(app, &new);
+    let specs = crate::dp::config_specs(&app.dp, &new);
     let (added, removed) = app.registry.sync_source(WorkerSource::Config, specs);
     changes.extend(added.iter().map(|u| format!("worker added: {u}")));
     changes.extend(removed.iter().map(|u| format!("worker removed: {u}")));

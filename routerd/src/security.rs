@@ -196,8 +196,8 @@ pub async fn check_worker_url(url: &str, allowed: &[IpNet]) -> Result<(), String
     if METADATA_HOSTS.contains(&name.as_str()) {
         return Err(format!("{url}: {host} is a cloud metadata service"));
     }
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return refuse_ip(ip, allowed).map_or(Ok(()), |why| Err(format!("{url}: {why}")));
+    if host.parse::<IpAddr>().is_ok() {
+        return check_worker_addr(url, allowed);
     }
     let resolved = tokio::time::timeout(
         Duration::from_secs(5),

@@ -146,13 +146,14 @@ fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
     let live = app.live();
     let sec = &live.config.security;
     let key = live.config.discovery.as_ref().and_then(|d| d.api_key.clone());
+    let key = key.or_else(|| sec.api_key.clone());
     let mut refused = Vec::new();
     specs.retain_mut(|s| {
         if let Err(why) = crate::security::check_worker_addr(&s.url, &sec.allowed_worker_networks) {
             refused.push(why);
             return false;
         }
-        s.api_key = key.clone().or_else(|| sec.api_key.clone());
+        s.api_key = key.clone();
         true
     });
     let newly_refused: Vec<String> = {

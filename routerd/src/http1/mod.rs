@@ -230,11 +230,13 @@ pub async fn connection(
 ) {
     let mut c = Conn::new(stream, peer);
     let mut first = true;
+    // Loaded once per request, after its head: the wait for the next head uses the limits
+    // of the configuration the previous request saw.
+    let mut live = app.live();
     loop {
-        let server = &app.live().config.server;
         let limits = HeadLimits {
-            head: server.header_read_timeout,
-            idle: server.keep_alive_timeout,
+            head: live.config.server.header_read_timeout,
+            idle: live.config.server.keep_alive_timeout,
             first: std::mem::take(&mut first),
         };
         let mut head = match c.read_head(&drain, limits).await {
@@ -246,7 +248,7 @@ pub async fn connection(
                 return;
             }
         };
-        let live = app.live();
+        live = app.live();
         let read_timeout = live.config.server.header_read_timeout;
         let route = inference_route(head.path());
         if let Err(e) = admit(&live.config, &c, &head, route.is_some()) {

@@ -291,7 +291,7 @@ fn untried_left(app: &App, tried: &[Arc<Worker>], current: &Arc<Worker>) -> bool
 }
 
 /// The request as the worker gets it: the client's body unchanged, headers chosen for it.
-pub(crate) fn write_request(
+fn write_request(
     out: &mut Vec<u8>,
     worker: &Worker,
     path: &str,
