@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Router overhead benchmark (issue 3): requests/s and p50/p99 at concurrency 1, 16, 64, 256 for
-#   direct      wrk -> upstream
+#   direct      wrk -> upstream (the load generators: wrk, oha)
 #   nginx       wrk -> nginx reverse proxy (keep-alive upstream) -> upstream
 #   routerd     wrk -> routerd --policy round_robin -> upstream
 #   sgl-router  wrk -> sglang-router 0.3.2 --policy round_robin -> upstream
 # Every proxy is pinned to core 0 with one worker thread; wrk and the upstream share core 1.
 # The upstream is nginx answering /generate with a fixed SGLang-shaped body, so the proxies,
 # not the upstream, are measured. Installs wrk, nginx and sglang-router==0.3.2 if missing.
-#   examples/bench-proxy.sh [DURATION_SECS=10] [TARGETS="direct nginx routerd sgl-router"]
+# Each cell is run REPS times (interleaved) and the median reported. Then, unless RATE=0, every
+# target gets a fixed rate of RATE requests/s over 64 connections (oha, latency counted from when
+# each request was due), where the latency a proxy adds is not hidden by saturation.
+#   examples/bench-proxy.sh [DURATION_SECS=10] [TARGETS="direct nginx routerd sgl-router"] [CONCS="1 16 64 256"]
+#   env: REPS=3 RATE=5000
 set -euo pipefail
 dur=${1:-10}
 targets=${2:-"direct nginx routerd sgl-router"}
+concs=${3:-"1 16 64 256"}
+reps=${REPS:-3}
+rate=${RATE:-5000}
 cd "$(dirname "$0")/.."
 need_apt=()
 command -v wrk >/dev/null || need_apt+=(wrk)
@@ -19,6 +26,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null && apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 python3 -c 'import sglang_router' 2>/dev/null || pip install -q "sglang-router==0.3.2"
+if [ "$rate" -gt 0 ] && ! command -v oha >/dev/null; then
+    cargo install --locked -q oha   # a few minutes on 2 cores, once
+fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -q -p routerd
 
@@ -68,31 +78,104 @@ for t in $targets; do
     esac
 done
 
-cat >"$tmp/post.lua" <<'LUA'
+body_req='{"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}'
+cat >"$tmp/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}'
+wrk.body = '$body_req'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %.2f %.4f %.4f %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
 LUA
 port_of() { case $1 in direct) echo "$UP";; nginx) echo "$NGX";; routerd) echo "$RD";; sgl-router) echo "$SGL";; esac; }
-printf "| %-10s | %5s | %12s | %9s | %9s | %6s |\n" target conc "requests/s" p50 p99 errors
-printf "|%s|\n" "------------|-------|--------------|-----------|-----------|--------"
+sample_rss() {
+    local rss; rss=$(ps -o rss= -p "$rd_pid" | tr -d ' ')
+    [ "$rss" -gt "$rss_max" ] && rss_max=$rss
+    return 0
+}
+
+# The machine's own scheduling jitter, idle: the floor under every p99 below.
+jitter() {
+    taskset -c "$1" python3 - <<'PY'
+import time
+lat, end = [], time.perf_counter() + 3
+while time.perf_counter() < end:
+    t0 = time.perf_counter(); time.sleep(0.0002); lat.append(time.perf_counter() - t0 - 0.0002)
+lat.sort(); n = len(lat)
+print(f"p99 {lat[int(n * .99)] * 1e3:.2f} ms, max {lat[-1] * 1e3:.2f} ms, {sum(x > 1e-3 for x in lat) / 3:.1f} wake-ups/s late by more than 1 ms")
+PY
+}
+echo "idle jitter of a 200 us sleep: core 0 $(jitter 0); core 1 $(jitter 1)"
+echo
+
 rss_max=0
-# Concurrency outer, targets inner: machine drift over the run hits every target alike.
-for c in 1 16 64 256; do
-    for t in $targets; do
-        threads=$(( c < 2 ? 1 : 2 ))
-        out=$(taskset -c 1 wrk -t"$threads" -c"$c" -d"${dur}s" --latency -s "$tmp/post.lua" "http://127.0.0.1:$(port_of "$t")/generate")
-        if [ "$t" = routerd ]; then
-            rss=$(ps -o rss= -p "$rd_pid" | tr -d ' '); [ "$rss" -gt "$rss_max" ] && rss_max=$rss
-        fi
-        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-        p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-        p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-        errs=$(awk '/Non-2xx/ {n+=$NF} /Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}' <<<"$out")
-        printf "| %-10s | %5s | %12s | %9s | %9s | %6s |\n" "$t" "$c" "$rps" "$p50" "$p99" "$errs"
+results="$tmp/results"
+# Concurrency outer, then repetitions, targets inner: machine drift hits every target alike.
+for c in $concs; do
+    for rep in $(seq 1 "$reps"); do
+        for t in $targets; do
+            threads=$(( c < 2 ? 1 : 2 ))
+            out=$(taskset -c 1 wrk -t"$threads" -c"$c" -d"${dur}s" -s "$tmp/post.lua" "http://127.0.0.1:$(port_of "$t")/generate")
+            [ "$t" = routerd ] && sample_rss
+            echo "closed $t $c $(awk '/^RESULT/ {print $2, $3, $4, $5}' <<<"$out")" >>"$results"
+        done
     done
 done
+
+# Open loop: a fixed request rate over 64 connections, latency measured from when each request
+# was due (oha --latency-correction), so the added latency is not a restatement of throughput.
+if [ "$rate" -gt 0 ]; then
+    for rep in $(seq 1 "$reps"); do
+        for t in $targets; do
+            taskset -c 1 oha --no-tui -z "${dur}s" -c 64 -q "$rate" --latency-correction -m POST \
+                -T application/json -d "$body_req" --output-format json \
+                "http://127.0.0.1:$(port_of "$t")/generate" >"$tmp/oha.json"
+            [ "$t" = routerd ] && sample_rss
+            python3 - "$tmp/oha.json" "$t" "$rate" >>"$results" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); s, p = d["summary"], d["latencyPercentiles"]
+ok = d.get("statusCodeDistribution", {}).get("200", 0)
+errors = sum(d.get("statusCodeDistribution", {}).values()) - ok + sum(
+    n for e, n in d.get("errorDistribution", {}).items() if "deadline" not in e)
+print("open", sys.argv[2], sys.argv[3], s["requestsPerSec"], p["p50"] * 1e3, p["p99"] * 1e3, errors)
+PY
+        done
+    done
+fi
+
+python3 - "$results" "$reps" <<'PY'
+import statistics, sys
+from collections import defaultdict
+rows = defaultdict(list)
+for line in open(sys.argv[1]):
+    kind, target, conc, rps, p50, p99, errs = line.split()
+    rows[(kind, target, int(conc))].append((float(rps), float(p50), float(p99), int(errs)))
+def fmt(ms): return f"{ms * 1000:.0f}us" if ms < 1 else f"{ms:.2f}ms"
+for kind, title, col in (("closed", "closed loop (wrk)", "conc"), ("open", "fixed rate over 64 connections (oha)", "rate/s")):
+    keys = [k for k in rows if k[0] == kind]
+    if not keys:
+        continue
+    print(f"{title}, median of {sys.argv[2]} runs; added p99 = p99 - direct's p99")
+    print(f"| {'target':<10} | {col:>6} | {'requests/s':>10} | {'p50':>8} | {'p99':>8} | {'added p99':>9} | {'errors':>6} |")
+    print("|------------|--------|------------|----------|----------|-----------|--------|")
+    med = {k: [statistics.median(x[i] for x in v) for i in range(3)] + [sum(x[3] for x in v)] for k, v in rows.items()}
+    for k in sorted(keys, key=lambda k: (k[2], list(dict.fromkeys(t for _, t, _ in rows)).index(k[1]))):
+        rps, p50, p99, errs = med[k]
+        d = med.get((kind, "direct", k[2]))
+        added = "-" if d is None or k[1] == "direct" else f"{(p99 - d[2]) * 1000:+.0f}us"
+        print(f"| {k[1]:<10} | {k[2]:>6} | {rps:>10.0f} | {fmt(p50):>8} | {fmt(p99):>8} | {added:>9} | {errs:>6} |")
+    print()
+c64 = {t: v for (kind, t, c), v in rows.items() if kind == "closed" and c == 64}
+rd = c64.get("routerd")
+if rd:
+    m = lambda t: statistics.median(x[0] for x in c64[t])
+    for other in ("nginx", "sgl-router"):
+        if other in c64:
+            print(f"concurrency 64: routerd moved {m('routerd') / m(other):.2f}x {other}'s requests/s")
+PY
 if [[ " $targets " == *" routerd "* ]]; then
-    echo
-    echo "routerd RSS: $(( rss_max / 1024 )) MiB max sampled after each run (idle at start: see log)"
+    echo "routerd RSS: $(( rss_max / 1024 )) MiB at most, sampled after each run"
 fi
