@@ -60,22 +60,37 @@ impl Default for Track {
 /// How often the loop looks for due probes and new workers.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Checks every registered worker until `cancel`.
+/// Checks every registered worker until `cancel`. The ranks of one data-parallel server
+/// (`URL@0`, `URL@1`, ...) are one process: they share each probe, and each rank's own track
+/// records its outcome.
 pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let mut probes = JoinSet::new();
     loop {
         let cfg = app.live().config.health.clone();
         let now = Instant::now();
-        for w in app.registry.snapshot().workers.iter() {
+        let snap = app.registry.snapshot();
+        let mut servers: Vec<(&str, Vec<Arc<Worker>>)> = Vec::new();
+        for w in snap.workers.iter() {
             if !cfg.enabled {
                 // Checks turned off: nothing can vouch against a worker any more.
                 w.healthy.store(true, Relaxed);
                 continue;
             }
-            let mut t = w.health.lock().unwrap_or_else(|p| p.into_inner());
-            if !t.probing && t.next.is_none_or(|n| n <= now) {
-                t.probing = true;
-                probes.spawn(probe(app.clone(), w.clone(), cfg.clone()));
+            let base = crate::registry::split_rank(w.url()).0;
+            match servers.iter_mut().find(|(b, _)| w.dp_rank.is_some() && *b == base) {
+                Some((_, ranks)) => ranks.push(w.clone()),
+                None => servers.push((base, vec![w.clone()])),
+            }
+        }
+        for (_, ranks) in servers {
+            let tracks: Vec<_> =
+                ranks.iter().map(|w| w.health.lock().unwrap_or_else(|p| p.into_inner())).collect();
+            let due = tracks.iter().any(|t| t.next.is_none_or(|n| n <= now));
+            if due && !tracks.iter().any(|t| t.probing) {
+                for mut t in tracks {
+                    t.probing = true;
+                }
+                probes.spawn(probe(app.clone(), ranks, cfg.clone()));
             }
         }
         tokio::select! {
@@ -89,8 +104,16 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     }
 }
 
-async fn probe(app: Arc<App>, w: Arc<Worker>, cfg: HealthConfig) {
-    let outcome = check(&app, &w, &cfg).await;
+/// One check of the server behind `ranks` (a single worker, or the ranks of one dp server),
+/// recorded on each.
+async fn probe(app: Arc<App>, ranks: Vec<Arc<Worker>>, cfg: HealthConfig) {
+    let outcome = check(&app, &ranks[0], &cfg).await;
+    for w in &ranks {
+        record(&app, w, &cfg, &outcome);
+    }
+}
+
+fn record(app: &App, w: &Worker, cfg: &HealthConfig, outcome: &Result<(), String>) {
     let mut t = w.health.lock().unwrap_or_else(|p| p.into_inner());
     t.probing = false;
     t.checks_total += 1;

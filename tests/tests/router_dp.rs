@@ -203,3 +203,45 @@ async fn pd_legs_each_get_their_own_rank() {
     p.shutdown().await;
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_ranks_of_one_server_share_its_health_checks() {
+    let w = sim(|a| a.dp_size = 3).await;
+    let mut config = dp_flags(|f| f.worker_urls = Some(vec![w.url()]));
+    config.health.interval = Duration::from_millis(50);
+    config.health.startup_check_interval = Duration::from_millis(50);
+    config.health.failure_threshold = 1;
+    let r = router(config).await;
+    let url = r.url();
+    let checks = |ws: &[Value]| -> Vec<u64> {
+        ws.iter().map(|w| w["health_checks_total"].as_u64().unwrap()).collect()
+    };
+    eventually(Duration::from_secs(10), "five checks on every rank", || async {
+        let ws = workers(&url, None).await;
+        ws.len() == 3 && checks(&ws).iter().all(|n| *n >= 5)
+    })
+    .await;
+    // One probe per interval reaches the server, recorded on all three ranks (a probe may be
+    // on its way while the two counts are read).
+    let served = stats(&w).await["health_checks"].as_u64().unwrap();
+    let recorded = checks(&workers(&url, None).await);
+    assert!(recorded.iter().all(|n| *n == recorded[0]), "{recorded:?}");
+    assert!(served <= recorded[0] + 1, "server saw {served} checks, ranks recorded {recorded:?}");
+
+    // The server's failure marks every rank down at once, its recovery every rank up.
+    let (status, _) =
+        routerd_e2e::post_json(format!("{}/sim/faults", w.url()), &json!({"unhealthy": true}))
+            .await;
+    assert_eq!(status, 200);
+    eventually(Duration::from_secs(5), "every rank unhealthy", || async {
+        workers(&url, None).await.iter().all(|w| w["healthy"] == false)
+    })
+    .await;
+    routerd_e2e::post_json(format!("{}/sim/faults", w.url()), &json!({"unhealthy": false})).await;
+    eventually(Duration::from_secs(5), "every rank healthy again", || async {
+        workers(&url, None).await.iter().all(|w| w["healthy"] == true)
+    })
+    .await;
+    r.shutdown().await;
+    w.shutdown().await;
+}
