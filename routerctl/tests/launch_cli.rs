@@ -21,6 +21,7 @@ struct Launch {
     out: mpsc::UnboundedReceiver<String>,
     seen: Vec<String>,
     err: std::sync::Arc<std::sync::Mutex<String>>,
+    err_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Launch {
@@ -77,7 +78,7 @@ impl Launch {
         let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = err.clone();
         let mut errs = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
+        let err_reader = tokio::spawn(async move {
             while let Ok(Some(l)) = errs.next_line().await {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&l);
@@ -85,7 +86,7 @@ impl Launch {
             }
         });
         let pid = child.id().unwrap() as i32;
-        Self { child, pid, out, seen: Vec::new(), err }
+        Self { child, pid, out, seen: Vec::new(), err, err_reader: Some(err_reader) }
     }
 
     /// The next output line that contains `needle` (earlier lines are kept in `seen`).
@@ -131,6 +132,11 @@ impl Launch {
         while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(1), self.out.recv()).await
         {
             self.seen.push(l);
+        }
+        // And all of its stderr: the reader may not have taken the last lines yet (it ends when
+        // the pipe closes, which a worker still holding it would delay).
+        if let Some(reader) = self.err_reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
         }
         status.code().unwrap_or(-1)
     }
