@@ -159,13 +159,15 @@ async fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError>
     } else {
         vec![spec]
     };
-    let mut first = None;
-    for spec in specs {
-        let w = app.registry.add(spec).map_err(registry_error)?;
+    // All ranks or none: a rank registered already refuses the whole worker.
+    let added = app.registry.add_all(specs).map_err(registry_error)?;
+    for w in &added {
         app.events.push("worker_added", format!("{} ({}, {via})", w.url(), role.as_str()));
-        first.get_or_insert(w);
     }
-    first.ok_or_else(|| RouterError::BadRequest("the worker has no ranks".into()))
+    added
+        .into_iter()
+        .next()
+        .ok_or_else(|| RouterError::BadRequest("the worker has no ranks".into()))
 }
 
 fn registry_error(e: RegistryError) -> RouterError {

@@ -281,16 +281,22 @@ impl Registry {
     }
 
     pub fn add(&self, spec: WorkerSpec) -> Result<Arc<Worker>, RegistryError> {
+        Ok(self.add_all(vec![spec])?.remove(0))
+    }
+
+    /// Adds every one of `specs` in one snapshot (the ranks of a dp-aware worker), or none of
+    /// them when one is registered already.
+    pub fn add_all(&self, specs: Vec<WorkerSpec>) -> Result<Vec<Arc<Worker>>, RegistryError> {
         let _w = self.writer.lock().expect("registry writer");
         let cur = self.current.load_full();
-        if cur.get(&spec.url).is_some() {
-            return Err(RegistryError::Duplicate(spec.url));
+        if let Some(dup) = specs.iter().find(|s| cur.get(&s.url).is_some()) {
+            return Err(RegistryError::Duplicate(dup.url.clone()));
         }
-        let worker = Arc::new(Worker::new(spec));
+        let added: Vec<Arc<Worker>> = specs.into_iter().map(|s| Arc::new(Worker::new(s))).collect();
         let mut workers = cur.workers.clone();
-        workers.push(worker.clone());
+        workers.extend(added.iter().cloned());
         self.current.store(Arc::new(Snapshot { workers }));
-        Ok(worker)
+        Ok(added)
     }
 
     /// Makes the workers of `source` exactly `specs`: workers that stay keep their state (a

@@ -118,6 +118,14 @@ async fn workers_added_at_runtime_are_expanded_and_removed_by_base_url() {
     }
     assert_eq!(stats(&w).await["dp_rank_requests"], json!([2, 2]));
     let enc = w.url().replace(':', "%3A").replace('/', "%2F");
+    // One rank removed alone; adding the worker again is refused whole (rank 1 is still
+    // there), not half-done.
+    let del = c.delete(format!("{url}/workers/{enc}%400")).send().await.unwrap();
+    assert_eq!(del.status(), 200);
+    let again =
+        c.post(format!("{url}/workers")).json(&json!({"url": w.url()})).send().await.unwrap();
+    assert_eq!(again.status(), 409);
+    assert_eq!(urls(&workers(&url, None).await), [format!("{}@1", w.url())]);
     let del = c.delete(format!("{url}/workers/{enc}")).send().await.unwrap();
     assert_eq!(del.status(), 200);
     assert!(workers(&url, None).await.is_empty(), "every rank removed");
