@@ -6,6 +6,7 @@
 //! `startup_check_interval` for up to `startup_timeout`, so routerd serves with the workers that
 //! are up while the others boot. Probes run concurrently, one at a time per worker.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,20 +70,26 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         let cfg = app.live().config.health.clone();
         let now = Instant::now();
         let snap = app.registry.snapshot();
-        let mut servers: Vec<(&str, Vec<Arc<Worker>>)> = Vec::new();
+        // One entry per server: a worker alone, or the ranks of a dp server by base URL.
+        let mut servers: Vec<Vec<Arc<Worker>>> = Vec::new();
+        let mut dp_servers: HashMap<&str, usize> = HashMap::new();
         for w in snap.workers.iter() {
             if !cfg.enabled {
                 // Checks turned off: nothing can vouch against a worker any more.
                 w.healthy.store(true, Relaxed);
                 continue;
             }
-            let base = crate::registry::split_rank(w.url()).0;
-            match servers.iter_mut().find(|(b, _)| w.dp_rank.is_some() && *b == base) {
-                Some((_, ranks)) => ranks.push(w.clone()),
-                None => servers.push((base, vec![w.clone()])),
+            if w.dp_rank.is_some() {
+                let base = crate::registry::split_rank(w.url()).0;
+                if let Some(&i) = dp_servers.get(base) {
+                    servers[i].push(w.clone());
+                    continue;
+                }
+                dp_servers.insert(base, servers.len());
             }
+            servers.push(vec![w.clone()]);
         }
-        for (_, ranks) in servers {
+        for ranks in servers {
             let tracks: Vec<_> =
                 ranks.iter().map(|w| w.health.lock().unwrap_or_else(|p| p.into_inner())).collect();
             let due = tracks.iter().any(|t| t.next.is_none_or(|n| n <= now));
