@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod dp;
 
 pub mod error;
+pub mod front;
 pub mod health;
 pub mod http1;
 pub mod info;

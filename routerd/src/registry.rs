@@ -82,7 +82,7 @@ pub struct Worker {
     pub polled: AtomicBool,
     pub healthy: AtomicBool,
     /// Keep-alive connections to this worker, for the inference path.
-    pub idle: crate::proxy::pool::IdleConns,
+    pub idle: crate::http1::pool::IdleConns,
     pub breaker: crate::breaker::Breaker,
     /// The active health checker's view (it alone writes it).
     pub health: Mutex<crate::health::Track>,
@@ -152,6 +152,28 @@ impl Worker {
 
     pub fn url(&self) -> &str {
         &self.spec.url
+    }
+
+    /// Where the wire sends this worker's requests.
+    pub fn target(&self) -> crate::http1::worker::Target<'_> {
+        crate::http1::worker::Target { authority: &self.authority, idle: &self.idle }
+    }
+
+    /// A wire failure before the answer's head as the router's error: whose fault, retryable.
+    /// `header_timeout` is what a timeout waited for.
+    pub fn wire_error(
+        &self,
+        e: crate::http1::worker::WireError,
+        header_timeout: std::time::Duration,
+    ) -> crate::error::RouterError {
+        use crate::http1::worker::WireError;
+        let worker = self.url().to_owned();
+        match e {
+            WireError::Timeout => {
+                crate::error::RouterError::WorkerTimeout { worker, after: header_timeout }
+            }
+            e => crate::error::RouterError::WorkerFailed { worker, reason: e.to_string() },
+        }
     }
 
     /// Healthy, its circuit not open, and not asked to back off.

@@ -61,7 +61,7 @@ pub async fn serve_router(
     stop: Stop,
 ) -> Ended {
     accept_loop(listener, stop, move |stream, peer, drain| {
-        crate::http1::connection(stream, peer, app.clone(), router.clone(), drain)
+        crate::front::connection(stream, peer, app.clone(), router.clone(), drain)
     })
     .await
 }

@@ -4,8 +4,8 @@
 
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 
+use super::client::{Body, ClientSession};
 use super::head::Head;
-use super::respond::{header_line, status_line};
 
 /// The origin to echo, if the request has one that `allowed` lists (or `allowed` has `*`).
 pub fn allowed(allowed: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
@@ -22,18 +22,12 @@ pub fn is_preflight(head: &Head) -> bool {
         && head.headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// The answer to a preflight from an allowed origin.
-pub fn preflight(origin: &HeaderValue, head: &Head, keep: bool, out: &mut Vec<u8>) {
-    out.clear();
-    status_line(out, 204, "No Content");
-    header_line(out, b"access-control-allow-origin", origin.as_bytes());
-    header_line(out, b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS");
+/// The answer to a preflight from an allowed origin (assembled; the caller flushes it).
+pub fn preflight(c: &mut ClientSession, head: &Head, keep: bool) -> bool {
+    c.start_response(204, "No Content");
+    c.header(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS");
     let asked = head.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
-    header_line(out, b"access-control-allow-headers", asked.map_or(&b"*"[..], |h| h.as_bytes()));
-    header_line(out, b"access-control-max-age", b"86400");
-    header_line(out, b"vary", b"origin");
-    if !keep {
-        header_line(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
+    c.header(b"access-control-allow-headers", asked.map_or(&b"*"[..], |h| h.as_bytes()));
+    c.header(b"access-control-max-age", b"86400");
+    c.end_head(Body::Empty, head.version, keep)
 }

@@ -71,10 +71,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| bad("invalid method"))?;
-    let target = req.path.unwrap_or("");
-    if !target.starts_with('/') {
-        return Err(bad("the request target must be a path (origin form)"));
-    }
+    let target = origin_form(req.path.unwrap_or(""), &method)?;
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
@@ -96,16 +93,38 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
             })
         }
     };
-    let head = Head {
-        method,
-        target: target.to_owned(),
-        version,
-        headers,
-        body,
-        keep_alive,
-        expect_continue,
-    };
+    let head = Head { method, target, version, headers, body, keep_alive, expect_continue };
     Ok(Some((head, len)))
+}
+
+/// The target as a path and query. Origin form (`/generate?x`) as it is; absolute form
+/// (`http://host:port/generate?x`), which a server must accept (RFC 9112 §3.2.2), without its
+/// scheme and authority; `*` for `OPTIONS`. Anything else (authority form is for CONNECT) is 400.
+fn origin_form(target: &str, method: &Method) -> Result<String, HeadError> {
+    if target.starts_with('/') {
+        return Ok(target.to_owned());
+    }
+    if target == "*" && method == Method::OPTIONS {
+        return Ok("/".to_owned());
+    }
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    let rest = if lower.starts_with("http://") {
+        &target[7..]
+    } else if lower.starts_with("https://") {
+        &target[8..]
+    } else {
+        return Err(bad("the request target must be a path or an absolute URL"));
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || authority.contains('@') {
+        return Err(bad("invalid authority in the request target"));
+    }
+    Ok(match path.strip_prefix('?') {
+        Some(_) => format!("/{path}"),
+        None if path.is_empty() => "/".to_owned(),
+        None => path.to_owned(),
+    })
 }
 
 fn body_len(headers: &HeaderMap, version: Version) -> Result<BodyLen, HeadError> {
@@ -201,7 +220,9 @@ mod tests {
             Some(501)
         );
         assert_eq!(status("POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"), Some(417));
-        assert_eq!(status("GET http://x/ HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status("GET x/ HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status("GET http:///a HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status("CONNECT a:443 HTTP/1.1\r\n\r\n"), Some(400));
         assert_eq!(status("NOT HTTP\r\n\r\n"), Some(400));
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(101));
         assert_eq!(status(&many), Some(431));
@@ -210,6 +231,15 @@ mod tests {
         let (h, _) =
             head("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.body, BodyLen::Chunked);
+    }
+
+    #[test]
+    fn absolute_form_targets_are_accepted() {
+        let target = |raw: &str| head(raw).unwrap().unwrap().0.target;
+        assert_eq!(target("POST http://h:1/generate?x=1 HTTP/1.1\r\n\r\n"), "/generate?x=1");
+        assert_eq!(target("GET HTTP://h:1 HTTP/1.1\r\n\r\n"), "/");
+        assert_eq!(target("GET http://h?a HTTP/1.1\r\n\r\n"), "/?a");
+        assert_eq!(target("OPTIONS * HTTP/1.1\r\n\r\n"), "/");
     }
 
     #[test]

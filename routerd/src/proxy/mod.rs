@@ -4,7 +4,6 @@
 
 pub mod extract;
 pub mod pd;
-pub mod pool;
 pub mod relay;
 
 pub mod retry;
@@ -24,12 +23,35 @@ use crate::config::Config;
 use crate::decisions::{Record, DECISION_HEADER, EXPLAIN_HEADER};
 use crate::error::RouterError;
 use crate::http1::head::Head;
-use crate::http1::respond::{self, header_line};
-use crate::http1::Conn;
+use crate::http1::worker::{exchange, WireError, WorkerResponse};
+use crate::http1::{header_line, respond, ClientSession};
 use crate::policy::{Policy, RequestInfo};
 use crate::registry::Worker;
 pub use extract::Route;
-use relay::Stop;
+
+/// Why a request ended without a relayed answer.
+#[derive(Debug)]
+pub enum Stop {
+    /// Nothing was sent to the client yet: answer with this error.
+    Failed(RouterError),
+    /// The client went away.
+    Closed,
+}
+
+/// Sends `request` to `worker` and waits for its answer's head (the client watched, if given).
+pub(crate) async fn send(
+    worker: &Worker,
+    request: &[u8],
+    client: Option<&mut ClientSession>,
+    (connect, header): (std::time::Duration, std::time::Duration),
+    deadline: Instant,
+) -> Result<WorkerResponse, Stop> {
+    let head_deadline = deadline.min(Instant::now() + header);
+    exchange(worker.target(), request, client, connect, head_deadline).await.map_err(|e| match e {
+        WireError::ClientGone => Stop::Closed,
+        e => Stop::Failed(worker.wire_error(e, header)),
+    })
+}
 
 /// The request id: the first configured header the client sent, else a new one under the first
 /// configured name.
@@ -64,6 +86,7 @@ pub struct Served {
 
 impl Served {
     fn relayed(r: relay::Relayed, status: u16, worker: &Arc<Worker>) -> Self {
+        let status = r.replaced_status.unwrap_or(status);
         Self { keep: r.keep, status, worker: Some(worker.clone()), first_event: r.first_event }
     }
 }
@@ -72,7 +95,7 @@ impl Served {
 pub async fn forward(
     app: &App,
     live: &Live,
-    c: &mut Conn,
+    c: &mut ClientSession,
     route: Route,
     head: &Head,
     body: Bytes,
@@ -162,7 +185,7 @@ pub(crate) fn pick(
 async fn dispatch(
     app: &App,
     live: &Live,
-    c: &mut Conn,
+    c: &mut ClientSession,
     route: Route,
     head: &Head,
     body: Bytes,
@@ -201,9 +224,8 @@ async fn dispatch(
         let guard = worker.start_request();
         request.clear();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
-        let (connect, header) = (cfg.server.connect_timeout, cfg.server.header_timeout);
-        let outcome =
-            relay::exchange(&worker, &request, Some(&mut *c), connect, header, deadline).await;
+        let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
+        let outcome = send(&worker, &request, Some(&mut *c), timeouts, deadline).await;
         attempt += 1;
         let may_retry = |tried: &[Arc<Worker>]| {
             attempt < attempts
@@ -224,7 +246,7 @@ async fn dispatch(
                 None
             }
             Ok(answer) => {
-                let status = answer.head.status;
+                let status = answer.head().status();
                 if status >= 500 {
                     worker.errors_total.fetch_add(1, Relaxed);
                     failed(app, &worker, &cfg.circuit_breaker);
@@ -232,7 +254,7 @@ async fn dispatch(
                 } else {
                     worker.breaker.record_success(&cfg.circuit_breaker);
                 }
-                if let (429, Some(after)) = (status, answer.head.retry_after) {
+                if let (429, Some(after)) = (status, answer.head().retry_after()) {
                     worker.throttle(after);
                 }
                 if retry::retryable_status(status) && may_retry(&tried) {
@@ -259,7 +281,7 @@ async fn dispatch(
             }
             continue;
         };
-        let status = answer.head.status;
+        let status = answer.head().status();
         let scan = usage::UsageScan::new(worker.clone(), streaming);
         let mut extra: Vec<(&[u8], &[u8])> = vec![
             (rid.0.as_str().as_bytes(), rid.1.as_bytes()),

@@ -17,13 +17,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
-use super::relay::{self, Stop};
-use super::{failed, pick, retry, upstream, usage, write_request, Ask, Served};
+use super::relay;
+use super::{failed, pick, retry, send, upstream, usage, write_request, Ask, Served, Stop};
 use crate::app::{App, Live, PoolPolicies};
 use crate::decisions::DECISION_HEADER;
 use crate::error::RouterError;
 use crate::http1::head::Head;
-use crate::http1::{respond, Conn};
+use crate::http1::worker::WorkerResponse;
+use crate::http1::{respond, ClientSession};
 use crate::registry::{Worker, WorkerRole};
 
 /// Largest prefill answer read (it carries the prompt's logprobs at most).
@@ -35,7 +36,7 @@ pub(crate) async fn dispatch(
     app: &App,
     live: &Live,
     pools: &PoolPolicies,
-    c: &mut Conn,
+    c: &mut ClientSession,
     head: &Head,
     body: &Bytes,
     probe: &Probe<'_>,
@@ -78,7 +79,7 @@ pub(crate) async fn dispatch(
                 if let Some(why) = &why {
                     extra.push((DECISION_HEADER.as_bytes(), why.as_bytes()));
                 }
-                let status = answer.head.status;
+                let status = answer.head().status();
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
@@ -107,7 +108,7 @@ pub(crate) async fn dispatch(
                 prefill.breaker.record_success(&cfg.circuit_breaker);
                 return Ok(relay_fetched(c, f, head, rid, keep, &prefill).await);
             }
-            Legs::DecodeAnswered(answer) if !retry::retryable_status(answer.head.status) => {
+            Legs::DecodeAnswered(answer) if !retry::retryable_status(answer.head().status()) => {
                 decode.breaker.record_success(&cfg.circuit_breaker);
                 let extra: [(&[u8], &[u8]); 2] = [
                     (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
@@ -115,7 +116,7 @@ pub(crate) async fn dispatch(
                 ];
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let v = head.version;
-                let status = answer.head.status;
+                let status = answer.head().status();
                 let done = relay::respond(answer, &decode, c, v, keep, &extra, None, limits).await;
                 return Ok(Served::relayed(done, status, &decode));
             }
@@ -125,7 +126,7 @@ pub(crate) async fn dispatch(
                 (prefill.clone(), e, Some(Answered::Prefill(f)))
             }
             Legs::DecodeAnswered(a) => {
-                let reason = format!("decode leg answered {}", a.head.status);
+                let reason = format!("decode leg answered {}", a.head().status());
                 let e = RouterError::WorkerFailed { worker: decode.url().into(), reason };
                 (decode.clone(), e, Some(Answered::Decode(a)))
             }
@@ -154,7 +155,7 @@ pub(crate) async fn dispatch(
                     let limits =
                         relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                     let v = head.version;
-                    let status = a.head.status;
+                    let status = a.head().status();
                     let done = relay::respond(a, &decode, c, v, keep, &extra, None, limits).await;
                     Ok(Served::relayed(done, status, &decode))
                 }
@@ -174,12 +175,12 @@ pub(crate) async fn dispatch(
 
 enum Answered {
     Prefill(relay::Fetched),
-    Decode(relay::Answer),
+    Decode(WorkerResponse),
 }
 
 /// A prefill leg's answer (read whole) as the client's response.
 async fn relay_fetched(
-    c: &mut Conn,
+    c: &mut ClientSession,
     f: relay::Fetched,
     head: &Head,
     rid: (&HeaderName, &HeaderValue),
@@ -220,11 +221,11 @@ fn pick_in(
 }
 
 enum Legs {
-    Ok(relay::Fetched, relay::Answer),
+    Ok(relay::Fetched, WorkerResponse),
     PrefillFailed(RouterError),
     DecodeFailed(RouterError),
     PrefillAnswered(relay::Fetched),
-    DecodeAnswered(relay::Answer),
+    DecodeAnswered(WorkerResponse),
     ClientGone,
 }
 
@@ -237,12 +238,12 @@ async fn both(
     decode: &Worker,
     req_p: &[u8],
     req_d: &[u8],
-    c: &mut Conn,
+    c: &mut ClientSession,
     timeouts: (std::time::Duration, std::time::Duration),
     deadline: Instant,
 ) -> Legs {
     let p = relay::fetch(prefill, req_p, timeouts, deadline, PREFILL_LIMIT);
-    let d = relay::exchange(decode, req_d, Some(c), timeouts.0, timeouts.1, deadline);
+    let d = send(decode, req_d, Some(c), timeouts, deadline);
     tokio::pin!(p, d);
     let (mut p_done, mut d_done) = (None, None);
     loop {
@@ -253,7 +254,7 @@ async fn both(
                 Err(e) => return Legs::PrefillFailed(e),
             },
             r = &mut d, if d_done.is_none() => match r {
-                Ok(a) if a.head.status < 400 => d_done = Some(a),
+                Ok(a) if a.head().status() < 400 => d_done = Some(a),
                 Ok(a) => return Legs::DecodeAnswered(a),
                 Err(Stop::Closed) => return Legs::ClientGone,
                 Err(Stop::Failed(e)) => return Legs::DecodeFailed(e),

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::RouterError;
-use crate::http1::respond::HOP_BY_HOP;
+use crate::http1::HOP_BY_HOP;
 use crate::registry::Worker;
 
 /// The response header naming the worker that answered.

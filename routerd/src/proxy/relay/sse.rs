@@ -1,9 +1,97 @@
-//! Server-sent events re-framed whole: a worker's event stream arrives in arbitrary pieces,
-//! and an answer whose events are edited (the PD logprob merge) must relay each event only once
-//! it is complete. `Events` cuts the payload at blank lines (`\n\n`, or `\r\n\r\n`), whatever
-//! the pieces; `edit` rewrites one event's `data:` JSON. Fuzzed by `fuzz/fuzz_targets/sse.rs`.
+//! Server-sent events relayed whole: a worker's event stream arrives in arbitrary pieces, and
+//! the client must only ever stand between two events, so that a stream cut early can still end
+//! with an error event (and an edited answer, the PD logprob merge, needs whole events anyway).
+//! `Events` cuts the payload at blank lines (`\n\n`, or `\r\n\r\n`), whatever the pieces;
+//! `edit` rewrites one event's `data:` JSON; `Cutter` is what the relay feeds. Fuzzed by
+//! `fuzz/fuzz_targets/sse.rs`.
 
 use memchr::memmem;
+use serde_json::Value;
+
+/// Most bytes of one unfinished event held back; a larger event is relayed as it comes (and if
+/// the stream is then cut inside it, a blank line ends it before the error event).
+pub const MAX_HELD: usize = 1 << 20;
+
+/// Payload out, whole events only (in as few pieces as possible).
+pub struct Cutter<'a> {
+    pending: Vec<u8>,
+    edit: Option<&'a mut (dyn FnMut(&mut Value) + Send)>,
+    /// The last event relayed was `data: [DONE]`: the stream said all it had to say.
+    done_seen: bool,
+    /// Part of an event too large to hold was relayed before its end.
+    mid_event: bool,
+}
+
+fn ends_at_boundary(d: &[u8]) -> bool {
+    d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n")
+}
+
+/// The end of the last complete event in `d`.
+fn last_boundary(d: &[u8]) -> Option<usize> {
+    let lf = memmem::rfind(d, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::rfind(d, b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf)
+}
+
+impl<'a> Cutter<'a> {
+    pub fn new(edit: Option<&'a mut (dyn FnMut(&mut Value) + Send)>) -> Self {
+        Self { pending: Vec::new(), edit, done_seen: false, mid_event: false }
+    }
+
+    fn emit(&mut self, whole: &[u8], out: &mut dyn FnMut(&[u8])) {
+        if whole.is_empty() {
+            return;
+        }
+        self.done_seen = whole.trim_ascii_end().ends_with(b"data: [DONE]");
+        self.mid_event = !ends_at_boundary(whole);
+        out(whole);
+    }
+
+    /// Takes the next piece of payload; hands the events it completes to `out`.
+    pub fn feed(&mut self, d: &[u8], out: &mut dyn FnMut(&[u8])) {
+        if self.edit.is_none() && self.pending.is_empty() && ends_at_boundary(d) {
+            // The common case: the piece is whole events. No copy.
+            return self.emit(d, out);
+        }
+        self.pending.extend_from_slice(d);
+        if let Some(edit) = self.edit.take() {
+            let mut events = Events { pending: std::mem::take(&mut self.pending) };
+            while let Some(event) = events.next_event() {
+                let edited = self::edit(event, &mut *edit);
+                self.emit(&edited, out);
+            }
+            self.pending = events.pending;
+            self.edit = Some(edit);
+        } else if let Some(end) = last_boundary(&self.pending) {
+            let rest = self.pending.split_off(end);
+            let whole = std::mem::replace(&mut self.pending, rest);
+            self.emit(&whole, out);
+        }
+        if self.pending.len() > MAX_HELD {
+            let held = std::mem::take(&mut self.pending);
+            self.emit(&held, out);
+        }
+    }
+
+    /// The stream ended: an unterminated last event is relayed as it came.
+    pub fn finish(&mut self, out: &mut dyn FnMut(&[u8])) {
+        let rest = std::mem::take(&mut self.pending);
+        self.emit(&rest, out);
+    }
+
+    /// The stream was cut: what was held of an unfinished event is dropped, and `message` (an
+    /// error event and the end marker) ends it, unless the worker had already said `[DONE]`.
+    pub fn fail(&mut self, message: &[u8], out: &mut dyn FnMut(&[u8])) {
+        self.pending.clear();
+        if self.done_seen {
+            return;
+        }
+        if self.mid_event {
+            out(b"\n\n");
+        }
+        out(message);
+    }
+}
 
 /// Whole events out of an event stream's payload, fed in any pieces.
 #[derive(Debug, Default)]
@@ -48,6 +136,46 @@ pub fn edit(event: Vec<u8>, edit: &mut dyn FnMut(&mut serde_json::Value)) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cut(stream: &[u8], piece: usize, edit: bool) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut add = |v: &mut Value| v["x"] = serde_json::json!(1);
+        let mut c = Cutter::new(edit.then_some(&mut add as &mut (dyn FnMut(&mut Value) + Send)));
+        let mut out = Vec::new();
+        for p in stream.chunks(piece) {
+            c.feed(p, &mut |e| out.push(e.to_vec()));
+        }
+        let mut failed = Vec::new();
+        c.fail(b"ERR", &mut |e| failed.extend_from_slice(e));
+        (out, failed)
+    }
+
+    #[test]
+    fn the_client_only_ever_gets_whole_events() {
+        let stream = b"data: {\"a\":1}\n\n: keep-alive\n\ndata: {\"b\":2}\r\n\r\ndata: {\"c\"";
+        for piece in 1..stream.len() {
+            for edit in [false, true] {
+                let (out, failed) = cut(stream, piece, edit);
+                let all: Vec<u8> = out.concat();
+                assert!(
+                    ends_at_boundary(&all),
+                    "piece {piece}: {:?}",
+                    String::from_utf8_lossy(&all)
+                );
+                assert!(!all.windows(5).any(|w| w == b"{\"c\""), "the unfinished event is held");
+                assert_eq!(failed, b"ERR", "a cut stream ends with the error event");
+            }
+        }
+        let (_, failed) = cut(b"data: {}\n\ndata: [DONE]\n\n", 4, false);
+        assert!(failed.is_empty(), "after [DONE] there is nothing to add");
+    }
+
+    #[test]
+    fn an_event_too_large_to_hold_is_relayed_and_closed_on_failure() {
+        let big = vec![b'x'; MAX_HELD + 10];
+        let (out, failed) = cut(&[b"data: ", &big[..]].concat(), 4096, false);
+        assert!(!out.is_empty());
+        assert_eq!(failed, b"\n\nERR");
+    }
 
     #[test]
     fn events_are_cut_at_blank_lines_whatever_the_pieces() {
