@@ -15,79 +15,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { flags }) => check(&merge(flags, cli.flags)),
+        Some(Command::Check) => check(&cli.flags),
         None => serve(cli.flags),
     }
-}
-
-/// `routerd --port 1 check --config f` and `routerd check --config f --port 1` both work.
-fn merge(sub: Flags, top: Flags) -> Flags {
-    macro_rules! pick {
-                (switches: $($b:ident),*; lists: $($l:ident),*; values: $($f:ident),*) => {
-            Flags {
-                $($b: sub.$b || top.$b,)*
-                $($l: if sub.$l.is_empty() { top.$l } else { sub.$l },)*
-                $($f: sub.$f.or(top.$f)),*
-            }
-        };
-    }
-    pick!(
-                switches: no_watch_config, disable_retries, disable_circuit_breaker, pd_disaggregation, service_discovery, dp_aware;
-        lists: prefill, decode;
-        values: config,
-        host,
-        port,
-        worker_urls,
-        policy,
-        cache_threshold,
-        balance_abs_threshold,
-        balance_rel_threshold,
-        eviction_interval_secs,
-        max_tree_size,
-        max_payload_size,
-        request_timeout_secs,
-        max_concurrent_requests,
-        queue_size,
-        queue_timeout_secs,
-        request_id_headers,
-                worker_threads,
-                prefill_policy,
-        decode_policy,
-        prometheus_host,
-        prometheus_port,
-        cors_allowed_origins,
-        log_format,
-        log_dir,
-        retry_max_retries,
-        retry_initial_backoff_ms,
-        retry_max_backoff_ms,
-        retry_backoff_multiplier,
-        retry_jitter_factor,
-        cb_failure_threshold,
-        cb_success_threshold,
-        cb_timeout_duration_secs,
-        cb_window_duration_secs,
-        health_check_interval_secs,
-        health_check_timeout_secs,
-        health_failure_threshold,
-        health_success_threshold,
-        health_check_endpoint,
-        worker_startup_timeout_secs,
-        worker_startup_check_interval,
-        stream_idle_timeout_secs,
-        log_level,
-        selector,
-        prefill_selector,
-        decode_selector,
-        service_discovery_port,
-        service_discovery_namespace,
-        bootstrap_port_annotation,
-        api_key,
-        api_key_file,
-        admin_api_key,
-        admin_api_key_file,
-        allowed_worker_networks
-    )
 }
 
 fn load(flags: &Flags) -> Result<Config, ExitCode> {

@@ -14,211 +14,222 @@ pub struct Cli {
     pub flags: Flags,
 }
 
+/// Every flag is global (declared once, in `Flags`): `routerd --port 1 check --config f` and
+/// `routerd check --config f --port 1` mean the same.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate a configuration file (and flags) and exit: 0 if valid, 1 with every error.
-    Check {
-        #[command(flatten)]
-        flags: Flags,
-    },
+    Check,
 }
 
 #[derive(Debug, Default, Clone, Args)]
 pub struct Flags {
     /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub host: Option<String>,
     /// Port to listen on [default: 30000].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub port: Option<u16>,
     /// Worker URLs (regular mode).
-    #[arg(long, num_args = 1.., value_name = "URL")]
+    #[arg(global = true, long, num_args = 1.., value_name = "URL")]
     pub worker_urls: Option<Vec<String>>,
     /// Prefill-decode disaggregation: every request goes to a prefill and a decode worker.
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub pd_disaggregation: bool,
     /// A prefill worker and its bootstrap port (or `none`); repeat for more.
-    #[arg(long, num_args = 1..=2, value_names = ["URL", "BOOTSTRAP_PORT"], action = clap::ArgAction::Append)]
+    #[arg(global = true, long, num_args = 1..=2, value_names = ["URL", "BOOTSTRAP_PORT"], action = clap::ArgAction::Append)]
     pub prefill: Vec<String>,
     /// A decode worker; repeat for more.
-    #[arg(long, num_args = 1.., value_name = "URL", action = clap::ArgAction::Append)]
+    #[arg(global = true, long, num_args = 1.., value_name = "URL", action = clap::ArgAction::Append)]
     pub decode: Vec<String>,
     /// Policy for the prefill pool [default: --policy].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub prefill_policy: Option<String>,
     /// Policy for the decode pool [default: --policy].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub decode_policy: Option<String>,
     /// Load-balancing policy: cache_aware, round_robin, random or power_of_two
     /// [default: cache_aware].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub policy: Option<String>,
     /// cache_aware: route to the best prefix match when it covers more than this fraction of the
     /// prompt [default: 0.5].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub cache_threshold: Option<f64>,
     /// cache_aware: loads are imbalanced when max - min exceeds this... [default: 32].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub balance_abs_threshold: Option<u64>,
     /// ...and max exceeds min times this [default: 1.0001].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub balance_rel_threshold: Option<f64>,
     /// cache_aware: accepted for sgl-router compatibility; routerd bounds the tree on every
     /// insert, so no periodic eviction is needed [default: 60].
-    #[arg(long, alias = "eviction-interval")]
+    #[arg(global = true, long, alias = "eviction-interval")]
     pub eviction_interval_secs: Option<u64>,
     /// cache_aware: the prefix tree's budget in characters, for all workers together
     /// [default: 16777216].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub max_tree_size: Option<u64>,
     /// Largest request body accepted, in bytes [default: 268435456].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub max_payload_size: Option<u64>,
     /// Longest time a request may take end to end, in seconds [default: 600].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub request_timeout_secs: Option<u64>,
     /// Requests proxied at once; more wait in a queue [default: unlimited].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub max_concurrent_requests: Option<u64>,
     /// Requests that may wait for a slot; beyond it they get 429 [default: 100].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub queue_size: Option<u64>,
     /// Longest wait for a slot before 503, in seconds [default: 60].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub queue_timeout_secs: Option<u64>,
     /// Headers carrying a request id, first present wins
     /// [default: x-request-id x-correlation-id x-trace-id request-id].
-    #[arg(long, num_args = 1.., value_name = "HEADER")]
+    #[arg(global = true, long, num_args = 1.., value_name = "HEADER")]
     pub request_id_headers: Option<Vec<String>>,
     /// Do not watch --config for changes (reload only on SIGHUP or POST /admin/reload).
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub no_watch_config: bool,
     /// Async runtime threads; 1 runs everything on one thread [default: one per CPU].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub worker_threads: Option<usize>,
     /// Retries of a failed request on other workers [default: 3].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub retry_max_retries: Option<u32>,
     /// Wait before the first retry, in milliseconds [default: 100].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub retry_initial_backoff_ms: Option<u64>,
     /// Longest wait between retries, in milliseconds [default: 10000].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub retry_max_backoff_ms: Option<u64>,
     /// Each wait is the previous times this [default: 2.0].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub retry_backoff_multiplier: Option<f64>,
     /// Waits vary randomly by up to this fraction [default: 0.1].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub retry_jitter_factor: Option<f64>,
     /// Never retry.
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub disable_retries: bool,
     /// Consecutive failures that open a worker's circuit [default: 5].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub cb_failure_threshold: Option<u32>,
     /// Successes in half-open state that close it again [default: 2].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub cb_success_threshold: Option<u32>,
     /// How long a circuit stays open before trial requests, in seconds [default: 30].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub cb_timeout_duration_secs: Option<u64>,
     /// Failures count as consecutive only within this window, in seconds [default: 60].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub cb_window_duration_secs: Option<u64>,
     /// No circuit breakers.
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub disable_circuit_breaker: bool,
     /// Seconds between active health checks of each worker [default: 10].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub health_check_interval_secs: Option<u64>,
     /// Seconds a health check may take [default: 5].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub health_check_timeout_secs: Option<u64>,
     /// Consecutive failed checks that mark a worker unhealthy [default: 3].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub health_failure_threshold: Option<u32>,
     /// Consecutive passed checks that mark it healthy again [default: 2].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub health_success_threshold: Option<u32>,
     /// Path checked on each worker [default: /health].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub health_check_endpoint: Option<String>,
     /// How long a worker that has not answered yet is checked at the startup interval, in
     /// seconds; routerd serves meanwhile with the workers that are up [default: 600].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub worker_startup_timeout_secs: Option<u64>,
     /// Seconds between checks of a worker that has not answered yet [default: 2].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub worker_startup_check_interval: Option<u64>,
     /// Longest silence between two chunks of a worker's response, in seconds; then the
     /// client's stream ends with an error event [default: 120].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub stream_idle_timeout_secs: Option<u64>,
     /// Prometheus metrics listener address [default: 127.0.0.1].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub prometheus_host: Option<String>,
     /// Prometheus metrics listener port [default: 29000].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub prometheus_port: Option<u16>,
     /// Origins allowed to call the router from a browser (`*` for any) [default: none].
-    #[arg(long, num_args = 1.., value_name = "ORIGIN")]
+    #[arg(global = true, long, num_args = 1.., value_name = "ORIGIN")]
     pub cors_allowed_origins: Option<Vec<String>>,
     /// Log format: text or json [default: text].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub log_format: Option<String>,
     /// Write logs to daily-rotated files in this directory instead of stderr.
-    #[arg(long, value_name = "DIR")]
+    #[arg(global = true, long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Log level: trace, debug, info, warn or error [default: info].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub log_level: Option<String>,
     /// Discover workers as Kubernetes pods (in-cluster, or from the kubeconfig).
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub service_discovery: bool,
     /// Labels a pod needs to be a worker (regular mode): `key=value` ...
-    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    #[arg(global = true, long, num_args = 1.., value_name = "KEY=VALUE")]
     pub selector: Option<Vec<String>>,
     /// PD mode: labels of prefill pods.
-    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    #[arg(global = true, long, num_args = 1.., value_name = "KEY=VALUE")]
     pub prefill_selector: Option<Vec<String>>,
     /// PD mode: labels of decode pods.
-    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    #[arg(global = true, long, num_args = 1.., value_name = "KEY=VALUE")]
     pub decode_selector: Option<Vec<String>>,
     /// The port workers serve on in each pod [default: 80].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub service_discovery_port: Option<u16>,
     /// The namespace to watch [default: all namespaces].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub service_discovery_namespace: Option<String>,
     /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
     /// target, with `data_parallel_rank` in the request body.
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub dp_aware: bool,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
-    #[arg(long, env = "ROUTERD_API_KEY", hide_env_values = true, value_name = "KEY")]
+    #[arg(
+        global = true,
+        long,
+        env = "ROUTERD_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
     pub api_key: Option<crate::secret::Secret>,
     /// Read --api-key from this file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Required on management and admin routes as `Authorization: Bearer KEY`. Without it,
     /// --api-key guards them; with neither, only loopback peers may make changes.
-    #[arg(long, env = "ROUTERD_ADMIN_API_KEY", hide_env_values = true, value_name = "KEY")]
+    #[arg(
+        global = true,
+        long,
+        env = "ROUTERD_ADMIN_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
     pub admin_api_key: Option<crate::secret::Secret>,
     /// Read --admin-api-key from this file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub admin_api_key_file: Option<PathBuf>,
     /// Networks that workers added through the API or discovery must be in, e.g.
     /// `10.0.0.0/8` [default: any but link-local and metadata addresses].
-    #[arg(long, num_args = 1.., value_name = "CIDR")]
+    #[arg(global = true, long, num_args = 1.., value_name = "CIDR")]
     pub allowed_worker_networks: Option<Vec<String>>,
     /// The pod annotation that holds a prefill pod's bootstrap port
     /// [default: sglang.ai/bootstrap-port].
-    #[arg(long)]
+    #[arg(global = true, long)]
     pub bootstrap_port_annotation: Option<String>,
 }
 

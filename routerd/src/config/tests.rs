@@ -484,3 +484,50 @@ fn unimplemented_sgl_router_flags_are_named() {
     assert!(unsupported_flag(&["--tokenizer-path", "x"]).unwrap().contains("gRPC"));
     assert_eq!(unsupported_flag(&["--policy", "cache_aware", "--", "--backend"]), None);
 }
+
+/// Every `[default: X]` that `routerd --help` promises is what the built configuration really
+/// uses: setting the flag to X explicitly changes nothing. Defaults that are not a value (they
+/// describe a behaviour) are listed here, each once.
+#[test]
+fn help_defaults_are_the_real_defaults() {
+    use clap::{CommandFactory, Parser};
+    const DESCRIPTIVE: [&str; 5] = [
+        "--policy",
+        "unlimited",
+        "one per CPU",
+        "all namespaces",
+        "any but link-local and metadata addresses",
+    ];
+    let base = Config::build(None, &Flags::default()).unwrap();
+    let (mut checked, mut described) = (0, Vec::new());
+    for arg in Cli::command().get_arguments() {
+        let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else { continue };
+        let help = help.to_string();
+        let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next())
+        else {
+            continue;
+        };
+        if DESCRIPTIVE.contains(&default) {
+            described.push(default.to_owned());
+            continue;
+        }
+        let flag = format!("--{long}");
+        let values: Vec<&str> =
+            if default == "none" { vec![] } else { default.split(' ').collect() };
+        if values.is_empty() {
+            // `none`: the flag takes a list and the default is an empty one; nothing to set.
+            assert!(arg.get_num_args().is_some_and(|n| n.min_values() <= 1), "{flag}");
+            continue;
+        }
+        let args = std::iter::once("routerd").chain(std::iter::once(flag.as_str())).chain(values);
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{flag} {default}: {e}"));
+        let built = Config::build(None, &cli.flags)
+            .unwrap_or_else(|e| panic!("{flag} {default} is not a valid value: {}", e.0[0]));
+        assert!(built == base, "{flag}: the help says [default: {default}], the config differs");
+        checked += 1;
+    }
+    assert!(checked >= 35, "only {checked} defaults found in --help");
+    described.sort();
+    described.dedup();
+    assert_eq!(described.len(), DESCRIPTIVE.len(), "every descriptive default is still in --help");
+}
