@@ -198,7 +198,6 @@ fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
         return first.ok_or_else(|| RouterError::UnknownWorker(format!("unknown worker {url}")));
     }
     let removed = app.registry.remove(&url).map_err(registry_error)?;
-    app.policy_for(removed.spec.role).worker_removed(&url);
     app.events.push("worker_removed", format!("{url} (via the API)"));
     Ok(removed)
 }

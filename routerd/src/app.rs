@@ -33,6 +33,9 @@ pub struct Live {
     /// PD mode: each pool's policy (`None` in regular mode).
     pub pools: Option<PoolPolicies>,
     pub limiter: Option<Arc<Limiter>>,
+    /// The configuration's generation (`GET /admin/config`): worker sets computed from it are
+    /// tagged with it, so the registry can drop a set computed from an older one.
+    pub generation: u64,
 }
 
 pub struct PoolPolicies {
@@ -54,7 +57,7 @@ impl Live {
         let policy = policy::build(&config.policy);
         let pools = PoolPolicies::build(&config);
         let limiter = limiter_for(&config);
-        Self { config, policy, pools, limiter }
+        Self { config, policy, pools, limiter, generation: 1 }
     }
 
     /// The policy that routes to workers of `role`.
@@ -222,6 +225,13 @@ pub fn start_with_flags(
     let addr = listener.local_addr()?;
     let grace = config.server.shutdown_grace;
     let app = Arc::new(App::new(config, flags));
+    // A worker that leaves, whoever removed it, is forgotten by its pool's policy.
+    let weak = Arc::downgrade(&app);
+    app.registry.set_on_removed(Box::new(move |w| {
+        if let Some(app) = weak.upgrade() {
+            app.policy_for(w.spec.role).worker_removed(w.url());
+        }
+    }));
     let stop = Stop::new(grace);
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();

@@ -16,11 +16,11 @@ use crate::app::App;
 use crate::registry::{Worker, WorkerSource, WorkerSpec};
 
 /// What the resolver knows: each base URL's `dp_size`, and the discovered workers' base specs
-/// (re-expanded when a size becomes known).
+/// with the generation of that set (re-expanded when a size becomes known).
 #[derive(Debug, Default)]
 pub struct DpState {
     sizes: Mutex<HashMap<String, u32>>,
-    discovered: Mutex<Vec<WorkerSpec>>,
+    discovered: Mutex<(u64, Vec<WorkerSpec>)>,
 }
 
 impl DpState {
@@ -30,6 +30,11 @@ impl DpState {
 
     fn learn(&self, base: &str, size: u32) {
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(base.to_owned(), size);
+    }
+
+    /// The discovered workers' base specs and the generation of that set.
+    fn discovered(&self) -> (u64, Vec<WorkerSpec>) {
+        self.discovered.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -60,14 +65,18 @@ pub fn config_specs(state: &DpState, config: &crate::config::Config) -> Vec<Work
     expand(state, &specs).0
 }
 
-/// The discovered workers (base specs): registered per rank once their sizes are known.
-pub fn discovered_specs(app: &App, specs: Vec<WorkerSpec>) -> Vec<WorkerSpec> {
+/// A new set of discovered workers (base specs): its generation, and the specs to register
+/// (per rank in DP-aware mode, once their sizes are known).
+pub fn discovered_specs(app: &App, specs: Vec<WorkerSpec>) -> (u64, Vec<WorkerSpec>) {
+    let mut d = app.dp.discovered.lock().unwrap_or_else(|p| p.into_inner());
+    d.0 += 1;
     if !app.live().config.policy.dp_aware {
-        return specs;
+        d.1.clear();
+        return (d.0, specs);
     }
     let out = expand(&app.dp, &specs).0;
-    *app.dp.discovered.lock().unwrap_or_else(|p| p.into_inner()) = specs;
-    out
+    d.1 = specs;
+    (d.0, out)
 }
 
 /// Asks `spec`'s worker for its `dp_size` (1 when it reports none).
@@ -109,7 +118,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         let every = live.config.health.startup_check_interval;
         if live.config.policy.dp_aware {
             let config = crate::app::config_workers(&live.config);
-            let discovered = app.dp.discovered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (_, discovered) = app.dp.discovered();
             let mut learnt = false;
             for spec in
                 expand(&app.dp, &config).1.iter().chain(expand(&app.dp, &discovered).1.iter())
@@ -126,11 +135,16 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                 }
             }
             if learnt {
-                let specs = config_specs(&app.dp, &live.config);
-                let (added, _) = app.registry.sync_source(WorkerSource::Config, specs);
+                // The sets are computed from what is current now, after the awaits, and tagged
+                // with its generation: if a reload or a discovery change lands before they are
+                // applied, the registry drops them rather than undo it.
+                let now = app.live();
+                let specs = config_specs(&app.dp, &now.config);
+                let added = app.registry.sync_source(WorkerSource::Config, specs, now.generation);
+                let (generation, discovered) = app.dp.discovered();
                 let specs = expand(&app.dp, &discovered).0;
-                let (more, _) = app.registry.sync_source(WorkerSource::Discovery, specs);
-                for url in added.iter().chain(&more) {
+                let more = app.registry.sync_source(WorkerSource::Discovery, specs, generation);
+                for url in added.added.iter().chain(&more.added) {
                     app.events.push("worker_added", format!("{url} (dp rank)"));
                 }
             }

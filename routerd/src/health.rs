@@ -24,40 +24,6 @@ use crate::config::HealthConfig;
 use crate::proxy::upstream;
 use crate::registry::Worker;
 
-/// What the checker knows about one worker.
-#[derive(Debug)]
-pub struct Track {
-    passed: u32,
-    failed: u32,
-    ever_passed: bool,
-    added: Instant,
-    next: Option<Instant>,
-    probing: bool,
-    warned: bool,
-    pub checks_total: u64,
-}
-
-impl Track {
-    pub fn new() -> Self {
-        Self {
-            passed: 0,
-            failed: 0,
-            ever_passed: false,
-            added: Instant::now(),
-            next: None,
-            probing: false,
-            warned: false,
-            checks_total: 0,
-        }
-    }
-}
-
-impl Default for Track {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// How often the loop looks for due probes and new workers.
 const TICK: Duration = Duration::from_millis(100);
 

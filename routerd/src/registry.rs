@@ -1,10 +1,17 @@
-//! The worker registry: every worker source (config, admin API, later discovery and launch)
-//! produces `WorkerSpec` updates; one writer turns them into a new immutable `Snapshot` that the
-//! request path loads without locking. A worker keeps its `Arc<Worker>` (and so its counters)
-//! across snapshots for as long as it stays registered.
+//! The worker registry: every worker source (config and its reloads, the admin API, Kubernetes
+//! discovery, dp-size resolution, `routerctl launch`) hands its updates to one writer, which
+//! turns them into a new immutable `Snapshot` that the request path loads without locking. A
+//! source that computes a whole set (config, discovery) tags it with the generation of what it
+//! was computed from; the writer drops a set older than the last one it applied for that source,
+//! so a slow writer can never undo a newer one (a dp resolution that awaited the network across
+//! a reload). A worker keeps its `Arc<Worker>` (and so its counters) across snapshots for as long
+//! as it stays registered; when it leaves, the writer tells the policies (`on_removed`), so no
+//! caller has to remember to.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
@@ -85,13 +92,47 @@ pub struct Worker {
     pub idle: crate::http1::pool::IdleConns,
     pub breaker: crate::breaker::Breaker,
     /// The active health checker's view (it alone writes it).
-    pub health: Mutex<crate::health::Track>,
+    pub health: Mutex<HealthTrack>,
     /// A 429 with `Retry-After` keeps the worker out of routing until then.
     pub throttled_until: Mutex<Option<std::time::Instant>>,
     pub throttled: AtomicBool,
     /// The last failure seen on this worker (request or health check), for operators.
     pub last_error: Mutex<Option<String>>,
     pub retries_total: AtomicU64,
+}
+
+/// What the health checker knows about one worker (it alone writes it; `health.rs`).
+#[derive(Debug)]
+pub struct HealthTrack {
+    pub(crate) passed: u32,
+    pub(crate) failed: u32,
+    pub(crate) ever_passed: bool,
+    pub(crate) added: Instant,
+    pub(crate) next: Option<Instant>,
+    pub(crate) probing: bool,
+    pub(crate) warned: bool,
+    pub checks_total: u64,
+}
+
+impl HealthTrack {
+    pub fn new() -> Self {
+        Self {
+            passed: 0,
+            failed: 0,
+            ever_passed: false,
+            added: Instant::now(),
+            next: None,
+            probing: false,
+            warned: false,
+            checks_total: 0,
+        }
+    }
+}
+
+impl Default for HealthTrack {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// `http://host:port@3` → (`http://host:port`, `Some(3)`): a DP rank target (`--dp-aware`,
@@ -142,7 +183,7 @@ impl Worker {
             healthy: AtomicBool::new(true),
             idle: Default::default(),
             breaker: Default::default(),
-            health: Mutex::new(crate::health::Track::new()),
+            health: Mutex::new(HealthTrack::new()),
             throttled_until: Mutex::new(None),
             throttled: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -280,17 +321,66 @@ pub enum RegistryError {
     Unknown(String),
 }
 
+/// Told of every worker that leaves the registry (the policies forget it).
+pub type OnRemoved = Box<dyn Fn(&Arc<Worker>) + Send + Sync>;
+
 #[derive(Default)]
 pub struct Registry {
     current: ArcSwap<Snapshot>,
-    /// Serialises writers; readers never take it.
-    writer: Mutex<()>,
+    /// Serialises writers (readers never take it); holds the generation of the last set applied
+    /// for each source that writes whole sets.
+    writer: Mutex<Generations>,
+    on_removed: OnceLock<OnRemoved>,
+}
+
+#[derive(Default)]
+struct Generations {
+    config: u64,
+    discovery: u64,
+}
+
+impl Generations {
+    fn of(&mut self, source: WorkerSource) -> Option<&mut u64> {
+        match source {
+            WorkerSource::Config => Some(&mut self.config),
+            WorkerSource::Discovery => Some(&mut self.discovery),
+            WorkerSource::Api | WorkerSource::Launch => None,
+        }
+    }
+}
+
+/// What a whole-set update did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// The set was older than one applied before it: nothing was changed.
+    pub stale: bool,
 }
 
 impl Registry {
     pub fn new(specs: Vec<WorkerSpec>) -> Self {
         let workers = specs.into_iter().map(|s| Arc::new(Worker::new(s))).collect();
-        Self { current: ArcSwap::from_pointee(Snapshot { workers }), writer: Mutex::new(()) }
+        Self {
+            current: ArcSwap::from_pointee(Snapshot { workers }),
+            writer: Mutex::default(),
+            on_removed: OnceLock::new(),
+        }
+    }
+
+    /// Sets who is told when a worker leaves (once; later calls are ignored).
+    pub fn set_on_removed(&self, f: OnRemoved) {
+        let _ = self.on_removed.set(f);
+    }
+
+    fn removed(&self, w: &Arc<Worker>) {
+        if let Some(f) = self.on_removed.get() {
+            f(w);
+        }
+    }
+
+    fn write(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -309,7 +399,7 @@ impl Registry {
     /// Adds every one of `specs` in one snapshot (the ranks of a dp-aware worker), or none of
     /// them when one is registered already.
     pub fn add_all(&self, specs: Vec<WorkerSpec>) -> Result<Vec<Arc<Worker>>, RegistryError> {
-        let _w = self.writer.lock().expect("registry writer");
+        let _w = self.write();
         let cur = self.current.load_full();
         if let Some(dup) = specs.iter().find(|s| cur.get(&s.url).is_some()) {
             return Err(RegistryError::Duplicate(dup.url.clone()));
@@ -321,43 +411,62 @@ impl Registry {
         Ok(added)
     }
 
-    /// Makes the workers of `source` exactly `specs`: workers that stay keep their state (a
-    /// changed API key counts as a new worker), the others are removed (requests already on
-    /// them finish), new ones are added (a changed role or bootstrap port counts as new too). A URL already registered by another source is left
-    /// alone. Returns (added, removed) URLs.
+    /// Makes the workers of `source` exactly `specs`, computed from `generation` of that
+    /// source (a set older than the last applied is dropped: `stale`). Workers that stay keep
+    /// their state (a changed API key, role or bootstrap port counts as a new worker); the
+    /// others are removed (requests already on them finish); new ones are added. A URL already
+    /// registered by another source is left alone.
     pub fn sync_source(
         &self,
         source: WorkerSource,
         specs: Vec<WorkerSpec>,
-    ) -> (Vec<String>, Vec<String>) {
-        let _w = self.writer.lock().expect("registry writer");
+        generation: u64,
+    ) -> Synced {
+        let mut gens = self.write();
+        if let Some(last) = gens.of(source) {
+            if generation < *last {
+                tracing::debug!(
+                    source = source.as_str(),
+                    generation,
+                    last = *last,
+                    "stale worker set dropped"
+                );
+                return Synced { stale: true, ..Synced::default() };
+            }
+            *last = generation;
+        }
         let cur = self.current.load_full();
-        let mut removed = Vec::new();
+        let mut out = Synced::default();
+        let mut gone = Vec::new();
         let mut workers: Vec<Arc<Worker>> = Vec::with_capacity(specs.len());
         for w in &cur.workers {
             let keep = w.spec.source != source || specs.iter().any(|s| *s == w.spec);
             if keep {
                 workers.push(w.clone());
             } else {
-                removed.push(w.spec.url.clone());
+                out.removed.push(w.spec.url.clone());
+                gone.push(w.clone());
             }
         }
-        let mut added = Vec::new();
         for spec in specs {
             if !workers.iter().any(|w| w.spec.url == spec.url) {
-                added.push(spec.url.clone());
+                out.added.push(spec.url.clone());
                 workers.push(Arc::new(Worker::new(spec)));
             }
         }
-        if !added.is_empty() || !removed.is_empty() {
+        if !out.added.is_empty() || !out.removed.is_empty() {
             self.current.store(Arc::new(Snapshot { workers }));
         }
-        (added, removed)
+        drop(gens);
+        for w in &gone {
+            self.removed(w);
+        }
+        out
     }
 
     /// Removes a worker from new routing decisions; requests already on it finish.
     pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
-        let _w = self.writer.lock().expect("registry writer");
+        let w = self.write();
         let cur = self.current.load_full();
         let Some(pos) = cur.workers.iter().position(|w| w.url() == url) else {
             return Err(RegistryError::Unknown(url.to_owned()));
@@ -365,6 +474,8 @@ impl Registry {
         let mut workers = cur.workers.clone();
         let removed = workers.remove(pos);
         self.current.store(Arc::new(Snapshot { workers }));
+        drop(w);
+        self.removed(&removed);
         Ok(removed)
     }
 }
@@ -403,6 +514,28 @@ mod tests {
         );
         assert_eq!(r.snapshot().workers.len(), 1);
         assert_eq!(snap.workers.len(), 2, "old snapshots are unchanged");
+    }
+
+    #[test]
+    fn stale_sets_are_dropped_and_leavers_reported() {
+        let r = Registry::new(vec![]);
+        let left = Arc::new(Mutex::new(Vec::new()));
+        let seen = left.clone();
+        r.set_on_removed(Box::new(move |w| seen.lock().unwrap().push(w.url().to_owned())));
+        let cfg = |url: &str| WorkerSpec { source: WorkerSource::Config, ..spec(url) };
+        let s = r.sync_source(WorkerSource::Config, vec![cfg("http://a:1"), cfg("http://b:1")], 2);
+        assert_eq!(s.added.len(), 2);
+        let s = r.sync_source(WorkerSource::Config, vec![cfg("http://a:1")], 3);
+        assert_eq!(s.removed, ["http://b:1"]);
+        // Computed from generation 2 (before b was removed): dropped, b stays gone.
+        let s = r.sync_source(WorkerSource::Config, vec![cfg("http://a:1"), cfg("http://b:1")], 2);
+        assert!(s.stale);
+        assert_eq!(r.snapshot().workers.len(), 1);
+        // The same generation again is applied (a learner that read the newest config).
+        assert!(!r.sync_source(WorkerSource::Config, vec![cfg("http://a:1")], 3).stale);
+        r.add(spec("http://c:1")).unwrap();
+        r.remove("http://c:1").unwrap();
+        assert_eq!(*left.lock().unwrap(), ["http://b:1", "http://c:1"]);
     }
 
     #[test]

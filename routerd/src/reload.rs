@@ -162,24 +162,18 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
         return Outcome::Rejected { generation, errors };
     }
     let mut changes = Vec::new();
-    let specs = crate::dp::config_specs(&app.dp, &new);
-    let (added, removed) = app.registry.sync_source(WorkerSource::Config, specs);
-    changes.extend(added.iter().map(|u| format!("worker added: {u}")));
-    changes.extend(removed.iter().map(|u| format!("worker removed: {u}")));
-    let policy = carry(&live.policy, (&old.policy, &new.policy), &removed, &mut changes, "policy");
+    let policy = carry(&live.policy, (&old.policy, &new.policy), &mut changes, "policy");
     let pools = match (&live.pools, &old.pd, &new.pd) {
         (Some(p), Some(o), Some(n)) => Some(PoolPolicies {
             prefill: carry(
                 &p.prefill,
                 (&old.policy.named(o.prefill_policy), &new.policy.named(n.prefill_policy)),
-                &removed,
                 &mut changes,
                 "prefill policy",
             ),
             decode: carry(
                 &p.decode,
                 (&old.policy.named(o.decode_policy), &new.policy.named(n.decode_policy)),
-                &removed,
                 &mut changes,
                 "decode policy",
             ),
@@ -205,20 +199,29 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
             None => "discovery off".to_owned(),
         });
     }
-    app.swap_live(Live { config: new, policy, pools, limiter });
+    // The new configuration is live first; its workers are then computed from it (and the dp
+    // sizes known now) under the new generation, so a worker set computed from the old one
+    // (a dp resolution in flight) is dropped by the registry instead of undoing this.
+    let generation = generation + 1;
+    let specs = crate::dp::config_specs(&app.dp, &new);
+    app.swap_live(Live { config: new, policy, pools, limiter, generation });
+    let synced = app.registry.sync_source(WorkerSource::Config, specs, generation);
+    let mut worker_changes: Vec<String> =
+        synced.added.iter().map(|u| format!("worker added: {u}")).collect();
+    worker_changes.extend(synced.removed.iter().map(|u| format!("worker removed: {u}")));
+    worker_changes.append(&mut changes);
     if rediscover {
         // After the swap: the discovery task reads the new settings when it restarts.
         app.discovery.reconfigured.notify_one();
     }
-    Outcome::Applied { generation: generation + 1, changes }
+    Outcome::Applied { generation, changes: worker_changes }
 }
 
-/// The same policy object when only its parameters change (it keeps what it learned, minus
-/// removed workers), a new one when the algorithm changes.
+/// The same policy object when only its parameters change (it keeps what it learned; the
+/// registry tells it of removed workers), a new one when the algorithm changes.
 fn carry(
     current: &Arc<dyn Policy>,
     (old, new): (&PolicyConfig, &PolicyConfig),
-    removed: &[String],
     changes: &mut Vec<String>,
     label: &str,
 ) -> Arc<dyn Policy> {
@@ -229,9 +232,6 @@ fn carry(
     if old != new {
         current.reconfigure(new);
         changes.push(format!("{label} {} reconfigured", new.name.as_str()));
-    }
-    for u in removed {
-        current.worker_removed(u);
     }
     current.clone()
 }

@@ -253,3 +253,55 @@ async fn the_ranks_of_one_server_share_its_health_checks() {
     r.shutdown().await;
     w.shutdown().await;
 }
+
+/// A worker whose `/get_server_info` answers `dp_size` 1 only after `delay`; `asked` is
+/// notified when a request for it arrives.
+async fn slow_info_worker(delay: Duration) -> (String, std::sync::Arc<tokio::sync::Notify>) {
+    let asked = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = asked.clone();
+    let app = axum::Router::new().route(
+        "/get_server_info",
+        axum::routing::get(move || {
+            let notify = notify.clone();
+            async move {
+                notify.notify_one();
+                tokio::time::sleep(delay).await;
+                axum::Json(json!({"dp_size": 1}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, asked)
+}
+
+/// The dp resolver awaits the network; a reload that lands meanwhile must not be undone by the
+/// worker set the resolver computed from the configuration it read before (it used to re-add
+/// a worker the reload had just removed).
+#[tokio::test]
+async fn a_reload_during_dp_resolution_is_not_undone() {
+    let b = sim(|a| a.dp_size = 2).await;
+    let (a_url, asked) = slow_info_worker(Duration::from_millis(1500)).await;
+    let dir = routerd_e2e::ConfigDir::new("dp-race");
+    // B first: the resolver learns its size, then waits on A while the reload drops B.
+    dir.write(&routerd_e2e::workers_toml("round_robin", &[b.url(), a_url.clone()]));
+    let flags = Flags { dp_aware: true, no_watch_config: true, ..Default::default() };
+    let r = dir.start(&dir.file.clone(), flags).await;
+    tokio::time::timeout(Duration::from_secs(10), asked.notified()).await.expect("A is asked");
+    dir.write(&routerd_e2e::workers_toml("round_robin", std::slice::from_ref(&a_url)));
+    let app = r.app.clone();
+    let outcome = tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await.unwrap();
+    assert!(matches!(outcome, routerd::reload::Outcome::Applied { .. }), "{outcome:?}");
+    let url = r.url();
+    let want = vec![format!("{a_url}@0")];
+    eventually(Duration::from_secs(10), "A's rank registered", || async {
+        urls(&workers(&url, None).await).contains(&want[0])
+    })
+    .await;
+    // A few resolver rounds later B's ranks must still be absent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(urls(&workers(&url, None).await), want, "B stays removed");
+    r.shutdown().await;
+    b.shutdown().await;
+}

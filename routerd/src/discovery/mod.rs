@@ -141,7 +141,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
 }
 
 /// Makes the discovered workers exactly `specs`: new ones added, the others removed (requests
-/// already on them finish) and forgotten by their pool's policy.
+/// already on them finish; the registry tells the policies).
 fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
     let live = app.live();
     let sec = &live.config.security;
@@ -165,13 +165,10 @@ fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
         app.events.push("worker_refused", format!("{why} (discovery)"));
     }
     app.discovery.update(|s| s.refused = refused);
-    let specs = crate::dp::discovered_specs(app, specs);
-    let before = app.registry.snapshot();
-    let (added, removed) = app.registry.sync_source(WorkerSource::Discovery, specs);
+    let (generation, specs) = crate::dp::discovered_specs(app, specs);
+    let synced = app.registry.sync_source(WorkerSource::Discovery, specs, generation);
+    let (added, removed) = (synced.added, synced.removed);
     for url in &removed {
-        if let Some(w) = before.workers.iter().find(|w| w.url() == url) {
-            app.policy_for(w.spec.role).worker_removed(url);
-        }
         app.events.push("worker_removed", format!("{url} (discovery)"));
     }
     for url in &added {
