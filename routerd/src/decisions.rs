@@ -1,7 +1,11 @@
 //! Why each request went where it went: a compact record per routing decision (policy, branch,
 //! prefix match ratio, the loads it compared), kept for the last few hundred requests for the
 //! dashboard (`GET /admin/decisions`) and returned on request in a response header
-//! (`x-routerd-explain: 1` → `x-routerd-decision: {json}`).
+//! (`x-routerd-explain: 1` → `x-routerd-decision: {json}`). A record costs a copy of the
+//! candidates and a lock, so it is built only when someone will read it: for a request that
+//! asks for it, for every request while a reader has called `/admin/decisions` within the last
+//! minute (`routerctl top` polls it), and otherwise for one request in `SAMPLE_EVERY`, so the
+//! log is never empty when a reader arrives.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -110,13 +114,37 @@ impl Record {
     }
 }
 
+/// Without a reader, one decision in this many is recorded.
+pub const SAMPLE_EVERY: u64 = 64;
+/// How long a read of the log keeps every decision recorded.
+const READER_WINDOW_MS: u64 = 60_000;
+
 #[derive(Default)]
 pub struct DecisionLog {
     ring: Mutex<VecDeque<Record>>,
     seq: AtomicU64,
+    /// Decisions offered (for sampling).
+    offered: AtomicU64,
+    /// Until when (unix ms) a reader is counted as watching.
+    reader_until: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl DecisionLog {
+    /// Whether the next decision should be recorded (see the module comment). Lock-free.
+    pub fn wanted(&self) -> bool {
+        let n = self.offered.fetch_add(1, Relaxed);
+        n.is_multiple_of(SAMPLE_EVERY) || now_ms() < self.reader_until.load(Relaxed)
+    }
+
+    /// A reader looked: record every decision for the next minute.
+    pub fn watched(&self) {
+        self.reader_until.store(now_ms() + READER_WINDOW_MS, Relaxed);
+    }
+
     pub fn push(&self, mut r: Record) {
         r.seq = self.seq.fetch_add(1, Relaxed) + 1;
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,5 +169,6 @@ pub struct Limit {
 /// `GET /admin/decisions?limit=N` (default 50, at most 256): the latest routing decisions.
 pub async fn admin_decisions(State(app): State<Arc<App>>, Query(q): Query<Limit>) -> Json<Value> {
     let limit = q.limit.unwrap_or(50).min(KEPT);
+    app.decisions.watched();
     Json(json!({"decisions": app.decisions.latest(limit)}))
 }

@@ -86,9 +86,12 @@ impl CacheAware {
         if routable.is_empty() {
             return None;
         }
+        // Everything that needs no shared state is done before the lock.
         let loads: Vec<u64> = routable.iter().map(|&i| workers[i].load()).collect();
         let min = *loads.iter().min().expect("non-empty");
         let max = *loads.iter().max().expect("non-empty");
+        let text_chars = req.text.chars().count();
+        let mut rng = rand::rng();
         let mut st = self.state.lock().expect("cache_aware state");
         let c = st.cfg.clone();
         let imbalanced = max - min > c.balance_abs_threshold
@@ -99,11 +102,9 @@ impl CacheAware {
             .collect();
 
         let tenants: Vec<Tenant> = routable.iter().map(|&i| st.id_for(workers[i].url())).collect();
-        let text_chars = req.text.chars().count();
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched =
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
-        let mut rng = rand::rng();
         let (best, best_chars) = candidates
             .iter()
             .map(|&k| (k, matched(k), rng.random::<u32>()))

@@ -174,10 +174,13 @@ pub(crate) fn pick(
         policy.decide(candidates, &any)
     })?;
     app.metrics.decision(pool_name, policy.name(), &d);
-    let route = crate::metrics::route_label(ask.route);
-    let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates);
-    let header = ask.explain.then(|| record.header_value());
-    app.decisions.push(record);
+    let mut header = None;
+    if ask.explain || app.decisions.wanted() {
+        let route = crate::metrics::route_label(ask.route);
+        let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates);
+        header = ask.explain.then(|| record.header_value());
+        app.decisions.push(record);
+    }
     Some((candidates[d.index].clone(), header))
 }
 
@@ -272,7 +275,7 @@ async fn dispatch(
         };
         let Some(answer) = answer else {
             drop(guard);
-            app.metrics.retries.increment(1);
+            app.metrics.retried();
             worker.retries_total.fetch_add(1, Relaxed);
             tried.push(worker);
             tokio::select! {

@@ -164,7 +164,7 @@ pub(crate) async fn dispatch(
         }
         tracing::debug!(worker = failed_leg.url(), error = %failure, attempt, "PD retry with a new pair");
         failed_leg.retries_total.fetch_add(1, Relaxed);
-        app.metrics.retries.increment(1);
+        app.metrics.retried();
         avoid.push(failed_leg);
         tokio::select! {
             _ = tokio::time::sleep(retry::backoff(retry, attempt)) => {}

@@ -2,7 +2,7 @@
 //! and a budget that lets retries add at most `budget_ratio` of the request rate (plus
 //! `budget_min_per_sec`), so that an outage does not multiply the load on what is left.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -28,10 +28,25 @@ pub fn backoff(cfg: &RetryConfig, n: u32) -> Duration {
 
 /// Tokens: each request deposits `budget_ratio`, time deposits `budget_min_per_sec` per
 /// second, a retry takes one. It starts with one second's worth and is capped at ten, so a
-/// quiet period cannot bank a burst.
-#[derive(Debug, Default)]
+/// quiet period cannot bank a burst. Lock-free: the tokens are an `f64` in an atomic updated
+/// by compare-and-swap, and each stretch of time is credited once (to whoever swaps the clock).
+#[derive(Debug)]
 pub struct Budget {
-    inner: Mutex<Option<(f64, Instant)>>,
+    /// `f64` bits; NaN until the first use (which starts it at one second's worth).
+    tokens: AtomicU64,
+    /// Milliseconds since `origin` of the last time credit.
+    credited_ms: AtomicU64,
+    origin: Instant,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            tokens: AtomicU64::new(f64::NAN.to_bits()),
+            credited_ms: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
 }
 
 impl Budget {
@@ -39,29 +54,36 @@ impl Budget {
         (cfg.budget_min_per_sec * 10.0).max(10.0)
     }
 
-    fn with<R>(&self, cfg: &RetryConfig, f: impl FnOnce(&mut f64) -> R) -> R {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let (tokens, since) = g.get_or_insert((cfg.budget_min_per_sec, now));
-        let earned = now.duration_since(*since).as_secs_f64() * cfg.budget_min_per_sec;
-        *tokens = (*tokens + earned).min(Self::cap(cfg));
-        *since = now;
-        f(tokens)
+    /// Applies `f` to the tokens (after crediting the time since the last call); `f` returns
+    /// the new amount, or `None` to leave it. Returns whether `f` changed it.
+    fn update(&self, cfg: &RetryConfig, f: impl Fn(f64) -> Option<f64>) -> bool {
+        let now = self.origin.elapsed().as_millis() as u64;
+        let last = self.credited_ms.swap(now, Relaxed);
+        let earned = now.saturating_sub(last) as f64 / 1000.0 * cfg.budget_min_per_sec;
+        let cap = Self::cap(cfg);
+        let mut cur = self.tokens.load(Relaxed);
+        loop {
+            let have = f64::from_bits(cur);
+            let have = if have.is_nan() { cfg.budget_min_per_sec } else { have };
+            let have = (have + earned).min(cap);
+            let (next, changed) = match f(have) {
+                Some(v) => (v.min(cap), true),
+                None => (have, false),
+            };
+            match self.tokens.compare_exchange_weak(cur, next.to_bits(), Relaxed, Relaxed) {
+                Ok(_) => return changed,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     pub fn deposit(&self, cfg: &RetryConfig) {
-        self.with(cfg, |t| *t += cfg.budget_ratio);
+        self.update(cfg, |t| Some(t + cfg.budget_ratio));
     }
 
     /// Takes a token for one retry, if there is one.
     pub fn withdraw(&self, cfg: &RetryConfig) -> bool {
-        self.with(cfg, |t| {
-            let ok = *t >= 1.0;
-            if ok {
-                *t -= 1.0;
-            }
-            ok
-        })
+        self.update(cfg, |t| (t >= 1.0).then_some(t - 1.0))
     }
 }
 
@@ -108,5 +130,27 @@ mod tests {
         let generous = RetryConfig { budget_min_per_sec: 1000.0, ..c };
         std::thread::sleep(Duration::from_millis(20));
         assert!(b.withdraw(&generous), "time refills the budget");
+    }
+
+    #[test]
+    fn threads_share_the_budget_exactly() {
+        let c = cfg();
+        let b = std::sync::Arc::new(Budget::default());
+        let granted: u32 = (0..4)
+            .map(|_| {
+                let (b, c) = (b.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    for _ in 0..1000 {
+                        b.deposit(&c);
+                        n += b.withdraw(&c) as u32;
+                    }
+                    n
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .sum();
+        // 4000 deposits of 0.2 make 800 tokens, less what is still held (under one).
+        assert!((799..=800).contains(&granted), "{granted}");
     }
 }

@@ -1,17 +1,21 @@
 //! Prometheus metrics (docs/metrics.md). Each router owns its recorder (not a process-global
-//! one, so routers in one process, tests included, do not mix figures); hot-path series are
-//! registered once and updated with atomics; per-worker series are read from the registry's
-//! atomics when `/metrics` is scraped. Label values are bounded: route names, status codes,
-//! worker URLs of the fleet, policy branches.
+//! one, so routers in one process, tests included, do not mix figures). The request path only
+//! touches atomics: counters live in this module's own atomics and lock-free tallies
+//! (`tally.rs`) and are copied into the recorder when `/metrics` is scraped, as the per-worker
+//! series are read from the registry's atomics then (a handle kept into the recorder would be
+//! orphaned once the exporter drops a series idle for 10 minutes); latency histograms are the
+//! exporter's lock-free buckets. Label values are bounded: route names, status codes, worker URLs
+//! of the fleet, policy branches.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+pub mod tally;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics::{Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -77,20 +81,46 @@ fn route_index(route: Route) -> usize {
     ROUTES.iter().position(|r| *r == route).expect("listed")
 }
 
+/// Every label value a decision counter can carry: pools, policy names, branches. A policy
+/// whose name or branch is missing here is caught by a test (`policy::tests`).
+pub const DECISION_LABELS: [&str; 9] = [
+    "regular",
+    "prefill",
+    "decode",
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "hit",
+    "miss",
+];
+
+fn label_index(label: &str) -> u64 {
+    DECISION_LABELS.iter().position(|l| *l == label).map_or(0xff, |i| i as u64 + 1)
+}
+
+fn label_of(index: u64) -> &'static str {
+    DECISION_LABELS.get((index as usize).wrapping_sub(1)).copied().unwrap_or("other")
+}
+
+const RELOAD_RESULTS: [&str; 3] = ["applied", "unchanged", "rejected"];
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    requests: Mutex<HashMap<(usize, u16), Counter>>,
+    /// By (route index + 1) << 16 | status.
+    requests: tally::Tally,
     duration: [Histogram; 4],
     ttft: [Histogram; 4],
-    pub retries: Counter,
-    decisions: Mutex<HashMap<(&'static str, &'static str, &'static str), Counter>>,
-    cache_hits: Counter,
-    cache_misses: Counter,
+    retries: AtomicU64,
+    /// By pool, policy and branch (`DECISION_LABELS` indices + 1, 8 bits each).
+    decisions: tally::Tally,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     match_ratio: Histogram,
-    pd_leg_failures: [Counter; 2],
-    reloads: Mutex<HashMap<&'static str, Counter>>,
-    last_reload_ok: Gauge,
+    pd_leg_failures: [AtomicU64; 2],
+    reloads: [AtomicU64; 3],
+    last_reload_ok: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -131,44 +161,33 @@ impl Metrics {
                 r.register_histogram(&key(name, &[("route", route_label(route))]), &META)
             })
         };
-        let m = Self {
+        Self {
             duration: per_route("sgl_router_request_duration_seconds"),
             ttft: per_route("sgl_router_time_to_first_token_seconds"),
-            retries: r.register_counter(&key("sgl_router_retries_total", &[]), &META),
-            cache_hits: r.register_counter(&key("sgl_router_cache_hits_total", &[]), &META),
-            cache_misses: r.register_counter(&key("sgl_router_cache_misses_total", &[]), &META),
+            retries: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             match_ratio: r.register_histogram(&key("sgl_router_cache_match_ratio", &[]), &META),
-            pd_leg_failures: ["prefill", "decode"].map(|leg| {
-                r.register_counter(&key("sgl_router_pd_leg_failures_total", &[("leg", leg)]), &META)
-            }),
-            last_reload_ok: r
-                .register_gauge(&key("sgl_router_config_last_reload_successful", &[]), &META),
-            requests: Mutex::default(),
-            decisions: Mutex::default(),
-            reloads: Mutex::default(),
+            pd_leg_failures: Default::default(),
+            last_reload_ok: AtomicU64::new(1),
+            requests: tally::Tally::new(128),
+            decisions: tally::Tally::new(64),
+            reloads: Default::default(),
             handle,
             recorder,
-        };
-        m.last_reload_ok.set(1.0);
-        m
+        }
+    }
+
+    /// A request sent again to another worker (or PD pair).
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
     }
 
     /// One answered inference request.
     pub fn request(&self, route: Route, status: u16, took: Duration) {
         let i = route_index(route);
         self.duration[i].record(took.as_secs_f64());
-        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        requests
-            .entry((i, status))
-            .or_insert_with(|| {
-                let status = status.to_string();
-                let k = Key::from_parts(
-                    "sgl_router_requests_total",
-                    vec![Label::new("route", route_label(route)), Label::new("status", status)],
-                );
-                self.recorder.register_counter(&k, &META)
-            })
-            .increment(1);
+        self.requests.add(((i as u64 + 1) << 16) | u64::from(status), 1);
     }
 
     pub fn first_token(&self, route: Route, after: Duration) {
@@ -177,46 +196,68 @@ impl Metrics {
 
     /// A routing decision of `policy` in `pool` (`regular`, `prefill`, `decode`).
     pub fn decision(&self, pool: &'static str, policy: &'static str, d: &crate::policy::Decision) {
-        let mut decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-        decisions
-            .entry((pool, policy, d.branch))
-            .or_insert_with(|| {
-                let labels = [("pool", pool), ("policy", policy), ("branch", d.branch)];
-                self.recorder
-                    .register_counter(&key("sgl_router_routing_decisions_total", &labels), &META)
-            })
-            .increment(1);
-        drop(decisions);
+        let k = label_index(pool) | label_index(policy) << 8 | label_index(d.branch) << 16;
+        self.decisions.add(k, 1);
         match d.branch {
-            "hit" => self.cache_hits.increment(1),
-            "miss" => self.cache_misses.increment(1),
-            _ => {}
-        }
+            "hit" => self.cache_hits.fetch_add(1, Relaxed),
+            "miss" => self.cache_misses.fetch_add(1, Relaxed),
+            _ => 0,
+        };
         if let Some(r) = d.match_ratio {
             self.match_ratio.record(r);
         }
     }
 
     pub fn pd_leg_failed(&self, role: WorkerRole) {
-        self.pd_leg_failures[usize::from(role == WorkerRole::Decode)].increment(1);
+        self.pd_leg_failures[usize::from(role == WorkerRole::Decode)].fetch_add(1, Relaxed);
     }
 
     pub fn reload(&self, result: &'static str) {
-        let mut reloads = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
-        reloads
-            .entry(result)
-            .or_insert_with(|| {
-                self.recorder.register_counter(
-                    &key("sgl_router_config_reloads_total", &[("result", result)]),
-                    &META,
-                )
-            })
-            .increment(1);
-        self.last_reload_ok.set(if result == "rejected" { 0.0 } else { 1.0 });
+        if let Some(i) = RELOAD_RESULTS.iter().position(|r| *r == result) {
+            self.reloads[i].fetch_add(1, Relaxed);
+        }
+        self.last_reload_ok.store(u64::from(result != "rejected"), Relaxed);
+    }
+
+    /// Copies the router-wide counters into the recorder (re-registering a series the
+    /// exporter dropped as idle).
+    fn publish(&self) {
+        let r = &self.recorder;
+        let counter = |name: &'static str, labels: &[(&'static str, &str)], v: u64| {
+            r.register_counter(&key(name, labels), &META).absolute(v)
+        };
+        self.requests.each(|k, n| {
+            let route = route_label(ROUTES[((k >> 16) - 1) as usize]);
+            let status = (k & 0xffff).to_string();
+            counter("sgl_router_requests_total", &[("route", route), ("status", &status)], n);
+        });
+        self.decisions.each(|k, n| {
+            let labels = [
+                ("pool", label_of(k & 0xff)),
+                ("policy", label_of((k >> 8) & 0xff)),
+                ("branch", label_of(k >> 16)),
+            ];
+            counter("sgl_router_routing_decisions_total", &labels, n);
+        });
+        counter("sgl_router_retries_total", &[], self.retries.load(Relaxed));
+        counter("sgl_router_cache_hits_total", &[], self.cache_hits.load(Relaxed));
+        counter("sgl_router_cache_misses_total", &[], self.cache_misses.load(Relaxed));
+        for (leg, n) in ["prefill", "decode"].iter().zip(&self.pd_leg_failures) {
+            counter("sgl_router_pd_leg_failures_total", &[("leg", leg)], n.load(Relaxed));
+        }
+        for (result, n) in RELOAD_RESULTS.iter().zip(&self.reloads) {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                counter("sgl_router_config_reloads_total", &[("result", result)], n);
+            }
+        }
+        r.register_gauge(&key("sgl_router_config_last_reload_successful", &[]), &META)
+            .set(self.last_reload_ok.load(Relaxed) as f64);
     }
 
     /// The exposition text, with per-worker series read from the registry now.
     pub fn render(&self, app: &App) -> String {
+        self.publish();
         let r = &self.recorder;
         let snap = app.registry.snapshot();
         let live = app.live();
@@ -299,4 +340,55 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
 /// `GET /metrics` on the metrics listener.
 pub async fn serve_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(&app))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Worker, WorkerSource, WorkerSpec};
+
+    /// Every policy's name and every branch it reports has a label (else its decisions would be
+    /// counted as `other`).
+    #[test]
+    fn every_policy_and_branch_has_a_label() {
+        let w = Arc::new(Worker::new(WorkerSpec {
+            url: "http://w:1".into(),
+            role: WorkerRole::Regular,
+            bootstrap_port: None,
+            api_key: None,
+            source: WorkerSource::Config,
+        }));
+        for name in ["cache_aware", "round_robin", "random", "power_of_two"] {
+            let flags = crate::config::Flags { policy: Some(name.into()), ..Default::default() };
+            let config = crate::config::Config::build(None, &flags).unwrap();
+            let policy = crate::policy::build(&config.policy);
+            assert_ne!(label_index(policy.name()), 0xff, "{name}");
+            for text in ["", "some prompt", "some prompt again"] {
+                let req = crate::policy::RequestInfo { text, ignore_health: false };
+                let d = policy.decide(std::slice::from_ref(&w), &req).unwrap();
+                assert_ne!(label_index(d.branch), 0xff, "{name}: branch {}", d.branch);
+            }
+        }
+        let m = Metrics::new();
+        let d = crate::policy::Decision {
+            index: 0,
+            branch: "hit",
+            match_ratio: None,
+            imbalanced: false,
+        };
+        m.decision("prefill", "cache_aware", &d);
+        m.request(Route::Chat, 503, Duration::from_millis(1));
+        let text = m.handle.render();
+        assert!(
+            text.is_empty() || !text.contains("sgl_router_requests_total{"),
+            "published at scrape"
+        );
+        m.publish();
+        let text = m.handle.render();
+        assert!(text.contains(r#"sgl_router_routing_decisions_total{pool="prefill",policy="cache_aware",branch="hit"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"sgl_router_requests_total{route="chat_completions",status="503"} 1"#),
+            "{text}"
+        );
+    }
 }
