@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes routerd's parsers of untrusted input with cargo-fuzz (libFuzzer): the configuration
-# parser, routing-text extraction from request bodies, and the SSE re-framer with the chunked
-# decoder under it. Each target runs for SECONDS (default 60) from the seeds in fuzz/seeds
+# parser, routing-text extraction from request bodies, the SSE re-framer with the chunked
+# decoder under it, and the hand-written HTTP/1 wire on arbitrary bytes (request heads, response
+# heads, chunked bodies). Each target runs for SECONDS (default 60) from the seeds in fuzz/seeds
 # (and config/*.toml for the parser); a crash leaves its input in fuzz/artifacts/TARGET/ and
 # fails the script. Needs the nightly toolchain; installs cargo-fuzz if it is missing.
 #
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${SECONDS_PER_TARGET:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config extract sse)
+[ ${#targets[@]} -gt 0 ] || targets=(config extract sse request_head response_head chunked)
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "fuzz-smoke: needs the nightly toolchain (rustup toolchain install nightly)" >&2

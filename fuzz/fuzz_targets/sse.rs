@@ -1,12 +1,13 @@
 //! The SSE re-framer and the chunked decoder it sits behind, on any worker stream cut in any
 //! pieces: decoding a chunked encoding gives back the payload, the events cut from it add up
 //! to the payload, each ends at its first blank line, and how the bytes were split never
-//! changes the result. Editing any event never panics.
+//! changes the result. Editing any event never panics. The relay's `Cutter` hands the client
+//! whole events only, in order, and once finished exactly the payload.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use routerd::http1::chunked::Chunked;
-use routerd::proxy::relay::sse::{edit, Events};
+use routerd::proxy::relay::sse::{edit, Cutter, Events};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -65,4 +66,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(edited.ends_with(b"\n"), "an edited event still ends its line");
     }
     assert!(!rest.windows(2).any(|w| w == b"\n\n"), "no whole event left behind");
+
+    let mut cutter = Cutter::new(None);
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for p in payload.chunks(piece) {
+        cutter.feed(p, &mut |e| out.push(e.to_vec()));
+    }
+    for e in &out {
+        assert!(e.ends_with(b"\n\n") || e.ends_with(b"\r\n\r\n"), "only whole events go out");
+    }
+    cutter.finish(&mut |e| out.push(e.to_vec()));
+    assert_eq!(out.concat(), payload);
 });
