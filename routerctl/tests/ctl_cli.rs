@@ -26,7 +26,7 @@ async fn ctl(args: &[&str], endpoint: Option<&str>) -> Run {
     }
 }
 
-async fn fleet() -> (routerd::app::Running, Vec<SimWorker>) {
+async fn fleet() -> (routerd::run::Running, Vec<SimWorker>) {
     let mut ws = Vec::new();
     for _ in 0..2 {
         ws.push(SimWorker::start(SimArgs::ephemeral()).await.unwrap());
@@ -38,7 +38,7 @@ async fn fleet() -> (routerd::app::Running, Vec<SimWorker>) {
     };
     let config = routerd::config::Config::build(None, &flags).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    (routerd::app::start(listener, config).unwrap(), ws)
+    (routerd::run::start(listener, config).unwrap(), ws)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,13 +290,13 @@ async fn pd_fleet_is_registered_in_its_pools_and_serves() {
 }
 
 /// An in-process routerd with no workers (in PD mode if asked).
-fn router(pd: bool) -> (routerd::app::Running, String) {
+fn router(pd: bool) -> (routerd::run::Running, String) {
     let flags = routerd::config::Flags { pd_disaggregation: pd, ..Default::default() };
     let config = routerd::config::Config::build(None, &flags).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let running = routerd::app::start(listener, config).unwrap();
+    let running = routerd::run::start(listener, config).unwrap();
     let url = running.url();
     (running, url)
 }

@@ -1,8 +1,10 @@
 //! routerd: a cache-aware router for fleets of SGLang workers.
 //!
-//! Requests flow server → `proxy` (routing text, `policy` choice over the `registry`'s
-//! snapshot, in-flight guard, upstream call) → streamed response. `config` turns the TOML file
-//! and sgl-router's flags into one typed value; `app` wires state, routes and lifecycle.
+//! A request flows: `serve` (accept) → `front` (read through the `http1` client session, admit)
+//! → `proxy` (routing text, the `policy` choice over the `registry`'s snapshot, in-flight guard,
+//! the `http1` worker session, `proxy::relay` back to the client) or, for every other route,
+//! `routes` (axum). `config` turns the TOML file and sgl-router's flags into one typed value;
+//! `app` is the shared state; `run` the lifecycle. docs/development.md has the module map.
 
 pub mod admin;
 pub mod app;
@@ -25,6 +27,8 @@ pub mod poll;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
+pub mod routes;
+pub mod run;
 pub mod secret;
 pub mod security;
 pub mod serve;

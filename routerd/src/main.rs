@@ -104,92 +104,67 @@ fn serve(flags: Flags) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let addr = (config.server.host.clone(), config.server.port);
-        let metrics = config.metrics.clone();
-        let mut metrics_url = None;
-        let listener = match tokio::net::TcpListener::bind(&addr).await {
+        let (host, port) = (config.server.host.clone(), config.server.port);
+        let main = match tokio::net::TcpListener::bind((host.as_str(), port)).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("routerd: cannot listen on {}:{}: {e}", addr.0, addr.1);
+                eprintln!("routerd: cannot listen on {host}:{port}: {e}");
                 return ExitCode::from(3);
             }
         };
-        let running = match routerd::app::start_with_flags(listener, config, flags) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("routerd: cannot start: {e}");
-                return ExitCode::from(3);
-            }
-        };
-        if let Some(m) = metrics {
-            match tokio::net::TcpListener::bind((m.host.as_str(), m.port)).await {
-                Ok(l) => {
-                    metrics_url = l.local_addr().ok().map(|a| format!("http://{a}/metrics"));
-                    running.serve_metrics(l);
-                }
+        let metrics = match &config.metrics {
+            Some(m) => match tokio::net::TcpListener::bind((m.host.as_str(), m.port)).await {
+                Ok(l) => Some(l),
                 Err(e) => {
                     eprintln!("routerd: cannot listen for metrics on {}:{}: {e}", m.host, m.port);
-                    running.shutdown().await;
                     return ExitCode::from(3);
                 }
-            }
-        }
-        let a = &running.app;
-        tracing::info!(
-            url = %running.url(),
-            policy = a.policy().name(),
-            workers = a.registry.load().workers.len(),
-            "routerd listening"
-        );
+            },
+            None => None,
+        };
         // Every signal handler is in place before readiness is announced: a signal that arrives
         // right after the startup line must not meet the default action (terminate).
-        let signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("routerd: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
+        let control = routerd::run::Control::default();
+        if let Err(e) = signals(control.clone()) {
+            eprintln!("routerd: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        let listeners = routerd::run::Listeners { main, metrics };
+        let ready = |r: routerd::run::Ready| {
+            // One write, errors ignored: a supervisor that reads only the first line and
+            // closes the pipe must not make the router fail later.
+            let mut out = format!("routerd listening on {}\n", r.url);
+            if let Some(u) = r.metrics_url {
+                out.push_str(&format!("routerd metrics on {u}\n"));
             }
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
         };
-        // SIGHUP reloads the configuration file (the same path as POST /admin/reload).
-        let app = running.app.clone();
-        let mut hup = signals.hup;
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                let app = app.clone();
-                let _ = tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await;
+        match routerd::run::run(listeners, config, flags, control, ready).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("routerd: cannot start: {e}");
+                ExitCode::from(3)
             }
-        });
-        // One write, errors ignored: a supervisor that reads only the first line and closes
-        // the pipe must not make the router fail later.
-        let mut out = format!("routerd listening on {}\n", running.url());
-        if let Some(u) = metrics_url {
-            out.push_str(&format!("routerd metrics on {u}\n"));
         }
-        let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
-        let (mut term, mut int) = (signals.term, signals.int);
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutting down: readiness fails, draining in-flight requests");
-        running.shutdown().await;
-        ExitCode::SUCCESS
     })
 }
 
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the configuration file (the same path as
+/// `POST /admin/reload`).
+fn signals(control: routerd::run::Control) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => control.reload.notify_one(),
+            }
+        }
+        control.shutdown.cancel();
+    });
+    Ok(())
 }

@@ -80,9 +80,9 @@ pub fn router_config(policy: &str, workers: &[&SimWorker]) -> routerd::config::C
 }
 
 /// A router on an ephemeral loopback port.
-pub async fn router(config: routerd::config::Config) -> routerd::app::Running {
+pub async fn router(config: routerd::config::Config) -> routerd::run::Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    routerd::app::start(listener, config).expect("start router")
+    routerd::run::start(listener, config).expect("start router")
 }
 
 /// `n` simulated workers with the same tweak.
@@ -158,11 +158,11 @@ impl ConfigDir {
         &self,
         file: &std::path::Path,
         mut flags: routerd::config::Flags,
-    ) -> routerd::app::Running {
+    ) -> routerd::run::Running {
         flags.config = Some(file.to_owned());
         let config = routerd::config::Config::load(&flags).expect("valid initial config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        routerd::app::start_with_flags(listener, config, flags).expect("start router")
+        routerd::run::start_with_flags(listener, config, flags).expect("start router")
     }
 }
 

@@ -8,7 +8,7 @@ use routerd_e2e::{
 use serde_json::{json, Value};
 
 /// These tests reload explicitly, so the watcher is off.
-async fn start(s: &ConfigDir, flags: Flags) -> routerd::app::Running {
+async fn start(s: &ConfigDir, flags: Flags) -> routerd::run::Running {
     s.start(&s.file, Flags { no_watch_config: true, ..flags }).await
 }
 

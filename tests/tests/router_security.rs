@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn start(config: Config, host: &str) -> routerd::app::Running {
+async fn start(config: Config, host: &str) -> routerd::run::Running {
     let listener = TcpListener::bind((host, 0)).await.unwrap();
-    routerd::app::start(listener, config).unwrap()
+    routerd::run::start(listener, config).unwrap()
 }
 
 fn flags(tweak: impl FnOnce(&mut Flags)) -> Config {
