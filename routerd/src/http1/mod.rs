@@ -37,7 +37,7 @@ pub fn has_body(status: u16) -> bool {
     !(100..200).contains(&status) && status != 204 && status != 304
 }
 
-pub(crate) fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.to_string().as_bytes());
     out.push(b' ');
@@ -45,7 +45,7 @@ pub(crate) fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
-pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

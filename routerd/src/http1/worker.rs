@@ -21,6 +21,34 @@ use super::{has_body, header_line, is_hop_by_hop};
 /// Largest response head accepted from a worker.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// A request to a worker as it goes on the wire: `POST path HTTP/1.1`, `host`, the headers
+/// given, and the body with its length. The proxy says what is sent; this says how.
+pub struct RequestWriter<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> RequestWriter<'a> {
+    pub fn post(out: &'a mut Vec<u8>, path: &str, host: &str) -> Self {
+        out.clear();
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        header_line(out, b"host", host.as_bytes());
+        Self { out }
+    }
+
+    pub fn header(&mut self, name: &[u8], value: &[u8]) {
+        header_line(self.out, name, value);
+    }
+
+    /// Ends the head with the body's length, then the body.
+    pub fn body(self, body: &[u8]) {
+        header_line(self.out, b"content-length", body.len().to_string().as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(body);
+    }
+}
+
 /// Where a request goes: the worker's address and its idle connections.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {

@@ -23,8 +23,8 @@ use crate::config::Config;
 use crate::decisions::{Record, DECISION_HEADER, EXPLAIN_HEADER};
 use crate::error::RouterError;
 use crate::http1::head::Head;
-use crate::http1::worker::{exchange, WireError, WorkerResponse};
-use crate::http1::{header_line, respond, ClientSession};
+use crate::http1::worker::{exchange, RequestWriter, WireError, WorkerResponse};
+use crate::http1::{respond, ClientSession};
 use crate::policy::{Policy, RequestInfo};
 use crate::registry::Worker;
 pub use extract::Route;
@@ -225,7 +225,6 @@ async fn dispatch(
             .ok_or(Stop::Failed(RouterError::NoWorkers))?;
         drop(snap);
         let guard = worker.start_request();
-        request.clear();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
         let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
         let outcome = send(&worker, &request, Some(&mut *c), timeouts, deadline).await;
@@ -315,7 +314,8 @@ fn untried_left(app: &App, tried: &[Arc<Worker>], current: &Arc<Worker>) -> bool
         .any(|w| !Arc::ptr_eq(w, current) && !tried.iter().any(|t| Arc::ptr_eq(t, w)))
 }
 
-/// The request as the worker gets it: the client's body unchanged, headers chosen for it.
+/// The request as the worker gets it: the client's body unchanged (with the dp rank added for a
+/// rank target), headers chosen for it.
 fn write_request(
     out: &mut Vec<u8>,
     worker: &Worker,
@@ -324,22 +324,12 @@ fn write_request(
     rid: (&HeaderName, &HeaderValue),
     body: &[u8],
 ) {
-    out.extend_from_slice(b"POST ");
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    header_line(out, b"host", worker.authority.as_str().as_bytes());
+    let mut req = RequestWriter::post(out, path, worker.authority.as_str());
     upstream::each_worker_header(worker, client, Some(rid), |name, value| {
-        header_line(out, name.as_str().as_bytes(), value.as_bytes())
+        req.header(name.as_str().as_bytes(), value.as_bytes())
     });
-    let ranked;
-    let body = match worker.dp_rank {
-        Some(rank) => {
-            ranked = crate::dp::with_rank(body, rank);
-            &ranked[..]
-        }
-        None => body,
-    };
-    header_line(out, b"content-length", body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    match worker.dp_rank {
+        Some(rank) => req.body(&crate::dp::with_rank(body, rank)),
+        None => req.body(body),
+    }
 }
