@@ -10,14 +10,24 @@
 # Each cell is run REPS times (interleaved) and the median reported. Then, unless RATE=0, every
 # target gets a fixed rate of RATE requests/s over 64 connections (oha, latency counted from when
 # each request was due), where the latency a proxy adds is not hidden by saturation.
+# PROXY_THREADS=N (default 1) runs the proxies multi-threaded instead: routerd with N runtime
+# threads and nginx with N worker processes, both unpinned (wrk and the upstream stay on core 1),
+# the way they run by default. ROUTERD_BASE=path adds a target `routerd-base`: that routerd
+# binary (an earlier build) with the same flags, measured in the same run.
 #   examples/bench-proxy.sh [DURATION_SECS=10] [TARGETS="direct nginx routerd sgl-router"] [CONCS="1 16 64 256"]
-#   env: REPS=3 RATE=5000
+#   env: REPS=3 RATE=5000 PROXY_THREADS=1 ROUTERD_BASE=
 set -euo pipefail
 dur=${1:-10}
 targets=${2:-"direct nginx routerd sgl-router"}
 concs=${3:-"1 16 64 256"}
 reps=${REPS:-3}
 rate=${RATE:-5000}
+pthreads=${PROXY_THREADS:-1}
+if [ -n "${ROUTERD_BASE:-}" ] && [[ " $targets " != *" routerd-base "* ]]; then
+    targets="$targets routerd-base"
+fi
+# Pinned to core 0 with one thread, or unpinned with several.
+if [ "$pthreads" -gt 1 ]; then pin=(); else pin=(taskset -c 0); fi
 cd "$(dirname "$0")/.."
 need_apt=()
 command -v wrk >/dev/null || need_apt+=(wrk)
@@ -43,7 +53,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=${UP_PORT:-38001}; NGX=${NGX_PORT:-38002}; RD=${RD_PORT:-38003}; SGL=${SGL_PORT:-38004}
+UP=${UP_PORT:-38001}; NGX=${NGX_PORT:-38002}; RD=${RD_PORT:-38003}; SGL=${SGL_PORT:-38004}; RB=${RB_PORT:-38005}
 body='{"text":" Paris is the capital","output_ids":[1,2,3,4],"meta_info":{"id":"bench","finish_reason":{"type":"length","length":4},"prompt_tokens":6,"completion_tokens":4,"cached_tokens":0,"e2e_latency":0.001}}'
 common="daemon on; error_log $tmp/err.log; events { worker_connections 4096; } "
 cat >"$tmp/up.conf" <<NGINX
@@ -54,7 +64,7 @@ http { access_log off; keepalive_requests 1000000;
     location / { default_type application/json; return 200 '{}'; } } }
 NGINX
 cat >"$tmp/px.conf" <<NGINX
-worker_processes 1; pid $tmp/px.pid; $common
+worker_processes $pthreads; pid $tmp/px.pid; $common
 http { access_log off; keepalive_requests 1000000;
   upstream up { server 127.0.0.1:$UP; keepalive 512; }
   server { listen 127.0.0.1:$NGX;
@@ -65,13 +75,17 @@ wait_up() { for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$1
 wait_up "$UP"
 for t in $targets; do
     case $t in
-        nginx) taskset -c 0 "$NGINX" -c "$tmp/px.conf" -p "$tmp"; wait_up "$NGX" ;;
+        nginx) "${pin[@]}" "$NGINX" -c "$tmp/px.conf" -p "$tmp"; wait_up "$NGX" ;;
         routerd)
-            taskset -c 0 target/release/routerd --worker-threads 1 --policy round_robin --port "$RD" --prometheus-port 0 \
+            "${pin[@]}" target/release/routerd --worker-threads "$pthreads" --policy round_robin --port "$RD" --prometheus-port 0 \
                 --worker-urls "http://127.0.0.1:$UP" --log-level warn >"$tmp/routerd.log" 2>&1 &
             pids+=($!); rd_pid=$!; wait_up "$RD" ;;
+        routerd-base)
+            "${pin[@]}" "$ROUTERD_BASE" --worker-threads "$pthreads" --policy round_robin --port "$RB" --prometheus-port 0 \
+                --worker-urls "http://127.0.0.1:$UP" --log-level warn >"$tmp/routerd-base.log" 2>&1 &
+            pids+=($!); wait_up "$RB" ;;
         sgl-router)
-            taskset -c 0 python3 -m sglang_router.launch_router --policy round_robin --port "$SGL" \
+            "${pin[@]}" python3 -m sglang_router.launch_router --policy round_robin --port "$SGL" \
                 --worker-urls "http://127.0.0.1:$UP" --max-concurrent-requests 100000 --log-level warn \
                 >"$tmp/sgl.log" 2>&1 &
             pids+=($!); wait_up "$SGL" ;;
@@ -90,7 +104,7 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout + e.status))
 end
 LUA
-port_of() { case $1 in direct) echo "$UP";; nginx) echo "$NGX";; routerd) echo "$RD";; sgl-router) echo "$SGL";; esac; }
+port_of() { case $1 in direct) echo "$UP";; nginx) echo "$NGX";; routerd) echo "$RD";; sgl-router) echo "$SGL";; routerd-base) echo "$RB";; esac; }
 sample_rss() {
     local rss; rss=$(ps -o rss= -p "$rd_pid" | tr -d ' ')
     [ "$rss" -gt "$rss_max" ] && rss_max=$rss
@@ -108,6 +122,7 @@ lat.sort(); n = len(lat)
 print(f"p99 {lat[int(n * .99)] * 1e3:.2f} ms, max {lat[-1] * 1e3:.2f} ms, {sum(x > 1e-3 for x in lat) / 3:.1f} wake-ups/s late by more than 1 ms")
 PY
 }
+echo "proxies: $([ "$pthreads" -gt 1 ] && echo "$pthreads threads/processes, unpinned" || echo "1 thread, pinned to core 0")"
 echo "idle jitter of a 200 us sleep: core 0 $(jitter 0); core 1 $(jitter 1)"
 echo
 
@@ -159,20 +174,20 @@ for kind, title, col in (("closed", "closed loop (wrk)", "conc"), ("open", "fixe
     if not keys:
         continue
     print(f"{title}, median of {sys.argv[2]} runs; added p99 = p99 - direct's p99")
-    print(f"| {'target':<10} | {col:>6} | {'requests/s':>10} | {'p50':>8} | {'p99':>8} | {'added p99':>9} | {'errors':>6} |")
-    print("|------------|--------|------------|----------|----------|-----------|--------|")
+    print(f"| {'target':<12} | {col:>6} | {'requests/s':>10} | {'p50':>8} | {'p99':>8} | {'added p99':>9} | {'errors':>6} |")
+    print("|--------------|--------|------------|----------|----------|-----------|--------|")
     med = {k: [statistics.median(x[i] for x in v) for i in range(3)] + [sum(x[3] for x in v)] for k, v in rows.items()}
     for k in sorted(keys, key=lambda k: (k[2], list(dict.fromkeys(t for _, t, _ in rows)).index(k[1]))):
         rps, p50, p99, errs = med[k]
         d = med.get((kind, "direct", k[2]))
         added = "-" if d is None or k[1] == "direct" else f"{(p99 - d[2]) * 1000:+.0f}us"
-        print(f"| {k[1]:<10} | {k[2]:>6} | {rps:>10.0f} | {fmt(p50):>8} | {fmt(p99):>8} | {added:>9} | {errs:>6} |")
+        print(f"| {k[1]:<12} | {k[2]:>6} | {rps:>10.0f} | {fmt(p50):>8} | {fmt(p99):>8} | {added:>9} | {errs:>6} |")
     print()
 c64 = {t: v for (kind, t, c), v in rows.items() if kind == "closed" and c == 64}
 rd = c64.get("routerd")
 if rd:
     m = lambda t: statistics.median(x[0] for x in c64[t])
-    for other in ("nginx", "sgl-router"):
+    for other in ("nginx", "sgl-router", "routerd-base"):
         if other in c64:
             print(f"concurrency 64: routerd moved {m('routerd') / m(other):.2f}x {other}'s requests/s")
 PY
