@@ -15,7 +15,7 @@
 # the way they run by default. ROUTERD_BASE=path adds a target `routerd-base`: that routerd
 # binary (an earlier build) with the same flags, measured in the same run.
 #   examples/bench-proxy.sh [DURATION_SECS=10] [TARGETS="direct nginx routerd sgl-router"] [CONCS="1 16 64 256"]
-#   env: REPS=3 RATE=5000 PROXY_THREADS=1 ROUTERD_BASE=
+#   env: REPS=3 RATE=5000 PROXY_THREADS=1 ROUTERD_BASE= ROUTERD_BIN=target/release/routerd
 set -euo pipefail
 dur=${1:-10}
 targets=${2:-"direct nginx routerd sgl-router"}
@@ -40,7 +40,9 @@ if [ "$rate" -gt 0 ] && ! command -v oha >/dev/null; then
     cargo install --locked -q oha   # a few minutes on 2 cores, once
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release -q -p routerd
+# ROUTERD_BIN measures a given build instead of building this checkout.
+rd_bin=${ROUTERD_BIN:-target/release/routerd}
+[ -n "${ROUTERD_BIN:-}" ] || cargo build --release -q -p routerd
 
 tmp=$(mktemp -d)
 pids=()
@@ -77,7 +79,7 @@ for t in $targets; do
     case $t in
         nginx) "${pin[@]}" "$NGINX" -c "$tmp/px.conf" -p "$tmp"; wait_up "$NGX" ;;
         routerd)
-            "${pin[@]}" target/release/routerd --worker-threads "$pthreads" --policy round_robin --port "$RD" --prometheus-port 0 \
+            "${pin[@]}" "$rd_bin" --worker-threads "$pthreads" --policy round_robin --port "$RD" --prometheus-port 0 \
                 --worker-urls "http://127.0.0.1:$UP" --log-level warn >"$tmp/routerd.log" 2>&1 &
             pids+=($!); rd_pid=$!; wait_up "$RD" ;;
         routerd-base)

@@ -141,7 +141,8 @@ pub async fn workers(args: WorkersArgs) -> i32 {
         WorkersCommand::Add { url, role, bootstrap_port, api_key, output } => {
             let role = role.map(|r| format!("{r:?}").to_ascii_lowercase());
             let body = json!({"url": url, "role": role, "bootstrap_port": bootstrap_port, "api_key": api_key});
-            match admin.post_json::<WorkerView>("/workers", &body).await {
+            let added = admin.post_json::<Value>("/workers", &body).await.and_then(worker_of);
+            match added {
                 Ok(w) if output == Output::Json => print_json(&w),
                 Ok(w) => println!("added {}", w.url),
                 Err(e) => return fail(e),
@@ -149,7 +150,7 @@ pub async fn workers(args: WorkersArgs) -> i32 {
         }
         WorkersCommand::Remove { url, output } => {
             let path = format!("/workers/{}", encode_segment(&url));
-            match admin.delete::<WorkerView>(&path).await {
+            match admin.delete::<Value>(&path).await.and_then(worker_of) {
                 Ok(w) if output == Output::Json => print_json(&w),
                 Ok(w) => println!("removed {}", w.url),
                 Err(e) => return fail(e),
@@ -157,6 +158,13 @@ pub async fn workers(args: WorkersArgs) -> i32 {
         }
     }
     0
+}
+
+/// The worker's state in a `POST /workers` or `DELETE /workers/{id}` answer (`worker`, next to
+/// sgl-router 0.3's `status` and `worker_id`).
+fn worker_of(answer: Value) -> Result<WorkerView, AdminError> {
+    serde_json::from_value(answer["worker"].clone())
+        .map_err(|e| AdminError::Malformed(e.to_string()))
 }
 
 /// Router health, readiness, configuration generation and the last reload's outcome.

@@ -1,7 +1,9 @@
-//! Worker management: sgl-router's routes (`/add_worker`, `/remove_worker`, `/list_workers`)
-//! with their shapes, and the workers API routerctl uses (`GET/POST /workers`,
-//! `DELETE /workers/{url}`). Both write through the registry, so a worker added here takes
-//! traffic from the next request on.
+//! Worker management: sgl-router's 0.1/0.2 routes (`/add_worker`, `/remove_worker`,
+//! `/list_workers`) with their shapes, and the workers API of sglang-router 0.3 that routerctl
+//! uses too: `GET /workers`, `POST /workers` (202 with the new `worker_id` and a `Location`),
+//! `GET /workers/{id}` (pollable until healthy), `DELETE /workers/{id}` (202). A worker is also
+//! found by its URL (url-encoded). Registration is immediate: a worker added here takes traffic
+//! from the next request on, and its `health_state` says whether it passed a health check yet.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,8 +23,16 @@ use crate::registry::{RegistryError, Worker, WorkerRole, WorkerSource, WorkerSpe
 /// A worker as `GET /workers` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerView {
+    /// Stable for the worker's life (a UUID, as sgl-router 0.3's `worker_id`).
+    pub id: String,
     pub url: String,
     pub role: WorkerRole,
+    /// sgl-router 0.3's name for `role`: `regular`, `prefill` or `decode`.
+    pub worker_type: WorkerRole,
+    /// sgl-router 0.3's name for `healthy`.
+    pub is_healthy: bool,
+    /// `starting` until its first health check passed, then `healthy` or `unhealthy`.
+    pub health_state: String,
     pub bootstrap_port: Option<u16>,
     /// The active health checks' verdict.
     pub healthy: bool,
@@ -59,9 +69,20 @@ impl WorkerView {
         let tree = app.policy_for(w.spec.role).tree_stats(w.url());
         let prompt_tokens = w.prompt_tokens.load(Relaxed);
         let cached_tokens = w.cached_tokens.load(Relaxed);
+        let healthy = w.healthy.load(Relaxed);
+        let ever_passed = w.health.lock().map(|t| t.ever_passed).unwrap_or(false);
+        let health_state = match (healthy, ever_passed) {
+            (false, _) => "unhealthy",
+            (true, false) => "starting",
+            (true, true) => "healthy",
+        };
         Self {
+            id: w.id.clone(),
             url: w.url().to_owned(),
             role: w.spec.role,
+            worker_type: w.spec.role,
+            is_healthy: healthy,
+            health_state: health_state.into(),
             bootstrap_port: w.spec.bootstrap_port,
             healthy: w.healthy.load(Relaxed),
             circuit: w.breaker.state().as_str().into(),
@@ -177,8 +198,21 @@ fn registry_error(e: RegistryError) -> RouterError {
     }
 }
 
-fn unregister(app: &App, url: &str) -> Result<Arc<Worker>, RouterError> {
-    let url = normalize_worker_url(url).unwrap_or_else(|_| url.to_owned());
+/// The registered worker with this id, or this URL.
+fn find(app: &App, id_or_url: &str) -> Option<Arc<Worker>> {
+    let snap = app.registry.load();
+    if let Some(w) = snap.by_id(id_or_url) {
+        return Some(w.clone());
+    }
+    let url = normalize_worker_url(id_or_url).unwrap_or_else(|_| id_or_url.to_owned());
+    snap.get(&url).cloned()
+}
+
+fn unregister(app: &App, id_or_url: &str) -> Result<Arc<Worker>, RouterError> {
+    if let Some(w) = app.registry.load().by_id(id_or_url).cloned() {
+        return unregister(app, w.url());
+    }
+    let url = normalize_worker_url(id_or_url).unwrap_or_else(|_| id_or_url.to_owned());
     // DP-aware: a base URL removes every rank of it.
     let ranks: Vec<String> = app
         .registry
@@ -231,26 +265,70 @@ pub async fn list_workers(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"urls": urls}))
 }
 
+/// `GET /workers`: every worker, with sgl-router 0.3's `total` and per-role `stats`.
 pub async fn workers(State(app): State<Arc<App>>) -> Json<Value> {
     let views: Vec<WorkerView> =
         app.registry.load().workers.iter().map(|w| WorkerView::new(w, &app)).collect();
-    Json(json!({"workers": views}))
+    let count = |role| views.iter().filter(|v| v.role == role).count();
+    let stats = json!({
+        "prefill_count": count(WorkerRole::Prefill),
+        "decode_count": count(WorkerRole::Decode),
+        "regular_count": count(WorkerRole::Regular),
+    });
+    Json(json!({"total": views.len(), "stats": stats, "workers": views}))
 }
 
+/// `POST /workers`: 202 with `{"status": "accepted", "worker_id", "url", "location",
+/// "message"}` and a `Location` header, as sgl-router 0.3 answers; routerd adds `worker`, the
+/// worker's state (registration is immediate). A URL already registered is 409.
 pub async fn create_worker(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let new: NewWorker = match serde_json::from_slice(&body) {
         Ok(n) => n,
         Err(e) => return RouterError::BadRequest(format!("invalid worker: {e}")).into_response(),
     };
     match register(&app, new).await {
-        Ok(w) => (StatusCode::CREATED, Json(WorkerView::new(&w, &app))).into_response(),
+        Ok(w) => {
+            let location = format!("/workers/{}", w.id);
+            let body = json!({
+                "status": "accepted",
+                "worker_id": w.id,
+                "url": w.url(),
+                "location": location,
+                "message": "Worker registered; poll its location until health_state is healthy",
+                "worker": WorkerView::new(&w, &app),
+            });
+            let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(axum::http::header::LOCATION, v);
+            }
+            resp
+        }
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn delete_worker(State(app): State<Arc<App>>, Path(url): Path<String>) -> Response {
-    match unregister(&app, &url) {
-        Ok(w) => Json(WorkerView::new(&w, &app)).into_response(),
+/// `GET /workers/{id}` (or its url-encoded URL): the worker's state; 404 when unknown.
+pub async fn get_worker(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match find(&app, &id) {
+        Some(w) => Json(WorkerView::new(&w, &app)).into_response(),
+        None => RouterError::UnknownWorker(format!("Worker {id} not found")).into_response(),
+    }
+}
+
+/// `DELETE /workers/{id}` (or its url-encoded URL): 202 with `{"status": "accepted",
+/// "worker_id", "message"}` as sgl-router 0.3 answers, plus `worker`; 404 when unknown. The
+/// worker leaves routing at once; requests already on it finish.
+pub async fn delete_worker(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match unregister(&app, &id) {
+        Ok(w) => {
+            let body = json!({
+                "status": "accepted",
+                "worker_id": w.id,
+                "message": "Worker removed",
+                "worker": WorkerView::new(&w, &app),
+            });
+            (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -75,6 +75,12 @@ impl Breaker {
         self.state() != Circuit::Open
     }
 
+    /// While open: how long until trial requests may go through.
+    pub fn open_for(&self) -> Option<std::time::Duration> {
+        let left = self.retry_at_ms.load(Relaxed).saturating_sub(now_ms());
+        (self.state() == Circuit::Open && left > 0).then(|| std::time::Duration::from_millis(left))
+    }
+
     fn set(&self, c: Circuit) {
         self.state.store(c as u8, Relaxed);
     }

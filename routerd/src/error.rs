@@ -24,9 +24,9 @@ pub enum RouterError {
     NotFound(String),
     #[error("method not allowed on {0}")]
     MethodNotAllowed(String),
-    #[error("no available workers")]
+    #[error("No available workers (all circuits open or unhealthy)")]
     NoWorkers,
-    #[error("no available {0} workers")]
+    #[error("No available {0} workers (all circuits open or unhealthy)")]
     NoPoolWorkers(&'static str),
     #[error("too many requests: the admission queue is full")]
     QueueFull,
@@ -59,9 +59,11 @@ impl RouterError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) | Self::UnknownWorker(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NoWorkers | Self::NoPoolWorkers(_) | Self::QueueTimeout | Self::ShuttingDown => {
+            Self::NoWorkers | Self::NoPoolWorkers(_) | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            // As sgl-router answers a request that waited too long for an admission slot.
+            Self::QueueTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::WorkerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -124,7 +126,14 @@ impl RouterError {
 impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = json!({"error": {"message": self.to_string(), "type": self.kind(), "code": status.as_u16()}});
+        let body = match self {
+            // sgl-router 0.3's exact body, which scripts and alerts match on.
+            Self::NoWorkers | Self::NoPoolWorkers(_) => json!({"error": {
+                "message": self.to_string(), "type": "Service Unavailable", "code": self.kind()}}),
+            _ => {
+                json!({"error": {"message": self.to_string(), "type": self.kind(), "code": status.as_u16()}})
+            }
+        };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

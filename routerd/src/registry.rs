@@ -71,6 +71,9 @@ pub struct WorkerSpec {
 /// A registered worker and its live counters.
 #[derive(Debug)]
 pub struct Worker {
+    /// A random UUID (v4), given at registration: stable for the worker's life, never reused
+    /// (the workers API's `worker_id`, as in sgl-router 0.3).
+    pub id: String,
     pub spec: WorkerSpec,
     /// `host:port` of the URL, parsed once for building request URIs.
     pub authority: Authority,
@@ -135,6 +138,13 @@ impl Default for HealthTrack {
     }
 }
 
+/// A random version-4 UUID, `xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`.
+pub fn new_id() -> String {
+    let n = (rand::random::<u128>() & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{n:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 /// `http://host:port@3` → (`http://host:port`, `Some(3)`): a DP rank target (`--dp-aware`,
 /// docs/migrating-from-sgl-router.md); any other URL → (itself, `None`).
 pub fn split_rank(url: &str) -> (&str, Option<u32>) {
@@ -169,6 +179,7 @@ impl Worker {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| Authority::from_static("invalid.worker"));
         Self {
+            id: new_id(),
             spec,
             authority,
             dp_rank,
@@ -237,6 +248,25 @@ impl Worker {
         }
     }
 
+    /// When the worker is not routable now: how long until it may be, if that is known (an open
+    /// circuit's timeout, a 429's `Retry-After`); `None` for an unhealthy worker (its next
+    /// passing health check decides).
+    pub fn routable_in(&self) -> Option<std::time::Duration> {
+        if !self.healthy.load(Relaxed) {
+            return None;
+        }
+        let throttle = self
+            .is_throttled()
+            .then(|| *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()))
+            .flatten()
+            .map(|t| t.saturating_duration_since(std::time::Instant::now()));
+        let open = self.breaker.open_for();
+        match (throttle, open) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => Some(a.or(b).unwrap_or_default()),
+        }
+    }
+
     /// Keeps the worker out of routing for `d` (its `Retry-After`).
     pub fn throttle(&self, d: std::time::Duration) {
         *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -296,6 +326,10 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn get(&self, url: &str) -> Option<&Arc<Worker>> {
         self.workers.iter().find(|w| w.url() == url)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Worker>> {
+        self.workers.iter().find(|w| w.id == id)
     }
 
     pub fn routable(&self) -> usize {
@@ -536,6 +570,18 @@ mod tests {
         r.add(spec("http://c:1")).unwrap();
         r.remove("http://c:1").unwrap();
         assert_eq!(*left.lock().unwrap(), ["http://b:1", "http://c:1"]);
+    }
+
+    #[test]
+    fn ids_are_version_4_uuids_and_unique() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in ids.iter().take(20) {
+            let parts: Vec<&str> = id.split('-').collect();
+            assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{id}");
+            assert!(parts[2].starts_with('4'), "{id}");
+            assert!("89ab".contains(&parts[3][..1]), "{id}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
@@ -31,7 +31,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/remove_worker", post(admin::remove_worker))
         .route("/list_workers", get(admin::list_workers))
         .route("/workers", get(admin::workers).post(admin::create_worker))
-        .route("/workers/{url}", delete(admin::delete_worker))
+        .route("/workers/{id}", get(admin::get_worker).delete(admin::delete_worker))
         .route("/admin/config", get(crate::reload::admin_config))
         .route("/admin/reload", post(crate::reload::admin_reload))
         .route("/admin/decisions", get(crate::decisions::admin_decisions))

@@ -329,7 +329,7 @@ fn warns_at_startup_when_listening_beyond_loopback_and_never_logs_secrets() {
         )
         .send()
         .unwrap();
-    assert_eq!(add.status(), 201);
+    assert_eq!(add.status(), 202, "sglang-router 0.3: accepted");
     let cfg = c.get(format!("{url}/admin/config")).bearer_auth("admin-file-secret").send().unwrap();
     assert!(!cfg.text().unwrap().contains("secret\""), "no secret in /admin/config");
     std::thread::sleep(Duration::from_millis(300));

@@ -6,6 +6,7 @@ mod router_behaviour;
 mod router_cache_aware;
 mod router_discovery;
 mod router_dp;
+mod router_dropin;
 mod router_faults;
 mod router_http1;
 mod router_observability;

@@ -139,7 +139,7 @@ async fn removed_worker_finishes_its_streams_and_gets_nothing_new() {
 }
 
 #[tokio::test]
-async fn admission_queue_429_when_full_503_on_timeout() {
+async fn admission_queue_429_when_full_408_on_timeout() {
     let w = sim(|a| a.faults.latency_ms = 2500).await;
     let mut cfg = router_config("round_robin", &[&w]);
     cfg.server.max_concurrent_requests = NonZeroUsize::new(1);
@@ -164,7 +164,7 @@ async fn admission_queue_429_when_full_503_on_timeout() {
     let (s, body) = post_json(u.clone(), &small_generate()).await;
     assert_eq!(s, 429, "{body}");
     let (s, body) = queued.await.unwrap();
-    assert_eq!(s, 503, "{body}");
+    assert_eq!(s, 408, "{body}");
     assert_eq!(body["error"]["type"], "queue_timeout");
     assert_eq!(first.await.unwrap().0, 200);
     assert_eq!(post_json(u, &small_generate()).await.0, 200, "slots are released");

@@ -102,9 +102,10 @@ async fn workers_added_at_runtime_are_expanded_and_removed_by_base_url() {
     let c = client();
     let resp =
         c.post(format!("{url}/workers")).json(&json!({"url": w.url()})).send().await.unwrap();
-    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.status(), 202);
     let view: Value = resp.json().await.unwrap();
     assert_eq!(view["url"], format!("{}@0", w.url()));
+    assert_eq!(view["worker"]["url"], format!("{}@0", w.url()));
     assert_eq!(
         urls(&workers(&url, None).await),
         [format!("{}@0", w.url()), format!("{}@1", w.url())]
@@ -121,13 +122,13 @@ async fn workers_added_at_runtime_are_expanded_and_removed_by_base_url() {
     // One rank removed alone; adding the worker again is refused whole (rank 1 is still
     // there), not half-done.
     let del = c.delete(format!("{url}/workers/{enc}%400")).send().await.unwrap();
-    assert_eq!(del.status(), 200);
+    assert_eq!(del.status(), 202);
     let again =
         c.post(format!("{url}/workers")).json(&json!({"url": w.url()})).send().await.unwrap();
     assert_eq!(again.status(), 409);
     assert_eq!(urls(&workers(&url, None).await), [format!("{}@1", w.url())]);
     let del = c.delete(format!("{url}/workers/{enc}")).send().await.unwrap();
-    assert_eq!(del.status(), 200);
+    assert_eq!(del.status(), 202);
     assert!(workers(&url, None).await.is_empty(), "every rank removed");
     // A worker that cannot tell its size is not registered.
     let dead = c

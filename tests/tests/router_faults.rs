@@ -302,26 +302,48 @@ async fn health_thresholds_eject_and_readmit_but_one_blip_does_not() {
 
 #[tokio::test]
 async fn all_workers_down_then_back() {
+    for panic_routing in [false, true] {
+        all_down_then_back(panic_routing).await;
+    }
+}
+
+async fn all_down_then_back(panic_routing: bool) {
     let a = sim(|_| {}).await;
     let b = sim(|_| {}).await;
     let ports = [a.addr.port(), b.addr.port()];
-    let r = router(config("round_robin", urls(&[&a, &b]))).await;
+    let mut c = config("round_robin", urls(&[&a, &b]));
+    c.policy.panic_routing = panic_routing;
+    let r = router(c).await;
     a.crash().await;
     b.crash().await;
     let t = Instant::now();
     let (status, body) = post_json(format!("{}/generate", r.url()), &small()).await;
-    assert_eq!((status, body["error"]["type"].as_str()), (502, Some("worker_error")));
+    // Tried and failed (502), or already known down (503 no_available_workers): at once.
+    assert!(matches!(status, 502 | 503), "{status} {body}");
     assert!(t.elapsed() < Duration::from_secs(2), "fails fast when nothing answers");
     eventually(Duration::from_secs(3), "not ready", || async {
         client().get(format!("{}/readiness", r.url())).send().await.unwrap().status() == 503
     })
     .await;
-    // Every worker is out of rotation, yet requests still go somewhere: once the workers are
-    // back they succeed before any health check says so.
+    let (status, body) = post_json(format!("{}/generate", r.url()), &small()).await;
+    if panic_routing {
+        // Every worker is out of rotation, yet requests still go somewhere.
+        assert_eq!((status, body["error"]["type"].as_str()), (502, Some("worker_error")));
+    } else {
+        assert_eq!((status, body["error"]["code"].as_str()), (503, Some("no_available_workers")));
+    }
     let a = sim(|s| s.port = ports[0]).await;
     let b = sim(|s| s.port = ports[1]).await;
-    let (status, _) = post_json(format!("{}/generate", r.url()), &small()).await;
-    assert_eq!(status, 200);
+    if panic_routing {
+        // Once the workers are back they succeed before any health check says so.
+        let (status, _) = post_json(format!("{}/generate", r.url()), &small()).await;
+        assert_eq!(status, 200);
+    } else {
+        eventually(Duration::from_secs(5), "served once a health check readmits one", || async {
+            post_json(format!("{}/generate", r.url()), &small()).await.0 == 200
+        })
+        .await;
+    }
     eventually(Duration::from_secs(3), "ready again", || async {
         client().get(format!("{}/readiness", r.url())).send().await.unwrap().status() == 200
     })

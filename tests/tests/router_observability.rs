@@ -243,7 +243,7 @@ async fn admin_stats_totals_latency_and_events() {
         assert_eq!(s, 200);
     }
     let (s, _) = post_json(format!("{}/workers", r.url()), &json!({"url": ws[1].url()})).await;
-    assert_eq!(s, 201);
+    assert_eq!(s, 202);
     let st: routerd::stats::Stats =
         serde_json::from_value(get_json(&format!("{}/admin/stats", r.url())).await).unwrap();
     assert_eq!((st.requests_total, st.errors_total, st.in_flight), (5, 0, 0));

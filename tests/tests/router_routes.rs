@@ -146,9 +146,11 @@ async fn management_routes_and_workers_api() {
         .send()
         .await
         .unwrap();
-    assert_eq!(created.status(), 201);
-    let view: Value = created.json().await.unwrap();
-    assert_eq!(view["url"], ws[1].url(), "normalised");
+    assert_eq!(created.status(), 202);
+    let answer: Value = created.json().await.unwrap();
+    assert_eq!(answer["url"], ws[1].url(), "normalised");
+    let view = &answer["worker"];
+    assert_eq!(view["url"], ws[1].url());
     assert_eq!(view["source"], "api");
     assert_eq!(view["role"], "regular");
     let dup =
@@ -198,7 +200,7 @@ async fn management_routes_and_workers_api() {
     assert_eq!(workers[1]["requests_total"], 2);
 
     let encoded = ws[1].url().replace(':', "%3A").replace('/', "%2F");
-    assert_eq!(c.delete(format!("{u}/workers/{encoded}")).send().await.unwrap().status(), 200);
+    assert_eq!(c.delete(format!("{u}/workers/{encoded}")).send().await.unwrap().status(), 202);
     assert_eq!(c.delete(format!("{u}/workers/{encoded}")).send().await.unwrap().status(), 404);
     let removed = c.post(format!("{u}/remove_worker?url={}", ws[0].url())).send().await.unwrap();
     assert_eq!(removed.status(), 200);
@@ -265,6 +267,9 @@ async fn worker_failures_are_502_and_504() {
     )
     .unwrap();
     cfg.server.request_timeout = Duration::from_millis(300);
+    // The request must reach the dead worker (a health check would take it out of routing
+    // first, and the answer would be 503 no_available_workers).
+    cfg.health.enabled = false;
     let r = router(cfg).await;
     let (s, body) = post_json(format!("{}/generate", r.url()), &json!({"text": "x"})).await;
     assert_eq!(s, 502, "{body}");

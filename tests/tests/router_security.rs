@@ -73,7 +73,7 @@ async fn the_api_key_guards_inference_and_model_routes_but_not_health() {
     let url = r.url();
     let add = || c.post(format!("{url}/workers")).json(&json!({"url": w.url()}));
     assert_eq!(send(add()).await.0, 401, "without an admin key, the API key guards management");
-    assert_eq!(send(add().bearer_auth("fleet-key")).await.0, 201);
+    assert_eq!(send(add().bearer_auth("fleet-key")).await.0, 202);
     let (status, body, _) =
         send(c.post(format!("{url}/generate")).bearer_auth("fleet-key").json(&small_generate()))
             .await;
@@ -116,8 +116,9 @@ async fn worker_keys_go_on_every_call_to_their_worker_including_runtime_ones() {
         c.post(format!("{url}/workers")).json(&json!({"url": ws[2].url(), "api_key": "key-three"})),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
+    assert_eq!(status, 202, "{body}");
     assert_eq!(body.get("api_key"), None, "keys are not shown: {body}");
+    assert_eq!(body["worker"].get("api_key"), None, "keys are not shown: {body}");
     for _ in 0..6 {
         let (status, body, _) =
             send(c.post(format!("{url}/generate")).json(&small_generate())).await;
@@ -161,7 +162,7 @@ async fn the_admin_key_guards_management_and_admin_routes() {
         assert!(body["error"]["message"].as_str().unwrap().contains("admin"), "{body}");
     }
     assert_eq!(send(add().bearer_auth("not-it")).await.0, 401);
-    assert_eq!(send(add().bearer_auth("admin-key-1")).await.0, 201);
+    assert_eq!(send(add().bearer_auth("admin-key-1")).await.0, 202);
     let (status, cfg, _) =
         send(c.get(format!("{url}/admin/config")).bearer_auth("admin-key-1")).await;
     assert_eq!(status, 200);
@@ -170,7 +171,7 @@ async fn the_admin_key_guards_management_and_admin_routes() {
     // Inference needs no key here (no --api-key), and the admin key is not asked of it.
     assert_eq!(send(c.post(format!("{url}/generate")).json(&small_generate())).await.0, 200);
     let del = c.delete(format!("{url}/workers/{}", urlencode(&w.url())));
-    assert_eq!(send(del.bearer_auth("admin-key-1")).await.0, 200);
+    assert_eq!(send(del.bearer_auth("admin-key-1")).await.0, 202);
     r.shutdown().await;
     w.shutdown().await;
 }
@@ -208,7 +209,7 @@ async fn without_an_admin_key_changes_come_only_from_loopback() {
     assert_eq!(send(c.post(format!("{remote}/remove_worker?url=http://x:1"))).await.0, 403);
     let (status, list, _) = send(c.get(format!("{remote}/workers"))).await;
     assert_eq!((status, list["workers"].as_array().unwrap().len()), (200, 0), "reads are open");
-    assert_eq!(send(c.post(format!("{local}/workers")).json(&body)).await.0, 201);
+    assert_eq!(send(c.post(format!("{local}/workers")).json(&body)).await.0, 202);
     // Inference is not a change: remote clients are served.
     assert_eq!(send(c.post(format!("{remote}/generate")).json(&small_generate())).await.0, 200);
     r.shutdown().await;
@@ -246,7 +247,7 @@ async fn worker_urls_from_the_api_are_checked() {
     let (status, _, _) = send(c.post(format!("{url}/add_worker?url=http://169.254.169.254"))).await;
     assert_eq!(status, 400, "sgl-router's route checks too");
     assert_eq!(send(c.get(format!("{url}/list_workers"))).await.1["urls"], json!([]));
-    assert_eq!(send(c.post(format!("{url}/workers")).json(&json!({"url": w.url()}))).await.0, 201);
+    assert_eq!(send(c.post(format!("{url}/workers")).json(&json!({"url": w.url()}))).await.0, 202);
     r.shutdown().await;
 
     // With an allowlist, only its networks.

@@ -19,8 +19,12 @@ fn worker(
     circuit: &str,
 ) -> WorkerView {
     WorkerView {
+        id: format!("id-{url}"),
         url: url.into(),
         role: WorkerRole::Regular,
+        worker_type: WorkerRole::Regular,
+        is_healthy: healthy,
+        health_state: if healthy { "healthy" } else { "unhealthy" }.into(),
         bootstrap_port: None,
         healthy,
         circuit: circuit.into(),

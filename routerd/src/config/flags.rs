@@ -197,6 +197,10 @@ pub struct Flags {
     /// target, with `data_parallel_rank` in the request body.
     #[arg(global = true, long)]
     pub dp_aware: bool,
+    /// When no worker of a pool is routable, route among the unroutable ones anyway instead of
+    /// answering 503 at once (routerd's own; off as in sgl-router).
+    #[arg(global = true, long)]
+    pub panic_routing: bool,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
     #[arg(

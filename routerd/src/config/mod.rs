@@ -210,6 +210,10 @@ pub struct PolicyConfig {
     pub load_poll_interval: Option<Duration>,
     /// Each worker's data-parallel ranks are routing targets of their own (`URL@rank`).
     pub dp_aware: bool,
+    /// When no worker of a pool is routable (unhealthy, circuit open, backing off after a 429),
+    /// route among the unroutable ones anyway (Envoy's "panic" routing) instead of answering
+    /// 503 `no_available_workers` at once, as sgl-router does. Off by default.
+    pub panic_routing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -611,6 +615,7 @@ impl Builder<'_> {
             max_tree_size: usize::try_from(tree.0.max(1)).unwrap_or(usize::MAX),
             load_poll_interval,
             dp_aware: f.dp_aware || p.dp_aware.unwrap_or(false),
+            panic_routing: f.panic_routing || p.panic_routing.unwrap_or(false),
         }
     }
 

@@ -124,6 +124,7 @@ pub struct RawPolicy {
     pub max_tree_size: Option<Spanned<u64>>,
     pub load_poll_interval: Option<Spanned<String>>,
     pub dp_aware: Option<bool>,
+    pub panic_routing: Option<bool>,
     pub prefill_policy: Option<Spanned<String>>,
     pub decode_policy: Option<Spanned<String>>,
 }

@@ -109,8 +109,12 @@ pub async fn forward(
         Err(Stop::Failed(e)) => {
             let status = e.status().as_u16();
             tracing::debug!(route = route.path(), error = %e, "request failed");
+            let retry_after = no_workers_retry_after(app, &live.config, &e);
             let mut resp = e.into_response();
             resp.headers_mut().insert(rid_name.clone(), rid.clone());
+            if let Some(secs) = retry_after {
+                resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+            }
             let keep = respond::write(c, resp, head.version, keep, false).await;
             Served { keep, status, worker: None, first_event: None }
         }
@@ -132,6 +136,28 @@ pub async fn forward(
     served.keep
 }
 
+/// For a `no_available_workers` answer: seconds until a worker of the pool may be routable
+/// again (the soonest circuit timeout or `Retry-After` backoff; for an unhealthy worker, the
+/// health check interval), at least 1.
+fn no_workers_retry_after(app: &App, config: &Config, e: &RouterError) -> Option<u64> {
+    let role = match e {
+        RouterError::NoWorkers => crate::registry::WorkerRole::Regular,
+        RouterError::NoPoolWorkers("prefill") => crate::registry::WorkerRole::Prefill,
+        RouterError::NoPoolWorkers(_) => crate::registry::WorkerRole::Decode,
+        _ => return None,
+    };
+    let soonest = app
+        .registry
+        .load()
+        .workers
+        .iter()
+        .filter(|w| w.spec.role == role)
+        .map(|w| w.routable_in().unwrap_or(config.health.interval))
+        .min()
+        .unwrap_or(config.health.interval);
+    Some(soonest.as_secs_f64().ceil().max(1.0) as u64)
+}
+
 /// Counts a failure against `worker`'s circuit; an opening is an event for the dashboard.
 pub(crate) fn failed(app: &App, worker: &Worker, cfg: &crate::config::BreakerConfig) {
     if worker.breaker.record_failure(cfg) {
@@ -147,10 +173,12 @@ pub(crate) struct Ask<'a> {
     pub route: Route,
     /// The client asked for the decision record (`x-routerd-explain`).
     pub explain: bool,
+    /// `policy.panic_routing`: when none is routable, choose among the unroutable anyway.
+    pub panic: bool,
 }
 
-/// `policy`'s choice among `pool` minus `avoid`; when none of them is routable (all unhealthy,
-/// ejected or backing off), its choice among them anyway. `None` when nothing is left. The
+/// `policy`'s choice among the routable workers of `pool` minus `avoid` (with panic routing,
+/// among the unroutable ones when none is routable). `None` when nothing is left. The
 /// decision is counted, logged for `/admin/decisions`, and rendered for the response header
 /// when the client asked for it.
 pub(crate) fn pick(
@@ -171,7 +199,7 @@ pub(crate) fn pick(
     let strict = RequestInfo { text: ask.text, ignore_health: false };
     let d = policy.decide(candidates, &strict).or_else(|| {
         let any = RequestInfo { text: ask.text, ignore_health: true };
-        policy.decide(candidates, &any)
+        ask.panic.then(|| policy.decide(candidates, &any)).flatten()
     })?;
     app.metrics.decision(pool_name, policy.name(), &d);
     let mut header = None;
@@ -207,7 +235,8 @@ async fn dispatch(
     };
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
     let explain = head.headers.contains_key(EXPLAIN_HEADER);
-    let ask = Ask { text: &text, request_id: rid.1, route, explain };
+    let panic = live.config.policy.panic_routing;
+    let ask = Ask { text: &text, request_id: rid.1, route, explain, panic };
     if let Some(pools) = &live.pools {
         return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
     }

@@ -1,0 +1,227 @@
+//! What a sglang-router 0.3 user relies on, end to end: no routable worker fails fast (503
+//! `no_available_workers` with `Retry-After`, the worker gets nothing more; panic routing only
+//! when asked), a queue timeout is 408, and the 0.3 workers API (202 + `worker_id` + `Location`,
+//! poll by id, delete by id, ids stable and never reused).
+
+use std::time::Duration;
+
+use routerd_e2e::{
+    client, eventually, get_json, router, router_config, sim, small_generate, stats,
+};
+use serde_json::{json, Value};
+
+/// Circuits open after 3 failures and stay open for a minute; no health check closes them.
+fn strict(mut c: routerd::config::Config) -> routerd::config::Config {
+    c.circuit_breaker.failure_threshold = 3;
+    c.circuit_breaker.timeout = Duration::from_secs(60);
+    c.health.interval = Duration::from_secs(60);
+    c.retry.initial_backoff = Duration::from_millis(5);
+    c
+}
+
+async fn generate(url: &str) -> (u16, Option<String>, Value) {
+    let resp = client()
+        .post(format!("{url}/generate"))
+        .json(&small_generate())
+        .send()
+        .await
+        .expect("router answers");
+    let status = resp.status().as_u16();
+    let retry_after =
+        resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_owned());
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, retry_after, body)
+}
+
+async fn requests(w: &routerctl::sim::SimWorker) -> u64 {
+    stats(w).await["requests"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_lone_failing_worker_fails_fast_once_its_circuit_opens() {
+    let bad = sim(|a| a.faults.error_rate = 1.0).await;
+    let r = router(strict(router_config("round_robin", &[&bad]))).await;
+    let url = r.url();
+    for _ in 0..3 {
+        let (status, _, _) = generate(&url).await;
+        assert_eq!(status, 500, "the worker's own answer while its circuit is closed");
+    }
+    for _ in 0..5 {
+        let (status, retry_after, body) = generate(&url).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(
+            body,
+            json!({"error": {"message": "No available workers (all circuits open or unhealthy)",
+                             "type": "Service Unavailable", "code": "no_available_workers"}})
+        );
+        let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+        assert!((1..=60).contains(&secs), "until the circuit half-opens: {secs}");
+    }
+    assert_eq!(requests(&bad).await, 3, "nothing is sent to an open circuit");
+    r.shutdown().await;
+    bad.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_circuits_open_fails_fast_and_panic_routing_is_opt_in() {
+    let (a, b) =
+        (sim(|a| a.faults.error_rate = 1.0).await, sim(|a| a.faults.error_rate = 1.0).await);
+    let r = router(strict(router_config("round_robin", &[&a, &b]))).await;
+    let url = r.url();
+    // Each request tries both (a retry), so three requests open both circuits.
+    for _ in 0..3 {
+        generate(&url).await;
+    }
+    let sent = requests(&a).await + requests(&b).await;
+    assert_eq!(sent, 6);
+    let (status, retry_after, body) = generate(&url).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("no_available_workers")));
+    assert!(retry_after.is_some());
+    assert_eq!(requests(&a).await + requests(&b).await, sent, "no worker was tried");
+    r.shutdown().await;
+
+    let mut c = strict(router_config("round_robin", &[&a, &b]));
+    c.policy.panic_routing = true;
+    let r = router(c).await;
+    for _ in 0..3 {
+        generate(&r.url()).await;
+    }
+    let before = requests(&a).await + requests(&b).await;
+    let (status, _, _) = generate(&r.url()).await;
+    assert_eq!(status, 500, "panic routing still sends to an open circuit");
+    assert!(requests(&a).await + requests(&b).await > before);
+    r.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unhealthy_fleet_fails_fast_with_the_health_interval_as_retry_after() {
+    let w = sim(|a| a.faults.unhealthy = true).await;
+    let mut c = router_config("round_robin", &[&w]);
+    c.health.interval = Duration::from_secs(7);
+    c.health.startup_check_interval = Duration::from_millis(50);
+    let r = router(c).await;
+    let url = r.url();
+    eventually(Duration::from_secs(10), "the worker is unhealthy", || async {
+        get_json(&format!("{url}/workers")).await["workers"][0]["healthy"] == false
+    })
+    .await;
+    let (status, retry_after, _) = generate(&url).await;
+    assert_eq!((status, retry_after.as_deref()), (503, Some("7")));
+    assert_eq!(requests(&w).await, 0);
+    r.shutdown().await;
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_that_waits_too_long_for_a_slot_is_408() {
+    let w = sim(|a| a.faults.latency_ms = 1500).await;
+    let mut c = router_config("round_robin", &[&w]);
+    c.server.max_concurrent_requests = std::num::NonZeroUsize::new(1);
+    c.server.queue_timeout = Duration::from_millis(300);
+    let r = router(c).await;
+    let url = r.url();
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { generate(&url).await.0 }
+    });
+    eventually(Duration::from_secs(5), "the first request holds the slot", || async {
+        requests(&w).await == 1
+    })
+    .await;
+    let (status, _, body) = generate(&url).await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(
+        (body["error"]["type"].as_str(), body["error"]["code"].as_u64()),
+        (Some("queue_timeout"), Some(408))
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    r.shutdown().await;
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_workers_api_of_sglang_router_0_3() {
+    let (a, b) = (sim(|_| {}).await, sim(|_| {}).await);
+    let mut c = router_config("round_robin", &[&a]);
+    c.health.interval = Duration::from_millis(100);
+    c.health.startup_check_interval = Duration::from_millis(50);
+    let r = router(c).await;
+    let url = r.url();
+    let http = client();
+
+    let resp =
+        http.post(format!("{url}/workers")).json(&json!({"url": b.url()})).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let v: Value = resp.json().await.unwrap();
+    let id = v["worker_id"].as_str().unwrap().to_owned();
+    assert_eq!(v["status"], "accepted");
+    assert_eq!(
+        (v["url"].as_str(), v["location"].as_str()),
+        (Some(b.url().as_str()), Some(location.as_str()))
+    );
+    assert_eq!(location, format!("/workers/{id}"));
+    assert_eq!(v["worker"]["id"], id.as_str());
+
+    // Poll by id until it passed a health check.
+    eventually(Duration::from_secs(10), "the new worker is healthy", || async {
+        let w = get_json(&format!("{url}{location}")).await;
+        w["health_state"] == "healthy" && w["is_healthy"] == true && w["id"] == id.as_str()
+    })
+    .await;
+    let all = get_json(&format!("{url}/workers")).await;
+    assert_eq!(all["total"], 2);
+    assert_eq!(all["stats"], json!({"prefill_count": 0, "decode_count": 0, "regular_count": 2}));
+    let ids: Vec<&str> =
+        all["workers"].as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&id.as_str()));
+    let config_id = ids.iter().find(|i| **i != id).unwrap().to_string();
+
+    // A duplicate is refused; an unknown id is 404.
+    let dup =
+        http.post(format!("{url}/workers")).json(&json!({"url": b.url()})).send().await.unwrap();
+    assert_eq!(dup.status(), 409);
+    let missing = http
+        .get(format!("{url}/workers/00000000-0000-4000-8000-000000000000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // Delete by id: 202, gone, a second delete 404; the same URL added again gets a new id.
+    let del = http.delete(format!("{url}/workers/{id}")).send().await.unwrap();
+    assert_eq!(del.status(), 202);
+    let v: Value = del.json().await.unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["worker_id"].as_str()),
+        (Some("accepted"), Some(id.as_str()))
+    );
+    assert_eq!(http.get(format!("{url}/workers/{id}")).send().await.unwrap().status(), 404);
+    assert_eq!(http.delete(format!("{url}/workers/{id}")).send().await.unwrap().status(), 404);
+    let again: Value = http
+        .post(format!("{url}/workers"))
+        .json(&json!({"url": b.url()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(again["worker_id"].as_str(), Some(id.as_str()), "ids are never reused");
+
+    // A worker keeps its id while it stays, traffic included.
+    for _ in 0..4 {
+        assert_eq!(generate(&url).await.0, 200);
+    }
+    let w = get_json(&format!("{url}/workers/{config_id}")).await;
+    assert_eq!(w["url"], a.url().as_str());
+    // The older routes keep working beside it.
+    let listed = get_json(&format!("{url}/list_workers")).await;
+    assert_eq!(listed["urls"].as_array().unwrap().len(), 2);
+    r.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
