@@ -63,7 +63,7 @@ fn run(
                 let began = Instant::now();
                 for i in 0..iters / threads as u64 {
                     let text = &texts[(i as usize * 7 + t * 13) % texts.len()];
-                    let req = RequestInfo { text, ignore_health: false };
+                    let req = RequestInfo { text, ..Default::default() };
                     let d = policy.decide(&ws, &req).expect("a worker");
                     let _guard = ws[d.index].start_request();
                     metrics.decision("regular", policy.name(), &d);

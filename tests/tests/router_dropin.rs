@@ -225,3 +225,151 @@ async fn the_workers_api_of_sglang_router_0_3() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The worker (and in PD mode the prefill worker) that served one request with `key`.
+async fn served_by(url: &str, key: Option<&str>) -> (String, Option<String>, Value) {
+    let mut req = client()
+        .post(format!("{url}/generate"))
+        .header("x-routerd-explain", "1")
+        .json(&small_generate());
+    if let Some(k) = key {
+        req = req.header("X-SMG-Routing-Key", k);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = |n: &str| resp.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+    let worker = h("x-routerd-worker").unwrap();
+    let prefill = h("x-routerd-prefill-worker");
+    let decision: Value = serde_json::from_str(&h("x-routerd-decision").unwrap()).unwrap();
+    (worker, prefill, decision)
+}
+
+fn manual(
+    workers: &[&routerctl::sim::SimWorker],
+    mode: routerd::policy::AssignmentMode,
+) -> routerd::config::Config {
+    let mut c = router_config("manual", workers);
+    c.policy.manual.assignment_mode = mode;
+    c
+}
+
+#[tokio::test]
+async fn manual_keys_stick_min_group_spreads_them_and_unkeyed_requests_spread() {
+    let ws = routerd_e2e::fleet(4, |_| {}).await;
+    let refs: Vec<&routerctl::sim::SimWorker> = ws.iter().collect();
+    let r = router(manual(&refs, routerd::policy::AssignmentMode::MinGroup)).await;
+    let url = r.url();
+    let mut home = std::collections::HashMap::new();
+    for round in 0..3 {
+        for k in 0..8 {
+            let key = format!("conversation-{k}");
+            let (w, _, d) = served_by(&url, Some(&key)).await;
+            assert_eq!(d["policy"], "manual");
+            assert_eq!(d["branch"], if round == 0 { "assigned" } else { "sticky" }, "{d}");
+            assert_eq!(home.entry(key).or_insert_with(|| w.clone()), &w, "a key sticks");
+        }
+    }
+    let mut per: std::collections::HashMap<&String, usize> = Default::default();
+    for w in home.values() {
+        *per.entry(w).or_default() += 1;
+    }
+    assert_eq!(per.values().copied().collect::<Vec<_>>(), [2, 2, 2, 2], "min_group: {per:?}");
+    let mut unkeyed = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let (w, _, d) = served_by(&url, None).await;
+        assert_eq!(d["branch"], "no_key");
+        unkeyed.insert(w);
+    }
+    assert!(unkeyed.len() >= 3, "no key: random: {unkeyed:?}");
+    r.shutdown().await;
+    routerd_e2e::shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn manual_reassigns_when_a_worker_leaves_or_a_key_idles_and_follows_reloads() {
+    let ws = routerd_e2e::fleet(3, |_| {}).await;
+    let dir = routerd_e2e::ConfigDir::new("manual");
+    let toml = |mode: &str, idle: &str| {
+        let mut s = format!(
+            "[policy]\nname = \"manual\"\nassignment_mode = \"{mode}\"\nmax_idle = \"{idle}\"\n"
+        );
+        for w in &ws {
+            s.push_str(&format!("[[workers]]\nurl = \"{}\"\n", w.url()));
+        }
+        s
+    };
+    dir.write(&toml("min_load", "1h"));
+    let flags = routerd::config::Flags { no_watch_config: true, ..Default::default() };
+    let r = dir.start(&dir.file.clone(), flags).await;
+    let url = r.url();
+    let (first, _, _) = served_by(&url, Some("k")).await;
+    // The worker leaves: the key moves, and stays where it moved.
+    let c = client();
+    let id = get_json(&format!("{url}/workers")).await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["url"] == first.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(c.delete(format!("{url}/workers/{id}")).send().await.unwrap().status(), 202);
+    let (moved, _, d) = served_by(&url, Some("k")).await;
+    assert_ne!(moved, first);
+    assert_eq!(d["branch"], "assigned");
+    assert_eq!(served_by(&url, Some("k")).await.0, moved);
+
+    // A reload shortens max_idle: an idle key is assigned anew (the table is the same).
+    dir.write(&toml("min_load", "200ms"));
+    let app = r.app.clone();
+    let outcome = tokio::task::spawn_blocking(move || routerd::reload::reload(&app)).await.unwrap();
+    assert!(matches!(outcome, routerd::reload::Outcome::Applied { .. }), "{outcome:?}");
+    let cfg = get_json(&format!("{url}/admin/config")).await;
+    assert_eq!(cfg["config"]["policy"]["manual"]["max_idle"], "200ms");
+    assert_eq!(served_by(&url, Some("k")).await.2["branch"], "sticky");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(served_by(&url, Some("k")).await.2["branch"], "assigned", "idle past max_idle");
+    r.shutdown().await;
+    routerd_e2e::shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn manual_in_pd_pools_keeps_both_legs() {
+    let sim_role = |role| {
+        sim(move |a| {
+            a.role = role;
+            a.bootstrap_timeout_secs = 10.0;
+        })
+    };
+    use routerctl::sim::Role;
+    let ps = [sim_role(Role::Prefill).await, sim_role(Role::Prefill).await];
+    let ds = [sim_role(Role::Decode).await, sim_role(Role::Decode).await];
+    let mut prefill = Vec::new();
+    for w in &ps {
+        prefill.push(w.url());
+        prefill.push(w.bootstrap_addr.unwrap().port().to_string());
+    }
+    let flags = routerd::config::Flags {
+        pd_disaggregation: true,
+        policy: Some("round_robin".into()),
+        prefill_policy: Some("manual".into()),
+        decode_policy: Some("manual".into()),
+        prefill,
+        decode: ds.iter().map(|w| w.url()).collect(),
+        ..Default::default()
+    };
+    let r = router(routerd::config::Config::build(None, &flags).unwrap()).await;
+    for k in 0..4 {
+        let key = format!("pd-{k}");
+        let (d0, p0, _) = served_by(&r.url(), Some(&key)).await;
+        for _ in 0..3 {
+            let (d, p, _) = served_by(&r.url(), Some(&key)).await;
+            assert_eq!((d, p), (d0.clone(), p0.clone()), "both legs stick for {key}");
+        }
+    }
+    r.shutdown().await;
+    for w in ps.into_iter().chain(ds) {
+        w.shutdown().await;
+    }
+}

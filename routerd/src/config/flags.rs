@@ -201,6 +201,13 @@ pub struct Flags {
     /// answering 503 at once (routerd's own; off as in sgl-router).
     #[arg(global = true, long)]
     pub panic_routing: bool,
+    /// manual policy: how a new routing key gets its worker: random, min_load (fewest requests
+    /// in flight) or min_group (fewest keys) [default: random].
+    #[arg(global = true, long)]
+    pub assignment_mode: Option<String>,
+    /// manual policy: a routing key idle this long is assigned anew, in seconds [default: 14400].
+    #[arg(global = true, long)]
+    pub max_idle_secs: Option<u64>,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
     #[arg(

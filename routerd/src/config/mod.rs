@@ -176,14 +176,16 @@ pub enum PolicyName {
     RoundRobin,
     Random,
     PowerOfTwo,
+    Manual,
 }
 
 impl PolicyName {
-    pub const ALL: [(&'static str, PolicyName); 4] = [
+    pub const ALL: [(&'static str, PolicyName); 5] = [
         ("cache_aware", PolicyName::CacheAware),
         ("round_robin", PolicyName::RoundRobin),
         ("random", PolicyName::Random),
         ("power_of_two", PolicyName::PowerOfTwo),
+        ("manual", PolicyName::Manual),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -214,6 +216,8 @@ pub struct PolicyConfig {
     /// route among the unroutable ones anyway (Envoy's "panic" routing) instead of answering
     /// 503 `no_available_workers` at once, as sgl-router does. Off by default.
     pub panic_routing: bool,
+    /// The `manual` policy's key table (`X-SMG-Routing-Key`).
+    pub manual: crate::policy::ManualConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -254,7 +258,7 @@ impl Serialize for PolicyName {
 
 /// How the running configuration is shown (`GET /admin/config`): durations as "30s", secrets
 /// never.
-mod ser {
+pub(crate) mod ser {
     use std::time::Duration;
 
     use serde::Serializer;
@@ -594,6 +598,7 @@ impl Builder<'_> {
         if tree.0 == 0 {
             self.error("policy.max_tree_size", &tree.1, "must be at least 1".into());
         }
+        let manual = self.manual(&p, f);
         let eviction_interval = self.duration(
             "policy.eviction_interval",
             secs(f.eviction_interval_secs, "--eviction-interval-secs"),
@@ -616,6 +621,40 @@ impl Builder<'_> {
             load_poll_interval,
             dp_aware: f.dp_aware || p.dp_aware.unwrap_or(false),
             panic_routing: f.panic_routing || p.panic_routing.unwrap_or(false),
+            manual,
+        }
+    }
+
+    /// `policy.assignment_mode`, `policy.max_idle`, `policy.max_routing_keys`.
+    fn manual(&mut self, p: &raw::RawPolicy, f: &Flags) -> crate::policy::ManualConfig {
+        use crate::policy::AssignmentMode;
+        let (mode, at) = layered(
+            f.assignment_mode.clone(),
+            "--assignment-mode",
+            p.assignment_mode.as_ref(),
+            "random".to_owned(),
+        );
+        let assignment_mode = AssignmentMode::parse(&mode).unwrap_or_else(|| {
+            let names: Vec<&str> = AssignmentMode::ALL.iter().map(|(n, _)| *n).collect();
+            let msg =
+                format!("unknown assignment mode {mode:?}; expected one of {}", names.join(", "));
+            self.error("policy.assignment_mode", &at, msg);
+            AssignmentMode::Random
+        });
+        let max_idle = self.duration(
+            "policy.max_idle",
+            secs(f.max_idle_secs, "--max-idle-secs"),
+            p.max_idle.clone(),
+            Duration::from_secs(14_400),
+        );
+        let keys = p.max_routing_keys.as_ref().map_or(1_000_000, |k| *k.get_ref());
+        if let Some(k) = p.max_routing_keys.as_ref().filter(|k| *k.get_ref() == 0) {
+            self.error("policy.max_routing_keys", &At::span(k), "must be at least 1".into());
+        }
+        crate::policy::ManualConfig {
+            assignment_mode,
+            max_idle,
+            max_keys: usize::try_from(keys.max(1)).unwrap_or(usize::MAX),
         }
     }
 

@@ -125,6 +125,9 @@ pub struct RawPolicy {
     pub load_poll_interval: Option<Spanned<String>>,
     pub dp_aware: Option<bool>,
     pub panic_routing: Option<bool>,
+    pub assignment_mode: Option<Spanned<String>>,
+    pub max_idle: Option<Spanned<String>>,
+    pub max_routing_keys: Option<Spanned<u64>>,
     pub prefill_policy: Option<Spanned<String>>,
     pub decode_policy: Option<Spanned<String>>,
 }

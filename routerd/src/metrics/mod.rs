@@ -83,7 +83,7 @@ fn route_index(route: Route) -> usize {
 
 /// Every label value a decision counter can carry: pools, policy names, branches. A policy
 /// whose name or branch is missing here is caught by a test (`policy::tests`).
-pub const DECISION_LABELS: [&str; 9] = [
+pub const DECISION_LABELS: [&str; 13] = [
     "regular",
     "prefill",
     "decode",
@@ -93,6 +93,10 @@ pub const DECISION_LABELS: [&str; 9] = [
     "power_of_two",
     "hit",
     "miss",
+    "manual",
+    "sticky",
+    "assigned",
+    "no_key",
 ];
 
 fn label_index(label: &str) -> u64 {
@@ -358,13 +362,16 @@ mod tests {
             api_key: None,
             source: WorkerSource::Config,
         }));
-        for name in ["cache_aware", "round_robin", "random", "power_of_two"] {
+        for (name, _) in crate::config::PolicyName::ALL {
             let flags = crate::config::Flags { policy: Some(name.into()), ..Default::default() };
             let config = crate::config::Config::build(None, &flags).unwrap();
             let policy = crate::policy::build(&config.policy);
             assert_ne!(label_index(policy.name()), 0xff, "{name}");
-            for text in ["", "some prompt", "some prompt again"] {
-                let req = crate::policy::RequestInfo { text, ignore_health: false };
+            for (text, key) in
+                [("", None), ("some prompt", Some("k")), ("some prompt again", Some("k"))]
+            {
+                let req =
+                    crate::policy::RequestInfo { text, routing_key: key, ..Default::default() };
                 let d = policy.decide(std::slice::from_ref(&w), &req).unwrap();
                 assert_ne!(label_index(d.branch), 0xff, "{name}: branch {}", d.branch);
             }

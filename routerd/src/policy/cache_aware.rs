@@ -217,7 +217,7 @@ mod tests {
     }
 
     fn req(text: &str) -> RequestInfo<'_> {
-        RequestInfo { text, ignore_health: false }
+        RequestInfo { text, ..Default::default() }
     }
 
     #[test]

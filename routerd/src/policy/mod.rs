@@ -4,6 +4,7 @@
 //! request's `LoadGuard`, not by calling the policy.
 
 mod cache_aware;
+mod manual;
 mod power_of_two;
 mod random;
 mod round_robin;
@@ -12,6 +13,7 @@ pub mod tree;
 use std::sync::Arc;
 
 pub use cache_aware::{Branch, CacheAware, CacheAwareConfig};
+pub use manual::{AssignmentMode, Manual, ManualConfig};
 pub use power_of_two::PowerOfTwo;
 pub use random::Random;
 pub use round_robin::RoundRobin;
@@ -25,9 +27,11 @@ pub struct RequestInfo<'a> {
     /// The text the request's prompt is made of (generate: `text`; completions: `prompt`;
     /// chat: the whole conversation). Empty when the request has none.
     pub text: &'a str,
-    /// Every worker given is a candidate, routable or not: when none is routable, routing to
-    /// one that may have recovered beats failing every request.
+    /// Every worker given is a candidate, routable or not (panic routing: when none is
+    /// routable and `policy.panic_routing` asks for it).
     pub ignore_health: bool,
+    /// The client's routing key (`X-SMG-Routing-Key`), for the `manual` policy.
+    pub routing_key: Option<&'a str>,
 }
 
 impl RequestInfo<'_> {
@@ -93,6 +97,7 @@ pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
         PolicyName::RoundRobin => Arc::new(RoundRobin::default()),
         PolicyName::Random => Arc::new(Random),
         PolicyName::PowerOfTwo => Arc::new(PowerOfTwo),
+        PolicyName::Manual => Arc::new(Manual::new(cfg.manual.clone())),
         PolicyName::CacheAware => Arc::new(CacheAware::new(CacheAwareConfig {
             cache_threshold: cfg.cache_threshold,
             balance_abs_threshold: cfg.balance_abs_threshold,

@@ -29,6 +29,9 @@ use crate::policy::{Policy, RequestInfo};
 use crate::registry::Worker;
 pub use extract::Route;
 
+/// The client's sticky-routing key for the `manual` policy, as sgl-router 0.3 names it.
+pub const ROUTING_KEY_HEADER: &str = "x-smg-routing-key";
+
 /// Why a request ended without a relayed answer.
 #[derive(Debug)]
 pub enum Stop {
@@ -175,6 +178,8 @@ pub(crate) struct Ask<'a> {
     pub explain: bool,
     /// `policy.panic_routing`: when none is routable, choose among the unroutable anyway.
     pub panic: bool,
+    /// `X-SMG-Routing-Key` (the `manual` policy).
+    pub routing_key: Option<&'a str>,
 }
 
 /// `policy`'s choice among the routable workers of `pool` minus `avoid` (with panic routing,
@@ -196,9 +201,9 @@ pub(crate) fn pick(
         fresh = pool.iter().filter(|w| !avoid.iter().any(|t| Arc::ptr_eq(t, w))).cloned().collect();
         &fresh
     };
-    let strict = RequestInfo { text: ask.text, ignore_health: false };
+    let strict = RequestInfo { text: ask.text, ignore_health: false, routing_key: ask.routing_key };
     let d = policy.decide(candidates, &strict).or_else(|| {
-        let any = RequestInfo { text: ask.text, ignore_health: true };
+        let any = RequestInfo { ignore_health: true, ..strict };
         ask.panic.then(|| policy.decide(candidates, &any)).flatten()
     })?;
     app.metrics.decision(pool_name, policy.name(), &d);
@@ -236,7 +241,8 @@ async fn dispatch(
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
     let explain = head.headers.contains_key(EXPLAIN_HEADER);
     let panic = live.config.policy.panic_routing;
-    let ask = Ask { text: &text, request_id: rid.1, route, explain, panic };
+    let routing_key = head.headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok());
+    let ask = Ask { text: &text, request_id: rid.1, route, explain, panic, routing_key };
     if let Some(pools) = &live.pools {
         return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
     }
