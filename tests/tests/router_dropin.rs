@@ -373,3 +373,75 @@ async fn manual_in_pd_pools_keeps_both_legs() {
         w.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn bucket_sends_prefill_by_prompt_length_and_balances_when_asked() {
+    use routerctl::sim::Role;
+    let sim_role = |role| {
+        sim(move |a| {
+            a.role = role;
+            a.bootstrap_timeout_secs = 10.0;
+        })
+    };
+    let ps = [sim_role(Role::Prefill).await, sim_role(Role::Prefill).await];
+    let d = sim_role(Role::Decode).await;
+    let mut prefill = Vec::new();
+    for w in &ps {
+        prefill.push(w.url());
+        prefill.push(w.bootstrap_addr.unwrap().port().to_string());
+    }
+    let flags = |abs: u64| routerd::config::Flags {
+        pd_disaggregation: true,
+        policy: Some("round_robin".into()),
+        prefill_policy: Some("bucket".into()),
+        balance_abs_threshold: Some(abs),
+        prefill: prefill.clone(),
+        decode: vec![d.url()],
+        ..Default::default()
+    };
+    let prefill_of = |url: String, len: usize| async move {
+        let body = json!({"text": "a".repeat(len), "sampling_params": {"max_new_tokens": 1}});
+        let resp = client().post(format!("{url}/generate")).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.headers()["x-routerd-prefill-worker"].to_str().unwrap().to_owned()
+    };
+    // Two workers: lengths below 2048 characters go to the first, the rest to the second.
+    let r = router(routerd::config::Config::build(None, &flags(u64::MAX / 2)).unwrap()).await;
+    for _ in 0..3 {
+        assert_eq!(prefill_of(r.url(), 100).await, ps[0].url());
+        assert_eq!(prefill_of(r.url(), 3000).await, ps[1].url());
+    }
+    r.shutdown().await;
+    // A low imbalance threshold (in characters): short prompts alternate to even the load.
+    let r = router(routerd::config::Config::build(None, &flags(10)).unwrap()).await;
+    let a = prefill_of(r.url(), 100).await;
+    let b = prefill_of(r.url(), 100).await;
+    assert_ne!(a, b, "the second goes to the worker that got fewer characters");
+    r.shutdown().await;
+    for w in ps.into_iter().chain([d]) {
+        w.shutdown().await;
+    }
+}
+
+#[test]
+fn bucket_is_refused_outside_a_prefill_pool() {
+    let err = |f: routerd::config::Flags| {
+        routerd::config::Config::build(None, &f)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let e = err(routerd::config::Flags { policy: Some("bucket".into()), ..Default::default() });
+    assert!(e.contains("bucket routes prefill pools only"), "{e}");
+    let e = err(routerd::config::Flags {
+        pd_disaggregation: true,
+        decode_policy: Some("bucket".into()),
+        prefill: vec!["http://127.0.0.1:9".into()],
+        decode: vec!["http://127.0.0.1:10".into()],
+        ..Default::default()
+    });
+    assert!(e.contains("policy.decode_policy") && e.contains("prefill pools only"), "{e}");
+}

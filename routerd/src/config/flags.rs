@@ -208,6 +208,9 @@ pub struct Flags {
     /// manual policy: a routing key idle this long is assigned anew, in seconds [default: 14400].
     #[arg(global = true, long)]
     pub max_idle_secs: Option<u64>,
+    /// bucket prefill policy: seconds between refits of its length ranges [default: 5].
+    #[arg(global = true, long)]
+    pub bucket_adjust_interval_secs: Option<u64>,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
     #[arg(

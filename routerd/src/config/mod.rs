@@ -177,15 +177,18 @@ pub enum PolicyName {
     Random,
     PowerOfTwo,
     Manual,
+    /// Prefill pools only.
+    Bucket,
 }
 
 impl PolicyName {
-    pub const ALL: [(&'static str, PolicyName); 5] = [
+    pub const ALL: [(&'static str, PolicyName); 6] = [
         ("cache_aware", PolicyName::CacheAware),
         ("round_robin", PolicyName::RoundRobin),
         ("random", PolicyName::Random),
         ("power_of_two", PolicyName::PowerOfTwo),
         ("manual", PolicyName::Manual),
+        ("bucket", PolicyName::Bucket),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -218,6 +221,9 @@ pub struct PolicyConfig {
     pub panic_routing: bool,
     /// The `manual` policy's key table (`X-SMG-Routing-Key`).
     pub manual: crate::policy::ManualConfig,
+    /// The `bucket` prefill policy: how often its length ranges are refitted.
+    #[serde(serialize_with = "ser::duration")]
+    pub bucket_adjust_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -238,6 +244,15 @@ pub struct PrefillConfig {
 }
 
 impl PolicyConfig {
+    /// The `bucket` policy's parameters.
+    pub fn bucket(&self) -> crate::policy::BucketConfig {
+        crate::policy::BucketConfig {
+            adjust_interval: self.bucket_adjust_interval,
+            balance_abs_threshold: self.balance_abs_threshold,
+            balance_rel_threshold: self.balance_rel_threshold,
+        }
+    }
+
     /// The same parameters under another algorithm (a PD pool's policy).
     pub fn named(&self, name: PolicyName) -> PolicyConfig {
         PolicyConfig { name, ..self.clone() }
@@ -577,6 +592,11 @@ impl Builder<'_> {
                 PolicyName::RoundRobin
             }
         };
+        if name == PolicyName::Bucket {
+            let msg = "bucket routes prefill pools only: use --prefill-policy bucket \
+                       (policy.prefill_policy) in PD mode";
+            self.error("policy.name", &at, msg.into());
+        }
         let threshold =
             layered(f.cache_threshold, "--cache-threshold", p.cache_threshold.as_ref(), 0.5);
         let cache_threshold = self.fraction("policy.cache_threshold", threshold, 0.5);
@@ -599,6 +619,12 @@ impl Builder<'_> {
             self.error("policy.max_tree_size", &tree.1, "must be at least 1".into());
         }
         let manual = self.manual(&p, f);
+        let bucket_adjust_interval = self.duration(
+            "policy.bucket_adjust_interval",
+            secs(f.bucket_adjust_interval_secs, "--bucket-adjust-interval-secs"),
+            p.bucket_adjust_interval.clone(),
+            Duration::from_secs(5),
+        );
         let eviction_interval = self.duration(
             "policy.eviction_interval",
             secs(f.eviction_interval_secs, "--eviction-interval-secs"),
@@ -622,6 +648,7 @@ impl Builder<'_> {
             dp_aware: f.dp_aware || p.dp_aware.unwrap_or(false),
             panic_routing: f.panic_routing || p.panic_routing.unwrap_or(false),
             manual,
+            bucket_adjust_interval,
         }
     }
 

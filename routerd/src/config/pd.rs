@@ -4,8 +4,8 @@
 use toml::Spanned;
 
 use super::{
-    layered, normalize_worker_url, raw, At, Builder, Flags, PdConfig, PolicyConfig, PrefillConfig,
-    Secret, SecurityConfig, WorkerConfig,
+    layered, normalize_worker_url, raw, At, Builder, Flags, PdConfig, PolicyConfig, PolicyName,
+    PrefillConfig, Secret, SecurityConfig, WorkerConfig,
 };
 
 impl Builder<'_> {
@@ -46,7 +46,12 @@ impl Builder<'_> {
         );
         let prefill_policy = self.policy_name("policy.prefill_policy", p);
         let d = layered(f.decode_policy.clone(), "--decode-policy", d_policy.as_ref(), inherit);
+        let d_at = d.1.clone();
         let decode_policy = self.policy_name("policy.decode_policy", d);
+        if decode_policy == PolicyName::Bucket {
+            let msg = "bucket routes prefill pools only; choose another decode policy";
+            self.error("policy.decode_policy", &d_at, msg.into());
+        }
         // Workers given by flags get --api-key, as in sgl-router.
         let given: Vec<(String, Option<String>, Option<Secret>, At)> = if !f.prefill.is_empty() {
             let mut given = self.prefill_flags(&f.prefill);

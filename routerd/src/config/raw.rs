@@ -128,6 +128,7 @@ pub struct RawPolicy {
     pub assignment_mode: Option<Spanned<String>>,
     pub max_idle: Option<Spanned<String>>,
     pub max_routing_keys: Option<Spanned<u64>>,
+    pub bucket_adjust_interval: Option<Spanned<String>>,
     pub prefill_policy: Option<Spanned<String>>,
     pub decode_policy: Option<Spanned<String>>,
 }

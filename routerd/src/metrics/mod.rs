@@ -83,7 +83,7 @@ fn route_index(route: Route) -> usize {
 
 /// Every label value a decision counter can carry: pools, policy names, branches. A policy
 /// whose name or branch is missing here is caught by a test (`policy::tests`).
-pub const DECISION_LABELS: [&str; 13] = [
+pub const DECISION_LABELS: [&str; 15] = [
     "regular",
     "prefill",
     "decode",
@@ -97,6 +97,8 @@ pub const DECISION_LABELS: [&str; 13] = [
     "sticky",
     "assigned",
     "no_key",
+    "bucket",
+    "balance",
 ];
 
 fn label_index(label: &str) -> u64 {
@@ -362,10 +364,9 @@ mod tests {
             api_key: None,
             source: WorkerSource::Config,
         }));
-        for (name, _) in crate::config::PolicyName::ALL {
-            let flags = crate::config::Flags { policy: Some(name.into()), ..Default::default() };
-            let config = crate::config::Config::build(None, &flags).unwrap();
-            let policy = crate::policy::build(&config.policy);
+        let config = crate::config::Config::build(None, &Default::default()).unwrap();
+        for (name, p) in crate::config::PolicyName::ALL {
+            let policy = crate::policy::build(&config.policy.named(p));
             assert_ne!(label_index(policy.name()), 0xff, "{name}");
             for (text, key) in
                 [("", None), ("some prompt", Some("k")), ("some prompt again", Some("k"))]

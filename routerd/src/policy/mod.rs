@@ -3,6 +3,7 @@
 //! (a counter, later a prefix tree) lives inside it; completion is reported by dropping the
 //! request's `LoadGuard`, not by calling the policy.
 
+mod bucket;
 mod cache_aware;
 mod manual;
 mod power_of_two;
@@ -12,6 +13,7 @@ pub mod tree;
 
 use std::sync::Arc;
 
+pub use bucket::{Bucket, BucketConfig};
 pub use cache_aware::{Branch, CacheAware, CacheAwareConfig};
 pub use manual::{AssignmentMode, Manual, ManualConfig};
 pub use power_of_two::PowerOfTwo;
@@ -98,6 +100,7 @@ pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
         PolicyName::Random => Arc::new(Random),
         PolicyName::PowerOfTwo => Arc::new(PowerOfTwo),
         PolicyName::Manual => Arc::new(Manual::new(cfg.manual.clone())),
+        PolicyName::Bucket => Arc::new(Bucket::new(cfg.bucket())),
         PolicyName::CacheAware => Arc::new(CacheAware::new(CacheAwareConfig {
             cache_threshold: cfg.cache_threshold,
             balance_abs_threshold: cfg.balance_abs_threshold,
