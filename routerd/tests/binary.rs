@@ -355,3 +355,36 @@ fn warns_at_startup_when_listening_beyond_loopback_and_never_logs_secrets() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("--api-key") && !text.contains("usage-secret"), "{text}");
 }
+
+/// Every flag of sglang-router 0.3.2 (`tests/data/sglang-router-0.3.2-flags.txt`, from its
+/// `--help`) is implemented with the same name, or refused by name at startup with exit code 2
+/// and the feature named: never clap's generic "unexpected argument".
+#[test]
+fn every_sglang_router_0_3_2_flag_is_implemented_or_refused_by_name() {
+    use clap::CommandFactory;
+    let list = include_str!("data/sglang-router-0.3.2-flags.txt");
+    let cmd = routerd::config::Cli::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .flat_map(|a| a.get_long().into_iter().chain(a.get_all_aliases().unwrap_or_default()))
+        .map(|l| format!("--{l}"))
+        .collect();
+    let (mut implemented, mut refused) = (0, 0);
+    for flag in list.lines().filter(|l| l.starts_with("--")) {
+        if flag == "--help" || known.iter().any(|k| k == flag) {
+            implemented += 1;
+            continue;
+        }
+        let msg = routerd::config::unsupported_flag(&[flag])
+            .unwrap_or_else(|| panic!("{flag}: neither implemented nor refused by name"));
+        assert!(msg.contains(flag), "{msg}");
+        let out = Command::new(BIN).args([flag, "x"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("does not implement"), "{flag}: {stderr}");
+        assert!(!stderr.contains("unexpected argument"), "{flag}: {stderr}");
+        refused += 1;
+    }
+    assert_eq!(implemented + refused, 98, "the list has 98 flags");
+    assert!(implemented >= 56, "{implemented} implemented (56 when written), {refused} refused");
+}

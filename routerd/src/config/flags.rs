@@ -211,6 +211,13 @@ pub struct Flags {
     /// bucket prefill policy: seconds between refits of its length ranges [default: 5].
     #[arg(global = true, long)]
     pub bucket_adjust_interval_secs: Option<u64>,
+    /// Turn the active health checks off (workers count as healthy).
+    #[arg(global = true, long)]
+    pub disable_health_check: bool,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish, in
+    /// seconds [default: 30].
+    #[arg(global = true, long)]
+    pub shutdown_grace_period_secs: Option<u64>,
     /// Required from clients on inference routes as `Authorization: Bearer KEY`; also sent to
     /// the workers given by flags (as in sgl-router) and to discovered workers.
     #[arg(
@@ -272,6 +279,27 @@ pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
     ("--backend", "OpenAI backend proxying"),
     ("--mini-lb", "the debug mini load balancer"),
     ("--rate-limit-tokens-per-second", "token-bucket rate limiting"),
+    ("--tokenizer-cache-enable-l1", "gRPC routing (local tokenizer)"),
+    ("--tokenizer-cache-l1-max-memory", "gRPC routing (local tokenizer)"),
+    ("--tls-cert-path", "serving HTTPS (not yet implemented: TLS is planned)"),
+    ("--tls-key-path", "serving HTTPS (not yet implemented: TLS is planned)"),
+    ("--client-cert-path", "mTLS to workers (not yet implemented: TLS is planned)"),
+    ("--client-key-path", "mTLS to workers (not yet implemented: TLS is planned)"),
+    ("--ca-cert-paths", "HTTPS workers (not yet implemented: TLS is planned)"),
+    ("--enable-trace", "OpenTelemetry traces"),
+    ("--otlp-traces-endpoint", "OpenTelemetry traces"),
+    ("--jwt-issuer", "JWT authentication of the control plane"),
+    ("--jwt-audience", "JWT authentication of the control plane"),
+    ("--jwt-jwks-uri", "JWT authentication of the control plane"),
+    ("--jwt-role-mapping", "JWT authentication of the control plane"),
+    ("--control-plane-api-keys", "control-plane API keys (routerd has --admin-api-key)"),
+    ("--control-plane-audit-enabled", "control-plane audit logs"),
+    ("--postgres-db-url", "the Postgres history backend"),
+    ("--postgres-pool-max", "the Postgres history backend"),
+    ("--redis-url", "the Redis history backend"),
+    ("--redis-pool-max", "the Redis history backend"),
+    ("--redis-retention-days", "the Redis history backend"),
+    ("--prometheus-duration-buckets", "custom latency histogram buckets"),
 ];
 
 /// The first unsupported sgl-router flag in `args` (as `--flag` or `--flag=value`), with a

@@ -454,8 +454,12 @@ impl Builder<'_> {
             s.queue_timeout,
             Duration::from_secs(60),
         );
-        let shutdown_grace =
-            self.duration("server.shutdown_grace", None, s.shutdown_grace, Duration::from_secs(30));
+        let shutdown_grace = self.duration(
+            "server.shutdown_grace",
+            secs(f.shutdown_grace_period_secs, "--shutdown-grace-period-secs"),
+            s.shutdown_grace,
+            Duration::from_secs(30),
+        );
         let max_concurrent = f.max_concurrent_requests.or(s.max_concurrent_requests).unwrap_or(0);
         let connect_timeout = self.duration(
             "server.connect_timeout",

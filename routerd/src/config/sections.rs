@@ -36,7 +36,7 @@ impl Builder<'_> {
             2,
         );
         HealthConfig {
-            enabled: h.enabled.unwrap_or(true),
+            enabled: !f.disable_health_check && h.enabled.unwrap_or(true),
             endpoint: endpoint.0,
             interval: self.duration(
                 "health.interval",
