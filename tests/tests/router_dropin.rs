@@ -445,3 +445,37 @@ fn bucket_is_refused_outside_a_prefill_pool() {
     });
     assert!(e.contains("policy.decode_policy") && e.contains("prefill pools only"), "{e}");
 }
+
+#[tokio::test]
+async fn manual_min_load_avoids_the_busy_worker_and_random_spreads_keys() {
+    let ws = routerd_e2e::fleet(2, |a| a.speed = 1.0).await;
+    let refs: Vec<&routerctl::sim::SimWorker> = ws.iter().collect();
+    let r = router(manual(&refs, routerd::policy::AssignmentMode::MinLoad)).await;
+    let url = r.url();
+    // A long stream holds one worker busy.
+    let body = json!({"text": "a long answer", "stream": true, "sampling_params": {"max_new_tokens": 500}});
+    let busy = client()
+        .post(format!("{url}/generate"))
+        .header("X-SMG-Routing-Key", "busy")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let busy_worker = busy.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
+    for k in 0..6 {
+        let (w, _, d) = served_by(&url, Some(&format!("new-{k}"))).await;
+        assert_eq!(d["branch"], "assigned");
+        assert_ne!(w, busy_worker, "min_load: the idle worker gets new key {k}");
+    }
+    drop(busy);
+    r.shutdown().await;
+
+    let r = router(manual(&refs, routerd::policy::AssignmentMode::Random)).await;
+    let mut homes = std::collections::HashSet::new();
+    for k in 0..24 {
+        homes.insert(served_by(&r.url(), Some(&format!("r-{k}"))).await.0);
+    }
+    assert_eq!(homes.len(), 2, "random: keys land on both workers");
+    r.shutdown().await;
+    routerd_e2e::shutdown_all(ws).await;
+}
