@@ -1,10 +1,11 @@
 //! What a sglang-router 0.3 user relies on, end to end: no routable worker fails fast (503
 //! `no_available_workers` with `Retry-After`, the worker gets nothing more; panic routing only
 //! when asked), a queue timeout is 408, and the 0.3 workers API (202 + `worker_id` + `Location`,
-//! poll by id, delete by id, ids stable and never reused).
+//! poll by id, delete by id, ids stable and never reused); the `manual` and `bucket` policies.
 
 use std::time::Duration;
 
+use routerctl::sim::{Role, SimWorker};
 use routerd_e2e::{
     client, eventually, get_json, router, router_config, sim, small_generate, stats,
 };
@@ -33,7 +34,7 @@ async fn generate(url: &str) -> (u16, Option<String>, Value) {
     (status, retry_after, body)
 }
 
-async fn requests(w: &routerctl::sim::SimWorker) -> u64 {
+async fn requests(w: &SimWorker) -> u64 {
     stats(w).await["requests"].as_u64().unwrap()
 }
 
@@ -245,7 +246,7 @@ async fn served_by(url: &str, key: Option<&str>) -> (String, Option<String>, Val
 }
 
 fn manual(
-    workers: &[&routerctl::sim::SimWorker],
+    workers: &[&SimWorker],
     mode: routerd::policy::AssignmentMode,
 ) -> routerd::config::Config {
     let mut c = router_config("manual", workers);
@@ -256,7 +257,7 @@ fn manual(
 #[tokio::test]
 async fn manual_keys_stick_min_group_spreads_them_and_unkeyed_requests_spread() {
     let ws = routerd_e2e::fleet(4, |_| {}).await;
-    let refs: Vec<&routerctl::sim::SimWorker> = ws.iter().collect();
+    let refs: Vec<&SimWorker> = ws.iter().collect();
     let r = router(manual(&refs, routerd::policy::AssignmentMode::MinGroup)).await;
     let url = r.url();
     let mut home = std::collections::HashMap::new();
@@ -334,22 +335,30 @@ async fn manual_reassigns_when_a_worker_leaves_or_a_key_idles_and_follows_reload
     routerd_e2e::shutdown_all(ws).await;
 }
 
-#[tokio::test]
-async fn manual_in_pd_pools_keeps_both_legs() {
-    let sim_role = |role| {
+/// `np` prefill and `nd` decode simulated workers, and the `--prefill URL PORT` flag values
+/// of the prefill ones.
+async fn pd_fleet(np: usize, nd: usize) -> (Vec<SimWorker>, Vec<SimWorker>, Vec<String>) {
+    let one = |role| {
         sim(move |a| {
             a.role = role;
             a.bootstrap_timeout_secs = 10.0;
         })
     };
-    use routerctl::sim::Role;
-    let ps = [sim_role(Role::Prefill).await, sim_role(Role::Prefill).await];
-    let ds = [sim_role(Role::Decode).await, sim_role(Role::Decode).await];
-    let mut prefill = Vec::new();
-    for w in &ps {
-        prefill.push(w.url());
-        prefill.push(w.bootstrap_addr.unwrap().port().to_string());
+    let (mut ps, mut ds) = (Vec::new(), Vec::new());
+    for _ in 0..np {
+        ps.push(one(Role::Prefill).await);
     }
+    for _ in 0..nd {
+        ds.push(one(Role::Decode).await);
+    }
+    let flags =
+        ps.iter().flat_map(|w| [w.url(), w.bootstrap_addr.unwrap().port().to_string()]).collect();
+    (ps, ds, flags)
+}
+
+#[tokio::test]
+async fn manual_in_pd_pools_keeps_both_legs() {
+    let (ps, ds, prefill) = pd_fleet(2, 2).await;
     let flags = routerd::config::Flags {
         pd_disaggregation: true,
         policy: Some("round_robin".into()),
@@ -376,20 +385,8 @@ async fn manual_in_pd_pools_keeps_both_legs() {
 
 #[tokio::test]
 async fn bucket_sends_prefill_by_prompt_length_and_balances_when_asked() {
-    use routerctl::sim::Role;
-    let sim_role = |role| {
-        sim(move |a| {
-            a.role = role;
-            a.bootstrap_timeout_secs = 10.0;
-        })
-    };
-    let ps = [sim_role(Role::Prefill).await, sim_role(Role::Prefill).await];
-    let d = sim_role(Role::Decode).await;
-    let mut prefill = Vec::new();
-    for w in &ps {
-        prefill.push(w.url());
-        prefill.push(w.bootstrap_addr.unwrap().port().to_string());
-    }
+    let (ps, mut ds, prefill) = pd_fleet(2, 1).await;
+    let d = ds.remove(0);
     let flags = |abs: u64| routerd::config::Flags {
         pd_disaggregation: true,
         policy: Some("round_robin".into()),
@@ -449,7 +446,7 @@ fn bucket_is_refused_outside_a_prefill_pool() {
 #[tokio::test]
 async fn manual_min_load_avoids_the_busy_worker_and_random_spreads_keys() {
     let ws = routerd_e2e::fleet(2, |a| a.speed = 1.0).await;
-    let refs: Vec<&routerctl::sim::SimWorker> = ws.iter().collect();
+    let refs: Vec<&SimWorker> = ws.iter().collect();
     let r = router(manual(&refs, routerd::policy::AssignmentMode::MinLoad)).await;
     let url = r.url();
     // A long stream holds one worker busy.

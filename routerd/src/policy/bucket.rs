@@ -143,7 +143,7 @@ impl Policy for Bucket {
     }
 
     fn decide(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<Decision> {
-        let usable: Vec<usize> = (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
+        let usable = super::usable(workers, req);
         if usable.is_empty() {
             return None;
         }

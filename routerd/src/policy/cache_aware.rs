@@ -81,8 +81,7 @@ impl CacheAware {
     }
 
     fn choose_explained(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<Choice> {
-        let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
+        let routable = super::usable(workers, req);
         if routable.is_empty() {
             return None;
         }

@@ -110,6 +110,11 @@ pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
     }
 }
 
+/// The indices of the workers `req` may be sent to, in order.
+fn usable(workers: &[Arc<Worker>], req: &RequestInfo) -> Vec<usize> {
+    (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect()
+}
+
 /// The first routable worker at or after `start`, wrapping around.
 fn routable_from(workers: &[Arc<Worker>], start: usize, req: &RequestInfo) -> Option<usize> {
     let n = workers.len();

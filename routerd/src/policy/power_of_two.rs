@@ -19,8 +19,7 @@ impl Policy for PowerOfTwo {
     }
 
     fn select(&self, workers: &[Arc<Worker>], req: &RequestInfo) -> Option<usize> {
-        let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
+        let routable = super::usable(workers, req);
         let mut rng = rand::rng();
         match routable.len() {
             0 => None,

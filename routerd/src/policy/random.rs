@@ -24,8 +24,7 @@ impl Policy for Random {
             return Some(pick);
         }
         // Rare path: choose uniformly among the routable ones.
-        let routable: Vec<usize> =
-            (0..workers.len()).filter(|&i| req.usable(&workers[i])).collect();
+        let routable = super::usable(workers, req);
         match routable.len() {
             0 => routable_from(workers, 0, req),
             n => Some(routable[rand::rng().random_range(0..n)]),
