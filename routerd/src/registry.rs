@@ -234,16 +234,22 @@ impl Worker {
     }
 
     fn is_throttled(&self) -> bool {
+        self.throttled_for().is_some()
+    }
+
+    /// How long the worker still backs off after a 429 (an expired backoff is cleared).
+    fn throttled_for(&self) -> Option<std::time::Duration> {
         if !self.throttled.load(Relaxed) {
-            return false;
+            return None;
         }
         let mut until = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
         match *until {
-            Some(t) if t > std::time::Instant::now() => true,
+            Some(t) if t > now => Some(t - now),
             _ => {
                 *until = None;
                 self.throttled.store(false, Relaxed);
-                false
+                None
             }
         }
     }
@@ -251,15 +257,11 @@ impl Worker {
     /// When the worker is not routable now: how long until it may be, if that is known (an open
     /// circuit's timeout, a 429's `Retry-After`); `None` for an unhealthy worker (its next
     /// passing health check decides).
-    pub fn routable_in(&self) -> Option<std::time::Duration> {
+    pub fn unroutable_for(&self) -> Option<std::time::Duration> {
         if !self.healthy.load(Relaxed) {
             return None;
         }
-        let throttle = self
-            .is_throttled()
-            .then(|| *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()))
-            .flatten()
-            .map(|t| t.saturating_duration_since(std::time::Instant::now()));
+        let throttle = self.throttled_for();
         let open = self.breaker.open_for();
         match (throttle, open) {
             (Some(a), Some(b)) => Some(a.max(b)),

@@ -295,7 +295,9 @@ impl ClientSession {
         let mut keep = keep;
         match body {
             Body::Empty => {}
-            Body::Length(n) => header_line(&mut self.out, b"content-length", itoa(n).as_bytes()),
+            Body::Length(n) => {
+                header_line(&mut self.out, b"content-length", n.to_string().as_bytes())
+            }
             Body::Stream if version == Version::HTTP_11 => {
                 header_line(&mut self.out, b"transfer-encoding", b"chunked");
                 self.framing = Framing::Chunked;
@@ -370,8 +372,4 @@ impl ClientSession {
             }
         }
     }
-}
-
-pub(crate) fn itoa(n: u64) -> String {
-    n.to_string()
 }

@@ -155,7 +155,7 @@ fn no_workers_retry_after(app: &App, config: &Config, e: &RouterError) -> Option
         .workers
         .iter()
         .filter(|w| w.spec.role == role)
-        .map(|w| w.routable_in().unwrap_or(config.health.interval))
+        .map(|w| w.unroutable_for().unwrap_or(config.health.interval))
         .min()
         .unwrap_or(config.health.interval);
     Some(soonest.as_secs_f64().ceil().max(1.0) as u64)

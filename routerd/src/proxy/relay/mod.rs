@@ -214,16 +214,18 @@ fn ended(c: &ClientSession, events: bool, keep: bool, worker_failure: Option<Str
 }
 
 /// One SSE error event in the shape SGLang uses, then the end marker.
-fn error_event(worker: &Worker, reason: &str) -> Vec<u8> {
-    let message = format!("worker {} failed mid-stream: {reason}", worker.url());
-    let v = serde_json::json!({"error": {"message": message, "type": "worker_stream_error", "code": 502}});
+fn end_event(message: &str, kind: &str, code: u16) -> Vec<u8> {
+    let v = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
     format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
 }
 
-/// The error event of a stream cut by the request's deadline (`request_timeout`).
+/// The end of a stream its worker failed.
+fn error_event(worker: &Worker, reason: &str) -> Vec<u8> {
+    let message = format!("worker {} failed mid-stream: {reason}", worker.url());
+    end_event(&message, "worker_stream_error", 502)
+}
+
+/// The end of a stream cut by the request's deadline (`request_timeout`).
 fn timeout_event() -> Vec<u8> {
-    let v = serde_json::json!({"error": {
-        "message": "the request took longer than the router's request timeout",
-        "type": "request_timeout", "code": 504}});
-    format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
+    end_event("the request took longer than the router's request timeout", "request_timeout", 504)
 }
