@@ -100,6 +100,10 @@ fn record(app: &App, w: &Worker, cfg: &HealthConfig, outcome: &Result<(), String
                 w.healthy.store(true, Relaxed);
                 tracing::info!(worker = w.url(), "worker is healthy");
                 app.events.push("worker_healthy", w.url());
+                if t.ever_passed {
+                    // Back after failing its checks: it may have restarted with an empty cache.
+                    app.policy_for(w.spec.role).worker_reset(w.url());
+                }
             }
             t.ever_passed = true;
         }

@@ -90,6 +90,9 @@ pub struct Worker {
     /// Requests the worker itself reports running or waiting (`/get_load`), when polled.
     pub polled_load: AtomicU64,
     pub polled: AtomicBool,
+    /// Prompt characters sent to this worker that it has not yet cached by the policy's
+    /// estimate and not yet answered (cost_aware's queue of prefill work).
+    pub pending_prefill: AtomicU64,
     pub healthy: AtomicBool,
     /// Keep-alive connections to this worker, for the inference path.
     pub idle: crate::http1::pool::IdleConns,
@@ -188,6 +191,7 @@ impl Worker {
             requests_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            pending_prefill: AtomicU64::new(0),
             cached_tokens: AtomicU64::new(0),
             polled_load: AtomicU64::new(0),
             polled: AtomicBool::new(false),

@@ -173,6 +173,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyName {
     CacheAware,
+    /// Estimated time to first token, learned per worker (routerd's own).
+    CostAware,
     RoundRobin,
     Random,
     PowerOfTwo,
@@ -182,8 +184,9 @@ pub enum PolicyName {
 }
 
 impl PolicyName {
-    pub const ALL: [(&'static str, PolicyName); 6] = [
+    pub const ALL: [(&'static str, PolicyName); 7] = [
         ("cache_aware", PolicyName::CacheAware),
+        ("cost_aware", PolicyName::CostAware),
         ("round_robin", PolicyName::RoundRobin),
         ("random", PolicyName::Random),
         ("power_of_two", PolicyName::PowerOfTwo),

@@ -83,11 +83,12 @@ fn route_index(route: Route) -> usize {
 
 /// Every label value a decision counter can carry: pools, policy names, branches. A policy
 /// whose name or branch is missing here is caught by a test (`policy::tests`).
-pub const DECISION_LABELS: [&str; 15] = [
+pub const DECISION_LABELS: [&str; 16] = [
     "regular",
     "prefill",
     "decode",
     "cache_aware",
+    "cost_aware",
     "round_robin",
     "random",
     "power_of_two",
@@ -383,6 +384,8 @@ mod tests {
             branch: "hit",
             match_ratio: None,
             imbalanced: false,
+            matched_chars: 0,
+            estimate_ms: None,
         };
         m.decision("prefill", "cache_aware", &d);
         m.request(Route::Chat, 503, Duration::from_millis(1));

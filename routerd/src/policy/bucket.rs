@@ -180,7 +180,14 @@ impl Policy for Bucket {
         let url = workers[index].url().to_owned();
         *st.chars.entry(url.clone()).or_default() += len as u64;
         st.window.push_back((now, len, url));
-        Some(Decision { index, branch, match_ratio: None, imbalanced })
+        Some(Decision {
+            index,
+            branch,
+            match_ratio: None,
+            imbalanced,
+            matched_chars: 0,
+            estimate_ms: None,
+        })
     }
 
     fn reconfigure(&self, cfg: &crate::config::PolicyConfig) {

@@ -17,12 +17,11 @@
 //! worker; and `max_tree_size` bounds the whole tree (all workers) rather than each worker's
 //! share, so memory does not grow with the fleet.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
-use super::tree::{Tenant, Tree};
+use super::tree::{Tenant, TenantIds, Tree};
 use super::{Policy, RequestInfo};
 use crate::registry::Worker;
 
@@ -41,23 +40,7 @@ pub struct CacheAware {
 struct State {
     cfg: CacheAwareConfig,
     tree: Tree,
-    ids: HashMap<String, Tenant>,
-    free: Vec<Tenant>,
-    next: Tenant,
-}
-
-impl State {
-    fn id_for(&mut self, url: &str) -> Tenant {
-        if let Some(id) = self.ids.get(url) {
-            return *id;
-        }
-        let id = self.free.pop().unwrap_or_else(|| {
-            self.next += 1;
-            self.next - 1
-        });
-        self.ids.insert(url.to_owned(), id);
-        id
-    }
+    ids: TenantIds,
 }
 
 /// Which rule chose the worker (for tests now, decision records later).
@@ -70,9 +53,7 @@ pub enum Branch {
 impl CacheAware {
     pub fn new(cfg: CacheAwareConfig) -> Self {
         let tree = Tree::new(cfg.max_tree_size);
-        Self {
-            state: Mutex::new(State { cfg, tree, ids: HashMap::new(), free: Vec::new(), next: 0 }),
-        }
+        Self { state: Mutex::new(State { cfg, tree, ids: TenantIds::default() }) }
     }
 
     /// `select` that also says which rule decided.
@@ -100,7 +81,8 @@ impl CacheAware {
             .filter(|&k| !imbalanced || loads[k] <= min + c.balance_abs_threshold)
             .collect();
 
-        let tenants: Vec<Tenant> = routable.iter().map(|&i| st.id_for(workers[i].url())).collect();
+        let tenants: Vec<Tenant> =
+            routable.iter().map(|&i| st.ids.id_for(workers[i].url())).collect();
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched =
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
@@ -126,7 +108,8 @@ impl CacheAware {
             st.tree.insert(req.text, tenants[pick]);
         }
         let match_ratio = (text_chars > 0).then(|| matched(pick) as f64 / text_chars as f64);
-        Some(Choice { index: routable[pick], branch, match_ratio, imbalanced })
+        let matched = matched(pick);
+        Some(Choice { index: routable[pick], branch, match_ratio, imbalanced, matched })
     }
 
     pub fn whole_tree_stats(&self) -> super::tree::TreeStats {
@@ -139,6 +122,7 @@ struct Choice {
     branch: Branch,
     match_ratio: Option<f64>,
     imbalanced: bool,
+    matched: usize,
 }
 
 impl Branch {
@@ -169,6 +153,8 @@ impl Policy for CacheAware {
             branch: c.branch.as_str(),
             match_ratio: c.match_ratio,
             imbalanced: c.imbalanced,
+            matched_chars: c.matched,
+            estimate_ms: None,
         })
     }
 
@@ -191,13 +177,19 @@ impl Policy for CacheAware {
         let mut st = self.state.lock().expect("cache_aware state");
         if let Some(id) = st.ids.remove(url) {
             st.tree.remove_tenant(id);
-            st.free.push(id);
+        }
+    }
+
+    fn worker_reset(&self, url: &str) {
+        let mut st = self.state.lock().expect("cache_aware state");
+        if let Some(id) = st.ids.get(url) {
+            st.tree.remove_tenant(id);
         }
     }
 
     fn tree_stats(&self, url: &str) -> super::tree::TenantStats {
         let st = self.state.lock().expect("cache_aware state");
-        st.ids.get(url).map(|id| st.tree.tenant_stats(*id)).unwrap_or_default()
+        st.ids.get(url).map(|id| st.tree.tenant_stats(id)).unwrap_or_default()
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod bucket;
 mod cache_aware;
+mod cost_aware;
 mod manual;
 mod power_of_two;
 mod random;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 pub use bucket::{Bucket, BucketConfig};
 pub use cache_aware::{Branch, CacheAware, CacheAwareConfig};
+pub use cost_aware::{Corrections, CostAware};
 pub use manual::{AssignmentMode, Manual, ManualConfig};
 pub use power_of_two::PowerOfTwo;
 pub use random::Random;
@@ -54,6 +56,29 @@ pub struct Decision {
     pub match_ratio: Option<f64>,
     /// cache_aware: loads were imbalanced, so overloaded workers were left out.
     pub imbalanced: bool,
+    /// Prefix-tree policies: characters of the prompt the chosen worker's tree matched.
+    pub matched_chars: usize,
+    /// cost_aware: the estimated time to first token on the chosen worker, in milliseconds.
+    pub estimate_ms: Option<f64>,
+}
+
+/// What routerd saw of one answer, for policies that learn (`Policy::observe`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Observation {
+    /// Characters of the request's routing text, and how many of them the policy predicted the
+    /// worker held.
+    pub text_chars: usize,
+    pub predicted_chars: usize,
+    /// The worker's pending prefill characters and its load when the request was sent (this
+    /// request not included).
+    pub pending_chars: u64,
+    pub in_flight: u64,
+    /// Time from sending the request to the first bytes of the answer's body (for a stream,
+    /// its first event); `None` when the answer had no body.
+    pub ttft: Option<std::time::Duration>,
+    /// The prompt and cached tokens the worker reported, when it did.
+    pub prompt_tokens: Option<u64>,
+    pub cached_tokens: Option<u64>,
 }
 
 pub trait Policy: Send + Sync {
@@ -69,6 +94,8 @@ pub trait Policy: Send + Sync {
             branch: self.name(),
             match_ratio: None,
             imbalanced: false,
+            matched_chars: 0,
+            estimate_ms: None,
         })
     }
 
@@ -82,6 +109,18 @@ pub trait Policy: Send + Sync {
 
     /// A worker left the registry: forget what the policy kept about it.
     fn worker_removed(&self, _url: &str) {}
+
+    /// A worker came back after being unhealthy: it may have restarted with an empty cache.
+    fn worker_reset(&self, _url: &str) {}
+
+    /// Whether the policy learns from the answers to the requests it routed (`observe`);
+    /// the request path gathers nothing for the others.
+    fn learns(&self) -> bool {
+        false
+    }
+
+    /// What the worker's answer to a request this policy routed showed.
+    fn observe(&self, _worker: &Worker, _o: &Observation) {}
 
     /// This worker's share of the policy's prefix tree (all zero for policies without one).
     fn tree_stats(&self, _url: &str) -> tree::TenantStats {
@@ -101,6 +140,7 @@ pub fn build(cfg: &PolicyConfig) -> Arc<dyn Policy> {
         PolicyName::PowerOfTwo => Arc::new(PowerOfTwo),
         PolicyName::Manual => Arc::new(Manual::new(cfg.manual.clone())),
         PolicyName::Bucket => Arc::new(Bucket::new(cfg.bucket())),
+        PolicyName::CostAware => Arc::new(CostAware::new(cfg.max_tree_size)),
         PolicyName::CacheAware => Arc::new(CacheAware::new(CacheAwareConfig {
             cache_threshold: cfg.cache_threshold,
             balance_abs_threshold: cfg.balance_abs_threshold,

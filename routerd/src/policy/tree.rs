@@ -60,6 +60,41 @@ pub struct Tree {
     evicted_chars: u64,
 }
 
+/// Tree tenant numbers for worker URLs: stable while a worker is registered, reused after it
+/// leaves (the tree's per-tenant tables stay as small as the fleet).
+#[derive(Debug, Default)]
+pub struct TenantIds {
+    ids: std::collections::HashMap<String, Tenant>,
+    free: Vec<Tenant>,
+    next: Tenant,
+}
+
+impl TenantIds {
+    pub fn get(&self, url: &str) -> Option<Tenant> {
+        self.ids.get(url).copied()
+    }
+
+    /// `url`'s tenant, given one if it has none.
+    pub fn id_for(&mut self, url: &str) -> Tenant {
+        if let Some(id) = self.ids.get(url) {
+            return *id;
+        }
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.ids.insert(url.to_owned(), id);
+        id
+    }
+
+    /// Frees `url`'s tenant for reuse; returns it so that its entries can be removed.
+    pub fn remove(&mut self, url: &str) -> Option<Tenant> {
+        let id = self.ids.remove(url)?;
+        self.free.push(id);
+        Some(id)
+    }
+}
+
 /// Approximate heap bytes per node besides its label: the node, its child and tenant entries,
 /// and its place in the eviction order.
 const NODE_BYTES: usize = std::mem::size_of::<Node>() + 2 * 8 + 2 * 16 + 24;
@@ -199,6 +234,26 @@ impl Tree {
             }
         }
         debug_assert_eq!(self.tenant_chars.get(t as usize).copied().unwrap_or(0), 0);
+    }
+
+    /// Evicts `t`'s least recently used entries until it holds at most `target` characters
+    /// (the worker's real cache turned out smaller than its share of the tree).
+    pub fn shrink_tenant(&mut self, t: Tenant, target: usize) {
+        while self.tenant_chars(t) > target {
+            // Dropping leaves can turn their parents into leaves: collect again after a pass.
+            let oldest: Vec<(u64, u32, Tenant)> =
+                self.leaves.iter().filter(|e| e.2 == t).copied().collect();
+            if oldest.is_empty() {
+                break;
+            }
+            for e in oldest {
+                if self.tenant_chars(t) <= target {
+                    break;
+                }
+                self.leaves.remove(&e);
+                self.drop_tenancy(e.1, t);
+            }
+        }
     }
 
     fn add_node(&mut self, parent: u32, label: String) -> u32 {

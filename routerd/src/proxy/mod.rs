@@ -182,6 +182,15 @@ pub(crate) struct Ask<'a> {
     pub routing_key: Option<&'a str>,
 }
 
+/// A policy's choice.
+pub(crate) struct Picked {
+    pub worker: Arc<Worker>,
+    /// The decision record, rendered for the response header when the client asked for it.
+    pub header: Option<String>,
+    /// Characters of the routing text the policy predicted the worker holds.
+    pub matched_chars: usize,
+}
+
 /// `policy`'s choice among the routable workers of `pool` minus `avoid` (with panic routing,
 /// among the unroutable ones when none is routable). `None` when nothing is left. The
 /// decision is counted, logged for `/admin/decisions`, and rendered for the response header
@@ -193,7 +202,7 @@ pub(crate) fn pick(
     policy: &dyn Policy,
     ask: &Ask,
     avoid: &[Arc<Worker>],
-) -> Option<(Arc<Worker>, Option<String>)> {
+) -> Option<Picked> {
     let fresh: Vec<Arc<Worker>>;
     let candidates: &[Arc<Worker>] = if avoid.is_empty() {
         pool
@@ -214,7 +223,7 @@ pub(crate) fn pick(
         header = ask.explain.then(|| record.header_value());
         app.decisions.push(record);
     }
-    Some((candidates[d.index].clone(), header))
+    Some(Picked { worker: candidates[d.index].clone(), header, matched_chars: d.matched_chars })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -256,9 +265,19 @@ async fn dispatch(
     let mut attempt = 0;
     loop {
         let snap = app.registry.load();
-        let (worker, decision) = pick(app, "regular", &snap.workers, &*live.policy, &ask, &tried)
+        let picked = pick(app, "regular", &snap.workers, &*live.policy, &ask, &tried)
             .ok_or(Stop::Failed(RouterError::NoWorkers))?;
         drop(snap);
+        let (worker, decision) = (picked.worker, picked.header);
+        let feedback = live.policy.learns().then(|| {
+            let text_chars = ask.text.chars().count();
+            usage::Feedback::sent(
+                live.policy.clone(),
+                worker.clone(),
+                text_chars,
+                picked.matched_chars,
+            )
+        });
         let guard = worker.start_request();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
         let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
@@ -319,7 +338,7 @@ async fn dispatch(
             continue;
         };
         let status = answer.head().status();
-        let scan = usage::UsageScan::new(worker.clone(), streaming);
+        let scan = usage::UsageScan::new(worker.clone(), streaming).with_feedback(feedback);
         let mut extra: Vec<(&[u8], &[u8])> = vec![
             (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
             (upstream::WORKER_HEADER_NAME.as_bytes(), worker.url().as_bytes()),

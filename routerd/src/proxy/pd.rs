@@ -217,6 +217,7 @@ fn pick_in(
     let pool = app.registry.load().pool(role);
     pick(app, name, &pool, policy, ask, avoid)
         .or_else(|| pick(app, name, &pool, policy, ask, &[]))
+        .map(|p| (p.worker, p.header))
         .ok_or(Stop::Failed(RouterError::NoPoolWorkers(name)))
 }
 

@@ -10,10 +10,13 @@ use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
 
+use tokio::time::Instant;
+
+use crate::policy::{Observation, Policy};
 use crate::registry::Worker;
 
 /// Tracks one response's figures; reports them to the worker when dropped (the body ended or the
-/// client went away).
+/// client went away), and to the policy that routed it if that policy learns.
 pub struct UsageScan {
     worker: Arc<Worker>,
     /// A batch answer (non-stream) lists one figure per sequence: sum them. A stream repeats
@@ -22,14 +25,76 @@ pub struct UsageScan {
     prompt: u64,
     cached: u64,
     seen: bool,
+    feedback: Option<Feedback>,
+}
+
+/// A request routed by a learning policy: what it is told when the answer ends, and the
+/// prefill work the request added to its worker's queue until its first bytes arrive.
+pub struct Feedback {
+    policy: Arc<dyn Policy>,
+    worker: Arc<Worker>,
+    sent: Instant,
+    pending: u64,
+    first: Option<Instant>,
+    o: Observation,
+}
+
+impl Feedback {
+    /// Counts the request's predicted prefill (`text_chars - matched_chars`) as pending on
+    /// `worker`; call just before sending it.
+    pub fn sent(
+        policy: Arc<dyn Policy>,
+        worker: Arc<Worker>,
+        text_chars: usize,
+        matched_chars: usize,
+    ) -> Self {
+        let pending = (text_chars - matched_chars.min(text_chars)) as u64;
+        let o = Observation {
+            text_chars,
+            predicted_chars: matched_chars,
+            pending_chars: worker.pending_prefill.fetch_add(pending, Relaxed),
+            in_flight: worker.load(),
+            ..Default::default()
+        };
+        Self { policy, worker, sent: Instant::now(), pending, first: None, o }
+    }
+
+    fn first_bytes(&mut self) {
+        if self.first.is_none() {
+            self.first = Some(Instant::now());
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        self.worker.pending_prefill.fetch_sub(std::mem::take(&mut self.pending), Relaxed);
+    }
+}
+
+impl Drop for Feedback {
+    /// Unanswered (a failed attempt, a retry): the pending work goes, nothing is learned.
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl UsageScan {
     pub fn new(worker: Arc<Worker>, streaming: bool) -> Self {
-        Self { worker, sum: !streaming, prompt: 0, cached: 0, seen: false }
+        Self { worker, sum: !streaming, prompt: 0, cached: 0, seen: false, feedback: None }
+    }
+
+    /// Also tells the routing policy what the answer showed (`Policy::observe`).
+    pub fn with_feedback(mut self, feedback: Option<Feedback>) -> Self {
+        self.feedback = feedback;
+        self
     }
 
     pub fn frame(&mut self, data: &[u8]) {
+        if let Some(f) = self.feedback.as_mut() {
+            if !data.is_empty() {
+                f.first_bytes();
+            }
+        }
         let (sum, seen) = (self.sum, &mut self.seen);
         let (prompt, cached) = (&mut self.prompt, &mut self.cached);
         numbers_after(data, &PROMPT, |n| {
@@ -45,6 +110,15 @@ impl Drop for UsageScan {
         if self.seen {
             self.worker.prompt_tokens.fetch_add(self.prompt, Relaxed);
             self.worker.cached_tokens.fetch_add(self.cached.min(self.prompt), Relaxed);
+        }
+        if let Some(mut f) = self.feedback.take() {
+            f.release();
+            // A plain answer arrives whole at the end: its first bytes are not a first token.
+            f.o.ttft = f.first.filter(|_| !self.sum).map(|t| t.duration_since(f.sent));
+            if self.seen {
+                (f.o.prompt_tokens, f.o.cached_tokens) = (Some(self.prompt), Some(self.cached));
+            }
+            f.policy.observe(&f.worker, &f.o);
         }
     }
 }
