@@ -191,7 +191,7 @@ fn pd_pools_from_the_file_and_their_errors() {
     assert_eq!(
         e,
         vec![
-            "flag --decode-policy: policy.decode_policy: unknown policy \"fastest\"; expected one of cache_aware, round_robin, random, power_of_two, manual, bucket",
+            "flag --decode-policy: policy.decode_policy: unknown policy \"fastest\"; expected one of cache_aware, cost_aware, round_robin, random, power_of_two, manual, bucket",
             "flag --prefill: prefill[0].bootstrap_port: bootstrap port \"99999\" must be a port number or `none`",
         ]
     );

@@ -132,13 +132,13 @@ impl Model {
             return;
         }
         let gain: [f64; 3] = std::array::from_fn(|i| px[i] / denom);
-        for i in 0..3 {
-            self.theta[i] += gain[i] * err;
+        for (t, g) in self.theta.iter_mut().zip(gain) {
+            *t += g * err;
         }
-        // cov = (cov - gain px^T) / forget, kept symmetric and bounded.
-        for i in 0..3 {
-            for j in 0..3 {
-                self.cov[i][j] = (self.cov[i][j] - gain[i] * px[j]) / FORGET;
+        // cov = (cov - gain px^T) / forget, kept bounded.
+        for (row, g) in self.cov.iter_mut().zip(gain) {
+            for (v, p) in row.iter_mut().zip(px) {
+                *v = (*v - g * p) / FORGET;
             }
         }
         let trace = (0..3).map(|i| self.cov[i][i]).sum::<f64>();
