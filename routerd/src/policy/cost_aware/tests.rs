@@ -150,6 +150,7 @@ fn answers_with_fewer_cached_tokens_than_predicted_correct_the_tree() {
     assert_eq!(p.tree_stats(ws[0].url()).chars, 0);
     assert_eq!(p.corrections().cleared, 1);
     // New prompts now go to the emptied worker, which has the room.
+    p.decide(&ws[1..], &req("the other worker holds a little")).unwrap();
     let d = p.decide(&ws, &req("a brand new prompt")).unwrap();
     assert_eq!((d.index, d.branch), (0, "miss"));
 }
