@@ -1,9 +1,11 @@
-//! `routerctl bench`: a load generator for an LLM router. Sends a `shared-prefix` or
+//! `routerctl bench`: a load generator for an LLM router. Sends a `shared-prefix`, `zipf` or
 //! `multi-turn` workload (streaming, so it measures time to first token) at a fixed concurrency
 //! or request rate, to a router or, with `--affinity`, straight to the workers with each group or
 //! conversation pinned to one worker (the perfect-affinity baseline). Reports throughput,
 //! latency, TTFT, requests per worker and the fleet's real cache hit rate, read from the
-//! simulated workers' `/sim/stats` before and after.
+//! simulated workers' `/sim/stats` before and after (a worker that restarts or joins mid-run
+//! counts from zero). `--at-fraction F --exec CMD` runs a command part-way through (restart a
+//! worker, add one), for the churn scenarios.
 
 mod report;
 pub mod workload;
@@ -43,6 +45,12 @@ pub struct BenchArgs {
     /// Characters of each system prompt.
     #[arg(long, default_value_t = 2000)]
     pub system_chars: usize,
+    /// multi-turn: characters of a system prompt all conversations share, before their own.
+    #[arg(long, default_value_t = 0)]
+    pub shared_system_chars: usize,
+    /// zipf: the skew exponent s (group k drawn with weight 1/k^s); groups x questions requests.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf_s: f64,
     /// Characters of each question.
     #[arg(long, default_value_t = 64)]
     pub question_chars: usize,
@@ -63,8 +71,21 @@ pub struct BenchArgs {
     pub affinity: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Run --exec once this fraction of the requests has been answered.
+    #[arg(long, requires = "exec", value_parser = fraction)]
+    pub at_fraction: Option<f64>,
+    /// A shell command (`sh -c`) to run part-way through, e.g. to restart or add a worker.
+    #[arg(long, requires = "at_fraction")]
+    pub exec: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 /// One request's outcome.
@@ -96,20 +117,27 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         bail!("--affinity needs workers: none given with --workers and none registered at {url}");
     }
     let (groups, per_group) = match args.workload {
-        Kind::SharedPrefix => (args.groups, args.questions),
+        Kind::SharedPrefix | Kind::Zipf => (args.groups, args.questions),
         Kind::MultiTurn => (args.conversations, args.turns),
     };
-    let workload = Workload::new(
-        args.workload,
+    let workload = Workload::new(&workload::Shape {
+        kind: args.workload,
         groups,
         per_group,
-        args.system_chars,
-        args.question_chars,
-        args.max_tokens,
-        args.seed,
-    );
+        system_chars: args.system_chars,
+        question_chars: args.question_chars,
+        shared_system_chars: args.shared_system_chars,
+        zipf_s: args.zipf_s,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+    });
     let total = workload.total();
-    let before = sim_totals(&http, &workers).await;
+    let mut tally = CacheTally::default();
+    tally.sample(&http, &workers, true).await;
+    let hook = args.at_fraction.zip(args.exec.clone()).map(|(f, cmd)| Hook {
+        at: ((f * total as f64).round() as usize).clamp(1, total.max(1)),
+        cmd,
+    });
     let progress = indicatif::ProgressBar::new(total as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
@@ -125,6 +153,10 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         progress,
         http,
         target: Target { router: url.clone(), workers: workers.clone(), affinity: args.affinity },
+        hook: Mutex::new(hook),
+        tally: tokio::sync::Mutex::new(tally),
+        event: Mutex::new(None),
+        hook_task: Mutex::new(None),
     });
     let started = Instant::now();
     match args.rate {
@@ -133,9 +165,66 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     shared.progress.finish_and_clear();
-    let after = sim_totals(&shared.http, &workers).await;
+    let hook_task = shared.hook_task.lock().expect("hook task").take();
+    if let Some(task) = hook_task {
+        let _ = task.await;
+    }
+    // Workers may have joined through the router mid-run: count them too.
+    let mut workers = workers;
+    if args.workers.is_none() && !args.affinity {
+        if let Ok(now) = list_workers(&shared.http, &url).await {
+            workers = now;
+        }
+    }
+    let mut tally = shared.tally.lock().await;
+    tally.sample(&shared.http, &workers, false).await;
+    let sim = tally.known.then_some((tally.cached, tally.prompt));
     let samples = std::mem::take(&mut *shared.samples.lock().expect("samples"));
-    Ok(Report::build(args, &url, elapsed, &samples, before.zip(after)))
+    let mut report = Report::build(args, &url, elapsed, &samples, sim);
+    report.event = shared.event.lock().expect("event").take();
+    Ok(report)
+}
+
+/// `--exec` and when to run it: after `at` answers.
+struct Hook {
+    at: usize,
+    cmd: String,
+}
+
+/// The fleet's prefix-cache counters over the run, summed from `/sim/stats` samples. A worker
+/// whose `instance` changed (it restarted) or that was not there at the start (it joined)
+/// counts from zero; a worker that does not answer a sample is left out of that sample.
+#[derive(Default)]
+struct CacheTally {
+    seen: std::collections::HashMap<String, (String, u64, u64)>,
+    cached: u64,
+    prompt: u64,
+    /// Some worker answered the first sample: the figures mean something.
+    known: bool,
+}
+
+impl CacheTally {
+    async fn sample(&mut self, http: &reqwest::Client, workers: &[String], first: bool) {
+        for w in workers {
+            let Ok(resp) = http.get(format!("{w}/sim/stats")).send().await else { continue };
+            let Ok(v) = resp.json::<Value>().await else { continue };
+            let (Some(cached), Some(prompt)) =
+                (v["cached_tokens"].as_u64(), v["prompt_tokens"].as_u64())
+            else {
+                continue;
+            };
+            let instance = v["instance"].as_str().unwrap_or_default().to_owned();
+            self.known |= first;
+            let (c0, p0) = match self.seen.get(w) {
+                Some((i, c, p)) if *i == instance && *c <= cached && *p <= prompt => (*c, *p),
+                None if first => (cached, prompt),
+                _ => (0, 0),
+            };
+            self.cached += cached - c0;
+            self.prompt += prompt - p0;
+            self.seen.insert(w.clone(), (instance, cached, prompt));
+        }
+    }
 }
 
 struct Target {
@@ -162,6 +251,11 @@ struct Shared {
     progress: indicatif::ProgressBar,
     http: reqwest::Client,
     target: Target,
+    hook: Mutex<Option<Hook>>,
+    tally: tokio::sync::Mutex<CacheTally>,
+    /// What the hook did, for the report.
+    event: Mutex<Option<String>>,
+    hook_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -173,12 +267,51 @@ impl Shared {
         Ok(w.next(&mut self.rng.lock().expect("rng")))
     }
 
-    async fn run_one(&self, job: Job) {
+    async fn run_one(self: &Arc<Self>, job: Job) {
         let (sample, answer) = send(&self.http, self.target.base(&job), &job).await;
         self.workload.lock().expect("workload").complete(&job, &answer);
-        self.samples.lock().expect("samples").push(sample);
+        let answered = {
+            let mut samples = self.samples.lock().expect("samples");
+            samples.push(sample);
+            samples.len()
+        };
         self.progress.inc(1);
         self.ready.notify_waiters();
+        let due = {
+            let mut hook = self.hook.lock().expect("hook");
+            if hook.as_ref().is_some_and(|h| answered >= h.at) {
+                hook.take()
+            } else {
+                None
+            }
+        };
+        if let Some(hook) = due {
+            let s = self.clone();
+            let task = tokio::spawn(async move { s.run_hook(hook, answered).await });
+            *self.hook_task.lock().expect("hook task") = Some(task);
+        }
+    }
+
+    /// Samples the caches (so a worker about to restart keeps what it counted), then runs the
+    /// command; the load goes on meanwhile.
+    async fn run_hook(&self, hook: Hook, answered: usize) {
+        let workers = self.target.workers.clone();
+        self.tally.lock().await.sample(&self.http, &workers, false).await;
+        let started = Instant::now();
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&hook.cmd)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .await;
+        let took = started.elapsed().as_secs_f64();
+        let what = match status {
+            Ok(s) if s.success() => "exited 0".to_owned(),
+            Ok(s) => format!("failed ({s})"),
+            Err(e) => format!("could not start: {e}"),
+        };
+        let event = format!("after {answered} answers ran `{}`: {what} in {took:.2} s", hook.cmd);
+        *self.event.lock().expect("event") = Some(event);
     }
 }
 
@@ -335,16 +468,4 @@ async fn list_workers(http: &reqwest::Client, url: &str) -> anyhow::Result<Vec<S
         .flatten()
         .filter_map(|w| w["url"].as_str().map(str::to_owned))
         .collect())
-}
-
-/// (cached, prompt) tokens summed over the workers' `/sim/stats`; `None` if any has none.
-async fn sim_totals(http: &reqwest::Client, workers: &[String]) -> Option<(u64, u64)> {
-    let mut cached = 0;
-    let mut prompt = 0;
-    for w in workers {
-        let v: Value = http.get(format!("{w}/sim/stats")).send().await.ok()?.json().await.ok()?;
-        cached += v["cached_tokens"].as_u64()?;
-        prompt += v["prompt_tokens"].as_u64()?;
-    }
-    (!workers.is_empty()).then_some((cached, prompt))
 }

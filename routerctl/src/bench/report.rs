@@ -35,6 +35,9 @@ pub struct Report {
     pub prompt_tokens: Option<u64>,
     pub per_worker: BTreeMap<String, usize>,
     pub first_errors: Vec<String>,
+    /// What `--exec` did, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -51,7 +54,7 @@ impl Report {
         url: &str,
         seconds: f64,
         samples: &[Sample],
-        sim: Option<((u64, u64), (u64, u64))>,
+        sim: Option<(u64, u64)>,
     ) -> Self {
         let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
         let mut lat: Vec<f64> = ok.iter().map(|s| s.latency).collect();
@@ -63,16 +66,21 @@ impl Report {
         for s in &ok {
             *per_worker.entry(s.worker.clone()).or_default() += 1;
         }
-        let (cached, prompt) = match sim {
-            Some(((c0, p0), (c1, p1))) => {
-                (Some(c1.saturating_sub(c0)), Some(p1.saturating_sub(p0)))
-            }
-            None => (None, None),
-        };
+        let (cached, prompt) = (sim.map(|s| s.0), sim.map(|s| s.1));
         let workload = match args.workload {
             super::Kind::SharedPrefix => {
                 format!("shared-prefix ({} groups x {} questions)", args.groups, args.questions)
             }
+            super::Kind::Zipf => format!(
+                "zipf (s={}, {} groups, {} requests)",
+                args.zipf_s,
+                args.groups,
+                args.groups * args.questions
+            ),
+            super::Kind::MultiTurn if args.shared_system_chars > 0 => format!(
+                "multi-turn ({} conversations x {} turns, {} shared system chars)",
+                args.conversations, args.turns, args.shared_system_chars
+            ),
             super::Kind::MultiTurn => {
                 format!("multi-turn ({} conversations x {} turns)", args.conversations, args.turns)
             }
@@ -103,6 +111,7 @@ impl Report {
             prompt_tokens: prompt,
             per_worker,
             first_errors: samples.iter().filter_map(|s| s.error.clone()).take(5).collect(),
+            event: None,
         }
     }
 
@@ -136,6 +145,9 @@ impl Report {
         println!("per worker");
         for (w, n) in &self.per_worker {
             println!("  {w:<32} {n}");
+        }
+        if let Some(e) = &self.event {
+            println!("event        {e}");
         }
         for e in &self.first_errors {
             println!("error        {e}");

@@ -1,6 +1,8 @@
 //! The requests `routerctl bench` sends: `shared-prefix` (G groups of a long system prompt, Q
-//! questions each, in random order) and `multi-turn` (N conversations whose every turn resends
-//! the whole history, so a turn can only start once the previous one answered).
+//! questions each, in random order), `zipf` (the same groups, but each request's group drawn
+//! with Zipf-skewed popularity, so a few prefixes are hot) and `multi-turn` (N conversations
+//! whose every turn resends the whole history, so a turn can only start once the previous one
+//! answered; optionally all opening with the same shared system prompt).
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -11,6 +13,25 @@ use serde_json::{json, Value};
 pub enum Kind {
     SharedPrefix,
     MultiTurn,
+    Zipf,
+}
+
+/// The shape of a workload.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub kind: Kind,
+    /// Groups (shared-prefix, zipf) or conversations (multi-turn).
+    pub groups: usize,
+    /// Questions per group, or turns per conversation; zipf sends groups x this many requests.
+    pub per_group: usize,
+    pub system_chars: usize,
+    pub question_chars: usize,
+    /// multi-turn: characters of a system prompt every conversation opens with, before its own.
+    pub shared_system_chars: usize,
+    /// zipf: the exponent (group k is drawn with weight 1 / k^s).
+    pub zipf_s: f64,
+    pub max_tokens: u32,
+    pub seed: u64,
 }
 
 /// One request to send.
@@ -50,39 +71,64 @@ fn text(rng: &mut StdRng, chars: usize, label: &str) -> String {
     s
 }
 
+/// Group indices `0..groups` drawn `n` times, group k with weight 1 / (k+1)^s.
+fn zipf_draws(rng: &mut StdRng, groups: usize, n: usize, s: f64) -> Vec<usize> {
+    let weights: Vec<f64> = (1..=groups).map(|k| 1.0 / (k as f64).powf(s)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = Vec::with_capacity(groups);
+    let mut acc = 0.0;
+    for w in &weights {
+        acc += w / total;
+        cumulative.push(acc);
+    }
+    (0..n)
+        .map(|_| {
+            let u: f64 = rng.random();
+            cumulative.partition_point(|c| *c < u).min(groups - 1)
+        })
+        .collect()
+}
+
 impl Workload {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        kind: Kind,
-        groups: usize,
-        per_group: usize,
-        system_chars: usize,
-        question_chars: usize,
-        max_tokens: u32,
-        seed: u64,
-    ) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
+    pub fn new(shape: &Shape) -> Self {
+        let Shape { kind, groups, per_group, system_chars, question_chars, max_tokens, .. } =
+            *shape;
+        let mut rng = StdRng::seed_from_u64(shape.seed);
+        let question = |rng: &mut StdRng, q: usize, sys: &str| {
+            let question = text(rng, question_chars, &format!("Question {q}"));
+            json!({"text": format!("{sys}\n{question}"), "stream": true,
+                   "sampling_params": {"max_new_tokens": max_tokens}})
+        };
         match kind {
-            Kind::SharedPrefix => {
+            Kind::SharedPrefix | Kind::Zipf => {
                 let systems: Vec<String> = (0..groups)
                     .map(|g| text(&mut rng, system_chars, &format!("System prompt {g}")))
                     .collect();
                 let mut queue = Vec::with_capacity(groups * per_group);
-                for (g, sys) in systems.iter().enumerate() {
-                    for q in 0..per_group {
-                        let question = text(&mut rng, question_chars, &format!("Question {q}"));
-                        let body = json!({"text": format!("{sys}\n{question}"), "stream": true,
-                                          "sampling_params": {"max_new_tokens": max_tokens}});
+                if kind == Kind::Zipf {
+                    let draws = zipf_draws(&mut rng, groups, groups * per_group, shape.zipf_s);
+                    for (q, g) in draws.into_iter().enumerate() {
+                        let body = question(&mut rng, q, &systems[g]);
                         queue.push(Job { key: g, path: "/generate", body });
                     }
+                } else {
+                    for (g, sys) in systems.iter().enumerate() {
+                        for q in 0..per_group {
+                            let body = question(&mut rng, q, sys);
+                            queue.push(Job { key: g, path: "/generate", body });
+                        }
+                    }
+                    queue.shuffle(&mut rng);
                 }
-                queue.shuffle(&mut rng);
                 Self { kind, queue, conversations: Vec::new(), max_tokens }
             }
             Kind::MultiTurn => {
+                let shared = text(&mut rng, shape.shared_system_chars, "Shared system prompt");
+                let shared =
+                    if shape.shared_system_chars == 0 { String::new() } else { shared + "\n" };
                 let conversations = (0..groups)
                     .map(|c| Conversation {
-                        messages: vec![json!({"role": "system", "content": text(&mut rng, system_chars, &format!("Conversation {c}"))})],
+                        messages: vec![json!({"role": "system", "content": format!("{shared}{}", text(&mut rng, system_chars, &format!("Conversation {c}")))})],
                         questions: (0..per_group).map(|t| text(&mut rng, question_chars, &format!("Turn {t}"))).collect(),
                         next_turn: 0,
                         in_flight: false,
@@ -95,7 +141,7 @@ impl Workload {
 
     pub fn total(&self) -> usize {
         match self.kind {
-            Kind::SharedPrefix => self.queue.len(),
+            Kind::SharedPrefix | Kind::Zipf => self.queue.len(),
             Kind::MultiTurn => self.conversations.iter().map(|c| c.questions.len()).sum(),
         }
     }
@@ -104,7 +150,7 @@ impl Workload {
     /// every unfinished conversation waits for an answer.
     pub fn next(&mut self, rng: &mut StdRng) -> Option<Job> {
         match self.kind {
-            Kind::SharedPrefix => self.queue.pop(),
+            Kind::SharedPrefix | Kind::Zipf => self.queue.pop(),
             Kind::MultiTurn => {
                 let ready: Vec<usize> = (0..self.conversations.len())
                     .filter(|&i| {
@@ -135,7 +181,7 @@ impl Workload {
 
     pub fn finished(&self) -> bool {
         match self.kind {
-            Kind::SharedPrefix => self.queue.is_empty(),
+            Kind::SharedPrefix | Kind::Zipf => self.queue.is_empty(),
             Kind::MultiTurn => self.conversations.iter().all(|c| c.next_turn == c.questions.len()),
         }
     }
@@ -145,9 +191,59 @@ impl Workload {
 mod tests {
     use super::*;
 
+    fn shape(kind: Kind, groups: usize, per_group: usize, system: usize, q: usize) -> Shape {
+        Shape {
+            kind,
+            groups,
+            per_group,
+            system_chars: system,
+            question_chars: q,
+            shared_system_chars: 0,
+            zipf_s: 1.1,
+            max_tokens: 8,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn zipf_makes_a_few_groups_hot() {
+        let mut w = Workload::new(&shape(Kind::Zipf, 32, 20, 60, 10));
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut per_group = vec![0usize; 32];
+        while let Some(j) = w.next(&mut rng) {
+            assert!(j.body["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("System prompt {}", j.key)));
+            per_group[j.key] += 1;
+        }
+        assert_eq!(per_group.iter().sum::<usize>(), 640);
+        // Weights 1/k^1.1 over 32 groups: the first group takes ~30%, the last ~0.7%.
+        assert!(per_group[0] > 150 && per_group[0] < 240, "{per_group:?}");
+        assert!(per_group[0] > 5 * per_group[31], "{per_group:?}");
+    }
+
+    #[test]
+    fn multi_turn_can_share_one_system_prompt() {
+        let mut s = shape(Kind::MultiTurn, 3, 1, 40, 10);
+        s.shared_system_chars = 200;
+        let mut w = Workload::new(&s);
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut firsts = Vec::new();
+        while let Some(j) = w.next(&mut rng) {
+            firsts.push(j.body["messages"][0]["content"].as_str().unwrap().to_owned());
+            w.complete(&j, "ok");
+        }
+        assert_eq!(firsts.len(), 3);
+        assert!(firsts
+            .iter()
+            .all(|f| f.starts_with("Shared system prompt") && f[..200] == firsts[0][..200]));
+        assert!(firsts[0] != firsts[1], "each conversation has its own part too");
+    }
+
     #[test]
     fn shared_prefix_has_every_question_once() {
-        let mut w = Workload::new(Kind::SharedPrefix, 3, 4, 100, 20, 8, 1);
+        let mut w = Workload::new(&shape(Kind::SharedPrefix, 3, 4, 100, 20));
         let mut rng = StdRng::seed_from_u64(0);
         let mut n = 0;
         while let Some(j) = w.next(&mut rng) {
@@ -163,7 +259,7 @@ mod tests {
 
     #[test]
     fn multi_turn_waits_for_answers_and_grows_history() {
-        let mut w = Workload::new(Kind::MultiTurn, 1, 3, 50, 10, 8, 1);
+        let mut w = Workload::new(&shape(Kind::MultiTurn, 1, 3, 50, 10));
         let mut rng = StdRng::seed_from_u64(0);
         let j = w.next(&mut rng).unwrap();
         assert!(w.next(&mut rng).is_none(), "turn 2 must wait for turn 1");

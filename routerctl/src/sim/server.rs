@@ -56,6 +56,8 @@ pub struct SimState {
     pub http: reqwest::Client,
     pub counters: ServerCounters,
     pub dp_rank_requests: Vec<AtomicU64>,
+    /// Random per start: a client that sees it change knows the counters restarted from zero.
+    pub instance: u64,
     faults: RwLock<Faults>,
     crash: CancellationToken,
 }
@@ -155,6 +157,7 @@ impl SimState {
             ROUTES.iter().zip(&c.by_route).map(|(r, n)| (*r, n.load(Relaxed))).collect();
         json!({
             "role": self.args.role,
+            "instance": self.instance.to_string(),
             "requests": c.requests.load(Relaxed),
             "requests_by_route": by_route,
             "sequences": e.admitted.load(Relaxed),
@@ -390,6 +393,7 @@ impl SimWorker {
         let state = Arc::new(SimState {
             faults: RwLock::new(args.faults.clone()),
             dp_rank_requests: (0..args.dp_size).map(|_| AtomicU64::new(0)).collect(),
+            instance: rand::random(),
             http: reqwest::Client::builder().no_proxy().build()?,
             args,
             tokenizer,
