@@ -31,6 +31,7 @@
 //! dropped. A worker that comes back after being unhealthy starts empty too (`worker_reset`).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -39,18 +40,26 @@ use super::tree::{Tenant, TenantIds, Tree};
 use super::{Decision, Observation, Policy, RequestInfo};
 use crate::registry::Worker;
 
-/// Near-ties: within this fraction of the cheapest estimate...
+/// Near-ties: within this fraction of the cheapest cost...
 const TIE_FRACTION: f64 = 0.10;
 /// ...or this many milliseconds.
 const TIE_MS: f64 = 1.0;
-/// Predicted minus reported cached share above which an answer counts as mispredicted.
+/// A prediction this large (a share of the prompt) that comes back as...
 const MISPREDICTED: f64 = 0.25;
-/// Consecutive badly mispredicted answers that mean the worker lost its whole cache.
-const LOST_CACHE_STREAK: u32 = 3;
-/// A mispredicted worker's share of the tree shrinks to this fraction.
-const SHRINK_TO: f64 = 0.8;
-/// Forgetting factor of the estimator: about the last 50 answers count.
-const FORGET: f64 = 0.98;
+/// ...less than this fraction of itself is badly mispredicted.
+const LOST: f64 = 0.1;
+/// Consecutive badly mispredicted answers that mean the worker lost its whole cache...
+const LOST_CACHE_STREAK: u32 = 5;
+/// ...if its predictions held this well (an exponential average of reported / predicted
+/// shares, weight 0.1 each) before.
+const TRUSTED: f64 = 0.7;
+const ACCURACY_RATE: f64 = 0.1;
+/// Forgetting factor of the fleet's estimator: about the last 500 answers count.
+const FORGET: f64 = 0.998;
+/// Weight of each answer in a worker's slowness (an exponential average of log ratios).
+const SLOWNESS_RATE: f64 = 0.05;
+/// Slowness is kept within [1/4, 4] of the fleet's.
+const SLOWNESS_LIMIT: f64 = 4.0;
 
 pub struct CostAware {
     state: Mutex<State>,
@@ -59,48 +68,65 @@ pub struct CostAware {
 struct State {
     tree: Tree,
     ids: TenantIds,
-    models: HashMap<Tenant, Model>,
+    /// The fleet's cost figures, learned from every answer (scaled by each worker's slowness).
+    fleet: Model,
+    workers: HashMap<Tenant, WorkerState>,
     corrections: Corrections,
 }
 
 /// How often the picture was corrected from the workers' answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Corrections {
-    /// A worker's tree share was shrunk after an answer with fewer cached tokens than predicted.
-    pub shrunk: u64,
     /// A worker's tree share was dropped (its cache was lost: restart, flush, recovery).
     pub cleared: u64,
 }
 
-/// One worker's learned cost figures: `theta = [c, p, q]` (see the module docs) and the
-/// estimator's covariance.
+/// What is learned of one worker: how much slower (> 1) or faster than the fleet's figures it
+/// answers, and whether its last answers contradicted its tree.
+#[derive(Debug, Clone, Copy)]
+struct WorkerState {
+    /// ln(slowness): exponential average of ln(observed / the fleet's estimate).
+    log_slowness: f64,
+    mispredicted_streak: u32,
+    /// How well its answers bore out the tree's predictions (1: always); trust is earned, from
+    /// 0.5.
+    accuracy: f64,
+}
+
+impl WorkerState {
+    fn slowness(&self) -> f64 {
+        self.log_slowness.exp()
+    }
+}
+
+/// The fleet's cost figures `theta = [c, p, q]` (see the module docs): a non-negative least
+/// squares fit over exponentially weighted sums of the answers seen (the last few hundred
+/// count), pulled gently towards the starting figures so that a fit from few answers stays
+/// sensible.
 #[derive(Debug, Clone)]
 struct Model {
+    /// Weighted sums of x x^T and x y, x = [1, kchars ahead, in flight], y = ms.
+    xx: [[f64; 3]; 3],
+    xy: [f64; 3],
     theta: [f64; 3],
-    cov: [[f64; 3]; 3],
-    /// A running mean of absolute errors: residuals are clipped to 4x it, so one stalled
-    /// answer does not wreck the estimate.
+    /// A running mean of absolute errors: answers are clipped to 4x it from the estimate, so
+    /// one stalled answer does not wreck the fit.
     mean_abs_err: f64,
     samples: u64,
-    mispredicted_streak: u32,
 }
 
 /// Starting figures: 5 ms fixed, 10 ms per 1000 uncached characters (~40 us a token, a mid-size
 /// model on one GPU), 2 ms per request in flight. The first answers replace them.
 const PRIOR: [f64; 3] = [5.0, 10.0, 2.0];
-const PRIOR_VARIANCE: f64 = 100.0;
-/// The estimator's covariance is kept below this (no wind-up while a worker is idle).
-const MAX_VARIANCE: f64 = 1.0e4;
-/// Floors on the figures used for decisions (learning may dip below them).
-const MIN_FIGURES: [f64; 3] = [0.0, 0.05, 0.05];
+/// How many answers' worth the starting figures weigh: enough to keep the first fits from
+/// few answers solvable, too little to bias a fit from many.
+const PRIOR_WEIGHT: f64 = 0.1;
+/// Floors on the figures used for decisions.
+const MIN_FIGURES: [f64; 3] = [0.0, 0.01, 0.01];
 
 impl Model {
-    fn new(theta: [f64; 3]) -> Self {
-        let mut cov = [[0.0; 3]; 3];
-        for (i, row) in cov.iter_mut().enumerate() {
-            row[i] = PRIOR_VARIANCE;
-        }
-        Self { theta, cov, mean_abs_err: 5.0, samples: 0, mispredicted_streak: 0 }
+    fn new() -> Self {
+        Self { xx: [[0.0; 3]; 3], xy: [0.0; 3], theta: PRIOR, mean_abs_err: 5.0, samples: 0 }
     }
 
     fn figures(&self) -> [f64; 3] {
@@ -111,47 +137,105 @@ impl Model {
         f
     }
 
-    /// Estimated time to first token, in ms, with `chars` of prefill ahead (its own included)
-    /// and `in_flight` requests running or waiting.
+    /// Estimated time to first token, in ms, on a worker of the fleet's speed with `chars` of
+    /// prefill ahead (its own included) and `in_flight` requests running or waiting.
     fn estimate(&self, chars: f64, in_flight: f64) -> f64 {
         let [c, p, q] = self.figures();
         c + p * chars / 1000.0 + q * in_flight
     }
 
     /// One observation: `ttft_ms` for a request sent with `chars` of prefill ahead (its own
-    /// included) and `in_flight` requests on the worker. Recursive least squares.
+    /// included) and `in_flight` requests on the worker.
     fn learn(&mut self, chars: f64, in_flight: f64, ttft_ms: f64) {
         let x = [1.0, chars / 1000.0, in_flight];
-        let predicted: f64 = (0..3).map(|i| self.theta[i] * x[i]).sum();
-        let limit = 4.0 * self.mean_abs_err.max(0.5);
-        let err = (ttft_ms - predicted).clamp(-limit, limit);
-        self.mean_abs_err = 0.9 * self.mean_abs_err + 0.1 * (ttft_ms - predicted).abs();
-        let px: [f64; 3] = std::array::from_fn(|i| (0..3).map(|j| self.cov[i][j] * x[j]).sum());
-        let denom = FORGET + (0..3).map(|i| x[i] * px[i]).sum::<f64>();
-        if !(denom.is_finite() && denom > 0.0) {
-            return;
-        }
-        let gain: [f64; 3] = std::array::from_fn(|i| px[i] / denom);
-        for (t, g) in self.theta.iter_mut().zip(gain) {
-            *t += g * err;
-        }
-        // cov = (cov - gain px^T) / forget, kept bounded.
-        for (row, g) in self.cov.iter_mut().zip(gain) {
-            for (v, p) in row.iter_mut().zip(px) {
-                *v = (*v - g * p) / FORGET;
+        let predicted = self.estimate(chars, in_flight);
+        // Clipped once the fit has seen enough to judge what is far off.
+        let limit =
+            if self.samples < 32 { f64::INFINITY } else { 4.0 * self.mean_abs_err.max(0.5) };
+        let y = ttft_ms.clamp(predicted - limit, predicted + limit);
+        self.mean_abs_err = 0.95 * self.mean_abs_err + 0.05 * (ttft_ms - predicted).abs();
+        for i in 0..3 {
+            for j in 0..3 {
+                self.xx[i][j] = FORGET * self.xx[i][j] + x[i] * x[j];
             }
-        }
-        let trace = (0..3).map(|i| self.cov[i][i]).sum::<f64>();
-        if !(trace.is_finite()) || self.theta.iter().any(|t| !t.is_finite()) {
-            *self = Model::new(PRIOR);
-            return;
-        }
-        if trace > MAX_VARIANCE {
-            let scale = MAX_VARIANCE / trace;
-            self.cov.iter_mut().flatten().for_each(|v| *v *= scale);
+            self.xy[i] = FORGET * self.xy[i] + x[i] * y;
         }
         self.samples += 1;
+        if let Some(theta) = self.fit() {
+            self.theta = theta;
+        }
     }
+
+    /// The non-negative fit: the best of the fits with each subset of the figures free and the
+    /// rest at zero, among those with no negative figure.
+    fn fit(&self) -> Option<[f64; 3]> {
+        let mut best: Option<([f64; 3], f64)> = None;
+        for mask in 1u8..8 {
+            let free: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
+            let Some(theta) = self.solve(&free) else { continue };
+            if theta.iter().any(|t| *t < 0.0 || !t.is_finite()) {
+                continue;
+            }
+            let loss = self.loss(&theta);
+            if best.is_none_or(|(_, l)| loss < l) {
+                best = Some((theta, loss));
+            }
+        }
+        best.map(|(t, _)| t)
+    }
+
+    /// Ridge least squares over the `free` figures (the others zero).
+    fn solve(&self, free: &[usize]) -> Option<[f64; 3]> {
+        let n = free.len();
+        let mut a = [[0.0; 4]; 3];
+        for (r, &i) in free.iter().enumerate() {
+            for (c, &j) in free.iter().enumerate() {
+                a[r][c] = self.xx[i][j] + if i == j { PRIOR_WEIGHT * scale(i) } else { 0.0 };
+            }
+            a[r][3] = self.xy[i] + PRIOR_WEIGHT * scale(i) * PRIOR[i];
+        }
+        // Gaussian elimination with partial pivoting on the n x (n+1) system.
+        for col in 0..n {
+            let pivot = (col..n).max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))?;
+            if a[pivot][col].abs() < 1e-12 {
+                return None;
+            }
+            a.swap(col, pivot);
+            for row in 0..n {
+                if row != col {
+                    let f = a[row][col] / a[col][col];
+                    for k in col..4 {
+                        a[row][k] -= f * a[col][k];
+                    }
+                }
+            }
+        }
+        let mut theta = [0.0; 3];
+        for (r, &i) in free.iter().enumerate() {
+            theta[i] = a[r][3] / a[r][r];
+        }
+        Some(theta)
+    }
+
+    /// The weighted squared error of `theta` plus its pull towards the starting figures, up to
+    /// a constant.
+    fn loss(&self, theta: &[f64; 3]) -> f64 {
+        let mut l = 0.0;
+        for i in 0..3 {
+            for j in 0..3 {
+                l += theta[i] * self.xx[i][j] * theta[j];
+            }
+            l -= 2.0 * theta[i] * self.xy[i];
+            l += PRIOR_WEIGHT * scale(i) * (theta[i] - PRIOR[i]).powi(2);
+        }
+        l
+    }
+}
+
+/// A typical squared size of feature `i` (1; 10 kchars; 10 requests), so that the pull
+/// towards the starting figures weighs each about equally.
+fn scale(i: usize) -> f64 {
+    [1.0, 100.0, 100.0][i]
 }
 
 impl Default for CostAware {
@@ -166,7 +250,8 @@ impl CostAware {
             state: Mutex::new(State {
                 tree: Tree::new(max_tree_size),
                 ids: TenantIds::default(),
-                models: HashMap::new(),
+                fleet: Model::new(),
+                workers: HashMap::new(),
                 corrections: Corrections::default(),
             }),
         }
@@ -176,28 +261,22 @@ impl CostAware {
         self.state.lock().expect("cost_aware state").corrections
     }
 
-    /// The learned `[c, p, q]` of a worker (for tests and the docs' examples).
-    pub fn figures(&self, url: &str) -> Option<[f64; 3]> {
+    /// The fleet's learned `[c, p, q]`, and a worker's slowness (for tests and the docs).
+    pub fn figures(&self, url: &str) -> Option<([f64; 3], f64)> {
         let st = self.state.lock().expect("cost_aware state");
         let t = st.ids.get(url)?;
-        st.models.get(&t).map(Model::figures)
+        Some((st.fleet.figures(), st.workers.get(&t)?.slowness()))
     }
 }
 
 impl State {
-    /// `t`'s model, made from the fleet's average figures if it has none yet.
-    fn model(&mut self, t: Tenant) -> &mut Model {
-        if !self.models.contains_key(&t) {
-            let learned: Vec<&Model> = self.models.values().filter(|m| m.samples > 0).collect();
-            let theta = if learned.is_empty() {
-                PRIOR
-            } else {
-                let n = learned.len() as f64;
-                std::array::from_fn(|i| learned.iter().map(|m| m.theta[i]).sum::<f64>() / n)
-            };
-            self.models.insert(t, Model::new(theta));
-        }
-        self.models.get_mut(&t).expect("inserted")
+    /// What is known of `t`, made neutral (the fleet's speed) if nothing is yet.
+    fn worker(&mut self, t: Tenant) -> &mut WorkerState {
+        self.workers.entry(t).or_insert(WorkerState {
+            log_slowness: 0.0,
+            mispredicted_streak: 0,
+            accuracy: 0.5,
+        })
     }
 }
 
@@ -224,41 +303,82 @@ impl Policy for CostAware {
             return None;
         }
         let loads: Vec<u64> = usable.iter().map(|&i| workers[i].load()).collect();
-        let pending: Vec<u64> = usable
+        let pending: Vec<(u64, u64)> = usable
             .iter()
-            .map(|&i| workers[i].pending_prefill.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|&i| {
+                let w = &workers[i];
+                (w.pending_prefill.load(Relaxed), w.pending_requests.load(Relaxed))
+            })
             .collect();
         let text_chars = req.text.chars().count();
         let mut rng = rand::rng();
         let mut st = self.state.lock().expect("cost_aware state");
         let tenants: Vec<Tenant> =
             usable.iter().map(|&i| st.ids.id_for(workers[i].url())).collect();
+        for (k, &i) in usable.iter().enumerate() {
+            let w = &workers[i];
+            if w.cache_lost.load(Relaxed) && w.cache_lost.swap(false, Relaxed) {
+                st.tree.remove_tenant(tenants[k]);
+                st.corrections.cleared += 1;
+            }
+        }
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched: Vec<usize> = tenants
             .iter()
             .map(|t| matches.iter().find(|(m, _)| m == t).map_or(0, |(_, n)| *n))
             .collect();
-        let estimates: Vec<f64> = (0..usable.len())
-            .map(|k| {
-                let ahead = pending[k] as f64 + (text_chars - matched[k]) as f64;
-                st.model(tenants[k]).estimate(ahead, loads[k] as f64)
-            })
-            .collect();
-        let cheapest = estimates.iter().copied().fold(f64::INFINITY, f64::min);
-        let bound = (cheapest * (1.0 + TIE_FRACTION)).max(cheapest + TIE_MS);
+        // The cost of sending the request to each worker, in ms:
+        // - its own wait: the estimated time to first token there;
+        // - the wait its prefill adds to the requests in flight there (at least the fleet's
+        //   average: in a busy fleet, work done anywhere delays someone);
+        // - what caching it there may evict: its prefill again, weighted by how large that
+        //   worker's share of the tree is against the others'.
+        let [_, per_kchar, _] = st.fleet.figures();
+        let sizes: Vec<f64> = tenants.iter().map(|t| st.tree.tenant_chars(*t) as f64).collect();
+        // (Against the mean plus the prompt: trees much smaller than the prompt evict nothing.)
+        let mean_size = sizes.iter().sum::<f64>() / sizes.len() as f64 + text_chars as f64 + 1.0;
+        let mean_load = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
+        let (mut estimates, mut costs) = (Vec::new(), Vec::new());
+        for k in 0..usable.len() {
+            let uncached = (text_chars - matched[k]) as f64;
+            let slowness = st.worker(tenants[k]).slowness();
+            let (chars, waiting) = pending[k];
+            let own = slowness * st.fleet.estimate(chars as f64 + uncached, waiting as f64);
+            let prefill = slowness * per_kchar * uncached / 1000.0;
+            let delays = prefill * (loads[k] as f64).max(mean_load);
+            let evicts = prefill * sizes[k] / mean_size;
+            estimates.push(own);
+            costs.push(own + delays + evicts);
+        }
+        let cheapest = costs.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut bound = (cheapest * (1.0 + TIE_FRACTION)).max(cheapest + TIE_MS);
+        let best_match = matched.iter().copied().max().unwrap_or(0);
+        // A new prefix (nobody holds a tenth of it) starts a group that will come back: it
+        // goes where the cache has most room unless that worker costs more than half the
+        // prompt's own prefill extra (a momentary queue should not decide a lasting placement).
+        let new_prefix = best_match * 10 < text_chars;
+        if new_prefix {
+            bound = bound.max(cheapest + per_kchar * text_chars as f64 / 2000.0);
+        }
         let pick = (0..usable.len())
-            .filter(|&k| estimates[k] <= bound)
+            .filter(|&k| costs[k] <= bound)
             .map(|k| {
-                let room = std::cmp::Reverse(st.tree.tenant_chars(tenants[k]));
-                (k, (matched[k], std::cmp::Reverse(loads[k]), room, rng.random::<u32>()))
+                // Larger is better. A match of under a tenth of the prompt (a common opening)
+                // is no locality.
+                let local = if matched[k] * 10 >= text_chars { matched[k] as u64 } else { 0 };
+                let room = u64::MAX - st.tree.tenant_chars(tenants[k]) as u64;
+                let idle = u64::MAX - loads[k];
+                let key = if new_prefix { (room, idle, 0) } else { (local, idle, room) };
+                (k, (key, rng.random::<u32>()))
             })
             .max_by(|a, b| a.1.cmp(&b.1))
             .map(|(k, _)| k)
             .expect("the cheapest worker is always within the bound");
-        let best_match = matched.iter().copied().max().unwrap_or(0);
+        // A match of a few characters (a common opening) is no hit; giving up more than a
+        // tenth of the prompt's best match is a trade of cache for load.
         let branch = match (matched[pick], best_match) {
-            (_, 0) => "miss",
-            (m, best) if m == best => "hit",
+            (_, best) if best * 10 < text_chars => "miss",
+            (m, best) if (best - m) * 10 <= text_chars => "hit",
             _ => "balance",
         };
         if text_chars > 0 {
@@ -284,31 +404,44 @@ impl Policy for CostAware {
                 let reported = cached.min(prompt) as f64 / prompt as f64;
                 let predicted = o.predicted_chars as f64 / text;
                 uncached = text * (1.0 - reported);
-                let model = st.model(t);
-                if predicted - reported > MISPREDICTED {
-                    model.mispredicted_streak =
-                        if reported < predicted / 2.0 { model.mispredicted_streak + 1 } else { 0 };
-                    if model.mispredicted_streak >= LOST_CACHE_STREAK {
-                        model.mispredicted_streak = 0;
-                        st.tree.remove_tenant(t);
-                        st.corrections.cleared += 1;
-                        tracing::info!(
-                            worker = worker.url(),
-                            "the worker's answers say it lost its cache: its prefix entries are dropped"
-                        );
-                    } else {
-                        let share = st.tree.tenant_chars(t);
-                        st.tree.shrink_tenant(t, (share as f64 * SHRINK_TO) as usize);
-                        st.corrections.shrunk += 1;
-                    }
-                } else {
-                    model.mispredicted_streak = 0;
+                let w = st.worker(t);
+                // Nearly nothing of a well-predicted prompt was cached, again and again, on a
+                // worker whose predictions held before: it lost its cache (a restart, a flush
+                // behind the router's back). A worker evicting under pressure mispredicts now
+                // and then and loses the trust first.
+                if predicted > MISPREDICTED && reported < predicted * LOST {
+                    w.mispredicted_streak += 1;
+                } else if predicted > MISPREDICTED {
+                    w.mispredicted_streak = 0;
+                    let held = (reported / predicted).min(1.0);
+                    w.accuracy += ACCURACY_RATE * (held - w.accuracy);
+                }
+                if w.mispredicted_streak >= LOST_CACHE_STREAK && w.accuracy < TRUSTED {
+                    // Not trusted: an evicting worker's misses, not a lost cache.
+                    w.mispredicted_streak = 0;
+                    w.accuracy += ACCURACY_RATE * (0.0 - w.accuracy);
+                }
+                if w.mispredicted_streak >= LOST_CACHE_STREAK {
+                    w.mispredicted_streak = 0;
+                    st.tree.remove_tenant(t);
+                    st.corrections.cleared += 1;
+                    tracing::info!(
+                        worker = worker.url(),
+                        "the worker's answers say it lost its cache: its prefix entries are dropped"
+                    );
                 }
             }
         }
         if let Some(ttft) = o.ttft {
             let ahead = o.pending_chars as f64 + uncached;
-            st.model(t).learn(ahead, o.in_flight as f64, ttft.as_secs_f64() * 1000.0);
+            let (n, ms) = (o.pending_requests as f64, ttft.as_secs_f64() * 1000.0);
+            let fleet = st.fleet.estimate(ahead, n);
+            st.fleet.learn(ahead, n, ms);
+            if fleet > 0.5 && ms > 0.0 {
+                let w = st.worker(t);
+                let ratio = (ms / fleet).ln().clamp(-SLOWNESS_LIMIT.ln(), SLOWNESS_LIMIT.ln());
+                w.log_slowness += SLOWNESS_RATE * (ratio - w.log_slowness);
+            }
         }
     }
 
@@ -316,7 +449,7 @@ impl Policy for CostAware {
         let mut st = self.state.lock().expect("cost_aware state");
         if let Some(t) = st.ids.remove(url) {
             st.tree.remove_tenant(t);
-            st.models.remove(&t);
+            st.workers.remove(&t);
         }
     }
 

@@ -69,9 +69,10 @@ pub struct Observation {
     /// worker held.
     pub text_chars: usize,
     pub predicted_chars: usize,
-    /// The worker's pending prefill characters and its load when the request was sent (this
-    /// request not included).
+    /// The worker's pending prefill characters and requests (sent, no first bytes yet), and
+    /// its load, when the request was sent (this request not included).
     pub pending_chars: u64,
+    pub pending_requests: u64,
     pub in_flight: u64,
     /// Time from sending the request to the first bytes of the answer's body (for a stream,
     /// its first event); `None` when the answer had no body.

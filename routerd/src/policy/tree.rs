@@ -236,26 +236,6 @@ impl Tree {
         debug_assert_eq!(self.tenant_chars.get(t as usize).copied().unwrap_or(0), 0);
     }
 
-    /// Evicts `t`'s least recently used entries until it holds at most `target` characters
-    /// (the worker's real cache turned out smaller than its share of the tree).
-    pub fn shrink_tenant(&mut self, t: Tenant, target: usize) {
-        while self.tenant_chars(t) > target {
-            // Dropping leaves can turn their parents into leaves: collect again after a pass.
-            let oldest: Vec<(u64, u32, Tenant)> =
-                self.leaves.iter().filter(|e| e.2 == t).copied().collect();
-            if oldest.is_empty() {
-                break;
-            }
-            for e in oldest {
-                if self.tenant_chars(t) <= target {
-                    break;
-                }
-                self.leaves.remove(&e);
-                self.drop_tenancy(e.1, t);
-            }
-        }
-    }
-
     fn add_node(&mut self, parent: u32, label: String) -> u32 {
         let first = label.chars().next().expect("labels are never empty");
         let chars = label.chars().count() as u32;

@@ -52,7 +52,12 @@ pub(crate) async fn send(
     let head_deadline = deadline.min(Instant::now() + header);
     exchange(worker.target(), request, client, connect, head_deadline).await.map_err(|e| match e {
         WireError::ClientGone => Stop::Closed,
-        e => Stop::Failed(worker.wire_error(e, header)),
+        e => {
+            if matches!(e, WireError::Refused(_)) {
+                worker.cache_lost.store(true, Relaxed);
+            }
+            Stop::Failed(worker.wire_error(e, header))
+        }
     })
 }
 

@@ -37,6 +37,8 @@ pub struct Feedback {
     pending: u64,
     first: Option<Instant>,
     o: Observation,
+    /// Still counted in the worker's `pending_requests`.
+    waiting: bool,
 }
 
 impl Feedback {
@@ -53,10 +55,11 @@ impl Feedback {
             text_chars,
             predicted_chars: matched_chars,
             pending_chars: worker.pending_prefill.fetch_add(pending, Relaxed),
+            pending_requests: worker.pending_requests.fetch_add(1, Relaxed),
             in_flight: worker.load(),
             ..Default::default()
         };
-        Self { policy, worker, sent: Instant::now(), pending, first: None, o }
+        Self { policy, worker, sent: Instant::now(), pending, first: None, o, waiting: true }
     }
 
     fn first_bytes(&mut self) {
@@ -68,6 +71,9 @@ impl Feedback {
 
     fn release(&mut self) {
         self.worker.pending_prefill.fetch_sub(std::mem::take(&mut self.pending), Relaxed);
+        if std::mem::take(&mut self.waiting) {
+            self.worker.pending_requests.fetch_sub(1, Relaxed);
+        }
     }
 }
 

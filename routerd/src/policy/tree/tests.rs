@@ -62,24 +62,6 @@ fn removing_a_tenant_purges_only_its_entries() {
     assert_eq!(t.stats().chars, 17);
 }
 
-#[test]
-fn shrinking_a_tenant_drops_its_least_recent_entries_only() {
-    let mut t = Tree::new(1 << 20);
-    t.insert("aaaa-first", 0);
-    t.insert("bbbb-second", 0);
-    t.insert("cccc-third", 0);
-    t.insert("aaaa-first", 1);
-    t.shrink_tenant(0, 15);
-    t.check_invariants();
-    assert!(t.tenant_chars(0) <= 15, "{}", t.tenant_chars(0));
-    assert_eq!(best(&t, "aaaa-first"), vec![(1, 10)], "the oldest entry of 0 went, 1 kept its own");
-    assert_eq!(best(&t, "cccc-third"), vec![(0, 10)], "the newest entry of 0 stays");
-    t.shrink_tenant(0, 0);
-    t.check_invariants();
-    assert_eq!(t.tenant_chars(0), 0);
-    assert_eq!(t.tenant_chars(1), 10);
-}
-
 fn ops() -> impl Strategy<Value = Vec<(String, Tenant)>> {
     prop::collection::vec(("[ab日]{0,12}", 0u16..4), 1..60)
 }

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Routing-quality scenarios (issue 21): simulated SGLang workers, one router at a time, the
+same `routerctl bench` load, fresh processes for every run.
+
+    examples/bench-routing.py [--scenarios a,b] [--routings a,b] [--seeds 1,2] [--out FILE]
+
+Scenarios: shared-prefix, multi-turn, shared-system, zipf, mixed-speed, restart, scale-out,
+low-concurrency, long-docs. Routings: cost (routerd cost_aware), ca5 (routerd cache_aware,
+defaults 0.5 / 32 / 1.0001), ca3 (routerd cache_aware with sglang-router's 0.3 / 64 / 1.5), rr
+(routerd round_robin), affinity (routerctl bench --affinity: each group pinned to one worker,
+no router), sgl (sglang-router 0.3.2 cache_aware, its defaults). Each run appends one JSON line
+to --out (the bench report plus scenario, routing, seed); --table prints the markdown table of
+a results file (mean of the seeds, and the largest relative spread between seeds).
+
+Needs target/release/{routerd,routerctl} (cargo build --release -p routerd -p routerctl) and,
+for `sgl`, `pip install sglang-router==0.3.2`.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("BIN", os.path.join(ROOT, "target", "release"))
+SIM = ["--speed", "10", "--cache-capacity-tokens", "24000", "--max-running-requests", "16"]
+BENCH = ["--system-chars", "8000", "--question-chars", "200", "--max-tokens", "4"]
+
+# name -> (workers, per-worker extra sim flags, bench flags, churn)
+SCENARIOS = {
+    "shared-prefix": dict(n=4, bench=["--workload", "shared-prefix", "--groups", "32",
+                                      "--questions", "150", "--concurrency", "32"]),
+    "multi-turn": dict(n=4, bench=["--workload", "multi-turn", "--conversations", "48",
+                                   "--turns", "24", "--concurrency", "32"]),
+    "shared-system": dict(n=4, bench=["--workload", "multi-turn", "--conversations", "64",
+                                      "--turns", "16", "--shared-system-chars", "2048",
+                                      "--system-chars", "3600", "--question-chars", "400",
+                                      "--concurrency", "64"]),
+    "zipf": dict(n=8, bench=["--workload", "zipf", "--groups", "64", "--questions", "96",
+                             "--zipf-s", "1.1", "--concurrency", "128"]),
+    "mixed-speed": dict(n=4, speeds=["10", "10", "5", "5"],
+                        bench=["--workload", "shared-prefix", "--groups", "32",
+                               "--questions", "150", "--concurrency", "128"]),
+    "restart": dict(n=4, churn="restart",
+                    bench=["--workload", "shared-prefix", "--groups", "32", "--questions",
+                           "200", "--concurrency", "128"]),
+    "scale-out": dict(n=4, churn="add",
+                      bench=["--workload", "shared-prefix", "--groups", "40", "--questions",
+                             "150", "--concurrency", "128"]),
+    "low-concurrency": dict(n=4, bench=["--workload", "shared-prefix", "--groups", "32",
+                                        "--questions", "32", "--concurrency", "4"]),
+    "long-docs": dict(n=4, sim=["--cache-capacity-tokens", "16000"],
+                      bench=["--workload", "shared-prefix", "--groups", "8", "--questions",
+                             "64", "--system-chars", "30000", "--concurrency", "8"]),
+}
+ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl"]
+NAMES = {"cost": "routerd cost_aware", "ca5": "routerd cache_aware 0.5", "ca3":
+         "routerd cache_aware 0.3/64/1.5", "rr": "routerd round_robin",
+         "affinity": "perfect affinity", "sgl": "sglang-router 0.3.2 cache_aware"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url, timeout=30.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Fleet:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, argv):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        self.procs = []
+
+
+def merged(base, override):
+    """`base` flag/value pairs, minus the flags `override` sets, then `override`."""
+    kept = [x for i in range(0, len(base), 2) if base[i] not in override for x in base[i:i + 2]]
+    return kept + override
+
+
+def sim_argv(port, sc, i):
+    own = sc.get("sim", []) + (["--speed", sc["speeds"][i]] if "speeds" in sc else [])
+    return [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + merged(SIM, own)
+
+
+def run(scenario, routing, seed):
+    sc = SCENARIOS[scenario]
+    fleet = Fleet()
+    try:
+        ports = [free_port() for _ in range(sc["n"] + 1)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for i in range(sc["n"]):
+            fleet.start(sim_argv(ports[i], sc, i))
+        for u in urls[:sc["n"]]:
+            wait_up(u + "/health")
+        rport = free_port()
+        router = f"http://127.0.0.1:{rport}"
+        workers = urls[:sc["n"]]
+        # Both routers check health every second, so a restarted worker is seen alike.
+        common = ["--host", "127.0.0.1", "--port", str(rport), "--worker-urls", *workers,
+                  "--health-check-interval-secs", "1", "--log-level", "warn"]
+        if routing in ("cost", "ca5", "ca3", "rr"):
+            policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
+                      "ca3": ["--policy", "cache_aware", "--cache-threshold", "0.3",
+                              "--balance-abs-threshold", "64",
+                              "--balance-rel-threshold", "1.5"],
+                      "rr": ["--policy", "round_robin"]}[routing]
+            fleet.start([f"{BIN}/routerd", *common, *policy])
+            wait_up(router + "/readiness")
+        elif routing == "sgl":
+            fleet.start([sys.executable, "-m", "sglang_router.launch_router", *common,
+                         "--policy", "cache_aware"])
+            wait_up(router + "/health")
+        extra = ["--affinity", "--workers", *workers] if routing == "affinity" else []
+        churn = sc.get("churn")
+        if churn == "restart":
+            # SIGKILL the third worker and start it again on its port, empty.
+            victim = fleet.procs[2]
+            cmd = (f"kill -9 -{victim.pid}; sleep 0.5; "
+                   f"setsid {' '.join(sim_argv(ports[2], sc, 2))} >/dev/null 2>&1 & "
+                   f"echo $! > /tmp/bench-routing-restarted.{os.getpid()}")
+            extra += ["--at-fraction", "0.4", "--exec", cmd]
+        elif churn == "add":
+            new = urls[sc["n"]]
+            fleet.start(sim_argv(ports[sc["n"]], sc, sc["n"]))
+            wait_up(new + "/health")
+            if routing == "affinity":
+                cmd = "true"
+            elif routing == "sgl":
+                cmd = f"curl -sf -X POST '{router}/add_worker?url={new}' >/dev/null"
+            else:
+                cmd = (f"curl -sf -X POST {router}/workers -H 'content-type: application/json' "
+                       f"-d '{{\"url\": \"{new}\"}}' >/dev/null")
+            extra += ["--at-fraction", "0.3", "--exec", cmd]
+            if routing != "affinity":
+                extra += ["--workers", *urls]
+        argv = [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
+                *merged(BENCH, sc["bench"]), *extra, "-o", "json"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if not out.stdout.strip():
+            raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
+        rep = json.loads(out.stdout)
+        rep.update(scenario=scenario, routing=routing, seed=seed)
+        return rep
+    finally:
+        fleet.stop()
+        pidfile = f"/tmp/bench-routing-restarted.{os.getpid()}"
+        if os.path.exists(pidfile):
+            try:
+                pid = int(open(pidfile).read().strip())
+                os.killpg(pid, signal.SIGKILL)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+            os.remove(pidfile)
+
+
+def table(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    by = {}
+    for r in rows:
+        by.setdefault((r["scenario"], r["routing"]), []).append(r)
+    print("| scenario | routing | hit rate | req/s | ttft p50 ms | ttft p99 ms | seed spread | "
+          "failed | per-worker shares |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sc in SCENARIOS:
+        for ro in ROUTINGS:
+            rs = by.get((sc, ro))
+            if not rs:
+                continue
+            mean = lambda k: sum((r[k] or 0) for r in rs) / len(rs)
+            rps = [r["requests_per_sec"] for r in rs]
+            spread = (max(rps) - min(rps)) / (sum(rps) / len(rps)) if len(rps) > 1 else 0.0
+            shares = {}
+            for r in rs:
+                total = sum(r["per_worker"].values()) or 1
+                for i, (w, n) in enumerate(sorted(r["per_worker"].items())):
+                    shares.setdefault(i, []).append(n / total)
+            share = "/".join(f"{100 * sum(v) / len(v):.0f}" for v in shares.values())
+            failed = sum(r["failed"] for r in rs)
+            print(f"| {sc} | {NAMES[ro]} | {100 * mean('cache_hit_rate'):.1f}% | "
+                  f"{mean('requests_per_sec'):.0f} | {mean('ttft_p50_ms'):.1f} | "
+                  f"{mean('ttft_p99_ms'):.1f} | {100 * spread:.0f}% | {failed} | {share} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--routings", default=",".join(ROUTINGS))
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--out", default="bench-routing.jsonl")
+    ap.add_argument("--table", metavar="FILE", help="print the table of a results file")
+    a = ap.parse_args()
+    if a.table:
+        table(a.table)
+        return
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for sc in a.scenarios.split(","):
+            for ro in a.routings.split(","):
+                rep = None
+                for attempt in (1, 2):  # a start-up failure (a port taken meanwhile) is retried
+                    try:
+                        rep = run(sc, ro, seed)
+                        break
+                    except Exception as e:  # one failed run must not end the sweep
+                        print(f"{sc} {ro} seed {seed} (attempt {attempt}): {e}", file=sys.stderr)
+                if rep is None:
+                    continue
+                with open(a.out, "a") as f:
+                    f.write(json.dumps(rep) + "\n")
+                print(f"{sc:16} {ro:9} seed {seed}: hit {100 * (rep['cache_hit_rate'] or 0):5.1f}% "
+                      f"{rep['requests_per_sec']:7.1f} req/s ttft p50 {rep['ttft_p50_ms']:6.1f} "
+                      f"p99 {rep['ttft_p99_ms']:7.1f} failed {rep['failed']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
