@@ -203,9 +203,10 @@ impl Model {
             a.swap(col, pivot);
             for row in 0..n {
                 if row != col {
-                    let f = a[row][col] / a[col][col];
-                    for k in col..4 {
-                        a[row][k] -= f * a[col][k];
+                    let pivot_row = a[col];
+                    let f = a[row][col] / pivot_row[col];
+                    for (v, p) in a[row].iter_mut().zip(pivot_row).skip(col) {
+                        *v -= f * p;
                     }
                 }
             }
