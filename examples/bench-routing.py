@@ -47,7 +47,7 @@ SCENARIOS = {
                                "--questions", "150", "--concurrency", "128"]),
     "restart": dict(n=4, churn="restart",
                     bench=["--workload", "shared-prefix", "--groups", "32", "--questions",
-                           "200", "--concurrency", "128"]),
+                           "500", "--concurrency", "128"]),
     "scale-out": dict(n=4, churn="add",
                       bench=["--workload", "shared-prefix", "--groups", "40", "--questions",
                              "150", "--concurrency", "128"]),
@@ -85,9 +85,9 @@ class Fleet:
     def __init__(self):
         self.procs = []
 
-    def start(self, argv):
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    def start(self, argv, log=None):
+        err = open(log, "a") if log else subprocess.DEVNULL
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         self.procs.append(p)
         return p
 
@@ -127,14 +127,16 @@ def run(scenario, routing, seed):
         workers = urls[:sc["n"]]
         # Both routers check health every second, so a restarted worker is seen alike.
         common = ["--host", "127.0.0.1", "--port", str(rport), "--worker-urls", *workers,
-                  "--health-check-interval-secs", "1", "--log-level", "warn"]
+                  "--health-check-interval-secs", "1", "--log-level",
+                  os.environ.get("ROUTER_LOG_LEVEL", "warn")]
         if routing in ("cost", "ca5", "ca3", "rr"):
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
                       "ca3": ["--policy", "cache_aware", "--cache-threshold", "0.3",
                               "--balance-abs-threshold", "64",
                               "--balance-rel-threshold", "1.5"],
                       "rr": ["--policy", "round_robin"]}[routing]
-            fleet.start([f"{BIN}/routerd", *common, *policy])
+            # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
+            fleet.start([f"{BIN}/routerd", *common, *policy], os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")
         elif routing == "sgl":
             fleet.start([sys.executable, "-m", "sglang_router.launch_router", *common,

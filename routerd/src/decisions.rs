@@ -56,6 +56,9 @@ pub struct View {
     pub branch: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_ratio: Option<f64>,
+    /// cost_aware: the estimated time to first token on the chosen worker, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<f64>,
     pub imbalanced: bool,
     pub worker: String,
     /// The load of each worker the policy could choose from.
@@ -96,6 +99,7 @@ impl Record {
             policy: self.policy.into(),
             branch: d.branch.into(),
             match_ratio: d.match_ratio.map(|r| (r * 1000.0).round() / 1000.0),
+            estimate_ms: d.estimate_ms.map(|e| (e * 100.0).round() / 100.0),
             imbalanced: d.imbalanced,
             worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),
             loads: self.loads.iter().map(|(w, l)| (w.url().to_owned(), *l)).collect(),
@@ -107,10 +111,13 @@ impl Record {
         let v = self.view();
         let loads: serde_json::Map<String, Value> =
             v.loads.into_iter().map(|(u, l)| (u, json!(l))).collect();
-        json!({"pool": v.pool, "policy": v.policy, "branch": v.branch,
-               "match_ratio": v.match_ratio, "imbalanced": v.imbalanced,
-               "worker": v.worker, "loads": loads})
-        .to_string()
+        let mut h = json!({"pool": v.pool, "policy": v.policy, "branch": v.branch,
+                           "match_ratio": v.match_ratio, "imbalanced": v.imbalanced,
+                           "worker": v.worker, "loads": loads});
+        if let Some(e) = v.estimate_ms {
+            h["estimate_ms"] = json!(e);
+        }
+        h.to_string()
     }
 }
 

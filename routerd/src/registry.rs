@@ -96,9 +96,6 @@ pub struct Worker {
     /// Requests sent to this worker by cost_aware that have not had their first bytes back
     /// (queued for a batch slot, or in prefill).
     pub pending_requests: AtomicU64,
-    /// A connection was refused since the cache-aware policy last looked: the process was
-    /// down, so its KV cache is empty whatever the policy's tree says.
-    pub cache_lost: AtomicBool,
     pub healthy: AtomicBool,
     /// Keep-alive connections to this worker, for the inference path.
     pub idle: crate::http1::pool::IdleConns,
@@ -199,7 +196,6 @@ impl Worker {
             prompt_tokens: AtomicU64::new(0),
             pending_prefill: AtomicU64::new(0),
             pending_requests: AtomicU64::new(0),
-            cache_lost: AtomicBool::new(false),
             cached_tokens: AtomicU64::new(0),
             polled_load: AtomicU64::new(0),
             polled: AtomicBool::new(false),

@@ -86,3 +86,49 @@ async fn unreachable_router_is_a_clear_error() {
         "{err:#}"
     );
 }
+
+#[tokio::test]
+async fn zipf_through_the_router_with_a_command_part_way() {
+    let ws = fleet(2, |a| a.zero_compute = true).await;
+    let r = router(router_config("cost_aware", &[&ws[0], &ws[1]])).await;
+    let mark = std::env::temp_dir().join(format!("routerd-bench-exec-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let cmd = format!("echo ran > {}", mark.display());
+    let rep = execute(&args(&[
+        "--url",
+        &r.url(),
+        "--workload",
+        "zipf",
+        "--groups",
+        "6",
+        "--questions",
+        "5",
+        "--at-fraction",
+        "0.5",
+        "--exec",
+        &cmd,
+    ]))
+    .await
+    .unwrap();
+    assert_eq!((rep.ok, rep.failed), (30, 0), "{:?}", rep.first_errors);
+    assert!(rep.workload.starts_with("zipf"), "{}", rep.workload);
+    let event = rep.event.expect("the command ran");
+    assert!(event.starts_with("after 15 answers ran") && event.contains("exited 0"), "{event}");
+    assert_eq!(std::fs::read_to_string(&mark).unwrap(), "ran\n");
+    std::fs::remove_file(&mark).unwrap();
+    // Hot groups repeat: most prompt tokens hit.
+    assert!(rep.cache_hit_rate.unwrap() > 0.5, "{:?}", rep.cache_hit_rate);
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+#[test]
+fn exec_needs_a_fraction_and_a_fraction_is_between_0_and_1() {
+    let e = Wrap::try_parse_from(["bench", "--exec", "true"]).err().unwrap().to_string();
+    assert!(e.contains("--at-fraction"), "{e}");
+    let e = Wrap::try_parse_from(["bench", "--at-fraction", "1.5", "--exec", "true"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a fraction between 0 and 1"), "{e}");
+}

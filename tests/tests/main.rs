@@ -4,6 +4,7 @@
 mod bench_tool;
 mod router_behaviour;
 mod router_cache_aware;
+mod router_cost_aware;
 mod router_discovery;
 mod router_dp;
 mod router_dropin;

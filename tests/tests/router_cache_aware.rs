@@ -6,7 +6,7 @@ use serde_json::json;
 
 /// Sends `groups` system prompts with `questions` each, interleaved; returns the fleet's hit
 /// rate (cached / prompt tokens) as the workers measured it.
-async fn shared_prefix_hit_rate(policy: &str) -> f64 {
+pub(crate) async fn shared_prefix_hit_rate(policy: &str) -> f64 {
     let ws = fleet(4, |a| a.zero_compute = true).await;
     let refs: Vec<_> = ws.iter().collect();
     let r = router(router_config(policy, &refs)).await;
@@ -44,7 +44,7 @@ async fn shared_prefix_hit_rate(policy: &str) -> f64 {
             )
         });
     assert_eq!(reported, (cached, prompt), "router-side usage accounting matches /sim/stats");
-    if policy == "cache_aware" {
+    if policy != "round_robin" {
         let tree: u64 = views["workers"]
             .as_array()
             .unwrap()

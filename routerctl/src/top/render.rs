@@ -160,8 +160,9 @@ fn render_events(f: &mut Frame, s: &State, area: Rect) {
         .take(dec.height.saturating_sub(2) as usize)
         .map(|d| {
             let ratio = d.match_ratio.map_or(String::new(), |r| format!(" {:.0}%", r * 100.0));
+            let eta = d.estimate_ms.map_or(String::new(), |e| format!(" ~{e:.0}ms"));
             let worker = d.worker.rsplit('/').next().unwrap_or(&d.worker);
-            Line::from(format!("{} {}{ratio} -> {worker}", d.route, d.branch))
+            Line::from(format!("{} {}{ratio}{eta} -> {worker}", d.route, d.branch))
         })
         .collect();
     f.render_widget(

@@ -65,9 +65,6 @@ pub enum WireError {
     Timeout,
     /// No connection could be made.
     Connect(String),
-    /// The worker's host refused the connection: nothing listens on the port (the process is
-    /// down, and its cache with it).
-    Refused(String),
     /// The worker closed, reset or broke the protocol.
     Failed(String),
 }
@@ -77,7 +74,7 @@ impl std::fmt::Display for WireError {
         match self {
             WireError::ClientGone => f.write_str("the client went away"),
             WireError::Timeout => f.write_str("timed out"),
-            WireError::Connect(e) | WireError::Refused(e) => write!(f, "cannot connect: {e}"),
+            WireError::Connect(e) => write!(f, "cannot connect: {e}"),
             WireError::Failed(e) => f.write_str(e),
         }
     }
@@ -156,9 +153,6 @@ async fn connect(target: Target<'_>, timeout: Duration) -> Result<TcpStream, Wir
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
-        }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(WireError::Refused(e.to_string()))
         }
         Ok(Err(e)) => Err(WireError::Connect(e.to_string())),
         Err(_) => Err(WireError::Connect(format!("no answer in {timeout:?}"))),

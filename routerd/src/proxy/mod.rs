@@ -52,12 +52,7 @@ pub(crate) async fn send(
     let head_deadline = deadline.min(Instant::now() + header);
     exchange(worker.target(), request, client, connect, head_deadline).await.map_err(|e| match e {
         WireError::ClientGone => Stop::Closed,
-        e => {
-            if matches!(e, WireError::Refused(_)) {
-                worker.cache_lost.store(true, Relaxed);
-            }
-            Stop::Failed(worker.wire_error(e, header))
-        }
+        e => Stop::Failed(worker.wire_error(e, header)),
     })
 }
 
