@@ -129,7 +129,9 @@ def run(scenario, routing, seed):
         common = ["--host", "127.0.0.1", "--port", str(rport), "--worker-urls", *workers,
                   "--health-check-interval-secs", "1", "--log-level",
                   os.environ.get("ROUTER_LOG_LEVEL", "warn")]
+        mport = free_port()
         if routing in ("cost", "ca5", "ca3", "rr"):
+            common += ["--prometheus-port", str(mport)]
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
                       "ca3": ["--policy", "cache_aware", "--cache-threshold", "0.3",
                               "--balance-abs-threshold", "64",
@@ -172,6 +174,16 @@ def run(scenario, routing, seed):
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
         rep.update(scenario=scenario, routing=routing, seed=seed)
+        if routing in ("cost", "ca5", "ca3", "rr"):
+            # routerd's own view of the run: its routing decisions by branch.
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2) as m:
+                    text = m.read().decode()
+                rep["decisions"] = {line.split('branch="')[1].split('"')[0]: float(line.split()[-1])
+                                    for line in text.splitlines()
+                                    if line.startswith("sgl_router_routing_decisions_total")}
+            except Exception:
+                pass
         return rep
     finally:
         fleet.stop()
