@@ -219,6 +219,8 @@ def table(path):
                 for i, (w, n) in enumerate(sorted(r["per_worker"].items())):
                     shares.setdefault(i, []).append(n / total)
             share = "/".join(f"{100 * sum(v) / len(v):.0f}" for v in shares.values())
+            if ro == "sgl":
+                share = "n/a (no worker header)"
             failed = sum(r["failed"] for r in rs)
             print(f"| {sc} | {NAMES[ro]} | {100 * mean('cache_hit_rate'):.1f}% | "
                   f"{mean('requests_per_sec'):.0f} | {mean('ttft_p50_ms'):.1f} | "
