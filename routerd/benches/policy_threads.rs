@@ -78,7 +78,7 @@ fn run(
 
 fn decide_from_threads(c: &mut Criterion) {
     let ws = Arc::new(workers(8));
-    for name in ["cache_aware", "round_robin", "power_of_two"] {
+    for name in ["cache_aware", "cost_aware", "round_robin", "power_of_two"] {
         let flags = Flags { policy: Some(name.into()), ..Default::default() };
         let policy = routerd::policy::build(&Config::build(None, &flags).unwrap().policy);
         let mut g = c.benchmark_group(format!("decide/{name}"));
