@@ -54,6 +54,8 @@ const LOST_CACHE_STREAK: u32 = 5;
 /// shares, weight 0.1 each) before.
 const TRUSTED: f64 = 0.7;
 const ACCURACY_RATE: f64 = 0.1;
+/// Answers the fit needs before cost may trade a prefix match for a shorter wait.
+const WARM_UP: u64 = 64;
 /// Forgetting factor of the fleet's estimator: about the last 500 answers count.
 const FORGET: f64 = 0.998;
 /// Weight of each answer in a worker's slowness (an exponential average of log ratios).
@@ -161,8 +163,11 @@ impl Model {
             self.xy[i] = FORGET * self.xy[i] + x[i] * y;
         }
         self.samples += 1;
-        if let Some(theta) = self.fit() {
-            self.theta = theta;
+        // The sums take every answer; the fit (7 small solves) is redone every 8th once warm.
+        if self.samples < 64 || self.samples % 8 == 0 {
+            if let Some(theta) = self.fit() {
+                self.theta = theta;
+            }
         }
     }
 
@@ -332,6 +337,12 @@ impl Policy for CostAware {
         // (Against the mean plus the prompt: trees much smaller than the prompt evict nothing.)
         let mean_size = sizes.iter().sum::<f64>() / sizes.len() as f64 + text_chars as f64 + 1.0;
         let mean_load = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
+        // The queue at the best match's holder: a copy made to a worker with nothing queued
+        // is made once and relieves that queue from then on, so its one-time costs are spread
+        // over it. (Spread onto any worker, copies stormed onto newcomers and restarted workers.)
+        let holder =
+            (0..usable.len()).max_by_key(|&k| (matched[k], std::cmp::Reverse(pending[k].1)));
+        let relief = holder.map_or(1.0, |h| (pending[h].1 as f64).max(1.0));
         let (mut estimates, mut costs) = (Vec::new(), Vec::new());
         for k in 0..usable.len() {
             let uncached = (text_chars - matched[k]) as f64;
@@ -342,7 +353,8 @@ impl Policy for CostAware {
             let delays = prefill * (loads[k] as f64).max(mean_load);
             let evicts = prefill * sizes[k] / mean_size;
             estimates.push(own);
-            costs.push(own + delays + evicts);
+            let spread = if waiting == 0 && sizes[k] <= mean_size { relief } else { 1.0 };
+            costs.push(own + (delays + evicts) / spread);
         }
         let cheapest = costs.iter().copied().fold(f64::INFINITY, f64::min);
         let best_match = matched.iter().copied().max().unwrap_or(0);
@@ -351,7 +363,9 @@ impl Policy for CostAware {
         // (Placing it by the moment's queue instead left conversations unevenly spread and
         // cost 5-13% of multi-turn throughput.) Otherwise near-ties of cost go by locality.
         let new_prefix = best_match * 10 < text_chars;
-        let bound = if new_prefix {
+        // Until the fit has seen enough answers its figures are guesses: keep to locality.
+        let warming = st.fleet.samples < WARM_UP;
+        let bound = if new_prefix || warming {
             f64::INFINITY
         } else {
             (cheapest * (1.0 + TIE_FRACTION)).max(cheapest + TIE_MS)

@@ -76,14 +76,56 @@ fn locality_wins_until_the_holders_queue_costs_more_than_the_prompt_elsewhere() 
     let home = first.index;
     let second = p.decide(&ws, &req(&format!("{sys} question 1"))).unwrap();
     assert_eq!((second.index, second.branch), (home, "hit"));
-    // Requests in flight (decoding) do not move it; a long queue for a batch slot does.
+    // Requests in flight (decoding) do not move it; a long queue for a batch slot does, once
+    // the fit has seen enough answers to be trusted (until then, locality holds).
     let _busy: Vec<_> = (0..10).map(|_| ws[home].start_request()).collect();
     assert_eq!(p.decide(&ws, &req(&format!("{sys} question 2"))).unwrap().index, home);
     queue(&ws[home], 200);
-    let moved = p.decide(&ws, &req(&format!("{sys} question 3"))).unwrap();
+    let warming = p.decide(&ws, &req(&format!("{sys} question 3"))).unwrap();
+    assert_eq!((warming.index, warming.branch), (home, "hit"));
+    for i in 0..WARM_UP {
+        observe(
+            &p,
+            &ws[(i % 3) as usize],
+            2000 + 100 * i as usize,
+            i % 7,
+            5.0 + 2.0 * (i % 7) as f64,
+        );
+    }
+    let moved = p.decide(&ws, &req(&format!("{sys} question 4"))).unwrap();
     assert_ne!(moved.index, home);
     assert_eq!(moved.branch, "balance");
     assert!(moved.estimate_ms.unwrap() > 0.0);
+}
+
+#[test]
+fn a_copy_to_an_idle_worker_is_worth_it_when_the_holders_queue_is_long() {
+    let ws = workers(2);
+    let p = CostAware::default();
+    let sys = "a hot group's system prompt ".repeat(200);
+    p.decide(&ws[..1], &req(&sys)).unwrap();
+    p.decide(&ws[1..], &req("the other worker holds a little of its own")).unwrap();
+    for i in 0..WARM_UP {
+        observe(
+            &p,
+            &ws[(i % 2) as usize],
+            1000 + 50 * i as usize,
+            i % 5,
+            3.0 + 1.0 * (i % 5) as f64,
+        );
+    }
+    // Both busy decoding; the holder has a queue for slots, the other none.
+    let _a: Vec<_> = (0..20).map(|_| ws[0].start_request()).collect();
+    let _b: Vec<_> = (0..16).map(|_| ws[1].start_request()).collect();
+    queue(&ws[0], 4);
+    assert_eq!(p.decide(&ws, &req(&format!("{sys} q1"))).unwrap().index, 0, "a short queue");
+    // A long one: the copy, made once, relieves every request queued at the holder.
+    queue(&ws[0], 40);
+    let d = p.decide(&ws, &req(&format!("{sys} q2"))).unwrap();
+    assert_eq!((d.index, d.branch), (1, "balance"));
+    // From then on both hold it.
+    let d = p.decide(&ws, &req(&format!("{sys} q3"))).unwrap();
+    assert_eq!((d.index, d.branch), (1, "hit"));
 }
 
 #[test]
