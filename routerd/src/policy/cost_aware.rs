@@ -164,7 +164,7 @@ impl Model {
         }
         self.samples += 1;
         // The sums take every answer; the fit (7 small solves) is redone every 8th once warm.
-        if self.samples < 64 || self.samples % 8 == 0 {
+        if self.samples < WARM_UP || self.samples.is_multiple_of(8) {
             if let Some(theta) = self.fit() {
                 self.theta = theta;
             }
