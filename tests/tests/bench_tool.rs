@@ -1,8 +1,9 @@
 //! `routerctl bench` against a real router and simulated workers, and in perfect-affinity mode.
 
 use clap::Parser;
-use routerctl::bench::{execute, BenchArgs};
-use routerd_e2e::{fleet, router, router_config, shutdown_all};
+use routerctl::bench::{execute, BenchArgs, CacheTally};
+use routerd_e2e::{client, fleet, post_json, router, router_config, shutdown_all, sim};
+use serde_json::json;
 
 #[derive(Parser)]
 struct Wrap {
@@ -131,4 +132,46 @@ fn exec_needs_a_fraction_and_a_fraction_is_between_0_and_1() {
         .unwrap()
         .to_string();
     assert!(e.contains("not a fraction between 0 and 1"), "{e}");
+}
+
+/// A worker that restarts mid-run (its counters back at zero, under a new `instance`) counts
+/// from zero again; one that was not there at the start counts whole.
+#[tokio::test]
+async fn the_cache_tally_follows_restarted_and_joining_workers() {
+    let a = sim(|s| s.zero_compute = true).await;
+    let port = a.addr.port();
+    let url = a.url();
+    let prompt = json!({"text": "a prompt long enough to be cached by the engine", "sampling_params": {"max_new_tokens": 1}});
+    let http = client();
+    // Traffic before the run: not counted.
+    assert_eq!(post_json(format!("{url}/generate"), &prompt).await.0, 200);
+    let mut tally = CacheTally::default();
+    tally.sample(&http, std::slice::from_ref(&url), true).await;
+    assert_eq!(tally.totals(), Some((0, 0)));
+    for _ in 0..3 {
+        assert_eq!(post_json(format!("{url}/generate"), &prompt).await.0, 200);
+    }
+    tally.sample(&http, std::slice::from_ref(&url), false).await;
+    let (cached, prompt_tokens) = tally.totals().unwrap();
+    assert!(prompt_tokens > 0 && cached > 0, "{cached} of {prompt_tokens}");
+    // Restarted empty on the same port: its one request counts whole, nothing is lost or
+    // taken away.
+    a.crash().await;
+    let b = sim(|s| {
+        s.port = port;
+        s.zero_compute = true;
+    })
+    .await;
+    assert_eq!(post_json(format!("{url}/generate"), &prompt).await.0, 200);
+    tally.sample(&http, std::slice::from_ref(&url), false).await;
+    let (cached2, prompt2) = tally.totals().unwrap();
+    assert_eq!(cached2, cached, "a fresh cache has nothing cached");
+    assert_eq!(prompt2, prompt_tokens + prompt_tokens / 3, "the restarted worker's one request");
+    // A worker that joins mid-run counts from its start.
+    let c = sim(|s| s.zero_compute = true).await;
+    assert_eq!(post_json(format!("{}/generate", c.url()), &prompt).await.0, 200);
+    tally.sample(&http, &[url.clone(), c.url()], false).await;
+    assert_eq!(tally.totals().unwrap().1, prompt2 + prompt_tokens / 3);
+    b.shutdown().await;
+    c.shutdown().await;
 }

@@ -178,7 +178,7 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let mut tally = shared.tally.lock().await;
     tally.sample(&shared.http, &workers, false).await;
-    let sim = tally.known.then_some((tally.cached, tally.prompt));
+    let sim = tally.totals();
     let samples = std::mem::take(&mut *shared.samples.lock().expect("samples"));
     let mut report = Report::build(args, &url, elapsed, &samples, sim);
     report.event = shared.event.lock().expect("event").take();
@@ -195,7 +195,7 @@ struct Hook {
 /// whose `instance` changed (it restarted) or that was not there at the start (it joined)
 /// counts from zero; a worker that does not answer a sample is left out of that sample.
 #[derive(Default)]
-struct CacheTally {
+pub struct CacheTally {
     seen: std::collections::HashMap<String, (String, u64, u64)>,
     cached: u64,
     prompt: u64,
@@ -204,7 +204,13 @@ struct CacheTally {
 }
 
 impl CacheTally {
-    async fn sample(&mut self, http: &reqwest::Client, workers: &[String], first: bool) {
+    /// (cached, prompt) tokens counted so far, when the first sample found any worker.
+    pub fn totals(&self) -> Option<(u64, u64)> {
+        self.known.then_some((self.cached, self.prompt))
+    }
+
+    /// Reads every worker's `/sim/stats`; `first` sets the baseline.
+    pub async fn sample(&mut self, http: &reqwest::Client, workers: &[String], first: bool) {
         for w in workers {
             let Ok(resp) = http.get(format!("{w}/sim/stats")).send().await else { continue };
             let Ok(v) = resp.json::<Value>().await else { continue };
