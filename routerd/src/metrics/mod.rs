@@ -379,14 +379,7 @@ mod tests {
             }
         }
         let m = Metrics::new();
-        let d = crate::policy::Decision {
-            index: 0,
-            branch: "hit",
-            match_ratio: None,
-            imbalanced: false,
-            matched_chars: 0,
-            estimate_ms: None,
-        };
+        let d = crate::policy::Decision { branch: "hit", ..Default::default() };
         m.decision("prefill", "cache_aware", &d);
         m.request(Route::Chat, 503, Duration::from_millis(1));
         let text = m.handle.render();

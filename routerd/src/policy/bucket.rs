@@ -180,14 +180,7 @@ impl Policy for Bucket {
         let url = workers[index].url().to_owned();
         *st.chars.entry(url.clone()).or_default() += len as u64;
         st.window.push_back((now, len, url));
-        Some(Decision {
-            index,
-            branch,
-            match_ratio: None,
-            imbalanced,
-            matched_chars: 0,
-            estimate_ms: None,
-        })
+        Some(Decision { index, branch, imbalanced, ..Default::default() })
     }
 
     fn reconfigure(&self, cfg: &crate::config::PolicyConfig) {

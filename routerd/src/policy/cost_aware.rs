@@ -1,34 +1,34 @@
 //! cost_aware: send each request where it will get its first token soonest, by an estimate
-//! each worker's own answers keep correcting.
+//! the workers' own answers keep correcting, counting what the choice costs everyone else.
 //!
-//! For every routable worker `w` the request's time to first token is estimated as
+//! For every routable worker `w`, in ms:
 //!
 //! ```text
-//! ttft(w) = c_w + p_w * (pending_w + uncached_w) / 1000 + q_w * in_flight_w      (ms)
+//! ttft(w) = slowness_w * (c + p * (pending_w + uncached_w) / 1000 + q * waiting_w)
+//! cost(w) = ttft(w) + (prefill_w * max(in_flight_w, mean in flight)        delays others
+//!                      + prefill_w * tree_w / (mean tree + prompt)) / spread_w   may evict
 //! ```
 //!
-//! - `uncached_w`: the characters of the prompt `w`'s prefix tree does not hold (the same
-//!   approximate tree as cache_aware's);
-//! - `pending_w`: characters sent to `w` that it has not yet answered and did not hold: the
-//!   prefill work queued ahead of this request;
-//! - `in_flight_w`: requests in flight on `w` (routerd's count, or the worker's own `/get_load`
-//!   figure when that is polled and higher);
-//! - `c_w`, `p_w` (ms per 1000 uncached characters) and `q_w` (ms per request in flight) are
-//!   learned per worker by recursive least squares (forgetting factor 0.98) from the time to
-//!   first token of each stream routerd relays, with the uncached part the worker itself
-//!   reported (`cached_tokens`). A slower worker learns larger figures and is given less work,
-//!   with no configuration. A worker that joins starts from the fleet's average.
+//! - `uncached_w`: characters of the prompt `w`'s prefix tree does not hold (the same
+//!   approximate tree as cache_aware's); `prefill_w` their prefill time;
+//! - `pending_w`, `waiting_w`: characters and requests sent to `w` whose first bytes have not
+//!   come back (the prefill and the queue ahead of this request);
+//! - `c`, `p`, `q`: one fleet-wide non-negative least-squares fit over exponentially weighted
+//!   sums of every streamed answer's time to first token; `slowness_w`: how much slower than
+//!   that fit `w` answers (an exponential average of log ratios), so faster GPUs earn more work;
+//! - `spread_w`: a copy of the prefix to a worker with nothing waiting and room is made once
+//!   and relieves the holder's queue from then on, so its one-time costs are spread over it.
 //!
-//! The request goes to the cheapest worker. Estimates within 10% (and 1 ms) of the cheapest are
-//! near-ties, broken by the longest prefix match (locality), then load, then cache room (the
-//! smaller tree), then at random.
+//! The cheapest worker wins; costs within 10% (or 1 ms) are near-ties, broken by locality, then
+//! load, then cache room. A new prefix (nobody holds a tenth of it) goes where the cache has
+//! most room, as cache_aware's miss does; until the fit has 64 answers, a prefix's holder
+//! always gets it.
 //!
-//! Self-correction: when a worker reports far fewer cached tokens than its tree predicted
-//! (predicted share minus reported share above 0.25), its oldest tree entries are evicted
-//! until its share of the tree is 20% smaller (its real cache is smaller than the tree
-//! thought: LRU eviction under pressure, a flush). Three such answers in a row, each with less
-//! than half the predicted share, mean the worker lost its cache (a restart): its entries are
-//! dropped. A worker that comes back after being unhealthy starts empty too (`worker_reset`).
+//! Self-correction: a worker whose predictions held (reported / predicted cached share averaging
+//! above 0.7) and that then answers 5 times in a row with under a tenth of a predicted share of
+//! at least 0.25 lost its cache (a restart, a flush behind the router's back): its entries are
+//! dropped. A worker back from being unhealthy starts empty too (`worker_reset`).
+//! docs/policies.md has the figures behind these choices.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -70,17 +70,12 @@ pub struct CostAware {
 struct State {
     tree: Tree,
     ids: TenantIds,
-    /// The fleet's cost figures, learned from every answer (scaled by each worker's slowness).
+    /// The fleet's cost figures, learned from every streamed answer.
     fleet: Model,
     workers: HashMap<Tenant, WorkerState>,
-    corrections: Corrections,
-}
-
-/// How often the picture was corrected from the workers' answers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Corrections {
-    /// A worker's tree share was dropped (its cache was lost: restart, flush, recovery).
-    pub cleared: u64,
+    /// How often a worker's tree share was dropped (its cache was lost: restart, flush,
+    /// recovery from unhealthy).
+    cache_clears: u64,
 }
 
 /// What is learned of one worker: how much slower (> 1) or faster than the fleet's figures it
@@ -107,7 +102,7 @@ impl WorkerState {
 /// sensible.
 #[derive(Debug, Clone)]
 struct Model {
-    /// Weighted sums of x x^T and x y, x = [1, kchars ahead, in flight], y = ms.
+    /// Weighted sums of x x^T and x y, x = [1, kchars ahead, requests waiting], y = ms.
     xx: [[f64; 3]; 3],
     xy: [f64; 3],
     theta: [f64; 3],
@@ -118,7 +113,7 @@ struct Model {
 }
 
 /// Starting figures: 5 ms fixed, 10 ms per 1000 uncached characters (~40 us a token, a mid-size
-/// model on one GPU), 2 ms per request in flight. The first answers replace them.
+/// model on one GPU), 2 ms per request waiting. The first answers replace them.
 const PRIOR: [f64; 3] = [5.0, 10.0, 2.0];
 /// How many answers' worth the starting figures weigh: enough to keep the first fits from
 /// few answers solvable, too little to bias a fit from many.
@@ -140,17 +135,17 @@ impl Model {
     }
 
     /// Estimated time to first token, in ms, on a worker of the fleet's speed with `chars` of
-    /// prefill ahead (its own included) and `in_flight` requests running or waiting.
-    fn estimate(&self, chars: f64, in_flight: f64) -> f64 {
+    /// prefill ahead (its own included) and `waiting` requests ahead.
+    fn estimate(&self, chars: f64, waiting: f64) -> f64 {
         let [c, p, q] = self.figures();
-        c + p * chars / 1000.0 + q * in_flight
+        c + p * chars / 1000.0 + q * waiting
     }
 
     /// One observation: `ttft_ms` for a request sent with `chars` of prefill ahead (its own
-    /// included) and `in_flight` requests on the worker.
-    fn learn(&mut self, chars: f64, in_flight: f64, ttft_ms: f64) {
-        let x = [1.0, chars / 1000.0, in_flight];
-        let predicted = self.estimate(chars, in_flight);
+    /// included) and `waiting` requests ahead of it on the worker.
+    fn learn(&mut self, chars: f64, waiting: f64, ttft_ms: f64) {
+        let x = [1.0, chars / 1000.0, waiting];
+        let predicted = self.estimate(chars, waiting);
         // Clipped once the fit has seen enough to judge what is far off.
         let limit =
             if self.samples < 32 { f64::INFINITY } else { 4.0 * self.mean_abs_err.max(0.5) };
@@ -258,13 +253,14 @@ impl CostAware {
                 ids: TenantIds::default(),
                 fleet: Model::new(),
                 workers: HashMap::new(),
-                corrections: Corrections::default(),
+                cache_clears: 0,
             }),
         }
     }
 
-    pub fn corrections(&self) -> Corrections {
-        self.state.lock().expect("cost_aware state").corrections
+    /// How often a worker's tree share was dropped because its cache was lost.
+    pub fn cache_clears(&self) -> u64 {
+        self.state.lock().expect("cost_aware state").cache_clears
     }
 
     /// The fleet's learned `[c, p, q]`, and a worker's slowness (for tests and the docs).
@@ -376,7 +372,7 @@ impl Policy for CostAware {
                 // Larger is better. A match of under a tenth of the prompt (a common opening)
                 // is no locality.
                 let local = if matched[k] * 10 >= text_chars { matched[k] as u64 } else { 0 };
-                let room = u64::MAX - st.tree.tenant_chars(tenants[k]) as u64;
+                let room = u64::MAX - sizes[k] as u64;
                 let idle = u64::MAX - loads[k];
                 let key = if new_prefix { (room, idle, 0) } else { (local, idle, room) };
                 (k, (key, rng.random::<u32>()))
@@ -434,7 +430,7 @@ impl Policy for CostAware {
                 if w.mispredicted_streak >= LOST_CACHE_STREAK {
                     w.mispredicted_streak = 0;
                     st.tree.remove_tenant(t);
-                    st.corrections.cleared += 1;
+                    st.cache_clears += 1;
                     tracing::info!(
                         worker = worker.url(),
                         "the worker's answers say it lost its cache: its prefix entries are dropped"
@@ -467,7 +463,7 @@ impl Policy for CostAware {
         let mut st = self.state.lock().expect("cost_aware state");
         if let Some(t) = st.ids.get(url) {
             st.tree.remove_tenant(t);
-            st.corrections.cleared += 1;
+            st.cache_clears += 1;
         }
     }
 

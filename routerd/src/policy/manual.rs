@@ -181,16 +181,7 @@ impl Policy for Manual {
         if usable.is_empty() {
             return None;
         }
-        let decision = |index, branch| {
-            Some(Decision {
-                index,
-                branch,
-                match_ratio: None,
-                imbalanced: false,
-                matched_chars: 0,
-                estimate_ms: None,
-            })
-        };
+        let decision = |index, branch| Some(Decision { index, branch, ..Default::default() });
         let Some(key) = req.routing_key.filter(|k| !k.is_empty()) else {
             return decision(usable[rand::rng().random_range(0..usable.len())], NO_KEY);
         };

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 pub use bucket::{Bucket, BucketConfig};
 pub use cache_aware::{Branch, CacheAware, CacheAwareConfig};
-pub use cost_aware::{Corrections, CostAware};
+pub use cost_aware::CostAware;
 pub use manual::{AssignmentMode, Manual, ManualConfig};
 pub use power_of_two::PowerOfTwo;
 pub use random::Random;
@@ -46,7 +46,7 @@ impl RequestInfo<'_> {
 }
 
 /// A routing decision and why it was taken (for decision records and metrics).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Decision {
     /// Index into the workers given.
     pub index: usize,
@@ -69,11 +69,10 @@ pub struct Observation {
     /// worker held.
     pub text_chars: usize,
     pub predicted_chars: usize,
-    /// The worker's pending prefill characters and requests (sent, no first bytes yet), and
-    /// its load, when the request was sent (this request not included).
+    /// The worker's pending prefill characters and requests (sent, no first bytes yet) when
+    /// the request was sent (this request not included).
     pub pending_chars: u64,
     pub pending_requests: u64,
-    pub in_flight: u64,
     /// Time from sending the request to the first bytes of the answer's body (for a stream,
     /// its first event); `None` when the answer had no body.
     pub ttft: Option<std::time::Duration>,
@@ -93,10 +92,7 @@ pub trait Policy: Send + Sync {
         self.select(workers, req).map(|index| Decision {
             index,
             branch: self.name(),
-            match_ratio: None,
-            imbalanced: false,
-            matched_chars: 0,
-            estimate_ms: None,
+            ..Default::default()
         })
     }
 

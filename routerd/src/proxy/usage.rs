@@ -56,7 +56,6 @@ impl Feedback {
             predicted_chars: matched_chars,
             pending_chars: worker.pending_prefill.fetch_add(pending, Relaxed),
             pending_requests: worker.pending_requests.fetch_add(1, Relaxed),
-            in_flight: worker.load(),
             ..Default::default()
         };
         Self { policy, worker, sent: Instant::now(), pending, first: None, o, waiting: true }

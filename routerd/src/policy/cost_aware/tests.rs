@@ -219,7 +219,7 @@ fn a_worker_whose_answers_say_it_lost_its_cache_starts_empty() {
     assert!(p.tree_stats(ws[0].url()).chars > 0, "four misses are not yet a lost cache");
     answered(&p, &ws[0], &text, 0.0);
     assert_eq!(p.tree_stats(ws[0].url()).chars, 0);
-    assert_eq!(p.corrections().cleared, 1);
+    assert_eq!(p.cache_clears(), 1);
     // New prompts now go to the emptied worker, which has the room.
     let d = p.decide(&ws, &req(&format!("brand new {}", "z".repeat(500)))).unwrap();
     assert_eq!((d.index, d.branch), (0, "miss"));
@@ -240,7 +240,7 @@ fn an_evicting_worker_is_not_taken_for_a_restarted_one() {
             answered(&p, &ws[0], &text, 0.0);
         }
     }
-    assert_eq!(p.corrections().cleared, 0);
+    assert_eq!(p.cache_clears(), 0);
     assert!(p.tree_stats(ws[0].url()).chars > 0);
 }
 
