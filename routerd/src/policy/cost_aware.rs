@@ -359,6 +359,9 @@ impl Policy for CostAware {
         // (Placing it by the moment's queue instead left conversations unevenly spread and
         // cost 5-13% of multi-turn throughput.) Otherwise near-ties of cost go by locality.
         let new_prefix = best_match * 10 < text_chars;
+        // A prompt that brings more new text than anyone holds (a first turn after a shared
+        // system prompt) also opens a group: among the near-ties it goes by room too.
+        let opening = best_match * 2 < text_chars;
         // Until the fit has seen enough answers its figures are guesses: keep to locality.
         let warming = st.fleet.samples < WARM_UP;
         let bound = if new_prefix || warming {
@@ -374,7 +377,7 @@ impl Policy for CostAware {
                 let local = if matched[k] * 10 >= text_chars { matched[k] as u64 } else { 0 };
                 let room = u64::MAX - sizes[k] as u64;
                 let idle = u64::MAX - loads[k];
-                let key = if new_prefix { (room, idle, 0) } else { (local, idle, room) };
+                let key = if opening { (room, idle, local) } else { (local, idle, room) };
                 (k, (key, rng.random::<u32>()))
             })
             .max_by(|a, b| a.1.cmp(&b.1))

@@ -160,6 +160,27 @@ fn new_prefixes_go_where_the_cache_has_room() {
 }
 
 #[test]
+fn first_turns_after_a_shared_system_prompt_spread_by_room() {
+    // A burst of conversations opening with one shared system prompt: each first turn
+    // matches a third of its text on whoever holds the prompt, but brings more new text than
+    // that. Each conversation is a group of its own, so they spread over the fleet as new
+    // groups do (and do not all pile onto the first holder of the system prompt).
+    let ws = workers(4);
+    let p = CostAware::default();
+    let sys = "you are a helpful assistant; ".repeat(70);
+    let mut per_worker = [0usize; 4];
+    for i in 0..64 {
+        let text = format!(
+            "{sys}{}",
+            format!("conversation {i} opens with its own long question ").repeat(80)
+        );
+        let d = p.decide(&ws, &req(&text)).unwrap();
+        per_worker[d.index] += 1;
+    }
+    assert!(per_worker.iter().all(|&n| n == 16), "conversations per worker: {per_worker:?}");
+}
+
+#[test]
 fn a_slower_worker_gets_less_work() {
     let ws = workers(2);
     let p = CostAware::default();
