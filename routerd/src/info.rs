@@ -96,6 +96,7 @@ pub async fn get_loads(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 /// `/flush_cache` on every worker; 200 when all flushed, else 502 with each worker's outcome.
+/// Each worker that flushed starts empty in its policy's prefix tree.
 pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
     let workers = app.registry.snapshot().workers.clone();
     let calls = workers.iter().map(|w| {
@@ -117,6 +118,10 @@ pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
             Ok(a) => {
                 let s = a.response.status();
                 all_ok &= s.is_success();
+                if s.is_success() {
+                    // The worker's cache is empty now: so is the policy's picture of it.
+                    app.policy_for(w.spec.role).worker_reset(w.url());
+                }
                 out.push(json!({"url": w.url(), "status": s.as_u16()}));
             }
             Err(e) => {

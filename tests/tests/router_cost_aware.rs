@@ -1,5 +1,6 @@
 //! cost_aware end to end: prefixes stay where they are cached, and a worker whose cache was
-//! lost (flushed behind the router's back, or back from being unhealthy) is seen empty.
+//! lost (flushed behind the router's back or through it, or back from being unhealthy) is seen
+//! empty.
 
 use std::time::Duration;
 
@@ -113,4 +114,25 @@ async fn a_worker_back_from_unhealthy_starts_empty() {
     assert_eq!(tree_chars(&r.url(), &sick.url()).await, 0);
     r.shutdown().await;
     shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn a_flush_through_the_router_empties_the_policys_picture() {
+    for policy in ["cost_aware", "cache_aware"] {
+        let ws = fleet(2, |a| a.zero_compute = true).await;
+        let refs: Vec<_> = ws.iter().collect();
+        let r = router(router_config(policy, &refs)).await;
+        let prompt = format!("A prompt to be flushed. {}", "Filler words here. ".repeat(30));
+        let (home, _) = send(&r.url(), &prompt, false).await;
+        assert!(tree_chars(&r.url(), &home).await > 0, "{policy}");
+        let flushed = client().post(format!("{}/flush_cache", r.url())).send().await.unwrap();
+        assert_eq!(flushed.status(), 200, "{policy}");
+        for w in &ws {
+            assert_eq!(tree_chars(&r.url(), &w.url()).await, 0, "{policy}: {}", w.url());
+        }
+        let (_, again) = send(&r.url(), &prompt, false).await;
+        assert_eq!(again["branch"], "miss", "{policy}: {again}");
+        r.shutdown().await;
+        shutdown_all(ws).await;
+    }
 }
