@@ -25,6 +25,7 @@ fn workers(n: usize) -> Vec<Arc<Worker>> {
                 bootstrap_port: None,
                 api_key: None,
                 source: WorkerSource::Config,
+                tls: Default::default(),
             }))
         })
         .collect()

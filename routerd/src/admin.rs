@@ -164,8 +164,15 @@ async fn register(app: &App, new: NewWorker) -> Result<Arc<Worker>, RouterError>
             ));
         }
     }
-    let spec =
-        WorkerSpec { url, role, bootstrap_port: new.bootstrap_port, api_key: new.api_key, source };
+    let tls = live.config.tls.for_worker(role, &Default::default());
+    let spec = WorkerSpec {
+        url,
+        role,
+        bootstrap_port: new.bootstrap_port,
+        api_key: new.api_key,
+        source,
+        tls,
+    };
     let role = spec.role;
     let via = match source {
         WorkerSource::Launch => "by routerctl launch",

@@ -66,26 +66,32 @@ pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {
 
 /// The configuration's workers (regular, or both PD pools) as registry entries.
 pub fn config_workers(config: &Config) -> Vec<WorkerSpec> {
-    let spec =
-        |url: &str, role, bootstrap_port, api_key: &Option<crate::secret::Secret>| WorkerSpec {
-            url: url.to_owned(),
-            role,
-            bootstrap_port,
-            api_key: api_key.clone(),
-            source: WorkerSource::Config,
-        };
+    let spec = |url: &str,
+                role,
+                bootstrap_port,
+                api_key: &Option<crate::secret::Secret>,
+                tls: &crate::tls::TlsClientSpec| WorkerSpec {
+        url: url.to_owned(),
+        role,
+        bootstrap_port,
+        api_key: api_key.clone(),
+        source: WorkerSource::Config,
+        tls: config.tls.for_worker(role, tls),
+    };
     let mut out: Vec<WorkerSpec> = config
         .workers
         .iter()
-        .map(|w| spec(&w.url, WorkerRole::Regular, None, &w.api_key))
+        .map(|w| spec(&w.url, WorkerRole::Regular, None, &w.api_key, &w.tls))
         .collect();
     if let Some(pd) = &config.pd {
         out.extend(
             pd.prefill
                 .iter()
-                .map(|p| spec(&p.url, WorkerRole::Prefill, p.bootstrap_port, &p.api_key)),
+                .map(|p| spec(&p.url, WorkerRole::Prefill, p.bootstrap_port, &p.api_key, &p.tls)),
         );
-        out.extend(pd.decode.iter().map(|d| spec(&d.url, WorkerRole::Decode, None, &d.api_key)));
+        out.extend(
+            pd.decode.iter().map(|d| spec(&d.url, WorkerRole::Decode, None, &d.api_key, &d.tls)),
+        );
     }
     out
 }
@@ -94,6 +100,8 @@ pub struct App {
     live: ArcSwap<Live>,
     pub registry: Registry,
     pub http: crate::proxy::upstream::Upstream,
+    /// Serving HTTPS: the certificate in use, replaced on reload.
+    pub server_tls: Option<Arc<crate::tls::ServerTls>>,
     /// Set when shutdown begins: readiness fails first.
     pub draining: AtomicBool,
     pub reloader: Reloader,
@@ -112,10 +120,19 @@ pub struct App {
 impl App {
     /// `flags` are what the configuration was built from; a reload rebuilds from them, so flags
     /// keep overriding the file's keys.
-    pub fn new(config: Config, flags: Flags) -> Self {
+    /// Fails only when the configuration's serving certificate no longer loads (it was
+    /// checked when the configuration was built): routerd never serves plain HTTP instead.
+    pub fn new(config: Config, flags: Flags) -> std::io::Result<Self> {
         // DP-aware: no size is known yet, so ranks are registered as `dp::run` learns them.
         let dp = crate::dp::DpState::default();
-        Self {
+        let server_tls = match &config.server.tls {
+            None => None,
+            Some(spec) => {
+                Some(Arc::new(crate::tls::ServerTls::new(spec).map_err(std::io::Error::other)?))
+            }
+        };
+        Ok(Self {
+            server_tls,
             registry: Registry::new(crate::dp::config_specs(&dp, &config)),
             live: ArcSwap::from_pointee(Live::new(config)),
             http: Default::default(),
@@ -130,7 +147,7 @@ impl App {
             started: std::time::Instant::now(),
             discovery: Default::default(),
             dp,
-        }
+        })
     }
 
     /// The current configuration, policy and limiter.

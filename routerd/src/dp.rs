@@ -176,6 +176,7 @@ mod tests {
             bootstrap_port: None,
             api_key: None,
             source: WorkerSource::Config,
+            tls: Default::default(),
         };
         let r = ranks(&spec, 3);
         let urls: Vec<&str> = r.iter().map(|s| s.url.as_str()).collect();

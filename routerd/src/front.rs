@@ -22,6 +22,7 @@ use crate::error::RouterError;
 use crate::http1::head::Head;
 use crate::http1::{cors, respond, BodyError, ClientSession, HeadLimits};
 use crate::proxy::{self, Route};
+use crate::tls::Conn;
 
 /// Bodies of refused requests up to this size are read and dropped so the connection can
 /// serve the next request; larger ones close it.
@@ -45,6 +46,16 @@ pub async fn connection(
     router: Router,
     drain: CancellationToken,
 ) {
+    let stream = match &app.server_tls {
+        None => Conn::Plain(stream),
+        Some(tls) => {
+            let timeout = app.live().config.server.header_read_timeout;
+            match tokio::time::timeout(timeout, tls_handshake(stream, tls, peer)).await {
+                Ok(Some(conn)) => conn,
+                _ => return,
+            }
+        }
+    };
     let mut c = ClientSession::new(stream, peer);
     let mut first = true;
     // Loaded once per request, after its head: the wait for the next head uses the limits
@@ -115,6 +126,39 @@ pub async fn connection(
         };
         if !keep {
             return;
+        }
+    }
+}
+
+/// The TLS handshake of a client of the HTTPS listener. A client speaking plain HTTP to it
+/// gets a 400 that says so (as nginx answers), not a silent close.
+async fn tls_handshake(
+    stream: TcpStream,
+    tls: &crate::tls::ServerTls,
+    peer: SocketAddr,
+) -> Option<Conn> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0] != 0x16 => {
+            // Not a TLS handshake record: plain HTTP, most likely.
+            let e = RouterError::Protocol(
+                StatusCode::BAD_REQUEST,
+                "this port serves HTTPS; the request was sent as plain HTTP".into(),
+            );
+            let mut c = ClientSession::new(Conn::Plain(stream), peer);
+            respond::write(&mut c, e.into_response(), axum::http::Version::HTTP_11, false, false)
+                .await;
+            c.close_lingering().await;
+            return None;
+        }
+        Ok(1) => {}
+        _ => return None,
+    }
+    match tls.acceptor().accept(stream).await {
+        Ok(s) => Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake with a client failed");
+            None
         }
     }
 }

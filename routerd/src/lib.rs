@@ -33,3 +33,4 @@ pub mod secret;
 pub mod security;
 pub mod serve;
 pub mod stats;
+pub mod tls;

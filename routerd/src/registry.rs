@@ -66,6 +66,9 @@ pub struct WorkerSpec {
     pub bootstrap_port: Option<u16>,
     pub api_key: Option<crate::secret::Secret>,
     pub source: WorkerSource,
+    /// How an `https://` worker is verified and which client certificate it is shown
+    /// (resolved: the worker's own settings over its pool's over the top level's).
+    pub tls: crate::tls::TlsClientSpec,
 }
 
 /// A registered worker and its live counters.
@@ -81,6 +84,9 @@ pub struct Worker {
     pub dp_rank: Option<u32>,
     /// `Authorization` value sent to this worker, precomputed.
     pub auth: Option<HeaderValue>,
+    /// `https://` workers: the TLS client and the name their certificate must carry, or why
+    /// there is none (every request to the worker then fails with that reason).
+    pub tls: Option<Result<crate::tls::WorkerTls, String>>,
     pub in_flight: AtomicU64,
     pub requests_total: AtomicU64,
     pub errors_total: AtomicU64,
@@ -180,16 +186,20 @@ impl Worker {
                 v
             });
         let (base, dp_rank) = split_rank(&spec.url);
-        let authority = base
-            .strip_prefix("http://")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| Authority::from_static("invalid.worker"));
+        let (https, rest) = match base.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, base.strip_prefix("http://").unwrap_or(base)),
+        };
+        let authority: Authority =
+            rest.parse().unwrap_or_else(|_| Authority::from_static("invalid.worker"));
+        let tls = https.then(|| crate::tls::WorkerTls::new(&spec.tls, authority.host()));
         Self {
             id: new_id(),
             spec,
             authority,
             dp_rank,
             auth,
+            tls,
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
@@ -216,7 +226,11 @@ impl Worker {
 
     /// Where the wire sends this worker's requests.
     pub fn target(&self) -> crate::http1::worker::Target<'_> {
-        crate::http1::worker::Target { authority: &self.authority, idle: &self.idle }
+        crate::http1::worker::Target {
+            authority: &self.authority,
+            idle: &self.idle,
+            tls: self.tls.as_ref(),
+        }
     }
 
     /// A wire failure before the answer's head as the router's error: whose fault, retryable.
@@ -535,6 +549,7 @@ mod tests {
             bootstrap_port: None,
             api_key: None,
             source: WorkerSource::Api,
+            tls: Default::default(),
         }
     }
 

@@ -6,8 +6,10 @@
 //! What applies live: workers (those that stay keep their state: counters, tree entries; removed
 //! ones finish what they are doing), the policy and its parameters (cache_aware keeps its tree
 //! unless the policy itself changes), limits, timeouts, request id headers, load polling.
-//! What needs a restart: the listen address, the thread count, the shutdown grace and the log
-//! level; a file that changes them is rejected whole.
+//! What needs a restart: the listen address, the thread count, the shutdown grace, the log
+//! level and turning HTTPS on or off; a file that changes them is rejected whole. The serving
+//! certificate is read again on every reload (and when its files change): a new one applies to
+//! new connections, a bad one is rejected and the current one stays.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -78,9 +80,27 @@ pub fn reload(app: &App) -> Outcome {
     let mut last = r.state.lock().expect("reload state");
     let generation = r.generation();
     let outcome = match r.flags.config {
-        None => Outcome::Rejected {
-            generation,
-            errors: vec!["routerd was started without --config: there is no file to reload".into()],
+        // Without a file only the serving certificate (named by flags) can change.
+        None => match &app.server_tls {
+            Some(tls) => match tls.reload(&tls.spec()) {
+                Ok(true) => Outcome::Applied {
+                    generation,
+                    changes: vec!["serving certificate reloaded".into()],
+                },
+                Ok(false) => Outcome::Unchanged { generation },
+                Err(e) => Outcome::Rejected {
+                    generation,
+                    errors: vec![format!(
+                        "server.tls_cert_path: {e}; the current certificate stays"
+                    )],
+                },
+            },
+            None => Outcome::Rejected {
+                generation,
+                errors: vec![
+                    "routerd was started without --config: there is no file to reload".into()
+                ],
+            },
         },
         Some(_) => match Config::load(&r.flags) {
             Err(errors) => Outcome::Rejected {
@@ -127,11 +147,11 @@ pub fn reload(app: &App) -> Outcome {
 fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     let live = app.live();
     let old = &live.config;
-    if *old == new {
-        return Outcome::Unchanged { generation };
-    }
     let (os, ns) = (&old.server, &new.server);
     let mut restart = Vec::new();
+    if os.tls.is_some() != ns.tls.is_some() {
+        restart.push("server.tls_cert_path/tls_key_path (serving HTTPS on or off)".to_owned());
+    }
     if (&os.host, os.port) != (&ns.host, ns.port) {
         restart
             .push(format!("server.host/port: {}:{} -> {}:{}", os.host, os.port, ns.host, ns.port));
@@ -161,7 +181,30 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
             .collect();
         return Outcome::Rejected { generation, errors };
     }
+    // The certificate files may have changed under the same paths: read them again whatever
+    // else changed. (Applied to new handshakes; open connections keep theirs.)
+    let cert_changed = match (&app.server_tls, &ns.tls) {
+        (Some(tls), Some(spec)) => match tls.reload(spec) {
+            Ok(changed) => changed,
+            Err(e) => {
+                let errors =
+                    vec![format!("server.tls_cert_path: {e}; the current certificate stays")];
+                return Outcome::Rejected { generation, errors };
+            }
+        },
+        _ => false,
+    };
+    if *old == new {
+        return if cert_changed {
+            Outcome::Applied { generation, changes: vec!["serving certificate reloaded".into()] }
+        } else {
+            Outcome::Unchanged { generation }
+        };
+    }
     let mut changes = Vec::new();
+    if cert_changed {
+        changes.push("serving certificate reloaded".to_owned());
+    }
     let policy = carry(&live.policy, (&old.policy, &new.policy), &mut changes, "policy");
     let pools = match (&live.pools, &old.pd, &new.pd) {
         (Some(p), Some(o), Some(n)) => Some(PoolPolicies {

@@ -44,7 +44,7 @@ pub fn start_with_flags(
 ) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::new(config, flags));
+    let app = Arc::new(App::new(config, flags)?);
     // A worker that leaves, whoever removed it, is forgotten by its pool's policy.
     let weak = Arc::downgrade(&app);
     app.registry.set_on_removed(Box::new(move |w| {
@@ -60,9 +60,17 @@ pub fn start_with_flags(
     tasks.spawn(crate::metrics::upkeep(app.clone(), cancel.clone()));
     tasks.spawn(crate::discovery::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::dp::run(app.clone(), cancel.clone()));
-    if let Some(path) = app.reloader.source().filter(|_| !app.reloader.watch_disabled()) {
-        if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
-            tasks.spawn(watching);
+    // The configuration file and the serving certificate's files, when watched.
+    let mut watched: Vec<std::path::PathBuf> = app.reloader.source().into_iter().collect();
+    if let Some(tls) = &app.server_tls {
+        let spec = tls.spec();
+        watched.extend([spec.cert_path, spec.key_path]);
+    }
+    if !app.reloader.watch_disabled() {
+        for path in watched {
+            if let Some(watching) = crate::reload::watch_file(app.clone(), path, cancel.clone()) {
+                tasks.spawn(watching);
+            }
         }
     }
     let serving =
@@ -72,7 +80,8 @@ pub fn start_with_flags(
 
 impl Running {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.app.server_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Graceful shutdown: readiness fails, no new connections, in-flight requests and streams

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::tls::Conn;
 
 /// How a server stops: `drain` stops accepting and lets open requests finish for up to
 /// `grace`; `abort` drops every connection immediately.
@@ -48,7 +49,31 @@ pub enum Ended {
 /// `ConnectInfo<SocketAddr>` for the peer address.
 pub async fn serve(listener: TcpListener, app: Router, stop: Stop) -> Ended {
     accept_loop(listener, stop, move |stream, peer, drain| {
-        connection(stream, peer, app.clone(), drain)
+        connection(Conn::Plain(stream), peer, app.clone(), drain)
+    })
+    .await
+}
+
+/// Serves `app` like `serve`, over TLS: each connection's handshake first (within 10 s).
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    stop: Stop,
+    tls: Arc<crate::tls::ServerTls>,
+) -> Ended {
+    accept_loop(listener, stop, move |stream, peer, drain| {
+        let (app, tls) = (app.clone(), tls.clone());
+        async move {
+            let handshake = tls.acceptor().accept(stream);
+            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(s)) => {
+                    let conn = Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
+                    connection(conn, peer, app, drain).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
     })
     .await
 }
@@ -110,7 +135,7 @@ where
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, drain: CancellationToken) {
+async fn connection(stream: Conn, peer: SocketAddr, app: Router, drain: CancellationToken) {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.clone();

@@ -2,6 +2,7 @@
 //! client, and polling with a deadline instead of sleeps.
 
 pub mod fake_k8s;
+pub mod pki;
 
 use std::future::Future;
 use std::time::Duration;

@@ -16,6 +16,7 @@ mod router_reload;
 mod router_reload_load;
 mod router_routes;
 mod router_security;
+mod router_tls;
 mod router_watch;
 mod router_wire;
 mod sim_api;

@@ -99,6 +99,15 @@ pub struct SimArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health and /sim/*.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require a client certificate signed by a CA in this PEM file (mTLS; needs --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub faults: Faults,
 }

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
-use routerd::serve::{serve, Ended, Stop};
+use routerd::serve::{serve, serve_tls, Ended, Stop};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -368,12 +368,32 @@ pub struct SimWorker {
     pub state: Arc<SimState>,
     stop: Stop,
     task: JoinHandle<Ended>,
+    https: bool,
 }
 
 impl SimWorker {
     /// Binds the listeners (port 0 picks free ones) and starts serving.
     pub async fn start(args: SimArgs) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let spec =
+                    routerd::tls::ServeSpec { cert_path: cert.clone(), key_path: key.clone() };
+                let tls = match &args.tls_client_ca {
+                    Some(ca) => routerd::tls::ServerTls::requiring_client_certs(
+                        &spec,
+                        std::slice::from_ref(ca),
+                    ),
+                    None => routerd::tls::ServerTls::new(&spec),
+                };
+                Some(Arc::new(tls.map_err(anyhow::Error::msg)?))
+            }
+            (None, None) if args.tls_client_ca.is_some() => {
+                anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key")
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
         let listener = bind(&args.host, args.port).await?;
         let addr = listener.local_addr()?;
         let boot_listener = match args.role {
@@ -402,7 +422,14 @@ impl SimWorker {
             counters: ServerCounters::default(),
             crash: stop.abort.clone(),
         });
-        let main = serve(listener, app(state.clone()), stop.clone());
+        let https = tls.is_some();
+        let (routes, main_stop) = (app(state.clone()), stop.clone());
+        let main = async move {
+            match tls {
+                Some(tls) => serve_tls(listener, routes, main_stop, tls).await,
+                None => serve(listener, routes, main_stop).await,
+            }
+        };
         let boot = boot_listener.map(|l| {
             let app = Router::new()
                 .route("/sim/bootstrap/{room}", post(bootstrap_route))
@@ -418,11 +445,12 @@ impl SimWorker {
             engine_stop.cancel();
             ended
         });
-        Ok(Self { addr, bootstrap_addr, state, stop, task })
+        Ok(Self { addr, bootstrap_addr, state, stop, task, https })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, lets open requests finish (up to the grace period), stops the engine.

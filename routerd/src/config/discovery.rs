@@ -90,7 +90,17 @@ impl Builder<'_> {
             let key = "discovery.bootstrap_port_annotation";
             self.error(key, &annotation.1, "must not be empty".into());
         }
-        let port = f.service_discovery_port.or(d.port).unwrap_or(80);
+        let https = match d.scheme.as_ref().map(|s| (s.get_ref().as_str(), At::span(s))) {
+            None | Some(("http", _)) => false,
+            Some(("https", _)) => true,
+            Some((other, at)) => {
+                let msg = format!("{other:?} is not a scheme; expected \"http\" or \"https\"");
+                self.error("discovery.scheme", &at, msg);
+                false
+            }
+        };
+        let default_port = if https { 443 } else { 80 };
+        let port = f.service_discovery_port.or(d.port).unwrap_or(default_port);
         if port == 0 {
             let at = At::flag("--service-discovery-port");
             self.error("discovery.port", &at, "must be a port number (1-65535)".into());
@@ -103,6 +113,7 @@ impl Builder<'_> {
             decode_selector: decode.0,
             bootstrap_port_annotation: annotation.0,
             kubeconfig: d.kubeconfig.map(Spanned::into_inner),
+            https,
             api_key,
         })
     }

@@ -248,6 +248,22 @@ pub struct Flags {
     /// `10.0.0.0/8` [default: any but link-local and metadata addresses].
     #[arg(global = true, long, num_args = 1.., value_name = "CIDR")]
     pub allowed_worker_networks: Option<Vec<String>>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key-path).
+    #[arg(global = true, long, value_name = "FILE")]
+    pub tls_cert_path: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, RSA or EC) of --tls-cert-path.
+    #[arg(global = true, long, value_name = "FILE")]
+    pub tls_key_path: Option<PathBuf>,
+    /// PEM CA certificates (files or bundles) trusted for https:// workers, besides the
+    /// system roots.
+    #[arg(global = true, long, num_args = 1.., value_name = "FILE")]
+    pub ca_cert_paths: Option<Vec<PathBuf>>,
+    /// A PEM client certificate chain shown to https:// workers (mTLS; with --client-key-path).
+    #[arg(global = true, long, value_name = "FILE")]
+    pub client_cert_path: Option<PathBuf>,
+    /// The PEM private key of --client-cert-path.
+    #[arg(global = true, long, value_name = "FILE")]
+    pub client_key_path: Option<PathBuf>,
     /// The pod annotation that holds a prefill pod's bootstrap port
     /// [default: sglang.ai/bootstrap-port].
     #[arg(global = true, long)]
@@ -281,11 +297,6 @@ pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
     ("--rate-limit-tokens-per-second", "token-bucket rate limiting"),
     ("--tokenizer-cache-enable-l1", "gRPC routing (local tokenizer)"),
     ("--tokenizer-cache-l1-max-memory", "gRPC routing (local tokenizer)"),
-    ("--tls-cert-path", "serving HTTPS (not yet implemented: TLS is planned)"),
-    ("--tls-key-path", "serving HTTPS (not yet implemented: TLS is planned)"),
-    ("--client-cert-path", "mTLS to workers (not yet implemented: TLS is planned)"),
-    ("--client-key-path", "mTLS to workers (not yet implemented: TLS is planned)"),
-    ("--ca-cert-paths", "HTTPS workers (not yet implemented: TLS is planned)"),
     ("--enable-trace", "OpenTelemetry traces"),
     ("--otlp-traces-endpoint", "OpenTelemetry traces"),
     ("--jwt-issuer", "JWT authentication of the control plane"),

@@ -8,6 +8,7 @@ mod pd;
 mod raw;
 mod sections;
 mod security;
+mod tls;
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -22,6 +23,7 @@ pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{unsupported_flag, Cli, Command, Flags, UNSUPPORTED_SGL_ROUTER_FLAGS};
 use raw::RawConfig;
+pub use tls::TlsConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
@@ -41,6 +43,8 @@ pub struct Config {
     /// Kubernetes service discovery (`None`: off).
     pub discovery: Option<DiscoveryConfig>,
     pub security: SecurityConfig,
+    /// How `https://` workers are verified, and the client certificate they are shown.
+    pub tls: TlsConfig,
 }
 
 /// Who may call the router, and where workers may be (docs/security.md).
@@ -71,6 +75,8 @@ pub struct DiscoveryConfig {
     pub bootstrap_port_annotation: String,
     /// `None`: in-cluster, else `$KUBECONFIG` or `~/.kube/config`.
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Discovered pods are reached over `https` (with `[tls]`) or plain `http`.
+    pub https: bool,
     /// Sent to discovered workers (default: `security.api_key`).
     pub api_key: Option<Secret>,
 }
@@ -168,6 +174,8 @@ pub struct ServerConfig {
     /// An idle keep-alive connection is closed after this.
     #[serde(serialize_with = "ser::duration")]
     pub keep_alive_timeout: Duration,
+    /// Serve HTTPS with this certificate and key (paths only; never the key's content).
+    pub tls: Option<crate::tls::ServeSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +252,8 @@ pub struct PrefillConfig {
     /// Where decode workers fetch the KV cache from; `None` sends `bootstrap_port: null`.
     pub bootstrap_port: Option<u16>,
     pub api_key: Option<Secret>,
+    /// The worker's own TLS keys (over its pool's and the top level's).
+    pub tls: crate::tls::TlsClientSpec,
 }
 
 impl PolicyConfig {
@@ -266,6 +276,8 @@ impl PolicyConfig {
 pub struct WorkerConfig {
     pub url: String,
     pub api_key: Option<Secret>,
+    /// The worker's own TLS keys (over its pool's and the top level's).
+    pub tls: crate::tls::TlsClientSpec,
 }
 
 impl Serialize for PolicyName {
@@ -401,6 +413,7 @@ impl Builder<'_> {
 
     fn config(&mut self, raw: RawConfig, f: &Flags) -> Config {
         let security = self.security(raw.security, f);
+        let tls = self.tls(raw.tls, f);
         let server = self.server(raw.server, f);
         let pools = (raw.policy.prefill_policy.clone(), raw.policy.decode_policy.clone());
         let policy = self.policy(raw.policy, f);
@@ -428,10 +441,12 @@ impl Builder<'_> {
             log_dir: f.log_dir.clone(),
             discovery,
             security,
+            tls,
         }
     }
 
-    fn server(&mut self, s: raw::RawServer, f: &Flags) -> ServerConfig {
+    fn server(&mut self, mut s: raw::RawServer, f: &Flags) -> ServerConfig {
+        let tls = self.serve_tls(s.tls_cert_path.take(), s.tls_key_path.take(), f);
         let host = layered(f.host.clone(), "--host", s.host.as_ref(), "127.0.0.1".to_owned());
         if host.0.trim().is_empty() {
             self.error("server.host", &host.1, "must not be empty".into());
@@ -512,6 +527,7 @@ impl Builder<'_> {
                 .clone()
                 .or(s.cors_allowed_origins)
                 .unwrap_or_default(),
+            tls,
         }
     }
 
@@ -699,28 +715,33 @@ impl Builder<'_> {
         sec: &SecurityConfig,
     ) -> Vec<WorkerConfig> {
         // sgl-router sends --api-key to the workers given on the command line.
-        let given: Vec<(String, Option<Secret>, At)> = match &f.worker_urls {
+        type Given = (String, Option<Secret>, crate::tls::TlsClientSpec, At);
+        let given: Vec<Given> = match &f.worker_urls {
             Some(urls) => urls
                 .iter()
-                .map(|u| (u.clone(), sec.api_key.clone(), At::flag("--worker-urls")))
+                .map(|u| {
+                    let at = At::flag("--worker-urls");
+                    (u.clone(), sec.api_key.clone(), Default::default(), at)
+                })
                 .collect(),
             None => file
                 .into_iter()
                 .enumerate()
                 .map(|(i, mut w)| {
                     let key = self.secret(&format!("workers[{i}].api_key"), w.secret_fields());
-                    (w.url.get_ref().clone(), key, At::span(&w.url))
+                    let tls = self.tls_client(&format!("workers[{i}]"), w.tls_fields());
+                    (w.url.get_ref().clone(), key, tls, At::span(&w.url))
                 })
                 .collect(),
         };
         let mut out: Vec<WorkerConfig> = Vec::new();
-        for (i, (url, api_key, at)) in given.into_iter().enumerate() {
+        for (i, (url, api_key, tls, at)) in given.into_iter().enumerate() {
             let key = format!("workers[{i}].url");
             match normalize_worker_url(&url) {
                 Ok(url) if out.iter().any(|w| w.url == url) => {
                     self.error(&key, &at, format!("duplicate worker {url}"))
                 }
-                Ok(url) => out.push(WorkerConfig { url, api_key }),
+                Ok(url) => out.push(WorkerConfig { url, api_key, tls }),
                 Err(e) => self.error(&key, &at, e),
             }
         }
@@ -774,13 +795,8 @@ pub fn normalize_worker_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim().trim_end_matches('/');
     let uri: http::Uri = trimmed.parse().map_err(|_| format!("{shown:?} is not a valid URL"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // The HTTP client is built without TLS to keep the binary lean; say so rather than
-        // accept a worker that every request would fail on.
-        Some("https") => {
-            return Err(format!("{shown:?}: https workers are not supported by this build"))
-        }
-        _ => return Err(format!("{shown:?} must start with http://")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("{shown:?} must start with http:// or https://")),
     }
     let Some(auth) = uri.authority() else { return Err(format!("{shown:?} has no host")) };
     if auth.as_str().contains('@') {

@@ -53,6 +53,7 @@ impl Builder<'_> {
             self.error("policy.decode_policy", &d_at, msg.into());
         }
         // Workers given by flags get --api-key, as in sgl-router.
+        let mut tls = Vec::new();
         let given: Vec<(String, Option<String>, Option<Secret>, At)> = if !f.prefill.is_empty() {
             let mut given = self.prefill_flags(&f.prefill);
             for g in &mut given {
@@ -66,6 +67,7 @@ impl Builder<'_> {
                 .map(|(i, mut p)| {
                     let port = p.bootstrap_port.as_ref().map(|v| v.get_ref().to_string());
                     let key = self.secret(&format!("prefill[{i}].api_key"), p.secret_fields());
+                    tls.push(self.tls_client(&format!("prefill[{i}]"), p.tls_fields()));
                     (p.url.get_ref().clone(), port, key, At::span(&p.url))
                 })
                 .collect()
@@ -87,9 +89,11 @@ impl Builder<'_> {
                 },
             };
             if let Some(url) = self.pool_url(&format!("prefill[{i}].url"), &url, &at, &mut seen) {
-                pools.prefill.push(PrefillConfig { url, bootstrap_port, api_key });
+                let tls = tls.get(i).cloned().unwrap_or_default();
+                pools.prefill.push(PrefillConfig { url, bootstrap_port, api_key, tls });
             }
         }
+        let mut tls = Vec::new();
         let given: Vec<(String, Option<Secret>, At)> = if !f.decode.is_empty() {
             let key = &sec.api_key;
             f.decode.iter().map(|u| (u.clone(), key.clone(), At::flag("--decode"))).collect()
@@ -99,13 +103,15 @@ impl Builder<'_> {
                 .enumerate()
                 .map(|(i, mut w)| {
                     let key = self.secret(&format!("decode[{i}].api_key"), w.secret_fields());
+                    tls.push(self.tls_client(&format!("decode[{i}]"), w.tls_fields()));
                     (w.url.get_ref().clone(), key, At::span(&w.url))
                 })
                 .collect()
         };
         for (i, (url, api_key, at)) in given.into_iter().enumerate() {
             if let Some(url) = self.pool_url(&format!("decode[{i}].url"), &url, &at, &mut seen) {
-                pools.decode.push(WorkerConfig { url, api_key });
+                let tls = tls.get(i).cloned().unwrap_or_default();
+                pools.decode.push(WorkerConfig { url, api_key, tls });
             }
         }
         Some(pools)

@@ -18,6 +18,28 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     pub discovery: Option<RawDiscovery>,
     pub security: RawSecurity,
+    pub tls: RawTls,
+}
+
+/// `[tls]`: how `https://` workers are verified and the client certificate shown to them;
+/// `[tls.prefill]` and `[tls.decode]` override it for a PD pool.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub ca_cert_paths: Option<Spanned<Vec<std::path::PathBuf>>>,
+    pub client_cert_path: Option<Spanned<std::path::PathBuf>>,
+    pub client_key_path: Option<Spanned<std::path::PathBuf>>,
+    pub prefill: Option<RawTlsClient>,
+    pub decode: Option<RawTlsClient>,
+}
+
+/// The worker TLS keys, as they stand in `[tls]`, a pool's table or a worker's entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTlsClient {
+    pub ca_cert_paths: Option<Spanned<Vec<std::path::PathBuf>>>,
+    pub client_cert_path: Option<Spanned<std::path::PathBuf>>,
+    pub client_key_path: Option<Spanned<std::path::PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +65,7 @@ pub struct RawDiscovery {
     pub decode_selector: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub bootstrap_port_annotation: Option<Spanned<String>>,
     pub kubeconfig: Option<Spanned<std::path::PathBuf>>,
+    pub scheme: Option<Spanned<String>>,
     pub api_key: Option<Spanned<String>>,
     pub api_key_file: Option<Spanned<std::path::PathBuf>>,
     pub api_key_env: Option<Spanned<String>>,
@@ -67,6 +90,8 @@ pub struct RawServer {
     pub header_read_timeout: Option<Spanned<String>>,
     pub keep_alive_timeout: Option<Spanned<String>>,
     pub cors_allowed_origins: Option<Vec<String>>,
+    pub tls_cert_path: Option<Spanned<std::path::PathBuf>>,
+    pub tls_key_path: Option<Spanned<std::path::PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +166,19 @@ pub struct RawPrefill {
     pub api_key: Option<Spanned<String>>,
     pub api_key_file: Option<Spanned<std::path::PathBuf>>,
     pub api_key_env: Option<Spanned<String>>,
+    pub ca_cert_paths: Option<Spanned<Vec<std::path::PathBuf>>>,
+    pub client_cert_path: Option<Spanned<std::path::PathBuf>>,
+    pub client_key_path: Option<Spanned<std::path::PathBuf>>,
+}
+
+impl RawPrefill {
+    pub fn tls_fields(&mut self) -> RawTlsClient {
+        RawTlsClient {
+            ca_cert_paths: self.ca_cert_paths.take(),
+            client_cert_path: self.client_cert_path.take(),
+            client_key_path: self.client_key_path.take(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,9 +188,20 @@ pub struct RawWorker {
     pub api_key: Option<Spanned<String>>,
     pub api_key_file: Option<Spanned<std::path::PathBuf>>,
     pub api_key_env: Option<Spanned<String>>,
+    pub ca_cert_paths: Option<Spanned<Vec<std::path::PathBuf>>>,
+    pub client_cert_path: Option<Spanned<std::path::PathBuf>>,
+    pub client_key_path: Option<Spanned<std::path::PathBuf>>,
 }
 
 impl RawWorker {
+    pub fn tls_fields(&mut self) -> RawTlsClient {
+        RawTlsClient {
+            ca_cert_paths: self.ca_cert_paths.take(),
+            client_cert_path: self.client_cert_path.take(),
+            client_key_path: self.client_key_path.take(),
+        }
+    }
+
     pub fn secret_fields(&mut self) -> super::security::SecretFields {
         super::security::SecretFields {
             inline: self.api_key.take(),

@@ -234,7 +234,7 @@ fn flags_override_the_file() {
     let e = Config::build(None, &bad).unwrap_err();
     assert_eq!(
         e.0[0].to_string(),
-        "flag --worker-urls: workers[0].url: \"nope\" must start with http://"
+        "flag --worker-urls: workers[0].url: \"nope\" must start with http:// or https://"
     );
 }
 
@@ -276,9 +276,8 @@ fn cache_aware_is_the_default_with_sgl_router_parameters() {
 fn worker_urls_are_normalised_and_checked() {
     assert_eq!(normalize_worker_url("http://h:1/").unwrap(), "http://h:1");
     assert_eq!(normalize_worker_url(" http://h ").unwrap(), "http://h");
-    assert!(normalize_worker_url("https://h")
-        .unwrap_err()
-        .contains("https workers are not supported"));
+    assert_eq!(normalize_worker_url("https://h:8443/").unwrap(), "https://h:8443");
+    assert!(normalize_worker_url("ftp://h").unwrap_err().contains("http:// or https://"));
     for bad in ["h:1", "http://", "http://u:p@h:1", "http://h:1/v1", "http://h:1?x=1", "mailto:x"] {
         assert!(normalize_worker_url(bad).is_err(), "{bad}");
     }
@@ -530,4 +529,171 @@ fn help_defaults_are_the_real_defaults() {
     described.sort();
     described.dedup();
     assert_eq!(described.len(), DESCRIPTIVE.len(), "every descriptive default is still in --help");
+}
+
+/// PEM files for the TLS keys' tests: a CA, and two certificate/key pairs it signed.
+struct Pems {
+    dir: std::path::PathBuf,
+}
+
+impl Pems {
+    fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("routerd-cfg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        for stem in ["a", "b"] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+        }
+        std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.join(file)
+    }
+
+    fn p(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
+}
+
+impl Drop for Pems {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn tls_keys_resolve_worker_over_pool_over_top_level() {
+    let f = Pems::new("resolve");
+    let text = format!(
+        r#"
+[server]
+tls_cert_path = "{a}"
+tls_key_path = "{ak}"
+
+[tls]
+ca_cert_paths = ["{ca}"]
+client_cert_path = "{a}"
+client_key_path = "{ak}"
+
+[tls.decode]
+client_cert_path = "{b}"
+client_key_path = "{bk}"
+
+[[prefill]]
+url = "https://p1:8443"
+bootstrap_port = 9000
+
+[[prefill]]
+url = "https://p2:8443"
+ca_cert_paths = ["{a}"]
+
+[[decode]]
+url = "https://d1:8443"
+"#,
+        a = f.p("a.pem"),
+        ak = f.p("a.key"),
+        b = f.p("b.pem"),
+        bk = f.p("b.key"),
+        ca = f.p("ca.pem"),
+    );
+    let c = build(&text, &Flags::default()).unwrap();
+    let serve = c.server.tls.clone().unwrap();
+    assert_eq!((serve.cert_path, serve.key_path), (f.path("a.pem"), f.path("a.key")));
+    let specs = crate::app::config_workers(&c);
+    let by_url = |u: &str| specs.iter().find(|s| s.url == u).unwrap().tls.clone();
+    let p1 = by_url("https://p1:8443");
+    assert_eq!(p1.ca_cert_paths, vec![f.path("ca.pem")]);
+    assert_eq!(p1.client_cert_path, Some(f.path("a.pem")));
+    // A worker's own key replaces the one above it; the others are inherited.
+    let p2 = by_url("https://p2:8443");
+    assert_eq!(p2.ca_cert_paths, vec![f.path("a.pem")]);
+    assert_eq!(p2.client_key_path, Some(f.path("a.key")));
+    // The decode pool's client certificate.
+    let d1 = by_url("https://d1:8443");
+    assert_eq!(
+        (d1.client_cert_path, d1.ca_cert_paths),
+        (Some(f.path("b.pem")), vec![f.path("ca.pem")])
+    );
+    // Flags override the top level, as sgl-router's --ca-cert-paths etc.
+    let flags =
+        Flags { ca_cert_paths: Some(vec![f.path("a.pem"), f.path("b.pem")]), ..Default::default() };
+    let c = build(&text, &flags).unwrap();
+    assert_eq!(c.tls.workers.ca_cert_paths.len(), 2);
+    // The configuration shown never holds a key's content.
+    let shown = serde_json::to_string(&c).unwrap();
+    assert!(shown.contains("a.key") && !shown.contains("PRIVATE KEY"), "{shown}");
+}
+
+#[test]
+fn tls_errors_name_the_file_the_key_and_the_problem() {
+    let f = Pems::new("errors");
+    let text = format!(
+        r#"
+[server]
+tls_cert_path = "{a}"
+tls_key_path = "{bk}"
+
+[tls]
+ca_cert_paths = ["{missing}", "{junk}"]
+client_cert_path = "{a}"
+
+[[workers]]
+url = "https://w:1"
+client_key_path = "{ak}"
+"#,
+        a = f.p("a.pem"),
+        ak = f.p("a.key"),
+        bk = f.p("b.key"),
+        missing = f.p("missing.pem"),
+        junk = f.p("junk.pem"),
+    );
+    let errs = errors(&text);
+    let find = |what: &str| {
+        errs.iter()
+            .find(|e| e.contains(what))
+            .unwrap_or_else(|| panic!("{what} in {errs:#?}"))
+            .clone()
+    };
+    let e = find("server.tls_cert_path");
+    assert!(e.starts_with("r.toml:3:") && e.contains("do not belong together"), "{e}");
+    let e = find("missing.pem");
+    assert!(e.starts_with("r.toml:7:") && e.contains("tls.ca_cert_paths"), "{e}");
+    assert!(find("junk.pem").contains("no PEM"), "{errs:#?}");
+    let e = find("tls.client_key_path");
+    assert!(e.starts_with("r.toml:8:") && e.contains("is needed with client_cert_path"), "{e}");
+    assert!(find("workers[0].client_cert_path").contains("is needed with client_key_path"));
+    // Flags: a certificate without its key, and serving needs both.
+    let flags = Flags {
+        client_cert_path: Some(f.path("a.pem")),
+        tls_key_path: Some(f.path("a.key")),
+        ..Default::default()
+    };
+    let errs: Vec<String> =
+        build("", &flags).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("flag --client-cert-path")
+                && e.contains("--client-key-path is needed")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("flag --tls-key-path") && e.contains("server.tls_cert_path")),
+        "{errs:#?}"
+    );
+    // Nothing in any error is a key's content.
+    assert!(errs.iter().all(|e| !e.contains("PRIVATE")), "{errs:#?}");
 }

@@ -147,8 +147,14 @@ fn apply(app: &App, mut specs: Vec<crate::registry::WorkerSpec>) {
     let sec = &live.config.security;
     let key = live.config.discovery.as_ref().and_then(|d| d.api_key.clone());
     let key = key.or_else(|| sec.api_key.clone());
+    let https = live.config.discovery.as_ref().is_some_and(|d| d.https);
     let mut refused = Vec::new();
     specs.retain_mut(|s| {
+        if https {
+            // Pods are found by address; the scheme is the discovery configuration's.
+            s.url = s.url.replacen("http://", "https://", 1);
+        }
+        s.tls = live.config.tls.for_worker(s.role, &Default::default());
         if let Err(why) = crate::security::check_worker_addr(&s.url, &sec.allowed_worker_networks) {
             refused.push(why);
             return false;

@@ -52,6 +52,7 @@ pub fn worker_of(
         bootstrap_port,
         api_key: None,
         source: WorkerSource::Discovery,
+        tls: Default::default(),
     })
 }
 
@@ -199,6 +200,7 @@ mod tests {
             bootstrap_port: None,
             api_key: None,
             source: WorkerSource::Discovery,
+            tls: Default::default(),
         })
     }
 

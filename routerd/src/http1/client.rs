@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, Version};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +18,7 @@ use super::head::{self, BodyLen, Head, HeadError};
 use super::worker::ResponseHead;
 use super::{header_line, status_line};
 use crate::error::RouterError;
+use crate::tls::Conn;
 
 /// How much of a pipelined next request is buffered while a response is relayed.
 pub const MAX_BUFFERED: usize = 64 * 1024;
@@ -68,7 +68,7 @@ enum Framing {
 
 /// One client connection.
 pub struct ClientSession {
-    stream: TcpStream,
+    stream: Conn,
     peer: SocketAddr,
     /// Bytes read from the client and not consumed yet.
     buf: BytesMut,
@@ -86,7 +86,7 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+    pub fn new(stream: Conn, peer: SocketAddr) -> Self {
         Self {
             stream,
             peer,
@@ -220,6 +220,7 @@ impl ClientSession {
     async fn continue_100(&mut self, head: &Head) -> std::io::Result<()> {
         if head.expect_continue {
             self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            self.stream.flush().await?;
         }
         Ok(())
     }
@@ -335,10 +336,12 @@ impl ClientSession {
         if self.out.is_empty() {
             return true;
         }
-        let wrote = matches!(
-            tokio::time::timeout_at(until, self.stream.write_all(&self.out)).await,
-            Ok(Ok(()))
-        );
+        // (The flush matters on TLS: a record may still sit in the session's buffer.)
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        let wrote = matches!(tokio::time::timeout_at(until, write).await, Ok(Ok(())));
         self.out.clear();
         if wrote && self.out_payload && self.first_payload.is_none() {
             self.first_payload = Some(Instant::now());

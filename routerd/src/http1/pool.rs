@@ -4,28 +4,26 @@
 
 use std::sync::Mutex;
 
-use tokio::net::TcpStream;
+use crate::tls::Conn;
 
 /// Idle connections kept per worker at most.
 const MAX_IDLE: usize = 1024;
 
 #[derive(Debug, Default)]
-pub struct IdleConns(Mutex<Vec<TcpStream>>);
+pub struct IdleConns(Mutex<Vec<Conn>>);
 
 impl IdleConns {
-    pub fn take(&self) -> Option<TcpStream> {
+    pub fn take(&self) -> Option<Conn> {
         loop {
             let conn = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
-            let mut probe = [0u8; 1];
-            match conn.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
-                // Closed, reset, or bytes nobody asked for: not reusable.
-                _ => continue,
+            // Closed, reset, or bytes nobody asked for: not reusable.
+            if conn.idle_usable() {
+                return Some(conn);
             }
         }
     }
 
-    pub fn put(&self, conn: TcpStream) {
+    pub fn put(&self, conn: Conn) {
         let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(conn);

@@ -11,6 +11,8 @@ use bytes::{Buf, BytesMut};
 use http::uri::Authority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::tls::{Conn, WorkerTls};
 use tokio::time::Instant;
 
 use super::chunked::Chunked;
@@ -49,11 +51,13 @@ impl<'a> RequestWriter<'a> {
     }
 }
 
-/// Where a request goes: the worker's address and its idle connections.
+/// Where a request goes: the worker's address, its idle connections, and for an `https://`
+/// worker its TLS client (or why it has none).
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
     pub authority: &'a Authority,
     pub idle: &'a IdleConns,
+    pub tls: Option<&'a Result<WorkerTls, String>>,
 }
 
 /// Why an exchange with a worker did not produce (the rest of) an answer.
@@ -139,24 +143,42 @@ enum Body {
 
 /// A worker's answer: its head, and the connection its body follows on.
 pub struct WorkerResponse {
-    conn: TcpStream,
+    conn: Conn,
     /// Bytes read after the head and not handed out yet.
     buf: BytesMut,
     head: ResponseHead,
     body: Body,
 }
 
-async fn connect(target: Target<'_>, timeout: Duration) -> Result<TcpStream, WireError> {
+/// A new connection (and for an `https://` worker its TLS handshake), within `timeout`.
+async fn connect(target: Target<'_>, timeout: Duration) -> Result<Conn, WireError> {
+    let tls = match target.tls {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => return Err(WireError::Connect(e.clone())),
+    };
     let host = target.authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = target.authority.port_u16().unwrap_or(80);
-    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+    let port = target.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let until = Instant::now() + timeout;
+    let tcp = match tokio::time::timeout_at(until, TcpStream::connect((host, port))).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(s)
+            s
         }
-        Ok(Err(e)) => Err(WireError::Connect(e.to_string())),
-        Err(_) => Err(WireError::Connect(format!("no answer in {timeout:?}"))),
+        Ok(Err(e)) => return Err(WireError::Connect(e.to_string())),
+        Err(_) => return Err(WireError::Connect(format!("no answer in {timeout:?}"))),
+    };
+    let Some(tls) = tls else { return Ok(Conn::Plain(tcp)) };
+    match tokio::time::timeout_at(until, tls.connect(tcp)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(WireError::Connect(e)),
+        Err(_) => Err(WireError::Connect(format!("TLS handshake: no answer in {timeout:?}"))),
     }
+}
+
+/// An I/O error from a worker connection in words: a TLS failure says which.
+fn io_failure(e: &std::io::Error) -> String {
+    crate::tls::describe(e).unwrap_or_else(|| e.to_string())
 }
 
 enum Wait {
@@ -169,7 +191,7 @@ enum Wait {
 /// Reads from the worker until something arrives, the client (if watched) goes away or
 /// `until` passes.
 async fn wait(
-    up: &mut TcpStream,
+    up: &mut Conn,
     buf: &mut BytesMut,
     client: Option<&mut ClientSession>,
     until: Instant,
@@ -215,14 +237,18 @@ pub async fn exchange(
                 (conn, false)
             }
         };
-        let sent = tokio::time::timeout_at(head_deadline, conn.write_all(request))
-            .await
-            .map_err(|_| WireError::Timeout)?;
+        // (The flush matters on TLS: a record may still sit in the session's buffer.)
+        let send = async {
+            conn.write_all(request).await?;
+            conn.flush().await
+        };
+        let sent =
+            tokio::time::timeout_at(head_deadline, send).await.map_err(|_| WireError::Timeout)?;
         if let Err(e) = sent {
             if reused {
                 continue;
             }
-            return Err(WireError::Failed(format!("cannot send the request: {e}")));
+            return Err(WireError::Failed(format!("cannot send the request: {}", io_failure(&e))));
         }
         let mut buf = match client.as_deref_mut() {
             Some(c) => c.take_spare(),
@@ -234,7 +260,7 @@ pub async fn exchange(
                 Wait::Read(0) => {
                     return Err(WireError::Failed("closed the connection before answering".into()))
                 }
-                Wait::Failed(e) => return Err(WireError::Failed(e.to_string())),
+                Wait::Failed(e) => return Err(WireError::Failed(io_failure(&e))),
                 Wait::Timeout => return Err(WireError::Timeout),
                 Wait::ClientGone => return Err(WireError::ClientGone),
                 Wait::Read(_) => match parse_head(&buf) {

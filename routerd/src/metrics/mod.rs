@@ -364,6 +364,7 @@ mod tests {
             bootstrap_port: None,
             api_key: None,
             source: WorkerSource::Config,
+            tls: Default::default(),
         }));
         let config = crate::config::Config::build(None, &Default::default()).unwrap();
         for (name, p) in crate::config::PolicyName::ALL {

@@ -174,6 +174,7 @@ pub(crate) mod test_util {
                     bootstrap_port: None,
                     api_key: None,
                     source: WorkerSource::Config,
+                    tls: Default::default(),
                 }))
             })
             .collect()

@@ -357,6 +357,7 @@ mod tests {
             bootstrap_port: port,
             api_key: None,
             source: WorkerSource::Config,
+            tls: Default::default(),
         })
     }
 

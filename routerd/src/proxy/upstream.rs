@@ -1,5 +1,5 @@
 //! The router's own calls to workers outside the inference path (health checks, load polls,
-//! info passthrough): hyper-util's pooled HTTP/1 client, the request headers chosen for a
+//! info passthrough): hyper-util's pooled HTTP/1 client (over TLS for `https://` workers), the request headers chosen for a
 //! worker (shared with the inference path), and an info answer relayed to the client frame by
 //! frame within the request deadline. Inference requests go through `proxy::relay`.
 
@@ -74,8 +74,16 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Answer, RouterError> {
         let deadline = Instant::now() + timeout;
+        let tls = match &worker.tls {
+            None => None,
+            Some(Ok(tls)) => Some(&tls.client.hyper),
+            Some(Err(e)) => {
+                let reason = format!("cannot connect: {e}");
+                return Err(RouterError::WorkerFailed { worker: worker.url().to_owned(), reason });
+            }
+        };
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(if worker.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
         uri.authority = Some(worker.authority.clone());
         uri.path_and_query = Some(path);
         let uri = Uri::from_parts(uri)
@@ -84,11 +92,19 @@ impl Upstream {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let answer = match tls {
+            Some(client) => client.request(req),
+            None => self.client.request(req),
+        };
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(response)) => Ok(Answer { response, deadline }),
             Ok(Err(e)) => {
-                let reason =
-                    if e.is_connect() { format!("cannot connect: {e}") } else { e.to_string() };
+                // A TLS failure says which (unknown CA, expired, name, client certificate).
+                let reason = if e.is_connect() {
+                    format!("cannot connect: {}", crate::tls::detail(&e))
+                } else {
+                    crate::tls::describe(&e).unwrap_or_else(|| e.to_string())
+                };
                 Err(RouterError::WorkerFailed { worker: worker.url().to_owned(), reason })
             }
             Err(_) => {

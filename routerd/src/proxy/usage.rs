@@ -162,6 +162,7 @@ mod tests {
             bootstrap_port: None,
             api_key: None,
             source: WorkerSource::Config,
+            tls: Default::default(),
         }))
     }
 
