@@ -233,7 +233,7 @@ async fn worker_urls_from_the_api_are_checked() {
         ("http://user:secret@127.0.0.1:8000", "credentials"),
         ("ftp://127.0.0.1:21", "http://"),
         ("file:///etc/passwd", "not a valid URL"),
-        ("https://127.0.0.1:8443", "https"),
+        ("https://169.254.169.254:8443", "link-local"),
         ("http://no-such-host.invalid:8000", "cannot resolve"),
         ("not a url", "not a valid URL"),
     ] {
