@@ -154,8 +154,8 @@ async fn tls_handshake(
         Ok(1) => {}
         _ => return None,
     }
-    match tls.acceptor().accept(stream).await {
-        Ok(s) => Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
+    match tls.accept(stream).await {
+        Ok(conn) => Some(conn),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "TLS handshake with a client failed");
             None

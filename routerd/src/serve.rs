@@ -64,12 +64,8 @@ pub async fn serve_tls(
     accept_loop(listener, stop, move |stream, peer, drain| {
         let (app, tls) = (app.clone(), tls.clone());
         async move {
-            let handshake = tls.acceptor().accept(stream);
-            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-                Ok(Ok(s)) => {
-                    let conn = Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
-                    connection(conn, peer, app, drain).await
-                }
+            match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
+                Ok(Ok(conn)) => connection(conn, peer, app, drain).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }

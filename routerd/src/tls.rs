@@ -97,6 +97,7 @@ pub struct ServerTls {
     spec: Mutex<ServeSpec>,
     current: Arc<CurrentCert>,
     acceptor: tokio_rustls::TlsAcceptor,
+    handshakes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -157,11 +158,24 @@ impl ServerTls {
         let mut config = builder.with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Ok(Self { spec: Mutex::new(spec.clone()), current, acceptor })
+        Ok(Self {
+            spec: Mutex::new(spec.clone()),
+            current,
+            acceptor,
+            handshakes: Default::default(),
+        })
     }
 
-    pub fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
-        &self.acceptor
+    /// The server side of a handshake on `tcp`.
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<Conn> {
+        let s = self.acceptor.accept(tcp).await?;
+        self.handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))))
+    }
+
+    /// Handshakes completed so far.
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Loads `spec` again (the same files, or new paths from a reloaded configuration):

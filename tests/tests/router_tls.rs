@@ -85,6 +85,26 @@ async fn https_workers_with_mtls_answer_plain_and_streamed_requests() {
         u.sort();
         u
     });
+    // Connections are pooled: one handshake per connection, not per request (6 sequential
+    // requests over 2 workers, plus the health checks on their own pooled connection).
+    for _ in 0..10 {
+        let resp = client()
+            .post(format!("{}/generate", r.url()))
+            .json(&generate(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let direct = pki.client(true);
+    for w in &ws {
+        let url = format!("{}/sim/stats", w.url());
+        let s: Value = direct.get(url).send().await.unwrap().json().await.unwrap();
+        assert!(s["requests"].as_u64().unwrap() >= 8, "{s}");
+        // (This call's own handshake included.)
+        assert!(s["tls_handshakes"].as_u64().unwrap() <= 4, "a handshake per request? {s}");
+    }
     // The OpenAI route and the info passthrough (hyper's pooled client) go over TLS too.
     let chat =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});

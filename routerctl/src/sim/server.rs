@@ -60,6 +60,8 @@ pub struct SimState {
     pub instance: u64,
     faults: RwLock<Faults>,
     crash: CancellationToken,
+    /// Serving TLS: the acceptor (and its handshake count).
+    tls: Option<Arc<routerd::tls::ServerTls>>,
 }
 
 /// Something an inference route admitted, that may name a DP rank.
@@ -159,6 +161,7 @@ impl SimState {
             "role": self.args.role,
             "instance": self.instance.to_string(),
             "requests": c.requests.load(Relaxed),
+            "tls_handshakes": self.tls.as_ref().map(|t| t.handshakes()),
             "requests_by_route": by_route,
             "sequences": e.admitted.load(Relaxed),
             "completed": e.completed.load(Relaxed),
@@ -421,6 +424,7 @@ impl SimWorker {
             rooms: Rooms::default(),
             counters: ServerCounters::default(),
             crash: stop.abort.clone(),
+            tls: tls.clone(),
         });
         let https = tls.is_some();
         let (routes, main_stop) = (app(state.clone()), stop.clone());
