@@ -697,3 +697,16 @@ client_key_path = "{ak}"
     // Nothing in any error is a key's content.
     assert!(errs.iter().all(|e| !e.contains("PRIVATE")), "{errs:#?}");
 }
+
+#[test]
+fn tls_paths_in_the_file_are_relative_to_the_file() {
+    let f = Pems::new("relative");
+    let name = f.path("routerd.toml").display().to_string();
+    let text = "[server]\ntls_cert_path = \"a.pem\"\ntls_key_path = \"a.key\"\n\
+                [tls]\nca_cert_paths = [\"ca.pem\"]\n";
+    let c = Config::build(Some(Source { name: &name, text }), &Flags::default()).unwrap();
+    assert_eq!(c.server.tls.unwrap().cert_path, f.path("a.pem"));
+    assert_eq!(c.tls.workers.ca_cert_paths, vec![f.path("ca.pem")]);
+    // From the working directory the same names do not exist: the file's directory is used.
+    assert!(!std::path::Path::new("a.pem").exists());
+}

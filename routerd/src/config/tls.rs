@@ -43,8 +43,8 @@ impl Builder<'_> {
         key: Option<Spanned<PathBuf>>,
         f: &Flags,
     ) -> Option<ServeSpec> {
-        let cert = pick(f.tls_cert_path.clone(), "--tls-cert-path", cert);
-        let key = pick(f.tls_key_path.clone(), "--tls-key-path", key);
+        let cert = pick(f.tls_cert_path.clone(), "--tls-cert-path", cert.map(|p| self.beside(p)));
+        let key = pick(f.tls_key_path.clone(), "--tls-key-path", key.map(|p| self.beside(p)));
         match (cert, key) {
             (None, None) => None,
             (Some((_, at)), None) => {
@@ -108,11 +108,13 @@ impl Builder<'_> {
     /// One level of worker TLS keys (`prefix` names it in errors), every file checked.
     pub(super) fn tls_client(&mut self, prefix: &str, t: raw::RawTlsClient) -> TlsClientSpec {
         let mut spec = TlsClientSpec::default();
-        if let Some(paths) = t.ca_cert_paths {
+        let (cert, key) =
+            (t.client_cert_path.map(|p| self.beside(p)), t.client_key_path.map(|p| self.beside(p)));
+        if let Some(paths) = t.ca_cert_paths.map(|p| self.beside_all(p)) {
             self.check_cas(&format!("{prefix}.ca_cert_paths"), paths.get_ref(), &At::span(&paths));
             spec.ca_cert_paths = paths.into_inner();
         }
-        match (t.client_cert_path, t.client_key_path) {
+        match (cert, key) {
             (None, None) => {}
             (Some(cert), Some(key)) => {
                 let key_at = format!("{prefix}.client_cert_path");
@@ -132,6 +134,29 @@ impl Builder<'_> {
             ),
         }
         spec
+    }
+
+    /// A path from the configuration file: relative ones are relative to the file's directory
+    /// (as `api_key_file`), so the file means the same from any working directory.
+    fn beside(&self, p: Spanned<PathBuf>) -> Spanned<PathBuf> {
+        let span = p.span();
+        let path = p.into_inner();
+        let dir = self.file.and_then(|f| Path::new(f.name).parent().map(Path::to_owned));
+        let full = match dir {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path,
+        };
+        Spanned::new(span, full)
+    }
+
+    fn beside_all(&self, p: Spanned<Vec<PathBuf>>) -> Spanned<Vec<PathBuf>> {
+        let span = p.span();
+        let paths = p
+            .into_inner()
+            .into_iter()
+            .map(|x| self.beside(Spanned::new(span.clone(), x)).into_inner())
+            .collect();
+        Spanned::new(span, paths)
     }
 
     fn check_cas(&mut self, key: &str, paths: &[PathBuf], at: &At) {
