@@ -303,3 +303,43 @@ async fn pods_at_refused_addresses_are_not_workers_and_discovered_workers_get_th
     r.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_pods_are_reached_over_tls_when_the_scheme_says_so() {
+    let pki = routerd_e2e::pki::Pki::new("discovery");
+    let k8s = FakeK8s::start().await;
+    // A TLS worker requiring client certificates, at a pod's address (its certificate names
+    // 127.0.0.1 only, so the pod is at 127.0.0.1).
+    let w = sim(|s| {
+        s.tls_cert = Some(pki.server_cert.clone());
+        s.tls_key = Some(pki.server_key.clone());
+        s.tls_client_ca = Some(pki.ca.clone());
+    })
+    .await;
+    let port: u16 = w.url().rsplit(':').next().unwrap().parse().unwrap();
+    k8s.apply(pod("llm", "a", &[("app", "sglang")], "127.0.0.1", true));
+    let dir = ConfigDir::new("discovery-tls");
+    k8s.kubeconfig(&dir.dir.join("kubeconfig"));
+    let tls = format!(
+        "[tls]\nca_cert_paths = [{:?}]\nclient_cert_path = {:?}\nclient_key_path = {:?}\n",
+        pki.ca.display().to_string(),
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string()
+    );
+    let text = toml(&dir.dir.join("kubeconfig"), port, &tls) + "scheme = \"https\"\n";
+    dir.write(&text);
+    let r = dir.start(&dir.file, Default::default()).await;
+    let router = r.url();
+    let url = format!("https://127.0.0.1:{port}");
+    expect_discovered(&router, std::slice::from_ref(&url), "the pod, over https").await;
+    let (status, body) = post_json(format!("{router}/generate"), &small_generate()).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(WITHIN, "the discovered https worker passes its health check", || async {
+        let v = get_json(&format!("{router}/workers")).await;
+        let w = &v["workers"][0];
+        w["healthy"] == true && w["health_checks_total"].as_u64() > Some(0)
+    })
+    .await;
+    r.shutdown().await;
+    w.shutdown().await;
+}
