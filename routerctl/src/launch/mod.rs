@@ -76,6 +76,17 @@ pub struct LaunchArgs {
     /// With --with-router: the routerd binary (default: next to routerctl, else on PATH).
     #[arg(long, requires = "with_router")]
     pub routerd: Option<PathBuf>,
+    /// Workers serve HTTPS with this PEM certificate (with --worker-tls-key; the sim engine:
+    /// SGLang's own server has no TLS flags) and are registered as https:// workers.
+    #[arg(long, value_name = "FILE", requires = "worker_tls_key")]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --worker-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
+    /// The CA that signed --worker-tls-cert, when not a system root: trusted by launch's own
+    /// health checks and, with --with-router, given to routerd as --ca-cert-paths.
+    #[arg(long, value_name = "FILE", requires = "worker_tls_cert")]
+    pub worker_tls_ca: Option<PathBuf>,
     /// The Python interpreter of the sglang engine.
     #[arg(long, default_value = "python")]
     pub python: String,
@@ -119,12 +130,17 @@ pub async fn run(args: LaunchArgs) -> anyhow::Result<i32> {
     };
     let admin = Admin::new(&Endpoint { endpoint, admin_key: args.endpoint.admin_key.clone() });
     let signals = Signals::install()?;
+    // Launch's own health checks trust the workers' CA when one is given.
+    let mut http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2));
+    if let Some(ca) = inputs.worker_tls.as_ref().and_then(|t| t.ca.as_ref()) {
+        let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", ca.display()))?;
+        http = http.add_root_certificate(cert);
+    }
+    let http = http.build()?;
     let ctx = |registrar: Option<Arc<Registrar>>| Ctx {
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("an HTTP client without TLS builds"),
+        http: http.clone(),
         startup_timeout: secs(args.startup_timeout_secs),
         grace: secs(args.stop_timeout_secs),
         backoff: (secs(args.restart_backoff_secs), secs(args.max_restart_backoff_secs)),
@@ -157,6 +173,11 @@ fn secs(s: f64) -> Duration {
 }
 
 /// The flags checked and turned into planning inputs (free ports chosen, binaries found).
+/// `path` from the working directory, so children started elsewhere find it.
+fn absolute(path: &std::path::Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn inputs(args: &LaunchArgs) -> Result<Inputs, String> {
     for (flag, v) in [
         ("--startup-timeout-secs", args.startup_timeout_secs),
@@ -171,6 +192,19 @@ fn inputs(args: &LaunchArgs) -> Result<Inputs, String> {
     if args.engine == Engine::Sglang && args.model_path.is_none() {
         return Err("--model-path is required with --engine sglang".into());
     }
+    if args.engine == Engine::Sglang && args.worker_tls_cert.is_some() {
+        return Err("--worker-tls-cert needs --engine sim: SGLang's server has no TLS flags \
+                    (put a TLS-terminating sidecar in front of it and add it as https://)"
+            .into());
+    }
+    let worker_tls = match (&args.worker_tls_cert, &args.worker_tls_key) {
+        (Some(cert), Some(key)) => Some(plan::WorkerTlsInputs {
+            cert: absolute(cert)?,
+            key: absolute(key)?,
+            ca: args.worker_tls_ca.as_deref().map(absolute).transpose()?,
+        }),
+        _ => None,
+    };
     let fleet = match (args.dp_size, args.prefill, args.decode) {
         (Some(n), _, _) => plan::Fleet::Regular(n),
         (None, Some(prefill), Some(decode)) => plan::Fleet::Pd { prefill, decode },
@@ -217,6 +251,7 @@ fn inputs(args: &LaunchArgs) -> Result<Inputs, String> {
         engine_args: args.engine_args.clone(),
         log_dir: args.log_dir.clone(),
         router,
+        worker_tls,
     })
 }
 

@@ -88,6 +88,16 @@ pub struct Inputs {
     pub log_dir: PathBuf,
     /// `(routerd binary, host, port, extra flags)` with `--with-router`.
     pub router: Option<RouterInputs>,
+    /// Workers serve HTTPS (the sim engine).
+    pub worker_tls: Option<WorkerTlsInputs>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerTlsInputs {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signed `cert`, when it is not a system root.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +159,7 @@ pub fn plan(i: &Inputs) -> (Vec<ProcPlan>, Option<ProcPlan>) {
     let mut counts = [0usize; 3];
     let mut gpu = i.base_gpu_id;
     let mut workers = Vec::new();
+    let scheme = if i.worker_tls.is_some() { "https" } else { "http" };
     for (n, role) in i.fleet.roles().into_iter().enumerate() {
         let k = match role {
             WorkerRole::Regular => 0,
@@ -174,7 +185,7 @@ pub fn plan(i: &Inputs) -> (Vec<ProcPlan>, Option<ProcPlan>) {
         workers.push(ProcPlan {
             log: i.log_dir.join(format!("{name}.log")),
             name,
-            url: format!("http://{}:{port}", reachable_host(&i.host)),
+            url: format!("{scheme}://{}:{port}", reachable_host(&i.host)),
             role: Some(role),
             bootstrap_port,
             gpus,
@@ -182,7 +193,7 @@ pub fn plan(i: &Inputs) -> (Vec<ProcPlan>, Option<ProcPlan>) {
             health_path: "/health",
         });
     }
-    let router = i.router.as_ref().map(|r| router_plan(r, i.fleet, &i.log_dir));
+    let router = i.router.as_ref().map(|r| router_plan(r, i, &i.log_dir));
     (workers, router)
 }
 
@@ -234,6 +245,10 @@ fn sim_command(
         args.extend(["--model-path".into(), m.clone()]);
     }
     args.extend(pd_args(role, bootstrap_port, "--role", "--bootstrap-port"));
+    if let Some(t) = &i.worker_tls {
+        args.extend(["--tls-cert".into(), t.cert.display().to_string()]);
+        args.extend(["--tls-key".into(), t.key.display().to_string()]);
+    }
     args.extend(i.engine_args.iter().cloned());
     CommandLine { program: i.self_exe.clone(), args, env: Vec::new() }
 }
@@ -250,10 +265,13 @@ fn pd_args(role: WorkerRole, bootstrap_port: Option<u16>, mode: &str, port: &str
     out
 }
 
-fn router_plan(r: &RouterInputs, fleet: Fleet, log_dir: &Path) -> ProcPlan {
+fn router_plan(r: &RouterInputs, i: &Inputs, log_dir: &Path) -> ProcPlan {
     let mut args = vec!["--host".into(), r.host.clone(), "--port".into(), r.port.to_string()];
-    if matches!(fleet, Fleet::Pd { .. }) {
+    if matches!(i.fleet, Fleet::Pd { .. }) {
         args.push("--pd-disaggregation".into());
+    }
+    if let Some(ca) = i.worker_tls.as_ref().and_then(|t| t.ca.as_ref()) {
+        args.extend(["--ca-cert-paths".into(), ca.display().to_string()]);
     }
     args.extend(r.args.iter().cloned());
     ProcPlan {
@@ -318,6 +336,7 @@ mod tests {
             engine_args: vec!["--mem-fraction-static".into(), "0.8".into()],
             log_dir: "logs".into(),
             router: None,
+            worker_tls: None,
         }
     }
 
@@ -395,6 +414,36 @@ mod tests {
         );
         assert_eq!(r.command.env, [("ROUTERD_ADMIN_API_KEY".into(), "adm-secret".into())]);
         assert_eq!((r.url.as_str(), r.health_path), ("http://127.0.0.1:30000", "/liveness"));
+    }
+
+    #[test]
+    fn tls_sim_workers_serve_https_and_the_router_trusts_their_ca() {
+        let mut i = inputs(Engine::Sim, Fleet::Regular(2));
+        i.model_path = None;
+        i.engine_args.clear();
+        i.worker_tls = Some(WorkerTlsInputs {
+            cert: "/pki/w.pem".into(),
+            key: "/pki/w.key".into(),
+            ca: Some("/pki/ca.pem".into()),
+        });
+        i.router = Some(RouterInputs {
+            program: "/bin/routerd".into(),
+            host: "127.0.0.1".into(),
+            port: 30000,
+            args: Vec::new(),
+            admin_key: None,
+        });
+        let (w, router) = plan(&i);
+        assert_eq!(w[1].url, "https://127.0.0.1:31001");
+        assert_eq!(
+            w[1].command.display(),
+            "/bin/routerctl sim-worker --host 127.0.0.1 --port 31001 --tls-cert /pki/w.pem \
+             --tls-key /pki/w.key"
+        );
+        assert_eq!(
+            router.unwrap().command.display(),
+            "/bin/routerd --host 127.0.0.1 --port 30000 --ca-cert-paths /pki/ca.pem"
+        );
     }
 
     #[test]
