@@ -99,7 +99,18 @@ pub fn workers_table(workers: &[WorkerView]) -> String {
             ]
         })
         .collect();
-    table(&header, &rows)
+    let mut out = table(&header, &rows);
+    // Why each worker that is down is down (a failed health check, a TLS handshake...).
+    let why: Vec<String> = workers
+        .iter()
+        .filter(|w| !w.healthy)
+        .filter_map(|w| w.last_error.as_ref().map(|e| format!("  {}: {e}\n", w.url)))
+        .collect();
+    if !why.is_empty() {
+        out.push_str("\nlast errors of the workers that are down:\n");
+        out.extend(why);
+    }
+    out
 }
 
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

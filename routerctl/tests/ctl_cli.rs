@@ -132,3 +132,64 @@ async fn config_check_and_completions() {
         assert!(c.out.contains("routerctl") && c.out.contains("workers"), "{shell}");
     }
 }
+
+/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`:
+/// (ca, cert, key).
+fn pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_list_over_https_says_why_a_worker_is_down() {
+    let dir = std::env::temp_dir().join(format!("routerctl-tls-{}", std::process::id()));
+    let (ca, cert, key) = pki(&dir);
+    let w = SimWorker::start(SimArgs::ephemeral()).await.unwrap();
+    // A plain worker registered as https://: its handshake fails.
+    let flags = routerd::config::Flags {
+        worker_urls: Some(vec![w.url().replacen("http://", "https://", 1)]),
+        tls_cert_path: Some(cert),
+        tls_key_path: Some(key),
+        ..Default::default()
+    };
+    let mut config = routerd::config::Config::build(None, &flags).unwrap();
+    config.health.interval = std::time::Duration::from_millis(100);
+    config.health.failure_threshold = 1;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r = routerd::run::start(listener, config).unwrap();
+    assert!(r.url().starts_with("https://"));
+    let mut list = None;
+    for _ in 0..50 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_routerctl"));
+        cmd.args(["workers", "list", "--endpoint", &r.url()]).env("SSL_CERT_FILE", &ca);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if text.contains("down") {
+            list = Some(text);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let list = list.expect("the worker goes down");
+    assert!(list.contains("did not answer with TLS"), "{list}");
+    // Without the CA, routerctl says why it cannot reach the router.
+    let untrusting = ctl(&["workers", "list", "--endpoint", &r.url()], None).await;
+    assert_eq!(untrusting.code, 3);
+    assert!(untrusting.err.contains("UnknownIssuer"), "{}", untrusting.err);
+    r.shutdown().await;
+    w.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
