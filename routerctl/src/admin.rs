@@ -9,7 +9,9 @@ use clap::Args;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// Where the router is and how to authenticate to its admin API.
+/// Where the router is and how to authenticate to its admin API: global options, accepted
+/// before or after the subcommand (`routerctl --endpoint URL workers list`, `routerctl workers
+/// list --endpoint URL`).
 #[derive(Debug, Clone, Args)]
 pub struct Endpoint {
     /// The router's main address.
@@ -17,13 +19,21 @@ pub struct Endpoint {
         long,
         global = true,
         env = "ROUTERCTL_ENDPOINT",
-        default_value = "http://127.0.0.1:30000"
+        default_value = DEFAULT_ENDPOINT
     )]
     pub endpoint: String,
     /// Admin key, sent as `Authorization: Bearer KEY` on admin calls.
     #[arg(long, global = true, env = "ROUTERCTL_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
 }
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self { endpoint: DEFAULT_ENDPOINT.to_owned(), admin_key: None }
+    }
+}
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:30000";
 
 /// Why an admin call failed.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,12 @@ use crate::top::TopArgs;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub endpoint: crate::admin::Endpoint,
+    /// Output format of workers, status and bench: a table or JSON.
+    #[arg(short = 'o', long, global = true, value_enum, env = "ROUTERCTL_OUTPUT",
+          default_value_t = crate::bench::Output::Table)]
+    pub output: crate::bench::Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,13 +56,24 @@ pub enum ConfigCommand {
 
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    // The global options (before or after the subcommand) reach each subcommand here.
+    let (endpoint, output) = (cli.endpoint, cli.output);
     match cli.command {
-        Command::Workers(args) => Ok(crate::ops::workers(args).await),
-        Command::Status(args) => Ok(crate::ops::status(args).await),
+        Command::Workers(mut args) => {
+            args.endpoint = endpoint;
+            Ok(crate::ops::workers(args, output).await)
+        }
+        Command::Status(mut args) => {
+            (args.endpoint, args.output) = (endpoint, output);
+            Ok(crate::ops::status(args).await)
+        }
         Command::Config { command: ConfigCommand::Check { file } } => {
             Ok(crate::ops::config_check(&file))
         }
-        Command::Top(args) => crate::top::run(args).await,
+        Command::Top(mut args) => {
+            args.endpoint = endpoint;
+            crate::top::run(args).await
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -66,8 +83,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Launch(args) => crate::launch::run(*args).await,
+        Command::Launch(mut args) => {
+            args.endpoint = endpoint;
+            crate::launch::run(*args).await
+        }
         Command::SimWorker(args) => crate::sim::run(*args).await,
-        Command::Bench(args) => crate::bench::run(*args).await,
+        Command::Bench(mut args) => {
+            args.output = output;
+            crate::bench::run(*args).await
+        }
     }
 }

@@ -13,10 +13,7 @@ use crate::bench::Output;
 #[derive(Debug, Subcommand)]
 pub enum WorkersCommand {
     /// List the router's workers.
-    List {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    List,
     /// Register a worker (it takes requests from the next one on).
     Add {
         url: String,
@@ -29,15 +26,9 @@ pub enum WorkersCommand {
         /// Sent to this worker as `Authorization: Bearer KEY`.
         #[arg(long)]
         api_key: Option<String>,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
     },
     /// Remove a worker (requests already on it finish).
-    Remove {
-        url: String,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    Remove { url: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -49,7 +40,8 @@ pub enum Role {
 
 #[derive(Debug, Args)]
 pub struct WorkersArgs {
-    #[command(flatten)]
+    /// The global `--endpoint`/`--admin-key` (set by `cli::run`).
+    #[arg(skip)]
     pub endpoint: Endpoint,
     #[command(subcommand)]
     pub command: WorkersCommand,
@@ -57,9 +49,10 @@ pub struct WorkersArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    #[command(flatten)]
+    /// The global options (set by `cli::run`).
+    #[arg(skip)]
     pub endpoint: Endpoint,
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    #[arg(skip = Output::Table)]
     pub output: Output,
 }
 
@@ -136,10 +129,10 @@ fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
 }
 
-pub async fn workers(args: WorkersArgs) -> i32 {
+pub async fn workers(args: WorkersArgs, output: Output) -> i32 {
     let admin = Admin::new(&args.endpoint);
     match args.command {
-        WorkersCommand::List { output } => {
+        WorkersCommand::List => {
             match admin.get::<Value>("/workers").await.and_then(|v| {
                 serde_json::from_value::<Vec<WorkerView>>(v["workers"].clone())
                     .map_err(|e| AdminError::Malformed(e.to_string()))
@@ -149,7 +142,7 @@ pub async fn workers(args: WorkersArgs) -> i32 {
                 Err(e) => return fail(e),
             }
         }
-        WorkersCommand::Add { url, role, bootstrap_port, api_key, output } => {
+        WorkersCommand::Add { url, role, bootstrap_port, api_key } => {
             let role = role.map(|r| format!("{r:?}").to_ascii_lowercase());
             let body = json!({"url": url, "role": role, "bootstrap_port": bootstrap_port, "api_key": api_key});
             let added = admin.post_json::<Value>("/workers", &body).await.and_then(worker_of);
@@ -159,7 +152,7 @@ pub async fn workers(args: WorkersArgs) -> i32 {
                 Err(e) => return fail(e),
             }
         }
-        WorkersCommand::Remove { url, output } => {
+        WorkersCommand::Remove { url } => {
             let path = format!("/workers/{}", encode_segment(&url));
             match admin.delete::<Value>(&path).await.and_then(worker_of) {
                 Ok(w) if output == Output::Json => print_json(&w),

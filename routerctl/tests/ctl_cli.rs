@@ -193,3 +193,36 @@ async fn workers_list_over_https_says_why_a_worker_is_down() {
     w.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_options_go_before_or_after_the_subcommand() {
+    let (r, ws) = fleet().await;
+    let ep = r.url();
+    let listed = |out: &str| -> Vec<Value> { serde_json::from_str(out).expect("JSON output") };
+    for args in [
+        vec!["--endpoint", &ep, "workers", "list", "-o", "json"],
+        vec!["workers", "list", "--endpoint", &ep, "-o", "json"],
+        vec!["-o", "json", "--endpoint", &ep, "workers", "list"],
+        vec!["workers", "--endpoint", &ep, "list", "--output", "json"],
+    ] {
+        let run = ctl(&args, None).await;
+        assert_eq!(run.code, 0, "{args:?}: {}", run.err);
+        assert_eq!(listed(&run.out).len(), 1, "{args:?}: {}", run.out);
+    }
+    let by_env = ctl(&["workers", "list"], Some(&ep)).await;
+    assert_eq!(by_env.code, 0, "{}", by_env.err);
+    assert!(by_env.out.starts_with("URL"), "{}", by_env.out);
+    let status = ctl(&["--output", "json", "--endpoint", &ep, "status"], None).await;
+    assert_eq!(status.code, 0, "{}", status.err);
+    let v: Value = serde_json::from_str(&status.out).unwrap();
+    assert_eq!(v["workers"], 1);
+    // Listed once in the top-level help.
+    let help = ctl(&["--help"], None).await;
+    assert_eq!(help.out.matches("--endpoint").count(), 1, "{}", help.out);
+    assert_eq!(help.out.matches("--output").count(), 1, "{}", help.out);
+    assert_eq!(help.out.matches("--admin-key").count(), 1, "{}", help.out);
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}

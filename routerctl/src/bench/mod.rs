@@ -77,7 +77,8 @@ pub struct BenchArgs {
     /// A shell command (`sh -c`) to run part-way through, e.g. to restart or add a worker.
     #[arg(long, requires = "at_fraction")]
     pub exec: Option<String>,
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    /// The global `-o/--output` (set by `cli::run`).
+    #[arg(skip = Output::Table)]
     pub output: Output,
 }
 

@@ -105,7 +105,8 @@ pub struct LaunchArgs {
     pub restart_backoff_secs: f64,
     #[arg(long, default_value_t = 60.0)]
     pub max_restart_backoff_secs: f64,
-    #[command(flatten)]
+    /// The global `--endpoint`/`--admin-key` (set by `cli::run`).
+    #[arg(skip)]
     pub endpoint: Endpoint,
     /// Extra arguments for every worker's engine, after `--`.
     #[arg(last = true)]

@@ -22,7 +22,8 @@ use state::{Action, State};
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
-    #[command(flatten)]
+    /// The global `--endpoint`/`--admin-key` (set by `cli::run`).
+    #[arg(skip)]
     pub endpoint: Endpoint,
     /// Refresh interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
