@@ -69,7 +69,7 @@ impl Admin {
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
             .build()
-            .expect("an HTTP client without TLS builds");
+            .expect("the HTTP client builds");
         Self { http, base: e.endpoint.trim_end_matches('/').to_owned(), key: e.admin_key.clone() }
     }
 

@@ -30,36 +30,30 @@ pub struct TopArgs {
     pub interval_ms: u64,
 }
 
-enum Input {
+/// What the dashboard loop reacts to: keys and resizes (from the terminal's reader thread),
+/// poll results and removal outcomes (from their own tasks). Nothing in the loop waits on the
+/// network, so keys are answered at once even while the router hangs.
+pub enum Input {
     Key(KeyCode),
     Resize,
+    Polled(Result<(Stats, Vec<Decision>), String>),
+    Notice(String),
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<i32> {
     let admin = Admin::new(&args.endpoint);
     // Raw mode and the alternate screen, with a panic hook that undoes both.
     let mut terminal = ratatui::init();
-    let result =
-        dashboard(&mut terminal, &admin, Duration::from_millis(args.interval_ms.max(100))).await;
+    let (tx, input) = tokio::sync::mpsc::unbounded_channel();
+    read_keys(tx.clone());
+    let every = Duration::from_millis(args.interval_ms.max(100));
+    let result = dashboard(&mut terminal, admin, every, tx, input).await;
     ratatui::restore();
     result.map(|()| 0)
 }
 
-async fn poll(admin: &Admin) -> Result<(Stats, Vec<Decision>), String> {
-    let stats: Stats = admin.get("/admin/stats").await.map_err(|e| e.to_string())?;
-    let decisions: Value =
-        admin.get("/admin/decisions?limit=20").await.map_err(|e| e.to_string())?;
-    let decisions = serde_json::from_value(decisions["decisions"].clone()).unwrap_or_default();
-    Ok((stats, decisions))
-}
-
-async fn dashboard(
-    terminal: &mut ratatui::DefaultTerminal,
-    admin: &Admin,
-    every: Duration,
-) -> anyhow::Result<()> {
-    let (tx, mut input) = tokio::sync::mpsc::unbounded_channel();
-    // Keys are read on their own thread (crossterm's reads block); it ends with the loop.
+/// Keys are read on their own thread (crossterm's reads block); it ends with the loop.
+fn read_keys(tx: tokio::sync::mpsc::UnboundedSender<Input>) {
     std::thread::spawn(move || loop {
         match event::poll(Duration::from_millis(200)) {
             Ok(true) => {
@@ -80,28 +74,86 @@ async fn dashboard(
             Err(_) => return,
         }
     });
-    let mut state = State::new(admin.base());
+}
+
+async fn poll(admin: &Admin) -> Result<(Stats, Vec<Decision>), String> {
+    let stats: Stats = admin.get("/admin/stats").await.map_err(|e| e.to_string())?;
+    let decisions: Value =
+        admin.get("/admin/decisions?limit=20").await.map_err(|e| e.to_string())?;
+    let decisions = serde_json::from_value(decisions["decisions"].clone()).unwrap_or_default();
+    Ok((stats, decisions))
+}
+
+/// Polls every `every` on its own, one poll at a time, sending each result to the loop.
+async fn poller(admin: Admin, every: Duration, tx: tokio::sync::mpsc::UnboundedSender<Input>) {
     let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tick.tick().await;
+        if tx.send(Input::Polled(poll(&admin).await)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The dashboard until `q`: draws `state`, reacts to `input`. The poll and removals run in
+/// their own tasks (ended with the loop); the screen is redrawn at least every 250 ms, so the
+/// age of the figures shown keeps counting while a poll hangs.
+pub async fn dashboard<B: ratatui::backend::Backend>(
+    terminal: &mut ratatui::Terminal<B>,
+    admin: Admin,
+    every: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<Input>,
+    mut input: tokio::sync::mpsc::UnboundedReceiver<Input>,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(poller(admin.clone(), every, tx.clone()));
+    let result = dashboard_loop(terminal, &admin, every, &tx, &mut input, &mut tasks).await;
+    tasks.abort_all();
+    result
+}
+
+async fn dashboard_loop<B: ratatui::backend::Backend>(
+    terminal: &mut ratatui::Terminal<B>,
+    admin: &Admin,
+    every: Duration,
+    tx: &tokio::sync::mpsc::UnboundedSender<Input>,
+    input: &mut tokio::sync::mpsc::UnboundedReceiver<Input>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let mut state = State::new(admin.base());
+    let mut fresh = std::time::Instant::now();
+    let mut redraw = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let age = fresh.elapsed();
+        state.stale = (age > 2 * every).then_some(age);
         terminal.draw(|f| render::render(f, &state))?;
         tokio::select! {
-            _ = tick.tick() => match poll(admin).await {
-                Ok((stats, decisions)) => state.update(stats, decisions),
-                Err(e) => state.disconnected(e),
-            },
+            _ = redraw.tick() => {}
             got = input.recv() => match got {
                 None => return Ok(()),
                 Some(Input::Resize) => {}
+                Some(Input::Polled(Ok((stats, decisions)))) => {
+                    state.update(stats, decisions);
+                    fresh = std::time::Instant::now();
+                }
+                Some(Input::Polled(Err(e))) => state.disconnected(e),
+                Some(Input::Notice(n)) => state.notice = Some(n),
                 Some(Input::Key(KeyCode::Up)) => state.up(),
                 Some(Input::Key(KeyCode::Down)) => state.down(),
                 Some(Input::Key(KeyCode::Esc)) => { state.key('\u{1b}'); }
                 Some(Input::Key(KeyCode::Char(c))) => match state.key(c) {
                     Action::Quit => return Ok(()),
                     Action::Remove(url) => {
-                        let path = format!("/workers/{}", encode_segment(&url));
-                        state.notice = Some(match admin.delete::<Value>(&path).await {
-                            Ok(_) => format!("removed {url}"),
-                            Err(e) => format!("could not remove {url}: {e}"),
+                        state.notice = Some(format!("removing {url}..."));
+                        let (admin, tx) = (admin.clone(), tx.clone());
+                        tasks.spawn(async move {
+                            let path = format!("/workers/{}", encode_segment(&url));
+                            let notice = match admin.delete::<Value>(&path).await {
+                                Ok(_) => format!("removed {url}"),
+                                Err(e) => format!("could not remove {url}: {e}"),
+                            };
+                            let _ = tx.send(Input::Notice(notice));
                         });
                     }
                     Action::None => {}

@@ -53,6 +53,13 @@ fn header_line(s: &State) -> Line<'static> {
         Span::raw(format!("{}  ", s.endpoint)),
         link,
     ];
+    if let Some(age) = s.stale {
+        // No answer for two refreshes: the poll hangs, or the router is away.
+        spans.push(Span::styled(
+            format!("  figures {:.1}s old", age.as_secs_f64()),
+            Style::default().fg(Color::Yellow),
+        ));
+    }
     if let Some(st) = &s.stats {
         let mode = if st.pd { "PD" } else { "regular" };
         spans.push(Span::raw(format!(

@@ -90,6 +90,9 @@ pub struct State {
     pub mode: Mode,
     /// A one-line notice (the outcome of a removal).
     pub notice: Option<String>,
+    /// How old the figures on screen are, when older than two refreshes (the poll is slow or
+    /// the router does not answer); `None` while they are fresh.
+    pub stale: Option<std::time::Duration>,
 }
 
 impl State {
@@ -112,6 +115,7 @@ impl State {
             sort: Sort::Url,
             mode: Mode::Normal,
             notice: None,
+            stale: None,
         }
     }
 

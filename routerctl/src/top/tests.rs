@@ -145,3 +145,37 @@ fn help_sort_and_confirmed_removal() {
     assert_eq!(s.key('n'), Action::None, "anything but y cancels");
     assert_eq!(s.key('q'), Action::Quit);
 }
+
+/// A router that takes connections and never answers: `q` still quits at once, and the screen
+/// says the figures are stale while the poll waits (the admin client's timeout is 10 s).
+#[tokio::test]
+async fn keys_are_answered_while_the_router_never_answers() {
+    use std::time::{Duration, Instant};
+
+    use ratatui::crossterm::event::KeyCode;
+
+    use super::{dashboard, Input};
+    use crate::admin::{Admin, Endpoint};
+
+    // Bound and listening, never accepting: connections complete, requests get no answer.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let admin = Admin::new(&Endpoint { endpoint, admin_key: None });
+    let mut terminal = Terminal::new(TestBackend::new(120, 30)).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let keys = tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        keys.send(Input::Key(KeyCode::Char('q'))).unwrap();
+    });
+    let started = Instant::now();
+    dashboard(&mut terminal, admin, Duration::from_millis(100), tx, rx).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "q was answered after {took:?}: the loop waited on the poll"
+    );
+    let screen: String = terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+    assert!(screen.contains("figures 0.") && screen.contains("s old"), "{screen}");
+    drop(silent);
+}
