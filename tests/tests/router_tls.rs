@@ -44,6 +44,11 @@ async fn workers(router: &str, c: &reqwest::Client) -> Vec<Value> {
     v["workers"].as_array().unwrap().clone()
 }
 
+/// POSTs a small `/generate` (streamed when asked) to `router`.
+async fn send_generate(router: &str, stream: bool) -> reqwest::Response {
+    client().post(format!("{router}/generate")).json(&generate(stream)).send().await.unwrap()
+}
+
 fn generate(stream: bool) -> Value {
     json!({"text": "tell me", "stream": stream, "sampling_params": {"max_new_tokens": 3}})
 }
@@ -65,12 +70,7 @@ async fn https_workers_with_mtls_answer_plain_and_streamed_requests() {
     .await;
     let mut answered_by = std::collections::BTreeSet::new();
     for i in 0..6 {
-        let resp = client()
-            .post(format!("{}/generate", r.url()))
-            .json(&generate(i % 2 == 1))
-            .send()
-            .await
-            .unwrap();
+        let resp = send_generate(&r.url(), i % 2 == 1).await;
         assert_eq!(resp.status(), 200);
         answered_by.insert(resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned());
         let body = resp.text().await.unwrap();
@@ -88,12 +88,7 @@ async fn https_workers_with_mtls_answer_plain_and_streamed_requests() {
     // Connections are pooled: one handshake per connection, not per request (6 sequential
     // requests over 2 workers, plus the health checks on their own pooled connection).
     for _ in 0..10 {
-        let resp = client()
-            .post(format!("{}/generate", r.url()))
-            .json(&generate(false))
-            .send()
-            .await
-            .unwrap();
+        let resp = send_generate(&r.url(), false).await;
         assert_eq!(resp.status(), 200);
         resp.bytes().await.unwrap();
     }
@@ -181,12 +176,7 @@ async fn tls_failures_are_reported_by_cause() {
         config.health.enabled = false;
         config.retry.enabled = false;
         let r = router(config).await;
-        let resp = client()
-            .post(format!("{}/generate", r.url()))
-            .json(&generate(false))
-            .send()
-            .await
-            .unwrap();
+        let resp = send_generate(&r.url(), false).await;
         let status = resp.status();
         let body = resp.text().await.unwrap();
         assert_eq!(status, 502, "{url}: {body}");
@@ -383,12 +373,7 @@ async fn pd_pairs_over_tls() {
     };
     let r = router(Config::build(None, &flags).unwrap()).await;
     for stream in [false, true] {
-        let resp = client()
-            .post(format!("{}/generate", r.url()))
-            .json(&generate(stream))
-            .send()
-            .await
-            .unwrap();
+        let resp = send_generate(&r.url(), stream).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-routerd-prefill-worker"], p.url().as_str());
         let body = resp.text().await.unwrap();
