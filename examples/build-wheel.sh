@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds the Python wheel (pyproject.toml: maturin, `bindings = "bin"`): the routerd and routerctl
+# executables plus the `routerd` Python package (launch_router, launch_server), into
+# target/wheels/. Installs maturin with pip if missing. After `cargo build --release` the
+# dependencies are reused; only the two executables are built again (about 2 minutes on 2 cores).
+#   examples/build-wheel.sh          # prints the wheel's path last
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v maturin >/dev/null || python3 -m pip install -q "maturin>=1.5,<2"
+out=$(maturin build --release --locked 2>&1) || { echo "$out" >&2; exit 1; }
+wheel=$(sed -n 's/.*Built wheel to //p' <<<"$out" | tail -1)
+[ -f "$wheel" ] || { echo "$out" >&2; echo "build-wheel: no wheel built" >&2; exit 1; }
+echo "$wheel"
