@@ -26,6 +26,20 @@ ask() {
         -d '{"text": "hello", "sampling_params": {"max_new_tokens": 2}}' | grep -q '"text"'
 }
 
+# launch_server's mapping of sglang_router.launch_server's arguments onto routerctl launch.
+"$bin/python" - <<'PY'
+from routerd.launch_server import plan
+got = plan(["--model-path", "M", "--dp-size", "4", "--tp-size", "2", "--host", "0.0.0.0",
+            "--port", "8000", "--router-policy", "cache_aware", "--router-cache-threshold=0.3",
+            "--mem-fraction-static", "0.8"])
+want = ["launch", "--with-router", "--router-host", "0.0.0.0", "--router-port", "8000",
+        "--host", "0.0.0.0", "--base-port", "8001", "--dp-size", "4", "--model-path", "M",
+        "--gpus-per-worker", "2", "--router-arg=--policy", "--router-arg=cache_aware",
+        "--router-arg=--cache-threshold", "--router-arg=0.3", "--", "--mem-fraction-static", "0.8"]
+assert got == want, got
+print("launch_server: arguments mapped as sglang_router.launch_server takes them")
+PY
+
 # launch_router: routerd itself (exec'd: no Python left in the process) on a simulated worker.
 wp=$(free_port); rp=$(free_port)
 "$bin/routerctl" sim-worker --port "$wp" >"$tmp/sim.log" 2>&1 & pids+=($!)
