@@ -74,8 +74,21 @@ pub struct ServeSpec {
 impl ServeSpec {
     /// Reads and checks the pair (the key must match the certificate).
     pub fn load(&self) -> Result<Arc<CertifiedKey>, String> {
-        let chain = load_certs(&self.cert_path)?;
-        let key = load_key(&self.key_path)?;
+        let (chain, key) = self.read()?;
+        self.certify(chain, key)
+    }
+
+    /// The certificate chain and the key, as their files hold them.
+    fn read(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        Ok((load_certs(&self.cert_path)?, load_key(&self.key_path)?))
+    }
+
+    /// `chain` and `key` as one certified key, if the key belongs to the certificate.
+    fn certify(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Arc<CertifiedKey>, String> {
         let signer = provider()
             .key_provider
             .load_private_key(key)
@@ -224,10 +237,6 @@ impl TlsClientSpec {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        *self == TlsClientSpec::default()
-    }
-
     /// Builds the client configuration (reading every file now).
     pub fn build(&self) -> Result<rustls::ClientConfig, String> {
         let mut roots = rustls::RootCertStore::empty();
@@ -249,10 +258,12 @@ impl TlsClientSpec {
         let mut config = match (&self.client_cert_path, &self.client_key_path) {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
+                // Each file read once: checked as a pair, then handed to rustls.
                 let pair = ServeSpec { cert_path: cert.clone(), key_path: key.clone() };
-                let ck = pair.load()?;
+                let (chain, private) = pair.read()?;
+                pair.certify(chain.clone(), private.clone_key())?;
                 builder
-                    .with_client_auth_cert(ck.cert.clone(), load_key(key)?)
+                    .with_client_auth_cert(chain, private)
                     .map_err(|e| format!("{}: {e}", key.display()))?
             }
             (Some(_), None) => return Err("client_cert_path is set without client_key_path".into()),

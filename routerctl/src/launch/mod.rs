@@ -173,12 +173,12 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
-/// The flags checked and turned into planning inputs (free ports chosen, binaries found).
 /// `path` from the working directory, so children started elsewhere find it.
 fn absolute(path: &std::path::Path) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The flags checked and turned into planning inputs (free ports chosen, binaries found).
 fn inputs(args: &LaunchArgs) -> Result<Inputs, String> {
     for (flag, v) in [
         ("--startup-timeout-secs", args.startup_timeout_secs),

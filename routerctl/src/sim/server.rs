@@ -371,7 +371,6 @@ pub struct SimWorker {
     pub state: Arc<SimState>,
     stop: Stop,
     task: JoinHandle<Ended>,
-    https: bool,
 }
 
 impl SimWorker {
@@ -426,7 +425,6 @@ impl SimWorker {
             crash: stop.abort.clone(),
             tls: tls.clone(),
         });
-        let https = tls.is_some();
         let (routes, main_stop) = (app(state.clone()), stop.clone());
         let main = async move {
             match tls {
@@ -449,11 +447,11 @@ impl SimWorker {
             engine_stop.cancel();
             ended
         });
-        Ok(Self { addr, bootstrap_addr, state, stop, task, https })
+        Ok(Self { addr, bootstrap_addr, state, stop, task })
     }
 
     pub fn url(&self) -> String {
-        let scheme = if self.https { "https" } else { "http" };
+        let scheme = if self.state.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
 

@@ -401,6 +401,16 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// A path written in the configuration file: a relative one is relative to the file's
+    /// directory, so the file means the same from any working directory. (Paths given by flags
+    /// stay relative to the working directory.)
+    fn in_file_dir(&self, path: &Path) -> std::path::PathBuf {
+        match self.file.and_then(|f| Path::new(f.name).parent()) {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
     fn error(&mut self, key: &str, at: &At, message: String) {
         let origin = match (at.flag, &at.span, self.file) {
             (Some(flag), _, _) => Some(format!("flag {flag}")),

@@ -74,7 +74,7 @@ impl Builder<'_> {
                 None
             }
             (Some(v), None) => self.nonempty(key, &At::flag(value_flag), v.expose()),
-            (None, Some(path)) => self.secret_file(key, &At::flag(file_flag), path, None),
+            (None, Some(path)) => self.secret_file(key, &At::flag(file_flag), path),
             (None, None) => self.secret(key, fields),
         }
     }
@@ -92,8 +92,8 @@ impl Builder<'_> {
             return self.nonempty(key, &At::span(v), v.get_ref());
         }
         if let Some(path) = &s.file {
-            let base = self.file.and_then(|f| Path::new(f.name).parent().map(Path::to_owned));
-            return self.secret_file(&format!("{key}_file"), &At::span(path), path.get_ref(), base);
+            let full = self.in_file_dir(path.get_ref());
+            return self.secret_file(&format!("{key}_file"), &At::span(path), &full);
         }
         let var = s.env?;
         let key = format!("{key}_env");
@@ -107,18 +107,9 @@ impl Builder<'_> {
         }
     }
 
-    fn secret_file(
-        &mut self,
-        key: &str,
-        at: &At,
-        path: &Path,
-        base: Option<PathBuf>,
-    ) -> Option<Secret> {
-        let full = match base {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_owned(),
-        };
-        match std::fs::read_to_string(&full) {
+    /// The secret in the file at `full` (already resolved against the configuration file).
+    fn secret_file(&mut self, key: &str, at: &At, full: &Path) -> Option<Secret> {
+        match std::fs::read_to_string(full) {
             Ok(text) => {
                 let v = text.trim();
                 if v.is_empty() {

@@ -110,9 +110,10 @@ impl Builder<'_> {
         let mut spec = TlsClientSpec::default();
         let (cert, key) =
             (t.client_cert_path.map(|p| self.beside(p)), t.client_key_path.map(|p| self.beside(p)));
-        if let Some(paths) = t.ca_cert_paths.map(|p| self.beside_all(p)) {
-            self.check_cas(&format!("{prefix}.ca_cert_paths"), paths.get_ref(), &At::span(&paths));
-            spec.ca_cert_paths = paths.into_inner();
+        if let Some(paths) = t.ca_cert_paths {
+            let full: Vec<PathBuf> = paths.get_ref().iter().map(|p| self.in_file_dir(p)).collect();
+            self.check_cas(&format!("{prefix}.ca_cert_paths"), &full, &At::span(&paths));
+            spec.ca_cert_paths = full;
         }
         match (cert, key) {
             (None, None) => {}
@@ -136,27 +137,10 @@ impl Builder<'_> {
         spec
     }
 
-    /// A path from the configuration file: relative ones are relative to the file's directory
-    /// (as `api_key_file`), so the file means the same from any working directory.
+    /// A path from the configuration file, resolved against the file's directory.
     fn beside(&self, p: Spanned<PathBuf>) -> Spanned<PathBuf> {
-        let span = p.span();
-        let path = p.into_inner();
-        let dir = self.file.and_then(|f| Path::new(f.name).parent().map(Path::to_owned));
-        let full = match dir {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path,
-        };
-        Spanned::new(span, full)
-    }
-
-    fn beside_all(&self, p: Spanned<Vec<PathBuf>>) -> Spanned<Vec<PathBuf>> {
-        let span = p.span();
-        let paths = p
-            .into_inner()
-            .into_iter()
-            .map(|x| self.beside(Spanned::new(span.clone(), x)).into_inner())
-            .collect();
-        Spanned::new(span, paths)
+        let full = self.in_file_dir(p.get_ref());
+        Spanned::new(p.span(), full)
     }
 
     fn check_cas(&mut self, key: &str, paths: &[PathBuf], at: &At) {

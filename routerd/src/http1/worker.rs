@@ -11,14 +11,13 @@ use bytes::{Buf, BytesMut};
 use http::uri::Authority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use crate::tls::{Conn, WorkerTls};
 use tokio::time::Instant;
 
 use super::chunked::Chunked;
 use super::client::ClientSession;
 use super::pool::IdleConns;
 use super::{has_body, header_line, is_hop_by_hop};
+use crate::tls::{Conn, WorkerTls};
 
 /// Largest response head accepted from a worker.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;

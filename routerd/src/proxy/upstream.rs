@@ -1,7 +1,8 @@
 //! The router's own calls to workers outside the inference path (health checks, load polls,
-//! info passthrough): hyper-util's pooled HTTP/1 client (over TLS for `https://` workers), the request headers chosen for a
-//! worker (shared with the inference path), and an info answer relayed to the client frame by
-//! frame within the request deadline. Inference requests go through `proxy::relay`.
+//! info passthrough): hyper-util's pooled HTTP/1 client (over TLS for `https://` workers), the
+//! request headers chosen for a worker (shared with the inference path), and an info answer
+//! relayed to the client frame by frame within the request deadline. Inference requests go
+//! through `proxy::relay`.
 
 use std::future::Future as _;
 use std::pin::Pin;
