@@ -115,6 +115,8 @@ pub struct App {
     pub started: std::time::Instant,
     pub discovery: crate::discovery::Status,
     pub dp: crate::dp::DpState,
+    /// The workers' KV-event feeds and the index of blocks they hold.
+    pub kv: Arc<crate::kv::KvState>,
 }
 
 impl App {
@@ -132,6 +134,7 @@ impl App {
             }
         };
         Ok(Self {
+            kv: Arc::new(crate::kv::KvState::new(&config.kv_events)),
             server_tls,
             registry: Registry::new(crate::dp::config_specs(&dp, &config)),
             live: ArcSwap::from_pointee(Live::new(config)),

@@ -60,6 +60,11 @@ pub struct View {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimate_ms: Option<f64>,
     pub imbalanced: bool,
+    /// Event routing: prompt tokens the chosen worker's cache held, of the prompt's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<usize>,
     pub worker: String,
     /// The load of each worker the policy could choose from.
     pub loads: Vec<(String, u64)>,
@@ -101,6 +106,8 @@ impl Record {
             match_ratio: d.match_ratio.map(|r| (r * 1000.0).round() / 1000.0),
             estimate_ms: d.estimate_ms.map(|e| (e * 100.0).round() / 100.0),
             imbalanced: d.imbalanced,
+            matched_tokens: d.matched_tokens,
+            prompt_tokens: d.prompt_tokens,
             worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),
             loads: self.loads.iter().map(|(w, l)| (w.url().to_owned(), *l)).collect(),
         }
@@ -116,6 +123,10 @@ impl Record {
                            "worker": v.worker, "loads": loads});
         if let Some(e) = v.estimate_ms {
             h["estimate_ms"] = json!(e);
+        }
+        if let (Some(m), Some(p)) = (v.matched_tokens, v.prompt_tokens) {
+            h["matched_tokens"] = json!(m);
+            h["prompt_tokens"] = json!(p);
         }
         h.to_string()
     }

@@ -103,6 +103,7 @@ fn record(app: &App, w: &Worker, cfg: &HealthConfig, outcome: &Result<(), String
                 if t.ever_passed {
                     // Back after failing its checks: it may have restarted with an empty cache.
                     app.policy_for(w.spec.role).worker_reset(w.url());
+                    app.kv.reset_worker(w.url());
                 }
             }
             t.ever_passed = true;

@@ -121,6 +121,7 @@ pub async fn flush_cache(State(app): State<Arc<App>>) -> Response {
                 if s.is_success() {
                     // The worker's cache is empty now: so is the policy's picture of it.
                     app.policy_for(w.spec.role).worker_reset(w.url());
+                    app.kv.reset_worker(w.url());
                 }
                 out.push(json!({"url": w.url(), "status": s.as_u16()}));
             }

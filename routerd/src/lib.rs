@@ -19,6 +19,7 @@ pub mod front;
 pub mod health;
 pub mod http1;
 pub mod info;
+pub mod kv;
 pub mod limits;
 pub mod metrics;
 

@@ -93,6 +93,9 @@ pub struct Worker {
     /// Prompt and cached tokens as the worker itself reported them in its responses.
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// Event routing: prompt tokens routerd predicted the worker's cache held (compare with
+    /// `cached_tokens`, what it reported).
+    pub predicted_tokens: AtomicU64,
     /// Requests the worker itself reports running or waiting (`/get_load`), when polled.
     pub polled_load: AtomicU64,
     pub polled: AtomicBool,
@@ -207,6 +210,7 @@ impl Worker {
             pending_prefill: AtomicU64::new(0),
             pending_requests: AtomicU64::new(0),
             cached_tokens: AtomicU64::new(0),
+            predicted_tokens: AtomicU64::new(0),
             polled_load: AtomicU64::new(0),
             polled: AtomicBool::new(false),
             healthy: AtomicBool::new(true),

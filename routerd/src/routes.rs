@@ -37,6 +37,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/decisions", get(crate::decisions::admin_decisions))
         .route("/admin/stats", get(crate::stats::admin_stats))
         .route("/admin/discovery", get(crate::discovery::admin_discovery))
+        .route("/admin/kv", get(crate::kv::admin_kv))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -60,6 +60,7 @@ pub fn start_with_flags(
     tasks.spawn(crate::metrics::upkeep(app.clone(), cancel.clone()));
     tasks.spawn(crate::discovery::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::dp::run(app.clone(), cancel.clone()));
+    tasks.spawn(crate::kv::feeds::run(app.clone(), cancel.clone()));
     // The configuration file and the serving certificate's files, when watched.
     let mut watched: Vec<std::path::PathBuf> = app.reloader.source().into_iter().collect();
     if let Some(tls) = &app.server_tls {

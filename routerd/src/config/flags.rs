@@ -193,6 +193,13 @@ pub struct Flags {
     /// The namespace to watch [default: all namespaces].
     #[arg(global = true, long)]
     pub service_discovery_namespace: Option<String>,
+    /// The model's tokenizer.json (or a directory with one): text prompts are tokenized with
+    /// it so that they route on the workers' KV events.
+    #[arg(global = true, long, value_name = "FILE|DIR")]
+    pub tokenizer_path: Option<PathBuf>,
+    /// The model's directory (sgl-router's name): its tokenizer.json, as --tokenizer-path.
+    #[arg(global = true, long, value_name = "DIR")]
+    pub model_path: Option<PathBuf>,
     /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
     /// target, with `data_parallel_rank` in the request body.
     #[arg(global = true, long)]

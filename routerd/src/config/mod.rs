@@ -4,6 +4,7 @@
 mod discovery;
 mod error;
 mod flags;
+mod kv;
 mod pd;
 mod raw;
 mod sections;
@@ -45,6 +46,11 @@ pub struct Config {
     pub security: SecurityConfig,
     /// How `https://` workers are verified, and the client certificate they are shown.
     pub tls: TlsConfig,
+    /// Where workers publish KV events (docs/kv-events.md).
+    pub kv_events: crate::kv::KvEventsConfig,
+    /// The `tokenizer.json` prompts are tokenized with for event routing (`None`: only
+    /// requests that carry `input_ids` route on events).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Who may call the router, and where workers may be (docs/security.md).
@@ -452,6 +458,8 @@ impl Builder<'_> {
             discovery,
             security,
             tls,
+            kv_events: self.kv_events(raw.kv_events),
+            tokenizer: self.tokenizer(raw.tokenizer, f),
         }
     }
 

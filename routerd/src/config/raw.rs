@@ -19,6 +19,29 @@ pub struct RawConfig {
     pub discovery: Option<RawDiscovery>,
     pub security: RawSecurity,
     pub tls: RawTls,
+    pub kv_events: RawKvEvents,
+    pub tokenizer: RawTokenizer,
+}
+
+/// `[kv_events]`: where workers publish KV events when their `/server_info` does not say.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKvEvents {
+    pub enabled: Option<bool>,
+    pub endpoint: Option<Spanned<String>>,
+    pub replay_endpoint: Option<Spanned<String>>,
+    pub topic: Option<String>,
+    pub block_size: Option<Spanned<u64>>,
+    pub dp_size: Option<Spanned<u32>>,
+    pub pending_ttl: Option<Spanned<String>>,
+    pub max_blocks: Option<Spanned<u64>>,
+}
+
+/// `[tokenizer]`: the model's `tokenizer.json` (or its directory).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTokenizer {
+    pub path: Option<Spanned<std::path::PathBuf>>,
 }
 
 /// `[tls]`: how `https://` workers are verified and the client certificate shown to them;

@@ -56,6 +56,12 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_cb_opened_total", Unit::Count, "Times the worker's circuit opened"),
     ("sgl_router_worker_prompt_tokens_total", Unit::Count, "Prompt tokens the worker reported in its responses"),
     ("sgl_router_worker_cached_tokens_total", Unit::Count, "Prompt tokens the worker reported as served from its prefix cache"),
+    ("routerd_worker_predicted_cached_tokens_total", Unit::Count, "Event routing: prompt tokens routerd predicted the worker's cache held when it routed there"),
+    ("routerd_kv_events_total", Unit::Count, "KV events applied from the workers' publishers"),
+    ("routerd_kv_malformed_total", Unit::Count, "KV event messages dropped because they did not decode"),
+    ("routerd_kv_replays_total", Unit::Count, "Gaps in a KV event stream asked of the engine's replay socket"),
+    ("routerd_kv_resets_total", Unit::Count, "Times a worker rank's cache picture was dropped (publisher restart, unreplayable gap)"),
+    ("routerd_kv_blocks", Unit::Count, "Blocks in the KV event index, all workers"),
     ("sgl_router_tree_size", Unit::Count, "cache_aware: characters of the worker's share of the prefix tree"),
     ("sgl_router_tree_nodes", Unit::Count, "cache_aware: nodes of the prefix tree, by pool"),
     ("sgl_router_discovery_up", Unit::Count, "Kubernetes discovery: 1 while every watch is listed and healthy, 0 while it fails or has not listed yet"),
@@ -293,7 +299,21 @@ impl Metrics {
             counter("sgl_router_cb_opened_total", w.breaker.opened_total.load(Relaxed));
             counter("sgl_router_worker_prompt_tokens_total", w.prompt_tokens.load(Relaxed));
             counter("sgl_router_worker_cached_tokens_total", w.cached_tokens.load(Relaxed));
+            counter(
+                "routerd_worker_predicted_cached_tokens_total",
+                w.predicted_tokens.load(Relaxed),
+            );
         }
+        let kv = &app.kv;
+        for (name, v) in [
+            ("routerd_kv_events_total", &kv.events),
+            ("routerd_kv_malformed_total", &kv.malformed),
+            ("routerd_kv_replays_total", &kv.replays),
+            ("routerd_kv_resets_total", &kv.resets),
+        ] {
+            r.register_counter(&key(name, &[]), &META).absolute(v.load(Relaxed));
+        }
+        r.register_gauge(&key("routerd_kv_blocks", &[]), &META).set(kv.blocks() as f64);
         let mut pools = vec![("regular", live.policy.clone())];
         if let Some(p) = &live.pools {
             pools = vec![("prefill", p.prefill.clone()), ("decode", p.decode.clone())];

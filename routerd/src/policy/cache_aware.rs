@@ -86,30 +86,63 @@ impl CacheAware {
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched =
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
-        let (best, best_chars) = candidates
+        // Where a worker's KV events flow, its match is what its cache really holds, in
+        // tokens; elsewhere the approximate tree's, in characters. Both as shares of the prompt.
+        let events = event_matches(workers, &routable, req);
+        let token_count = req.tokens.map_or(0, <[u32]>::len);
+        let share = |k: usize| match events.get(k).copied().flatten() {
+            Some(t) if token_count > 0 => t as f64 / token_count as f64,
+            Some(_) => 0.0,
+            None if text_chars > 0 => matched(k) as f64 / text_chars as f64,
+            None => 0.0,
+        };
+        let best = candidates
             .iter()
-            .map(|&k| (k, matched(k), rng.random::<u32>()))
+            .map(|&k| (k, (share(k) * 1e9) as u64, rng.random::<u32>()))
             .max_by_key(|&(k, m, r)| (m, std::cmp::Reverse(loads[k]), r))
-            .map(|(k, m, _)| (k, m))
+            .map(|(k, _, _)| k)
             .expect("candidates are never empty: the least loaded worker always qualifies");
-        let (pick, branch) =
-            if text_chars > 0 && best_chars as f64 / text_chars as f64 > c.cache_threshold {
-                (best, Branch::Hit)
-            } else {
-                let room = candidates
-                    .iter()
-                    .map(|&k| (k, st.tree.tenant_chars(tenants[k]), rng.random::<u32>()))
-                    .min_by_key(|&(k, size, r)| (size, loads[k], r))
-                    .map(|(k, _, _)| k)
-                    .expect("non-empty");
-                (room, Branch::Miss)
+        let has_prompt = text_chars > 0 || token_count > 0;
+        let (pick, branch) = if has_prompt && share(best) > c.cache_threshold {
+            (best, Branch::Hit)
+        } else {
+            // Cache room: blocks held (in tokens) where events flow, the tree's share elsewhere.
+            let used = |k: usize| match events.get(k).copied().flatten() {
+                Some(_) => req
+                    .kv
+                    .and_then(|kv| kv.worker_blocks(workers[routable[k]].url()))
+                    .map_or(0, |(blocks, bs)| blocks * bs),
+                None => st.tree.tenant_chars(tenants[k]),
             };
+            let room = candidates
+                .iter()
+                .map(|&k| (k, used(k), rng.random::<u32>()))
+                .min_by_key(|&(k, size, r)| (size, loads[k], r))
+                .map(|(k, _, _)| k)
+                .expect("non-empty");
+            (room, Branch::Miss)
+        };
         if text_chars > 0 {
             st.tree.insert(req.text, tenants[pick]);
         }
-        let match_ratio = (text_chars > 0).then(|| matched(pick) as f64 / text_chars as f64);
+        let match_ratio = has_prompt.then(|| share(pick));
         let matched = matched(pick);
-        Some(Choice { index: routable[pick], branch, match_ratio, imbalanced, matched })
+        drop(st);
+        let matched_tokens = events.get(pick).copied().flatten();
+        if let (Some(_), Some(kv), Some(tokens)) = (matched_tokens, req.kv, req.tokens) {
+            // Counted as held there until its events confirm it: the next request of a burst
+            // with the same new prefix follows it.
+            kv.note_sent(workers[routable[pick]].url(), tokens);
+        }
+        Some(Choice {
+            index: routable[pick],
+            branch,
+            match_ratio,
+            imbalanced,
+            matched,
+            matched_tokens,
+            prompt_tokens: matched_tokens.map(|_| token_count),
+        })
     }
 
     pub fn whole_tree_stats(&self) -> super::tree::TreeStats {
@@ -123,6 +156,23 @@ struct Choice {
     match_ratio: Option<f64>,
     imbalanced: bool,
     matched: usize,
+    matched_tokens: Option<usize>,
+    prompt_tokens: Option<usize>,
+}
+
+/// Each routable worker's event match (`None`: no events for it, or no tokens to match).
+fn event_matches(
+    workers: &[Arc<Worker>],
+    routable: &[usize],
+    req: &RequestInfo,
+) -> Vec<Option<usize>> {
+    match (req.kv, req.tokens) {
+        (Some(kv), Some(tokens)) if !tokens.is_empty() => {
+            let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
+            kv.matches(&urls, tokens)
+        }
+        _ => Vec::new(),
+    }
 }
 
 impl Branch {
@@ -155,6 +205,8 @@ impl Policy for CacheAware {
             imbalanced: c.imbalanced,
             matched_chars: c.matched,
             estimate_ms: None,
+            matched_tokens: c.matched_tokens,
+            prompt_tokens: c.prompt_tokens,
         })
     }
 

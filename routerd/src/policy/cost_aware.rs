@@ -400,6 +400,7 @@ impl Policy for CostAware {
             imbalanced: false,
             matched_chars: matched[pick],
             estimate_ms: Some(estimates[pick]),
+            ..Default::default()
         })
     }
 

@@ -36,6 +36,11 @@ pub struct RequestInfo<'a> {
     pub ignore_health: bool,
     /// The client's routing key (`X-SMG-Routing-Key`), for the `manual` policy.
     pub routing_key: Option<&'a str>,
+    /// The prompt's token ids (the request's `input_ids`, or its text tokenized), when event
+    /// routing can use them.
+    pub tokens: Option<&'a [u32]>,
+    /// The workers' KV-event index: cache_aware matches `tokens` on it where events flow.
+    pub kv: Option<&'a crate::kv::KvState>,
 }
 
 impl RequestInfo<'_> {
@@ -60,6 +65,10 @@ pub struct Decision {
     pub matched_chars: usize,
     /// cost_aware: the estimated time to first token on the chosen worker, in milliseconds.
     pub estimate_ms: Option<f64>,
+    /// Event routing: prompt tokens the chosen worker's cache holds (or was just sent), out of
+    /// `prompt_tokens`.
+    pub matched_tokens: Option<usize>,
+    pub prompt_tokens: Option<usize>,
 }
 
 /// What routerd saw of one answer, for policies that learn (`Policy::observe`).

@@ -99,6 +99,30 @@ impl<'a> Probe<'a> {
         (!is_ids_of_one && !is_tokens_of_one).then_some(items.len())
     }
 
+    /// The prompt as token ids, when the request carries them: generate's `input_ids` or a
+    /// completions `prompt` that is one list of integers.
+    pub fn token_ids(&self, route: Route) -> Option<Vec<u32>> {
+        let field = match route {
+            Route::Generate => self.input_ids,
+            Route::Completions => self.prompt,
+            _ => None,
+        }?;
+        if !field.get().starts_with('[') {
+            return None;
+        }
+        serde_json::from_str(field.get()).ok()
+    }
+
+    /// The prompt when it is one string: generate's `text`, a completions `prompt`.
+    pub fn prompt_string(&self, route: Route) -> Option<Cow<'a, str>> {
+        let field = match route {
+            Route::Generate => self.text,
+            Route::Completions => self.prompt,
+            _ => None,
+        }?;
+        field.get().starts_with('"').then(|| text_of(field))
+    }
+
     /// Whether the native request asks for logprobs (`return_logprob`, for any item).
     pub fn wants_logprob(&self) -> bool {
         self.return_logprob.is_some_and(|v| v.get().contains("true"))

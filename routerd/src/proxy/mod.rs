@@ -180,6 +180,8 @@ pub(crate) struct Ask<'a> {
     pub panic: bool,
     /// `X-SMG-Routing-Key` (the `manual` policy).
     pub routing_key: Option<&'a str>,
+    /// The prompt's token ids, when workers publish KV events and they are known.
+    pub tokens: Option<&'a [u32]>,
 }
 
 /// A policy's choice.
@@ -210,12 +212,21 @@ pub(crate) fn pick(
         fresh = pool.iter().filter(|w| !avoid.iter().any(|t| Arc::ptr_eq(t, w))).cloned().collect();
         &fresh
     };
-    let strict = RequestInfo { text: ask.text, ignore_health: false, routing_key: ask.routing_key };
+    let strict = RequestInfo {
+        text: ask.text,
+        ignore_health: false,
+        routing_key: ask.routing_key,
+        tokens: ask.tokens,
+        kv: ask.tokens.map(|_| &*app.kv),
+    };
     let d = policy.decide(candidates, &strict).or_else(|| {
         let any = RequestInfo { ignore_health: true, ..strict };
         ask.panic.then(|| policy.decide(candidates, &any)).flatten()
     })?;
     app.metrics.decision(pool_name, policy.name(), &d);
+    if let Some(m) = d.matched_tokens {
+        candidates[d.index].predicted_tokens.fetch_add(m as u64, Relaxed);
+    }
     let mut header = None;
     if ask.explain || app.decisions.wanted() {
         let route = crate::metrics::route_label(ask.route);
@@ -248,10 +259,19 @@ async fn dispatch(
         None => live.policy.needs_text(),
     };
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
+    let tokens = if needs_text && app.kv.active() { app.kv.tokens(&probe, route) } else { None };
     let explain = head.headers.contains_key(EXPLAIN_HEADER);
     let panic = live.config.policy.panic_routing;
     let routing_key = head.headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok());
-    let ask = Ask { text: &text, request_id: rid.1, route, explain, panic, routing_key };
+    let ask = Ask {
+        text: &text,
+        request_id: rid.1,
+        route,
+        explain,
+        panic,
+        routing_key,
+        tokens: tokens.as_deref(),
+    };
     if let Some(pools) = &live.pools {
         return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
     }

@@ -1,0 +1,82 @@
+//! `[kv_events]` (where workers publish their KV events) and the tokenizer routerd hashes
+//! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`).
+
+use std::path::PathBuf;
+
+use toml::Spanned;
+
+use super::raw::{RawKvEvents, RawTokenizer};
+use super::{At, Builder, Flags};
+use crate::kv::KvEventsConfig;
+
+impl Builder<'_> {
+    pub(super) fn kv_events(&mut self, raw: RawKvEvents) -> KvEventsConfig {
+        let d = KvEventsConfig::default();
+        let endpoint = |b: &mut Self, key: &str, v: Option<Spanned<String>>| {
+            let v = v?;
+            let ok = v.get_ref().starts_with("tcp://")
+                && v.get_ref().rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+            if !ok {
+                b.error(
+                    key,
+                    &At::span(&v),
+                    format!("{:?} is not tcp://HOST:PORT ({{host}} stands for the worker's host)", v.get_ref()),
+                );
+                return None;
+            }
+            Some(v.into_inner())
+        };
+        let ep = endpoint(self, "kv_events.endpoint", raw.endpoint);
+        let replay = endpoint(self, "kv_events.replay_endpoint", raw.replay_endpoint);
+        let block_size = raw.block_size.and_then(|b| match *b.get_ref() {
+            1..=65_536 => Some(*b.get_ref() as usize),
+            n => {
+                self.error("kv_events.block_size", &At::span(&b), format!("{n} is not a page size from 1 to 65536"));
+                None
+            }
+        });
+        let dp_size = match raw.dp_size {
+            Some(v) if !(1..=1024).contains(v.get_ref()) => {
+                self.error("kv_events.dp_size", &At::span(&v), format!("{} is not a size from 1 to 1024", v.get_ref()));
+                1
+            }
+            Some(v) => v.into_inner(),
+            None => 1,
+        };
+        let max_blocks = match raw.max_blocks {
+            Some(v) if *v.get_ref() == 0 => {
+                self.error("kv_events.max_blocks", &At::span(&v), "must be at least 1".into());
+                d.max_blocks
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => d.max_blocks,
+        };
+        KvEventsConfig {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            endpoint: ep,
+            replay_endpoint: replay,
+            topic: raw.topic.unwrap_or_default(),
+            block_size,
+            dp_size,
+            pending_ttl: self.duration("kv_events.pending_ttl", None, raw.pending_ttl, d.pending_ttl),
+            max_blocks,
+        }
+    }
+
+    /// The tokenizer file: a flag's path as given, the file's relative to the file; a
+    /// directory means its `tokenizer.json`. Checked to exist here; loaded by `tokenize`.
+    pub(super) fn tokenizer(&mut self, raw: RawTokenizer, f: &Flags) -> Option<PathBuf> {
+        let (path, at) = match (&f.tokenizer_path, &f.model_path, raw.path) {
+            (Some(p), _, _) => (p.clone(), At::flag("--tokenizer-path")),
+            (None, Some(p), _) => (p.clone(), At::flag("--model-path")),
+            (None, None, Some(p)) => (self.in_file_dir(p.get_ref()), At::span(&p)),
+            (None, None, None) => return None,
+        };
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path };
+        if !file.is_file() {
+            self.error("tokenizer.path", &at, format!("{} is not a tokenizer.json file (or a directory that has one)", file.display()));
+            return None;
+        }
+        Some(file)
+    }
+}

@@ -1,0 +1,125 @@
+//! Starts and stops the subscribers with the workers: every second, each worker of the
+//! registry (whatever added it: configuration, API, discovery, launch) that publishes KV events
+//! gets one subscriber per dp rank; a worker that leaves has its subscribers stopped and its
+//! blocks dropped. Where a worker publishes comes from `[kv_events]`, else from its
+//! `/server_info` (asked again every 10 s until it answers with a `kv_events` block).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{feed_from_config, feed_from_server_info, subscriber, Feed};
+use crate::app::App;
+use crate::registry::split_rank;
+
+const EVERY: Duration = Duration::from_secs(1);
+const ASK_AGAIN: Duration = Duration::from_secs(10);
+
+pub async fn run(app: Arc<App>, cancel: CancellationToken) {
+    let tasks = TaskTracker::new();
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut asked: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let live = app.live();
+        let cfg = &live.config.kv_events;
+        app.kv.set_pending_ttl(cfg.pending_ttl);
+        load_tokenizer(&app, live.config.tokenizer.as_deref()).await;
+        let snapshot = app.registry.snapshot();
+        let wanted: BTreeSet<String> = if cfg.enabled {
+            snapshot.workers.iter().map(|w| split_rank(w.url()).0.to_owned()).collect()
+        } else {
+            BTreeSet::new()
+        };
+        running.retain(|base, stop| {
+            let keep = wanted.contains(base);
+            if !keep {
+                stop.cancel();
+                app.kv.untrack(base);
+                tracing::info!(worker = %base, "kv events: unsubscribed");
+            }
+            keep
+        });
+        asked.retain(|base, _| wanted.contains(base));
+        let new: Vec<String> = wanted.iter().filter(|b| !running.contains_key(*b)).cloned().collect();
+        for base in &new {
+            let feed = match feed_from_config(base, cfg) {
+                Some(f) => Some(f),
+                None if asked.get(base).is_some_and(|t| t.elapsed() < ASK_AGAIN) => None,
+                None => {
+                    asked.insert(base.clone(), Instant::now());
+                    let Some(w) = snapshot.workers.iter().find(|w| split_rank(w.url()).0 == base)
+                    else {
+                        continue;
+                    };
+                    let timeout = live.config.health.timeout;
+                    let info = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        i = app.http.get_json(w, "/server_info", timeout) => i,
+                    };
+                    info.and_then(|i| feed_from_server_info(base, &i))
+                }
+            };
+            if let Some(feed) = feed {
+                running.insert(base.clone(), start(&app, &tasks, base, &feed, &cancel));
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Loads the configured tokenizer when it changed (off the runtime's threads: a real model's
+/// tokenizer.json takes a moment to parse). A file that does not load is logged once and
+/// leaves text prompts on the approximate tree.
+async fn load_tokenizer(app: &Arc<App>, path: Option<&std::path::Path>) {
+    let current = app.kv.tokenizer.load();
+    if current.as_ref().map(|t| t.path.as_path()) == path {
+        return;
+    }
+    let Some(path) = path.map(|p| p.to_owned()) else {
+        app.kv.tokenizer.store(None);
+        return;
+    };
+    let loaded = tokio::task::spawn_blocking(move || super::tokenize::Tokenizer::load(&path)).await;
+    match loaded {
+        Ok(Ok(t)) => {
+            tracing::info!(path = %t.path.display(), "tokenizer loaded: text prompts route on KV events");
+            app.kv.tokenizer.store(Some(Arc::new(t)));
+        }
+        Ok(Err(e)) => {
+            if app.kv.tokenizer_error(&e) {
+                tracing::warn!(error = %e, "tokenizer not loaded: text prompts route on the approximate tree");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "tokenizer load panicked"),
+    }
+}
+
+fn start(
+    app: &App,
+    tasks: &TaskTracker,
+    base: &str,
+    feed: &Feed,
+    cancel: &CancellationToken,
+) -> CancellationToken {
+    app.kv.track(base, feed);
+    let stop = cancel.child_token();
+    for (rank, endpoint) in feed.endpoints.iter().enumerate() {
+        let target = subscriber::Target {
+            base: base.to_owned(),
+            rank: rank as u16,
+            endpoint: endpoint.clone(),
+            replay: feed.replay.get(rank).cloned().flatten(),
+            topic: feed.topic.clone(),
+        };
+        tasks.spawn(subscriber::run(app.kv.clone(), target, stop.clone()));
+    }
+    stop
+}

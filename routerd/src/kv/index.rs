@@ -1,0 +1,284 @@
+//! Which (worker, dp rank) holds which block, as the engines' KV events said, plus what routerd
+//! just sent (pending until events confirm it or a short TTL passes).
+//!
+//! One hash map keyed by `(holder, block hash)` with the tiers holding it as bits. Cost per
+//! block and holder: a 24-byte slot plus hashbrown's control byte, at a load factor between 7/16
+//! and 7/8 depending on when the table last grew, so 28-57 bytes; 10^6 blocks are 27-55 MiB
+//! (the `kv_index` criterion bench measures it). The number of blocks is capped
+//! (`max_blocks`): past it new blocks are not recorded, which makes routing colder, never
+//! wrong. Clearing one holder (a restart, a flush) walks the whole map: rare, and about 10 ms
+//! per 10^6 blocks.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::time::{Duration, Instant};
+
+use super::hash::BlockHash;
+use super::wire::Medium;
+
+/// A worker's id in the index; a holder is a worker's dp rank.
+pub type WorkerId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Holder {
+    pub worker: WorkerId,
+    pub rank: u16,
+}
+
+/// The pseudo-rank of what routerd sent to a worker (the engine picks the rank).
+const PENDING: u16 = u16::MAX;
+
+/// Weight of a page held only in a lower tier: reusing it costs a copy back to the GPU, which
+/// is cheaper than a prefill but not free. GPU 1, host memory 1/2, disk or external 1/4.
+pub fn tier_weight(tiers: u8) -> f64 {
+    if tiers & bit(Medium::Gpu) != 0 {
+        1.0
+    } else if tiers & bit(Medium::CpuPinned) != 0 {
+        0.5
+    } else {
+        0.25
+    }
+}
+
+fn bit(m: Medium) -> u8 {
+    match m {
+        Medium::Gpu => 1,
+        Medium::CpuPinned => 2,
+        Medium::Disk => 4,
+        Medium::External => 8,
+    }
+}
+
+/// Block hashes are SHA-256 prefixes already: a multiply and a fold mix the holder in.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(26) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+/// A worker's match for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PageMatch {
+    /// Leading pages held by the best rank (or pending).
+    pub pages: usize,
+    /// The same pages weighted by tier (`tier_weight`).
+    pub weighted: f64,
+}
+
+#[derive(Debug)]
+pub struct BlockIndex {
+    blocks: Map<(Holder, BlockHash), u8>,
+    per_holder: Map<Holder, usize>,
+    pending: Map<(WorkerId, BlockHash), Instant>,
+    max_blocks: usize,
+    /// Blocks not recorded because the index was full.
+    pub dropped: u64,
+}
+
+const MAX_PENDING: usize = 1 << 18;
+
+impl BlockIndex {
+    pub fn new(max_blocks: usize) -> Self {
+        Self {
+            blocks: Map::default(),
+            per_holder: Map::default(),
+            pending: Map::default(),
+            max_blocks,
+            dropped: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    pub fn holder_blocks(&self, h: Holder) -> usize {
+        self.per_holder.get(&h).copied().unwrap_or(0)
+    }
+
+    pub fn store(&mut self, h: Holder, hashes: &[BlockHash], medium: Medium) {
+        for &hash in hashes {
+            self.pending.remove(&(h.worker, hash));
+            let full = self.blocks.len() >= self.max_blocks;
+            match self.blocks.get_mut(&(h, hash)) {
+                Some(tiers) => *tiers |= bit(medium),
+                None if full => self.dropped += 1,
+                None => {
+                    self.blocks.insert((h, hash), bit(medium));
+                    *self.per_holder.entry(h).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    pub fn remove(&mut self, h: Holder, hashes: &[BlockHash], medium: Medium) {
+        for &hash in hashes {
+            let Some(tiers) = self.blocks.get_mut(&(h, hash)) else { continue };
+            *tiers &= !bit(medium);
+            if *tiers == 0 {
+                self.blocks.remove(&(h, hash));
+                if let Some(n) = self.per_holder.get_mut(&h) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Forgets everything `h` held.
+    pub fn clear(&mut self, h: Holder) {
+        if self.per_holder.remove(&h).unwrap_or(0) > 0 {
+            self.blocks.retain(|(holder, _), _| *holder != h);
+        }
+    }
+
+    /// Forgets every rank of a worker and what was sent to it.
+    pub fn clear_worker(&mut self, w: WorkerId) {
+        let ranks: Vec<Holder> = self.per_holder.keys().filter(|h| h.worker == w).copied().collect();
+        for h in ranks {
+            self.clear(h);
+        }
+        self.pending.retain(|(worker, _), _| *worker != w);
+    }
+
+    /// Records that `hashes` were just sent to `w`: they count as held until events confirm
+    /// them or `ttl` passes.
+    pub fn note_pending(&mut self, w: WorkerId, hashes: &[BlockHash], now: Instant, ttl: Duration) {
+        if self.pending.len() + hashes.len() > MAX_PENDING {
+            self.pending.retain(|_, until| *until > now);
+            if self.pending.len() + hashes.len() > MAX_PENDING {
+                return;
+            }
+        }
+        let until = now + ttl;
+        for &hash in hashes {
+            if !self.blocks.contains_key(&(Holder { worker: w, rank: 0 }, hash)) {
+                self.pending.insert((w, hash), until);
+            }
+        }
+    }
+
+    /// The best match among `ranks` of worker `w` (what it holds, or was just sent).
+    pub fn matched(&self, w: WorkerId, ranks: &[u16], hashes: &[BlockHash], now: Instant) -> PageMatch {
+        let mut best = PageMatch::default();
+        for &rank in ranks.iter().chain(std::iter::once(&PENDING)) {
+            let h = Holder { worker: w, rank };
+            let mut m = PageMatch::default();
+            for &hash in hashes {
+                let tiers = if rank == PENDING {
+                    match self.pending.get(&(w, hash)) {
+                        Some(until) if *until > now => bit(Medium::Gpu),
+                        _ => 0,
+                    }
+                } else {
+                    self.blocks.get(&(h, hash)).copied().unwrap_or(0)
+                };
+                if tiers == 0 {
+                    break;
+                }
+                m.pages += 1;
+                m.weighted += tier_weight(tiers);
+            }
+            if m.weighted > best.weighted {
+                best = m;
+            }
+        }
+        best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: WorkerId = 1;
+    fn h(rank: u16) -> Holder {
+        Holder { worker: W, rank }
+    }
+
+    #[test]
+    fn leading_pages_count_until_the_first_missing_one() {
+        let mut ix = BlockIndex::new(100);
+        let now = Instant::now();
+        ix.store(h(0), &[1, 2, 3], Medium::Gpu);
+        ix.store(h(0), &[5], Medium::Gpu);
+        assert_eq!(ix.matched(W, &[0], &[1, 2, 3, 4, 5], now).pages, 3);
+        assert_eq!(ix.matched(W, &[0], &[2, 3], now).pages, 0, "a page whose parent is missing");
+        ix.remove(h(0), &[2], Medium::Gpu);
+        assert_eq!(ix.matched(W, &[0], &[1, 2, 3], now).pages, 1);
+        assert_eq!(ix.holder_blocks(h(0)), 3);
+        ix.clear(h(0));
+        assert_eq!((ix.len(), ix.holder_blocks(h(0))), (0, 0));
+    }
+
+    #[test]
+    fn lower_tiers_count_less_and_a_tier_removed_keeps_the_others() {
+        let mut ix = BlockIndex::new(100);
+        let now = Instant::now();
+        ix.store(h(0), &[1, 2], Medium::Gpu);
+        ix.store(h(0), &[2], Medium::CpuPinned);
+        ix.remove(h(0), &[2], Medium::Gpu);
+        let m = ix.matched(W, &[0], &[1, 2], now);
+        assert_eq!((m.pages, m.weighted), (2, 1.5));
+        ix.remove(h(0), &[2], Medium::CpuPinned);
+        assert_eq!(ix.matched(W, &[0], &[1, 2], now).pages, 1);
+    }
+
+    #[test]
+    fn the_best_rank_of_a_worker_counts() {
+        let mut ix = BlockIndex::new(100);
+        let now = Instant::now();
+        ix.store(h(0), &[1], Medium::Gpu);
+        ix.store(h(1), &[1, 2], Medium::Gpu);
+        assert_eq!(ix.matched(W, &[0, 1], &[1, 2], now).pages, 2);
+        ix.clear_worker(W);
+        assert_eq!(ix.matched(W, &[0, 1], &[1, 2], now).pages, 0);
+    }
+
+    #[test]
+    fn pending_pages_count_until_their_ttl() {
+        let mut ix = BlockIndex::new(100);
+        let now = Instant::now();
+        ix.note_pending(W, &[1, 2], now, Duration::from_secs(2));
+        assert_eq!(ix.matched(W, &[0], &[1, 2, 3], now).pages, 2);
+        assert_eq!(ix.matched(W, &[0], &[1, 2], now + Duration::from_secs(3)).pages, 0);
+        assert_eq!(ix.matched(2, &[0], &[1, 2], now).pages, 0, "pending is per worker");
+        // Confirmed by an event: held for good.
+        ix.store(h(0), &[1], Medium::Gpu);
+        assert_eq!(ix.matched(W, &[0], &[1, 2], now + Duration::from_secs(3)).pages, 1);
+    }
+
+    #[test]
+    fn a_full_index_drops_new_blocks() {
+        let mut ix = BlockIndex::new(2);
+        ix.store(h(0), &[1, 2, 3], Medium::Gpu);
+        assert_eq!((ix.len(), ix.dropped), (2, 1));
+        ix.store(h(0), &[1], Medium::CpuPinned);
+        assert_eq!(ix.dropped, 1, "a new tier of a known block is not a new block");
+    }
+}

@@ -1,0 +1,485 @@
+//! Exact cache state from the engines' KV events (SGLang's `--kv-events-config`): the wire,
+//! the block hashes, an index of which worker holds which block, and one subscriber per
+//! (worker, dp rank) that keeps the index in step with the worker's real cache.
+//!
+//! Routing asks [`KvState::matches`] for each candidate worker's matched tokens: `Some` where a
+//! worker's events flow, `None` where they do not (the policy falls back on its approximate
+//! tree). Nothing on the request path waits on a subscriber.
+
+pub mod hash;
+pub mod feeds;
+pub mod index;
+pub mod subscriber;
+pub mod tokenize;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use hash::BlockHash;
+use index::{BlockIndex, Holder, WorkerId};
+
+/// `[kv_events]`: where workers publish their KV events, for those whose `/server_info` does
+/// not say (docs/kv-events.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvEventsConfig {
+    /// Subscribe at all (default on: a worker that publishes nothing costs one `/server_info`).
+    pub enabled: bool,
+    /// `tcp://HOST:PORT` of the PUB socket of rank 0 (rank r at PORT + r); `{host}` is the
+    /// worker URL's host. `None`: only workers whose `/server_info` has a `kv_events` block.
+    pub endpoint: Option<String>,
+    pub replay_endpoint: Option<String>,
+    pub topic: String,
+    /// Tokens per page, when the worker does not say (its first stored block says too).
+    pub block_size: Option<usize>,
+    pub dp_size: u32,
+    /// How long what routerd sent counts as cached before events confirm it.
+    #[serde(serialize_with = "crate::config::ser::duration")]
+    pub pending_ttl: Duration,
+    /// Blocks the index records at most (all workers): see `index`'s cost per block.
+    pub max_blocks: usize,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoint: None,
+            replay_endpoint: None,
+            topic: String::new(),
+            block_size: None,
+            dp_size: 1,
+            pending_ttl: Duration::from_secs(2),
+            max_blocks: 4 << 20,
+        }
+    }
+}
+
+/// Where one worker publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Feed {
+    /// PUB endpoint of each rank.
+    pub endpoints: Vec<String>,
+    pub replay: Vec<Option<String>>,
+    pub topic: String,
+    pub block_size: Option<usize>,
+}
+
+/// One rank's subscriber, as `/admin/kv` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RankStatus {
+    pub endpoint: String,
+    pub connected: bool,
+    pub last_seq: Option<i64>,
+    pub batches: u64,
+    pub malformed: u64,
+    pub replays: u64,
+    /// Times the rank's state was dropped (publisher restart, unreplayable gap, cache cleared).
+    pub resets: u64,
+    pub last_error: Option<String>,
+}
+
+struct WorkerKv {
+    id: WorkerId,
+    block_size: Option<usize>,
+    ranks: Vec<RankStatus>,
+}
+
+struct Inner {
+    index: BlockIndex,
+    workers: HashMap<String, WorkerKv>,
+    next_id: WorkerId,
+    pending_ttl: Duration,
+}
+
+/// The index and every worker's feed state, shared by the subscribers and the policies.
+pub struct KvState {
+    inner: Mutex<Inner>,
+    /// Workers tracked (the request path skips tokenizing while there are none).
+    tracked: std::sync::atomic::AtomicUsize,
+    pub tokenizer: arc_swap::ArcSwapOption<tokenize::Tokenizer>,
+    tokenizer_error: Mutex<Option<String>>,
+    /// Counters for `/metrics`.
+    pub events: AtomicU64,
+    pub malformed: AtomicU64,
+    pub replays: AtomicU64,
+    pub resets: AtomicU64,
+}
+
+impl std::fmt::Debug for KvState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvState").field("events", &self.events).finish_non_exhaustive()
+    }
+}
+
+impl Default for KvState {
+    fn default() -> Self {
+        Self::new(&KvEventsConfig::default())
+    }
+}
+
+impl KvState {
+    pub fn new(cfg: &KvEventsConfig) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                index: BlockIndex::new(cfg.max_blocks),
+                workers: HashMap::new(),
+                next_id: 0,
+                pending_ttl: cfg.pending_ttl,
+            }),
+            tracked: Default::default(),
+            tokenizer: Default::default(),
+            tokenizer_error: Mutex::new(None),
+            events: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_pending_ttl(&self, ttl: Duration) {
+        self.lock().pending_ttl = ttl;
+    }
+
+    /// Starts tracking `base` (a worker URL without rank) with `ranks` subscribers.
+    pub fn track(&self, base: &str, feed: &Feed) {
+        let mut g = self.lock();
+        let id = g.next_id;
+        let ranks = feed
+            .endpoints
+            .iter()
+            .map(|e| RankStatus { endpoint: e.clone(), ..Default::default() })
+            .collect();
+        if !g.workers.contains_key(base) {
+            self.tracked.fetch_add(1, Relaxed);
+            g.next_id += 1;
+            g.workers.insert(base.to_owned(), WorkerKv { id, block_size: feed.block_size, ranks });
+        }
+    }
+
+    /// Stops tracking `base`: its blocks leave the index.
+    pub fn untrack(&self, base: &str) {
+        let mut g = self.lock();
+        if let Some(w) = g.workers.remove(base) {
+            self.tracked.fetch_sub(1, Relaxed);
+            g.index.clear_worker(w.id);
+        }
+    }
+
+    /// Records a tokenizer load failure; true the first time this error is seen (logged once).
+    pub fn tokenizer_error(&self, e: &str) -> bool {
+        let mut g = self.tokenizer_error.lock().unwrap_or_else(|p| p.into_inner());
+        let new = g.as_deref() != Some(e);
+        *g = Some(e.to_owned());
+        new
+    }
+
+    /// Blocks in the index (all workers).
+    pub fn blocks(&self) -> usize {
+        self.lock().index.len()
+    }
+
+    /// Whether any worker's events are followed.
+    pub fn active(&self) -> bool {
+        self.tracked.load(Relaxed) > 0
+    }
+
+    /// The prompt's token ids: the request's own (`input_ids`, a completions prompt of ids),
+    /// else its text tokenized when a tokenizer is loaded. Chat conversations are not: their
+    /// chat template is not rendered yet, so they route on the approximate tree.
+    pub fn tokens(&self, probe: &crate::proxy::extract::Probe, route: crate::proxy::extract::Route) -> Option<Vec<u32>> {
+        if let Some(ids) = probe.token_ids(route) {
+            return Some(ids);
+        }
+        let text = probe.prompt_string(route)?;
+        self.tokenizer.load().as_ref()?.encode(&text)
+    }
+
+    pub fn tracked(&self) -> Vec<String> {
+        self.lock().workers.keys().cloned().collect()
+    }
+
+    /// A worker restarted or was flushed: everything known of it is dropped (events rebuild it).
+    pub fn reset_worker(&self, url: &str) {
+        let (base, _) = crate::registry::split_rank(url);
+        let mut g = self.lock();
+        if let Some(id) = g.workers.get(base).map(|w| w.id) {
+            g.index.clear_worker(id);
+        }
+    }
+
+    /// Applies what a subscriber received; `Err` when the rank must be reset.
+    pub fn apply(&self, base: &str, rank: u16, events: Vec<wire::Event>) {
+        let mut g = self.lock();
+        let Some(w) = g.workers.get_mut(base) else { return };
+        let holder = Holder { worker: w.id, rank };
+        let mut block_size = w.block_size;
+        let mut cleared = false;
+        let n = events.len() as u64;
+        let Inner { index, .. } = &mut *g;
+        for e in events {
+            match e {
+                wire::Event::Stored { hashes, block_size: bs, medium, namespaced, .. } => {
+                    block_size.get_or_insert(bs);
+                    if !namespaced && Some(bs) == block_size {
+                        index.store(holder, &hashes, medium);
+                    }
+                }
+                wire::Event::Removed { hashes, medium } => index.remove(holder, &hashes, medium),
+                wire::Event::Cleared => {
+                    index.clear(holder);
+                    cleared = true;
+                }
+            }
+        }
+        if let Some(w) = g.workers.get_mut(base) {
+            w.block_size = block_size;
+            if let Some(r) = w.ranks.get_mut(rank as usize) {
+                r.batches += 1;
+                r.resets += u64::from(cleared);
+            }
+        }
+        self.events.fetch_add(n, Relaxed);
+    }
+
+    /// Drops one rank's blocks (its stream can no longer be trusted).
+    pub fn reset_rank(&self, base: &str, rank: u16) {
+        let mut g = self.lock();
+        let Some(w) = g.workers.get_mut(base) else { return };
+        let holder = Holder { worker: w.id, rank };
+        if let Some(r) = w.ranks.get_mut(rank as usize) {
+            r.resets += 1;
+        }
+        g.index.clear(holder);
+        self.resets.fetch_add(1, Relaxed);
+    }
+
+    pub fn update_rank(&self, base: &str, rank: u16, f: impl FnOnce(&mut RankStatus)) {
+        if let Some(r) =
+            self.lock().workers.get_mut(base).and_then(|w| w.ranks.get_mut(rank as usize))
+        {
+            f(r);
+        }
+    }
+
+    /// For each of `urls`, the tokens of `tokens` that worker's cache holds (leading whole
+    /// pages, lower tiers weighted down), or `None` where no events flow for it.
+    pub fn matches(&self, urls: &[&str], tokens: &[u32]) -> Vec<Option<usize>> {
+        let now = Instant::now();
+        let g = self.lock();
+        let mut hashes: Vec<(usize, Vec<BlockHash>)> = Vec::new();
+        urls.iter()
+            .map(|url| {
+                let (base, rank) = crate::registry::split_rank(url);
+                let w = g.workers.get(base)?;
+                if !w.ranks.iter().any(|r| r.connected) {
+                    return None;
+                }
+                let Some(bs) = w.block_size else { return Some(0) };
+                let hs = match hashes.iter().position(|(b, _)| *b == bs) {
+                    Some(i) => &hashes[i].1,
+                    None => {
+                        hashes.push((bs, hash::page_hashes(tokens, bs)));
+                        &hashes.last().expect("pushed").1
+                    }
+                };
+                let ranks: Vec<u16> = match rank {
+                    Some(r) => vec![r as u16],
+                    None => (0..w.ranks.len() as u16).collect(),
+                };
+                let m = g.index.matched(w.id, &ranks, hs, now);
+                // Whole pages, but the last page may be short: never more than the prompt.
+                Some(((m.weighted * bs as f64) as usize).min(tokens.len()))
+            })
+            .collect()
+    }
+
+    /// What was just sent to `url` counts as held there until events confirm it.
+    pub fn note_sent(&self, url: &str, tokens: &[u32]) {
+        let (base, _) = crate::registry::split_rank(url);
+        let mut g = self.lock();
+        let ttl = g.pending_ttl;
+        let Some((id, Some(bs))) = g.workers.get(base).map(|w| (w.id, w.block_size)) else {
+            return;
+        };
+        let hs = hash::page_hashes(tokens, bs);
+        g.index.note_pending(id, &hs, Instant::now(), ttl);
+    }
+
+    /// Blocks a worker holds (all ranks), or `None` without events.
+    pub fn worker_blocks(&self, url: &str) -> Option<(usize, usize)> {
+        let (base, rank) = crate::registry::split_rank(url);
+        let g = self.lock();
+        let w = g.workers.get(base)?;
+        if !w.ranks.iter().any(|r| r.connected) {
+            return None;
+        }
+        let blocks = (0..w.ranks.len() as u16)
+            .filter(|r| rank.is_none_or(|x| x as u16 == *r))
+            .map(|r| g.index.holder_blocks(Holder { worker: w.id, rank: r }))
+            .sum();
+        Some((blocks, w.block_size.unwrap_or(1)))
+    }
+
+    /// Every tracked worker's feed, for `/admin/kv`.
+    pub fn status(&self) -> serde_json::Value {
+        let g = self.lock();
+        let mut workers: Vec<_> = g
+            .workers
+            .iter()
+            .map(|(url, w)| {
+                let blocks: usize = (0..w.ranks.len() as u16)
+                    .map(|r| g.index.holder_blocks(Holder { worker: w.id, rank: r }))
+                    .sum();
+                serde_json::json!({
+                    "url": url,
+                    "block_size": w.block_size,
+                    "blocks": blocks,
+                    "ranks": w.ranks,
+                })
+            })
+            .collect();
+        workers.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
+        serde_json::json!({
+            "tokenizer": self.tokenizer.load().as_ref().map(|t| t.path.display().to_string()),
+            "tokenizer_error": self.tokenizer_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "blocks": g.index.len(),
+            "dropped_blocks": g.index.dropped,
+            "events": self.events.load(Relaxed),
+            "malformed": self.malformed.load(Relaxed),
+            "replays": self.replays.load(Relaxed),
+            "resets": self.resets.load(Relaxed),
+            "workers": workers,
+        })
+    }
+}
+
+/// `GET /admin/kv`: every worker's KV-event feed and the index's size.
+pub async fn admin_kv(
+    axum::extract::State(app): axum::extract::State<std::sync::Arc<crate::app::App>>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(app.kv.status())
+}
+
+/// The `kv_events` block of a worker's `/server_info` (SGLang >= 0.5.23) as a feed; a
+/// wildcard host is the worker URL's host.
+pub fn feed_from_server_info(worker_url: &str, info: &serde_json::Value) -> Option<Feed> {
+    let kv = info.get("kv_events")?;
+    if kv.get("publisher").and_then(|p| p.as_str()).is_some_and(|p| p != "zmq") {
+        return None;
+    }
+    let host = match kv.get("endpoint_host").and_then(|h| h.as_str()) {
+        None | Some("*" | "0.0.0.0" | "" | "::") => url_host(worker_url)?,
+        Some(h) => h.to_owned(),
+    };
+    let port = kv.get("endpoint_port_base").and_then(|p| p.as_u64())?;
+    let replay = kv.get("replay_endpoint_port_base").and_then(|p| p.as_u64());
+    let dp = kv.get("dp_size").and_then(|d| d.as_u64()).unwrap_or(1).clamp(1, 1024);
+    Some(Feed {
+        endpoints: (0..dp).map(|r| format!("tcp://{host}:{}", port + r)).collect(),
+        replay: (0..dp).map(|r| replay.map(|p| format!("tcp://{host}:{}", p + r))).collect(),
+        topic: kv.get("topic").and_then(|t| t.as_str()).unwrap_or("").to_owned(),
+        block_size: kv.get("block_size").and_then(|b| b.as_u64()).map(|b| b as usize),
+    })
+}
+
+/// The feed `[kv_events]` gives a worker (its host in place of `{host}`).
+pub fn feed_from_config(worker_url: &str, cfg: &KvEventsConfig) -> Option<Feed> {
+    let host = url_host(worker_url)?;
+    let ranked = |ep: &str, r: u32| -> Option<String> {
+        let ep = ep.replace("{host}", &host);
+        let (head, port) = ep.rsplit_once(':')?;
+        let port: u32 = port.parse().ok()?;
+        Some(format!("{head}:{}", port + r))
+    };
+    let ep = cfg.endpoint.as_deref()?;
+    Some(Feed {
+        endpoints: (0..cfg.dp_size).map(|r| ranked(ep, r)).collect::<Option<_>>()?,
+        replay: (0..cfg.dp_size)
+            .map(|r| cfg.replay_endpoint.as_deref().and_then(|e| ranked(e, r)))
+            .collect(),
+        topic: cfg.topic.clone(),
+        block_size: cfg.block_size,
+    })
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let (base, _) = crate::registry::split_rank(url);
+    let u: http::Uri = base.parse().ok()?;
+    Some(u.host()?.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_info_block() {
+        let info = serde_json::json!({"kv_events": {"publisher": "zmq", "endpoint_host": "*",
+            "endpoint_port_base": 5557, "topic": "kv", "block_size": 16, "dp_size": 2,
+            "replay_endpoint_port_base": 5560}});
+        let f = feed_from_server_info("http://10.0.0.7:30000", &info).unwrap();
+        assert_eq!(f.endpoints, vec!["tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558"]);
+        assert_eq!(
+            f.replay,
+            vec![Some("tcp://10.0.0.7:5560".to_owned()), Some("tcp://10.0.0.7:5561".to_owned())]
+        );
+        assert_eq!((f.topic.as_str(), f.block_size), ("kv", Some(16)));
+        assert_eq!(feed_from_server_info("http://h:1", &serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn config_feed() {
+        let cfg = KvEventsConfig {
+            endpoint: Some("tcp://{host}:5557".into()),
+            replay_endpoint: Some("tcp://{host}:5558".into()),
+            dp_size: 1,
+            ..Default::default()
+        };
+        let f = feed_from_config("http://w1:8000@0", &cfg).unwrap();
+        assert_eq!(f.endpoints, vec!["tcp://w1:5557"]);
+        assert_eq!(f.replay, vec![Some("tcp://w1:5558".to_owned())]);
+        assert_eq!(feed_from_config("http://w1:8000", &KvEventsConfig::default()), None);
+    }
+
+    #[test]
+    fn matches_follow_events_and_none_without_a_feed() {
+        let kv = KvState::default();
+        let feed = Feed {
+            endpoints: vec!["tcp://a:1".into()],
+            replay: vec![None],
+            topic: String::new(),
+            block_size: Some(4),
+        };
+        kv.track("http://a:1", &feed);
+        let tokens: Vec<u32> = (0..10).collect();
+        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![None], "not connected yet");
+        kv.update_rank("http://a:1", 0, |r| r.connected = true);
+        let hs = hash::page_hashes(&tokens, 4);
+        kv.apply(
+            "http://a:1",
+            0,
+            vec![wire::Event::Stored {
+                hashes: hs[..2].to_vec(),
+                parent: None,
+                tokens: 8,
+                block_size: 4,
+                medium: wire::Medium::Gpu,
+                namespaced: false,
+            }],
+        );
+        assert_eq!(kv.matches(&["http://a:1", "http://b:1"], &tokens), vec![Some(8), None]);
+        kv.note_sent("http://a:1", &tokens);
+        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![Some(10)], "pending counts");
+        kv.reset_worker("http://a:1");
+        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![Some(0)]);
+    }
+}
