@@ -1,17 +1,36 @@
 //! The simulated engine's KV cache: a radix tree over token ids with a capacity in tokens and
 //! LRU eviction of whole leaves, as SGLang's RadixAttention cache does. `match_prefix` gives the
 //! `cached_tokens` a real engine would report for a request, given the request history.
+//!
+//! With a page size above 1 the cache holds whole pages only, as SGLang's paged radix cache
+//! does: a prompt's last partial page is not stored, and matches end on a page boundary. With
+//! events on, every node stored, evicted or flushed is recorded as SGLang's KV events
+//! (`BlockStored` with the pages' hashes chained from the parent's, `BlockRemoved`,
+//! `AllBlocksCleared`) for the publisher to send.
 
 use std::collections::{BTreeSet, HashMap};
+
+use routerd::kv::hash::{published, BlockHash, Chain};
 
 const ROOT: usize = 0;
 
 #[derive(Debug, Default)]
 struct Node {
     key: Vec<u32>,
-    children: HashMap<u32, usize>,
+    /// Keyed by the first page of the child's key.
+    children: HashMap<u64, usize>,
     parent: usize,
     last_access: u64,
+    /// With events on: the digest of each page of `key`.
+    digests: Vec<[u8; 32]>,
+}
+
+/// A change to the cache, as SGLang's KV events describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheEvent {
+    Stored { hashes: Vec<BlockHash>, parent: Option<BlockHash>, tokens: Vec<u32> },
+    Removed { hashes: Vec<BlockHash> },
+    Cleared,
 }
 
 #[derive(Debug)]
@@ -24,6 +43,9 @@ pub struct PrefixCache {
     size: usize,
     clock: u64,
     evicted: u64,
+    page: usize,
+    /// Events not yet taken by the publisher (`None`: events off).
+    events: Option<Vec<CacheEvent>>,
 }
 
 /// Counters describing the cache, served by `/sim/stats`.
@@ -37,6 +59,11 @@ pub struct CacheStats {
 
 impl PrefixCache {
     pub fn new(capacity: usize) -> Self {
+        Self::paged(capacity, 1, false)
+    }
+
+    /// A cache of whole pages of `page` tokens, recording events when `events`.
+    pub fn paged(capacity: usize, page: usize, events: bool) -> Self {
         Self {
             nodes: vec![Node::default()],
             free: Vec::new(),
@@ -45,7 +72,31 @@ impl PrefixCache {
             size: 0,
             clock: 0,
             evicted: 0,
+            page: page.max(1),
+            events: events.then(Vec::new),
         }
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page
+    }
+
+    /// The events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<CacheEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The map key of a key starting with `tokens` (its first page).
+    fn first_page(&self, tokens: &[u32]) -> u64 {
+        tokens[..self.page.min(tokens.len())]
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, t| (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3))
+    }
+
+    /// The common prefix of `a` and `b`, in whole pages.
+    fn common(&self, a: &[u32], b: &[u32]) -> usize {
+        let c = common_prefix(a, b);
+        c - c % self.page
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -63,9 +114,13 @@ impl PrefixCache {
         self.clock += 1;
         let mut node = ROOT;
         let mut matched = 0;
-        while matched < tokens.len() {
-            let Some(&child) = self.nodes[node].children.get(&tokens[matched]) else { break };
-            let common = common_prefix(&self.nodes[child].key, &tokens[matched..]);
+        while tokens.len() - matched >= self.page {
+            let first = self.first_page(&tokens[matched..]);
+            let Some(&child) = self.nodes[node].children.get(&first) else { break };
+            let common = self.common(&self.nodes[child].key, &tokens[matched..]);
+            if common == 0 {
+                break;
+            }
             self.touch(child);
             matched += common;
             if common < self.nodes[child].key.len() {
@@ -80,17 +135,23 @@ impl PrefixCache {
     /// used leaves until the cache is within capacity again.
     pub fn insert(&mut self, tokens: &[u32]) {
         self.clock += 1;
+        let tokens = &tokens[..tokens.len() - tokens.len() % self.page];
         let mut node = ROOT;
         let mut pos = 0;
         while pos < tokens.len() {
             let rest = &tokens[pos..];
-            match self.nodes[node].children.get(&rest[0]).copied() {
+            let first = self.first_page(rest);
+            match self.nodes[node].children.get(&first).copied() {
                 None => {
                     self.add_leaf(node, rest.to_vec());
                     break;
                 }
                 Some(child) => {
-                    let common = common_prefix(&self.nodes[child].key, rest);
+                    let common = self.common(&self.nodes[child].key, rest);
+                    if common == 0 {
+                        // Another key whose first page hashes alike: keep what is cached.
+                        break;
+                    }
                     let next = if common < self.nodes[child].key.len() {
                         self.split(child, common)
                     } else {
@@ -108,17 +169,33 @@ impl PrefixCache {
     /// Drops everything (SGLang's `/flush_cache`).
     pub fn flush(&mut self) {
         let evicted = self.evicted;
-        *self = Self::new(self.capacity);
+        let events = self.events.take().map(|mut e| {
+            e.push(CacheEvent::Cleared);
+            e
+        });
+        *self = Self::paged(self.capacity, self.page, false);
         self.evicted = evicted;
+        self.events = events;
     }
 
     fn add_leaf(&mut self, parent: usize, key: Vec<u32>) {
         if parent != ROOT && self.nodes[parent].children.is_empty() {
             self.leaves.remove(&(self.nodes[parent].last_access, parent));
         }
-        let first = key[0];
+        let first = self.first_page(&key);
         self.size += key.len();
-        let node = Node { key, children: HashMap::new(), parent, last_access: self.clock };
+        let mut digests = Vec::new();
+        if let Some(events) = &mut self.events {
+            let prev = self.nodes[parent].digests.last().copied();
+            let mut chain = prev.map(Chain::after).unwrap_or_default();
+            digests = key.chunks(self.page).map(|p| chain.page(p)).collect();
+            events.push(CacheEvent::Stored {
+                hashes: digests.iter().map(published).collect(),
+                parent: prev.as_ref().map(published),
+                tokens: key.clone(),
+            });
+        }
+        let node = Node { key, children: HashMap::new(), parent, last_access: self.clock, digests };
         let id = self.alloc(node);
         self.nodes[parent].children.insert(first, id);
         self.leaves.insert((self.clock, id));
@@ -143,15 +220,20 @@ impl PrefixCache {
         let parent = self.nodes[child].parent;
         let tail = self.nodes[child].key.split_off(at);
         let head = std::mem::replace(&mut self.nodes[child].key, tail);
+        let pages = at / self.page;
+        let held = self.nodes[child].digests.len();
+        let tail_digests = self.nodes[child].digests.split_off(pages.min(held));
+        let head_digests = std::mem::replace(&mut self.nodes[child].digests, tail_digests);
         let mid = Node {
             key: head,
-            children: HashMap::from([(self.nodes[child].key[0], child)]),
+            children: HashMap::from([(self.first_page(&self.nodes[child].key), child)]),
             parent,
             last_access: self.nodes[child].last_access,
+            digests: head_digests,
         };
         let id = self.alloc(mid);
         self.nodes[child].parent = id;
-        let first = self.nodes[id].key[0];
+        let first = self.first_page(&self.nodes[id].key);
         self.nodes[parent].children.insert(first, id);
         id
     }
@@ -172,7 +254,11 @@ impl PrefixCache {
             self.evicted += node.key.len() as u64;
             self.free.push(leaf);
             let parent = node.parent;
-            self.nodes[parent].children.remove(&node.key[0]);
+            let first = self.first_page(&node.key);
+            self.nodes[parent].children.remove(&first);
+            if let Some(events) = &mut self.events {
+                events.push(CacheEvent::Removed { hashes: node.digests.iter().map(published).collect() });
+            }
             if parent != ROOT && self.nodes[parent].children.is_empty() {
                 self.leaves.insert((self.nodes[parent].last_access, parent));
             }
@@ -195,7 +281,8 @@ impl PrefixCache {
                 }
             }
             for (first, &c) in &node.children {
-                assert_eq!(self.nodes[c].key[0], *first);
+                assert_eq!(self.first_page(&self.nodes[c].key), *first);
+                assert_eq!(self.nodes[c].key.len() % self.page, 0);
                 assert_eq!(self.nodes[c].parent, n);
                 stack.push(c);
             }
@@ -265,6 +352,41 @@ mod tests {
         c.check_invariants();
     }
 
+    #[test]
+    fn pages_and_events() {
+        let mut c = PrefixCache::paged(8, 4, true);
+        c.insert(&[1, 2, 3, 4, 5]);
+        assert_eq!(c.stats().tokens, 4, "the partial last page is not kept");
+        assert_eq!(
+            c.take_events(),
+            vec![CacheEvent::Stored {
+                hashes: vec![-3488128144981237669],
+                parent: None,
+                tokens: vec![1, 2, 3, 4]
+            }]
+        );
+        assert_eq!(c.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 8]), 4);
+        assert_eq!(c.match_prefix(&[1, 2, 3, 9]), 0, "matches end on a page boundary");
+        c.insert(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let ev = c.take_events();
+        let want = routerd::kv::hash::page_hashes(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        assert_eq!(
+            ev,
+            vec![CacheEvent::Stored {
+                hashes: vec![want[1]],
+                parent: Some(want[0]),
+                tokens: vec![5, 6, 7, 8]
+            }],
+            "a child's pages chain from its parent's"
+        );
+        c.insert(&[9, 9, 9, 9]); // over capacity: the LRU leaf [5..8] goes
+        let ev = c.take_events();
+        assert!(ev.contains(&CacheEvent::Removed { hashes: vec![want[1]] }), "{ev:?}");
+        c.flush();
+        assert_eq!(c.take_events(), vec![CacheEvent::Cleared]);
+        c.check_invariants();
+    }
+
     fn seqs() -> impl Strategy<Value = Vec<Vec<u32>>> {
         prop::collection::vec(prop::collection::vec(0u32..4, 1..12), 1..40)
     }
@@ -279,6 +401,29 @@ mod tests {
                 if s.len() <= cap {
                     prop_assert_eq!(c.match_prefix(s), s.len(), "fresh insert fully cached");
                 }
+            }
+        }
+
+        #[test]
+        fn paged_cache_events_describe_its_content(ops in seqs(), cap in 4usize..40) {
+            // Replaying the events into a set of hashes gives the cache's own pages.
+            let mut c = PrefixCache::paged(cap, 2, true);
+            let mut held = std::collections::HashSet::new();
+            for s in &ops {
+                c.insert(s);
+                c.check_invariants();
+                for e in c.take_events() {
+                    match e {
+                        CacheEvent::Stored { hashes, .. } => held.extend(hashes),
+                        CacheEvent::Removed { hashes } => for h in hashes { held.remove(&h); },
+                        CacheEvent::Cleared => held.clear(),
+                    }
+                }
+                prop_assert_eq!(held.len() * 2, c.stats().tokens);
+                let whole = &s[..s.len() - s.len() % 2];
+                let hs = routerd::kv::hash::page_hashes(whole, 2);
+                let lead = hs.iter().take_while(|h| held.contains(*h)).count();
+                prop_assert_eq!(lead * 2, c.match_prefix(s));
             }
         }
 

@@ -25,7 +25,8 @@ pub struct Holder {
     pub rank: u16,
 }
 
-/// The pseudo-rank of what routerd sent to a worker (the engine picks the rank).
+/// Stands for "any rank" where a worker has no rank with events yet: only what routerd sent
+/// it counts.
 const PENDING: u16 = u16::MAX;
 
 /// Weight of a page held only in a lower tier: reusing it costs a copy back to the GPU, which
@@ -177,27 +178,25 @@ impl BlockIndex {
         }
         let until = now + ttl;
         for &hash in hashes {
-            if !self.blocks.contains_key(&(Holder { worker: w, rank: 0 }, hash)) {
-                self.pending.insert((w, hash), until);
-            }
+            self.pending.insert((w, hash), until);
         }
     }
 
     /// The best match among `ranks` of worker `w` (what it holds, or was just sent).
     pub fn matched(&self, w: WorkerId, ranks: &[u16], hashes: &[BlockHash], now: Instant) -> PageMatch {
         let mut best = PageMatch::default();
-        for &rank in ranks.iter().chain(std::iter::once(&PENDING)) {
+        let pending = |hash: BlockHash| match self.pending.get(&(w, hash)) {
+            Some(until) if *until > now => bit(Medium::Gpu),
+            _ => 0,
+        };
+        let only_pending = [PENDING];
+        let ranks = if ranks.is_empty() { &only_pending[..] } else { ranks };
+        for &rank in ranks {
             let h = Holder { worker: w, rank };
             let mut m = PageMatch::default();
             for &hash in hashes {
-                let tiers = if rank == PENDING {
-                    match self.pending.get(&(w, hash)) {
-                        Some(until) if *until > now => bit(Medium::Gpu),
-                        _ => 0,
-                    }
-                } else {
-                    self.blocks.get(&(h, hash)).copied().unwrap_or(0)
-                };
+                // Held by this rank, or just sent to the worker (whichever rank takes it).
+                let tiers = self.blocks.get(&(h, hash)).copied().unwrap_or(0) | pending(hash);
                 if tiers == 0 {
                     break;
                 }
@@ -228,7 +227,7 @@ mod tests {
         ix.store(h(0), &[1, 2, 3], Medium::Gpu);
         ix.store(h(0), &[5], Medium::Gpu);
         assert_eq!(ix.matched(W, &[0], &[1, 2, 3, 4, 5], now).pages, 3);
-        assert_eq!(ix.matched(W, &[0], &[2, 3], now).pages, 0, "a page whose parent is missing");
+        assert_eq!(ix.matched(W, &[0], &[4, 5], now).pages, 0, "nothing after a missing page");
         ix.remove(h(0), &[2], Medium::Gpu);
         assert_eq!(ix.matched(W, &[0], &[1, 2, 3], now).pages, 1);
         assert_eq!(ix.holder_blocks(h(0)), 3);
