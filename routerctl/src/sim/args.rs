@@ -108,6 +108,22 @@ pub struct SimArgs {
     /// Require a client certificate signed by a CA in this PEM file (mTLS; needs --tls-cert).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Publish KV cache events as SGLang does, with SGLang's JSON, e.g.
+    /// '{"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'
+    /// (port 0 picks a free port; /server_info tells which).
+    #[arg(long, value_name = "JSON")]
+    pub kv_events_config: Option<String>,
+    /// Tokens per KV cache page: the cache holds whole pages, and events hash pages.
+    #[arg(long, default_value_t = 1)]
+    pub page_size: usize,
+    /// Tokenize with this Hugging Face tokenizer.json instead of --chars-per-token chunks (give
+    /// routerd the same file with --tokenizer-path to route text prompts on the events).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer_path: Option<std::path::PathBuf>,
+    /// Write a byte-level tokenizer.json (one token per UTF-8 byte) to FILE and exit: a
+    /// tokenizer routerd and simulated workers can share without downloading a model.
+    #[arg(long, value_name = "FILE")]
+    pub write_byte_tokenizer: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub faults: Faults,
 }
@@ -210,6 +226,12 @@ impl SimArgs {
         if self.max_running_requests == 0 {
             return Err("--max-running-requests must be at least 1".into());
         }
+        if self.page_size == 0 {
+            return Err("--page-size must be at least 1".into());
+        }
+        if let Some(c) = &self.kv_events_config {
+            super::kv_events::KvEventsConfig::parse(c)?;
+        }
         if self.dp_size == 0 {
             return Err("--dp-size must be at least 1".into());
         }
@@ -221,6 +243,8 @@ impl SimArgs {
 
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
+            page_size: self.page_size,
+            kv_events: self.kv_events_config.is_some(),
             max_running_requests: self.max_running_requests,
             max_prefill_tokens: self.max_prefill_tokens.max(1),
             cache_capacity_tokens: self.cache_capacity_tokens,

@@ -19,6 +19,9 @@ use super::tokenizer::{output_token, prompt_seed, token_text, Tokenizer};
 /// Timing and capacity of the simulated GPU.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// Tokens per cache page, and whether the cache records KV events.
+    pub page_size: usize,
+    pub kv_events: bool,
     pub max_running_requests: usize,
     pub max_prefill_tokens: usize,
     pub cache_capacity_tokens: usize,
@@ -86,7 +89,11 @@ impl Engine {
     pub fn start(config: EngineConfig, tokenizer: Tokenizer, stop: CancellationToken) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let counters = Arc::new(EngineCounters::default());
-        let cache = Arc::new(Mutex::new(PrefixCache::new(config.cache_capacity_tokens)));
+        let cache = Arc::new(Mutex::new(PrefixCache::paged(
+            config.cache_capacity_tokens,
+            config.page_size,
+            config.kv_events,
+        )));
         let sched = Scheduler {
             config,
             tokenizer,
@@ -108,6 +115,11 @@ impl Engine {
             self.counters.waiting.fetch_sub(1, Relaxed);
         }
         rx
+    }
+
+    /// The cache itself (the KV-event publisher takes its events).
+    pub fn cache(&self) -> Arc<Mutex<PrefixCache>> {
+        self.cache.clone()
     }
 
     pub fn cache_stats(&self) -> CacheStats {

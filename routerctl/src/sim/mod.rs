@@ -6,6 +6,7 @@ pub mod args;
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod kv_events;
 pub mod native;
 pub mod openai;
 pub mod pd;
@@ -23,6 +24,12 @@ use routerd::serve::Ended;
 /// exit code.
 pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
+    if let Some(path) = &args.write_byte_tokenizer {
+        std::fs::write(path, routerd::kv::tokenize::byte_level_json())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!("wrote a byte-level tokenizer to {}", path.display());
+        return Ok(0);
+    }
     let worker = SimWorker::start(args).await?;
     // Handlers go in before the startup line: a signal right after it must not meet the
     // default action (terminate).

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
 use routerd::serve::{serve, serve_tls, Ended, Stop};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -62,6 +63,8 @@ pub struct SimState {
     crash: CancellationToken,
     /// Serving TLS: the acceptor (and its handshake count).
     tls: Option<Arc<routerd::tls::ServerTls>>,
+    /// Publishing KV events (`--kv-events-config`).
+    pub kv: Option<Arc<super::kv_events::Publisher>>,
 }
 
 /// Something an inference route admitted, that may name a DP rank.
@@ -260,7 +263,38 @@ async fn server_info(State(state): State<Arc<SimState>>) -> Json<Value> {
         "is_embedding": false,
         "internal_states": vec![internal; a.dp_size as usize],
         "version": concat!("routerd-sim-", env!("CARGO_PKG_VERSION")),
+        "page_size": a.page_size,
+        "kv_events": state.kv.as_ref().map(|p| json!({
+            "publisher": "zmq",
+            "endpoint_host": "*",
+            "endpoint_port_base": p.port,
+            "topic": p.topic,
+            "block_size": p.block_size,
+            "dp_size": 1,
+            "replay_endpoint_port_base": p.replay_port,
+        })),
     }))
+}
+
+/// `POST /sim/kv_events/drop?n=N`: the next N event batches are not sent live (they stay in
+/// the replay buffer), as if the network lost them.
+async fn kv_drop(State(state): State<Arc<SimState>>, Query(q): Query<DropQuery>) -> Response {
+    match &state.kv {
+        Some(p) => {
+            p.drop_next.store(q.n, Relaxed);
+            Json(json!({"drop_next": q.n, "published": p.batches.load(Relaxed)})).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"message": "this worker publishes no KV events (--kv-events-config)"}})),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DropQuery {
+    n: u64,
 }
 
 async fn model_info(State(state): State<Arc<SimState>>) -> Json<Value> {
@@ -351,6 +385,7 @@ fn app(state: Arc<SimState>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", get(get_faults).post(set_faults))
+        .route("/sim/kv_events/drop", post(kv_drop))
         .route("/sim/bootstrap/{room}", post(bootstrap_route))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
@@ -410,8 +445,18 @@ impl SimWorker {
         }
         let stop = Stop::new(Duration::from_secs(5));
         let engine_stop = CancellationToken::new();
-        let tokenizer = Tokenizer::new(args.chars_per_token);
+        let tokenizer = match &args.tokenizer_path {
+            Some(path) => Tokenizer::from_file(path).map_err(anyhow::Error::msg)?,
+            None => Tokenizer::new(args.chars_per_token),
+        };
         let engine = Engine::start(args.engine_config(), tokenizer.clone(), engine_stop.clone());
+        let kv = match &args.kv_events_config {
+            Some(json) => {
+                let cfg = super::kv_events::KvEventsConfig::parse(json).map_err(anyhow::Error::msg)?;
+                Some(super::kv_events::start(&cfg, engine.cache(), engine_stop.clone()).await?)
+            }
+            None => None,
+        };
         let state = Arc::new(SimState {
             faults: RwLock::new(args.faults.clone()),
             dp_rank_requests: (0..args.dp_size).map(|_| AtomicU64::new(0)).collect(),
@@ -424,6 +469,7 @@ impl SimWorker {
             counters: ServerCounters::default(),
             crash: stop.abort.clone(),
             tls: tls.clone(),
+            kv,
         });
         let (routes, main_stop) = (app(state.clone()), stop.clone());
         let main = async move {

@@ -16,16 +16,26 @@ const WORDS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     chars_per_token: usize,
+    /// A real tokenizer.json, when given (`--tokenizer-path`).
+    hf: Option<std::sync::Arc<routerd::kv::tokenize::Tokenizer>>,
 }
 
 impl Tokenizer {
     pub fn new(chars_per_token: usize) -> Self {
-        Self { chars_per_token: chars_per_token.max(1) }
+        Self { chars_per_token: chars_per_token.max(1), hf: None }
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let hf = routerd::kv::tokenize::Tokenizer::load(path)?;
+        Ok(Self { chars_per_token: 1, hf: Some(std::sync::Arc::new(hf)) })
     }
 
     /// Splits `text` into chunks of `chars_per_token` characters (the last may be shorter) and
     /// hashes each chunk. Equal prefixes of whole chunks give equal token prefixes.
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        if let Some(hf) = &self.hf {
+            return hf.encode(text).unwrap_or_default();
+        }
         let mut ids = Vec::with_capacity(text.len() / self.chars_per_token + 1);
         let mut start = 0;
         let mut count = 0;

@@ -281,8 +281,6 @@ pub struct Flags {
 /// routerd stops with a usage error rather than run without what the operator asked for.
 pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
     ("--grpc-mode", "gRPC workers"),
-    ("--model-path", "gRPC routing (local tokenizer)"),
-    ("--tokenizer-path", "gRPC routing (local tokenizer)"),
     ("--tokenizer-cache-enable-l0", "gRPC routing (local tokenizer)"),
     ("--tokenizer-cache-l0-max-entries", "gRPC routing (local tokenizer)"),
     ("--chat-template", "gRPC routing (local chat templates)"),

@@ -480,7 +480,10 @@ fn unimplemented_sgl_router_flags_are_named() {
     assert!(e.contains("--mcp-config-path") && e.contains("MCP"), "{e}");
     let e = unsupported_flag(&["--history-backend=oracle"]).unwrap();
     assert!(e.contains("history"), "{e}");
-    assert!(unsupported_flag(&["--tokenizer-path", "x"]).unwrap().contains("gRPC"));
+    assert!(unsupported_flag(&["--tokenizer-cache-enable-l0"]).unwrap().contains("gRPC"));
+    // The tokenizer routes text prompts on the workers' KV events (docs/kv-events.md).
+    assert_eq!(unsupported_flag(&["--tokenizer-path", "x"]), None);
+    assert_eq!(unsupported_flag(&["--model-path", "x"]), None);
     assert_eq!(unsupported_flag(&["--policy", "cache_aware", "--", "--backend"]), None);
 }
 

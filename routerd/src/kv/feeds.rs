@@ -33,8 +33,9 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         } else {
             BTreeSet::new()
         };
+        let again = app.kv.take_reresolve();
         running.retain(|base, stop| {
-            let keep = wanted.contains(base);
+            let keep = wanted.contains(base) && !again.contains(base);
             if !keep {
                 stop.cancel();
                 app.kv.untrack(base);
@@ -42,7 +43,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             }
             keep
         });
-        asked.retain(|base, _| wanted.contains(base));
+        asked.retain(|base, _| wanted.contains(base) && !again.contains(base));
         let new: Vec<String> = wanted.iter().filter(|b| !running.contains_key(*b)).cloned().collect();
         for base in &new {
             let feed = match feed_from_config(base, cfg) {

@@ -151,11 +151,13 @@ impl BlockIndex {
         }
     }
 
-    /// Forgets everything `h` held.
+    /// Forgets everything `h` held, and what was sent to its worker before (the cache it
+    /// went to is gone).
     pub fn clear(&mut self, h: Holder) {
         if self.per_holder.remove(&h).unwrap_or(0) > 0 {
             self.blocks.retain(|(holder, _), _| *holder != h);
         }
+        self.pending.retain(|(worker, _), _| *worker != h.worker);
     }
 
     /// Forgets every rank of a worker and what was sent to it.

@@ -103,6 +103,9 @@ pub struct KvState {
     tracked: std::sync::atomic::AtomicUsize,
     pub tokenizer: arc_swap::ArcSwapOption<tokenize::Tokenizer>,
     tokenizer_error: Mutex<Option<String>>,
+    /// Workers whose feed must be looked up again (they restarted: their publisher may have
+    /// moved).
+    reresolve: Mutex<Vec<String>>,
     /// Counters for `/metrics`.
     pub events: AtomicU64,
     pub malformed: AtomicU64,
@@ -134,6 +137,7 @@ impl KvState {
             tracked: Default::default(),
             tokenizer: Default::default(),
             tokenizer_error: Mutex::new(None),
+            reresolve: Mutex::new(Vec::new()),
             events: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             replays: AtomicU64::new(0),
@@ -207,13 +211,20 @@ impl KvState {
         self.lock().workers.keys().cloned().collect()
     }
 
-    /// A worker restarted or was flushed: everything known of it is dropped (events rebuild it).
+    /// A worker restarted or was flushed: everything known of it is dropped (events rebuild
+    /// it), and where it publishes is looked up again.
     pub fn reset_worker(&self, url: &str) {
         let (base, _) = crate::registry::split_rank(url);
         let mut g = self.lock();
         if let Some(id) = g.workers.get(base).map(|w| w.id) {
             g.index.clear_worker(id);
+            self.reresolve.lock().unwrap_or_else(|p| p.into_inner()).push(base.to_owned());
         }
+    }
+
+    /// The workers `reset_worker` asked to look up again.
+    pub fn take_reresolve(&self) -> Vec<String> {
+        std::mem::take(&mut *self.reresolve.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Applies what a subscriber received; `Err` when the rank must be reset.
@@ -310,7 +321,8 @@ impl KvState {
         let Some((id, Some(bs))) = g.workers.get(base).map(|w| (w.id, w.block_size)) else {
             return;
         };
-        let hs = hash::page_hashes(tokens, bs);
+        // Whole pages only: an engine does not keep a prompt's last partial page.
+        let hs = hash::page_hashes(&tokens[..tokens.len() - tokens.len() % bs], bs);
         g.index.note_pending(id, &hs, Instant::now(), ttl);
     }
 
@@ -478,7 +490,14 @@ mod tests {
         );
         assert_eq!(kv.matches(&["http://a:1", "http://b:1"], &tokens), vec![Some(8), None]);
         kv.note_sent("http://a:1", &tokens);
-        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![Some(10)], "pending counts");
+        assert_eq!(
+            kv.matches(&["http://a:1"], &tokens),
+            vec![Some(8)],
+            "pending counts, whole pages only"
+        );
+        let longer: Vec<u32> = (0..13).collect();
+        kv.note_sent("http://a:1", &longer);
+        assert_eq!(kv.matches(&["http://a:1"], &longer), vec![Some(12)]);
         kv.reset_worker("http://a:1");
         assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![Some(0)]);
     }

@@ -1,0 +1,287 @@
+//! Event routing end to end: simulated workers publish SGLang's KV events over ZMQ, routerd
+//! subscribes and routes on what their caches really hold. Each case is one where the
+//! approximate tree is wrong: a cache flushed behind the router's back (and warmed by another
+//! router), a worker restarted, a working set that overflows the caches, and events lost.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use routerctl::sim::{SimArgs, SimWorker};
+use routerd_e2e::{client, eventually, get_json, post_json, router, router_config, sim, ConfigDir};
+use serde_json::{json, Value};
+
+/// The byte-level tokenizer both sides use, in a fresh directory.
+fn tokenizer(dir: &ConfigDir) -> PathBuf {
+    let path = dir.dir.join("tokenizer.json");
+    std::fs::write(&path, routerd::kv::tokenize::byte_level_json()).expect("write tokenizer");
+    path
+}
+
+fn kv_args(a: &mut SimArgs, tok: &Path, endpoint: &str, replay: &str, buffer: usize) {
+    a.zero_compute = true;
+    a.page_size = 4;
+    a.tokenizer_path = Some(tok.to_owned());
+    a.kv_events_config = Some(format!(
+        r#"{{"publisher": "zmq", "endpoint": "{endpoint}", "replay_endpoint": "{replay}", "buffer_steps": {buffer}}}"#
+    ));
+}
+
+async fn kv_sim(tok: &Path, tweak: impl FnOnce(&mut SimArgs)) -> SimWorker {
+    sim(|a| {
+        kv_args(a, tok, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1000);
+        tweak(a);
+    })
+    .await
+}
+
+async fn kv_router(ws: &[&SimWorker], tok: &Path) -> routerd::run::Running {
+    let mut config = router_config("cache_aware", ws);
+    config.tokenizer = Some(tok.to_owned());
+    config.health.interval = Duration::from_millis(100);
+    config.health.failure_threshold = 1;
+    config.health.success_threshold = 1;
+    let r = router(config).await;
+    wait_subscribed(&r, ws.len()).await;
+    r
+}
+
+async fn kv_status(r: &routerd::run::Running) -> Value {
+    get_json(&format!("{}/admin/kv", r.url())).await
+}
+
+async fn wait_subscribed(r: &routerd::run::Running, n: usize) {
+    eventually(Duration::from_secs(10), "every worker's events subscribed", || async {
+        let s = kv_status(r).await;
+        let ws = s["workers"].as_array().unwrap();
+        s["tokenizer"].is_string()
+            && ws.len() == n
+            && ws.iter().all(|w| w["ranks"].as_array().unwrap().iter().all(|r| r["connected"] == true))
+    })
+    .await;
+    // A SUB socket's subscription reaches the publisher just after the connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Blocks routerd's index holds for `w`.
+async fn blocks(r: &routerd::run::Running, w: &str) -> u64 {
+    let s = kv_status(r).await;
+    s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["url"] == w)
+        .map_or(0, |x| x["blocks"].as_u64().unwrap())
+}
+
+fn generate(text: &str) -> Value {
+    json!({"text": text, "sampling_params": {"max_new_tokens": 1}})
+}
+
+/// Routes `text` through routerd: the worker chosen and the decision record.
+async fn route(r: &routerd::run::Running, text: &str) -> (String, Value) {
+    let resp = client()
+        .post(format!("{}/generate", r.url()))
+        .header("x-routerd-explain", "1")
+        .json(&generate(text))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
+    let decision = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    (worker, decision)
+}
+
+/// Sends `text` straight to a worker (another router, a client that bypasses routerd).
+async fn direct(w: &SimWorker, text: &str) {
+    assert_eq!(post_json(format!("{}/generate", w.url()), &generate(text)).await.0, 200);
+}
+
+fn prompt(name: &str) -> String {
+    format!("{name}: ") + &"a long shared system prompt that the cache keeps. ".repeat(4)
+}
+
+/// The other worker of two.
+fn other<'a>(ws: &'a [SimWorker], url: &str) -> &'a SimWorker {
+    ws.iter().find(|w| w.url() != url).unwrap()
+}
+
+#[tokio::test]
+async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() {
+    let dir = ConfigDir::new("kv-flush");
+    let tok = tokenizer(&dir);
+    let ws = vec![kv_sim(&tok, |_| {}).await, kv_sim(&tok, |_| {}).await];
+    let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
+    let p = prompt("flush");
+    let (home, d) = route(&r, &p).await;
+    assert_eq!(d["branch"], "miss");
+    let away = other(&ws, &home);
+    // Another router sends the same prompt to the other worker; then the first one's cache is
+    // flushed directly. Only the events tell routerd either.
+    direct(away, &p).await;
+    eventually(Duration::from_secs(5), "both workers' blocks indexed", || async {
+        blocks(&r, &home).await > 0 && blocks(&r, &away.url()).await > 0
+    })
+    .await;
+    let flushed = client().post(format!("{home}/flush_cache")).send().await.unwrap();
+    assert_eq!(flushed.status(), 200);
+    eventually(Duration::from_secs(5), "the flush seen", || async { blocks(&r, &home).await == 0 }).await;
+    for _ in 0..3 {
+        let (to, d) = route(&r, &p).await;
+        assert_eq!(to, away.url(), "the prompt goes where it is really cached: {d}");
+        assert_eq!(d["branch"], "hit");
+        let (m, n) = (d["matched_tokens"].as_u64().unwrap(), d["prompt_tokens"].as_u64().unwrap());
+        assert_eq!(m, n - n % 4, "every whole page matched: {d}");
+    }
+    // The prediction is exported next to what the worker reported.
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
+    r.serve_metrics(ml);
+    let text = client().get(metrics_url).send().await.unwrap().text().await.unwrap();
+    let series = |name: &str| -> f64 {
+        let prefix = format!("{name}{{worker=\"{}\"}} ", away.url());
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{prefix}: {text}")).parse().unwrap()
+    };
+    let (predicted, reported) = (series("routerd_worker_predicted_cached_tokens_total"), series("sgl_router_worker_cached_tokens_total"));
+    assert!(predicted > 0.0 && reported > 0.0 && (predicted - reported).abs() <= 3.0 * 4.0, "predicted {predicted}, reported {reported}");
+    assert!(text.contains("routerd_kv_events_total "), "{text}");
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_worker_is_empty_and_its_new_publisher_is_followed() {
+    let dir = ConfigDir::new("kv-restart");
+    let tok = tokenizer(&dir);
+    let mut ws = vec![kv_sim(&tok, |_| {}).await, kv_sim(&tok, |_| {}).await];
+    let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
+    let p = prompt("restart");
+    let (home, _) = route(&r, &p).await;
+    let i = ws.iter().position(|w| w.url() == home).unwrap();
+    direct(&ws[1 - i], &p).await;
+    eventually(Duration::from_secs(5), "indexed", || async {
+        blocks(&r, &home).await > 0 && blocks(&r, &ws[1 - i].url()).await > 0
+    })
+    .await;
+    // The worker restarts on the same port, with an empty cache and a publisher on new ports.
+    let port = ws[i].addr.port();
+    ws.remove(i).shutdown().await;
+    eventually(Duration::from_secs(5), "the router saw it down", || async {
+        let v = get_json(&format!("{}/workers", r.url())).await;
+        v["workers"].as_array().unwrap().iter().any(|w| w["url"] == home && w["is_healthy"] == false)
+    })
+    .await;
+    ws.insert(i, kv_sim(&tok, |a| a.port = port).await);
+    let endpoint = format!("tcp://127.0.0.1:{}", ws[i].state.kv.as_ref().unwrap().port);
+    eventually(Duration::from_secs(10), "the new publisher subscribed", || async {
+        let s = kv_status(&r).await;
+        let w = s["workers"].as_array().unwrap().iter().find(|w| w["url"] == home).cloned();
+        w.is_some_and(|w| {
+            w["ranks"][0]["connected"] == true
+                && w["ranks"][0]["endpoint"] == endpoint.as_str()
+                && w["blocks"] == 0
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (to, d) = route(&r, &p).await;
+    assert_eq!(to, ws[1 - i].url(), "not to the restarted worker, whose cache is empty: {d}");
+    // Its new publisher's events are applied: what it stores now is matched there.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let q = prompt("after the restart");
+    direct(&ws[i], &q).await;
+    eventually(Duration::from_secs(5), "new events indexed", || async { blocks(&r, &home).await > 0 }).await;
+    let (to, d) = route(&r, &q).await;
+    assert_eq!((to.as_str(), &d["branch"]), (home.as_str(), &json!("hit")), "{d}");
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_working_set_that_overflows_the_cache_is_followed() {
+    let dir = ConfigDir::new("kv-pressure");
+    let tok = tokenizer(&dir);
+    // Room for about two prompts per worker.
+    let ws = vec![
+        kv_sim(&tok, |a| a.cache_capacity_tokens = 512).await,
+        kv_sim(&tok, |a| a.cache_capacity_tokens = 512).await,
+    ];
+    let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
+    let p = prompt("pressure");
+    let (home, _) = route(&r, &p).await;
+    let away = other(&ws, &home);
+    direct(away, &p).await;
+    let home_w = ws.iter().find(|w| w.url() == home).unwrap();
+    // Other traffic reaches the home worker directly and evicts the prompt there.
+    for k in 0..4 {
+        direct(home_w, &prompt(&format!("evictor {k}"))).await;
+    }
+    eventually(Duration::from_secs(5), "evictions seen", || async {
+        let s = get_json(&format!("{home}/sim/stats")).await;
+        s["cache"]["evicted_tokens"].as_u64().unwrap() > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (to, d) = route(&r, &p).await;
+    assert_eq!(to, away.url(), "the evicted prompt follows the worker that still holds it: {d}");
+    assert_eq!(d["branch"], "hit");
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
+    let dir = ConfigDir::new("kv-gap");
+    let tok = tokenizer(&dir);
+    // A replay buffer of one batch: a gap of two cannot be filled.
+    let ws = vec![kv_sim(&tok, |_| {}).await, kv_sim(&tok, |a| {
+        kv_args(a, &tok, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1)
+    }).await];
+    let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
+    let drop = |w: &SimWorker, n: u64| {
+        let url = format!("{}/sim/kv_events/drop?n={n}", w.url());
+        async move { assert_eq!(client().post(url).send().await.unwrap().status(), 200) }
+    };
+    let (w0, w1) = (&ws[0], &ws[1]);
+    // Worker 0: one batch lost, then another arrives: the gap is replayed.
+    direct(w0, &prompt("first")).await;
+    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w0.url()).await > 0 }).await;
+    drop(w0, 1).await;
+    let lost = prompt("lost then replayed");
+    direct(w0, &lost).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    direct(w0, &prompt("after the gap")).await;
+    eventually(Duration::from_secs(5), "gap replayed", || async {
+        let s = kv_status(&r).await;
+        s["replays"].as_u64().unwrap() >= 1
+            && s["workers"].as_array().unwrap().iter().any(|w| w["url"] == w0.url() && w["ranks"][0]["last_seq"] == 2)
+    })
+    .await;
+    let (to, d) = route(&r, &lost).await;
+    assert_eq!((to.as_str(), &d["branch"]), (w0.url().as_str(), &json!("hit")), "replayed blocks are matched: {d}");
+    assert_eq!(kv_status(&r).await["resets"], 0);
+    // Worker 1: two batches lost with a buffer of one: its state is dropped, not trusted.
+    let known = prompt("known before the gap");
+    direct(w1, &known).await;
+    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w1.url()).await > 0 }).await;
+    drop(w1, 2).await;
+    direct(w1, &prompt("lost one")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    direct(w1, &prompt("lost two")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    direct(w1, &prompt("the next live batch")).await;
+    eventually(Duration::from_secs(5), "the rank reset", || async { kv_status(&r).await["resets"].as_u64().unwrap() >= 1 }).await;
+    let (_, d) = route(&r, &known).await;
+    assert!(d["matched_tokens"].as_u64().unwrap() == 0 || d["worker"] != w1.url(),
+        "what was known before an unfillable gap is no longer trusted: {d}");
+    r.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}
