@@ -55,7 +55,9 @@ async fn wait_subscribed(r: &routerd::run::Running, n: usize) {
         let ws = s["workers"].as_array().unwrap();
         s["tokenizer"].is_string()
             && ws.len() == n
-            && ws.iter().all(|w| w["ranks"].as_array().unwrap().iter().all(|r| r["connected"] == true))
+            && ws
+                .iter()
+                .all(|w| w["ranks"].as_array().unwrap().iter().all(|r| r["connected"] == true))
     })
     .await;
     // A SUB socket's subscription reaches the publisher just after the connection.
@@ -88,7 +90,8 @@ async fn route(r: &routerd::run::Running, text: &str) -> (String, Value) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let decision = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    let decision =
+        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
     (worker, decision)
 }
 
@@ -125,7 +128,8 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
     .await;
     let flushed = client().post(format!("{home}/flush_cache")).send().await.unwrap();
     assert_eq!(flushed.status(), 200);
-    eventually(Duration::from_secs(5), "the flush seen", || async { blocks(&r, &home).await == 0 }).await;
+    eventually(Duration::from_secs(5), "the flush seen", || async { blocks(&r, &home).await == 0 })
+        .await;
     for _ in 0..3 {
         let (to, d) = route(&r, &p).await;
         assert_eq!(to, away.url(), "the prompt goes where it is really cached: {d}");
@@ -140,10 +144,20 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
     let text = client().get(metrics_url).send().await.unwrap().text().await.unwrap();
     let series = |name: &str| -> f64 {
         let prefix = format!("{name}{{worker=\"{}\"}} ", away.url());
-        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{prefix}: {text}")).parse().unwrap()
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{prefix}: {text}"))
+            .parse()
+            .unwrap()
     };
-    let (predicted, reported) = (series("routerd_worker_predicted_cached_tokens_total"), series("sgl_router_worker_cached_tokens_total"));
-    assert!(predicted > 0.0 && reported > 0.0 && (predicted - reported).abs() <= 3.0 * 4.0, "predicted {predicted}, reported {reported}");
+    let (predicted, reported) = (
+        series("routerd_worker_predicted_cached_tokens_total"),
+        series("sgl_router_worker_cached_tokens_total"),
+    );
+    assert!(
+        predicted > 0.0 && reported > 0.0 && (predicted - reported).abs() <= 3.0 * 4.0,
+        "predicted {predicted}, reported {reported}"
+    );
     assert!(text.contains("routerd_kv_events_total "), "{text}");
     r.shutdown().await;
     for w in ws {
@@ -170,7 +184,11 @@ async fn a_restarted_worker_is_empty_and_its_new_publisher_is_followed() {
     ws.remove(i).shutdown().await;
     eventually(Duration::from_secs(5), "the router saw it down", || async {
         let v = get_json(&format!("{}/workers", r.url())).await;
-        v["workers"].as_array().unwrap().iter().any(|w| w["url"] == home && w["is_healthy"] == false)
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["url"] == home && w["is_healthy"] == false)
     })
     .await;
     ws.insert(i, kv_sim(&tok, |a| a.port = port).await);
@@ -192,7 +210,10 @@ async fn a_restarted_worker_is_empty_and_its_new_publisher_is_followed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let q = prompt("after the restart");
     direct(&ws[i], &q).await;
-    eventually(Duration::from_secs(5), "new events indexed", || async { blocks(&r, &home).await > 0 }).await;
+    eventually(Duration::from_secs(5), "new events indexed", || async {
+        blocks(&r, &home).await > 0
+    })
+    .await;
     let (to, d) = route(&r, &q).await;
     assert_eq!((to.as_str(), &d["branch"]), (home.as_str(), &json!("hit")), "{d}");
     r.shutdown().await;
@@ -240,9 +261,10 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
     let dir = ConfigDir::new("kv-gap");
     let tok = tokenizer(&dir);
     // A replay buffer of one batch: a gap of two cannot be filled.
-    let ws = vec![kv_sim(&tok, |_| {}).await, kv_sim(&tok, |a| {
-        kv_args(a, &tok, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1)
-    }).await];
+    let ws = vec![
+        kv_sim(&tok, |_| {}).await,
+        kv_sim(&tok, |a| kv_args(a, &tok, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1)).await,
+    ];
     let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
     let drop = |w: &SimWorker, n: u64| {
         let url = format!("{}/sim/kv_events/drop?n={n}", w.url());
@@ -251,35 +273,46 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
     let (w0, w1) = (&ws[0], &ws[1]);
     // Worker 0: one batch lost, then another arrives: the gap is replayed.
     direct(w0, &prompt("first")).await;
-    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w0.url()).await > 0 }).await;
+    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w0.url()).await > 0 })
+        .await;
     drop(w0, 1).await;
     let lost = prompt("lost then replayed");
     direct(w0, &lost).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     direct(w0, &prompt("after the gap")).await;
+    // (A request's events may span two batches: the prompt stored at admission, the answer
+    // at the end. Whichever was lost, the next live one shows the gap.)
     eventually(Duration::from_secs(5), "gap replayed", || async {
-        let s = kv_status(&r).await;
-        s["replays"].as_u64().unwrap() >= 1
-            && s["workers"].as_array().unwrap().iter().any(|w| w["url"] == w0.url() && w["ranks"][0]["last_seq"] == 2)
+        kv_status(&r).await["replays"].as_u64().unwrap() >= 1
     })
     .await;
     let (to, d) = route(&r, &lost).await;
-    assert_eq!((to.as_str(), &d["branch"]), (w0.url().as_str(), &json!("hit")), "replayed blocks are matched: {d}");
+    assert_eq!(
+        (to.as_str(), &d["branch"]),
+        (w0.url().as_str(), &json!("hit")),
+        "replayed blocks are matched: {d}"
+    );
     assert_eq!(kv_status(&r).await["resets"], 0);
     // Worker 1: two batches lost with a buffer of one: its state is dropped, not trusted.
     let known = prompt("known before the gap");
     direct(w1, &known).await;
-    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w1.url()).await > 0 }).await;
+    eventually(Duration::from_secs(5), "first batch", || async { blocks(&r, &w1.url()).await > 0 })
+        .await;
     drop(w1, 2).await;
     direct(w1, &prompt("lost one")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     direct(w1, &prompt("lost two")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     direct(w1, &prompt("the next live batch")).await;
-    eventually(Duration::from_secs(5), "the rank reset", || async { kv_status(&r).await["resets"].as_u64().unwrap() >= 1 }).await;
+    eventually(Duration::from_secs(5), "the rank reset", || async {
+        kv_status(&r).await["resets"].as_u64().unwrap() >= 1
+    })
+    .await;
     let (_, d) = route(&r, &known).await;
-    assert!(d["matched_tokens"].as_u64().unwrap() == 0 || d["worker"] != w1.url(),
-        "what was known before an unfillable gap is no longer trusted: {d}");
+    assert!(
+        d["matched_tokens"].as_u64().unwrap() == 0 || d["worker"] != w1.url(),
+        "what was known before an unfillable gap is no longer trusted: {d}"
+    );
     r.shutdown().await;
     for w in ws {
         w.shutdown().await;

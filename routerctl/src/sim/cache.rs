@@ -88,9 +88,9 @@ impl PrefixCache {
 
     /// The map key of a key starting with `tokens` (its first page).
     fn first_page(&self, tokens: &[u32]) -> u64 {
-        tokens[..self.page.min(tokens.len())]
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, t| (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3))
+        tokens[..self.page.min(tokens.len())].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+            (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3)
+        })
     }
 
     /// The common prefix of `a` and `b`, in whole pages.
@@ -257,7 +257,9 @@ impl PrefixCache {
             let first = self.first_page(&node.key);
             self.nodes[parent].children.remove(&first);
             if let Some(events) = &mut self.events {
-                events.push(CacheEvent::Removed { hashes: node.digests.iter().map(published).collect() });
+                events.push(CacheEvent::Removed {
+                    hashes: node.digests.iter().map(published).collect(),
+                });
             }
             if parent != ROOT && self.nodes[parent].children.is_empty() {
                 self.leaves.insert((self.nodes[parent].last_access, parent));

@@ -119,7 +119,14 @@ pub async fn start(
         drop_next: AtomicU64::new(0),
     });
     let buffer: Buffer = Arc::new(Mutex::new(VecDeque::new()));
-    tokio::spawn(publish(publ, cache, p.clone(), buffer.clone(), cfg.buffer_steps.max(1), stop.clone()));
+    tokio::spawn(publish(
+        publ,
+        cache,
+        p.clone(),
+        buffer.clone(),
+        cfg.buffer_steps.max(1),
+        stop.clone(),
+    ));
     if let Some(r) = router {
         tokio::spawn(replay(r, p.clone(), buffer, stop));
     }
@@ -179,7 +186,12 @@ async fn publish(
     }
 }
 
-async fn replay(mut router: zeromq::RouterSocket, p: Arc<Publisher>, buffer: Buffer, stop: CancellationToken) {
+async fn replay(
+    mut router: zeromq::RouterSocket,
+    p: Arc<Publisher>,
+    buffer: Buffer,
+    stop: CancellationToken,
+) {
     loop {
         let req = tokio::select! {
             _ = stop.cancelled() => return,

@@ -452,7 +452,8 @@ impl SimWorker {
         let engine = Engine::start(args.engine_config(), tokenizer.clone(), engine_stop.clone());
         let kv = match &args.kv_events_config {
             Some(json) => {
-                let cfg = super::kv_events::KvEventsConfig::parse(json).map_err(anyhow::Error::msg)?;
+                let cfg =
+                    super::kv_events::KvEventsConfig::parse(json).map_err(anyhow::Error::msg)?;
                 Some(super::kv_events::start(&cfg, engine.cache(), engine_stop.clone()).await?)
             }
             None => None,

@@ -20,7 +20,10 @@ impl Builder<'_> {
                 b.error(
                     key,
                     &At::span(&v),
-                    format!("{:?} is not tcp://HOST:PORT ({{host}} stands for the worker's host)", v.get_ref()),
+                    format!(
+                        "{:?} is not tcp://HOST:PORT ({{host}} stands for the worker's host)",
+                        v.get_ref()
+                    ),
                 );
                 return None;
             }
@@ -31,13 +34,21 @@ impl Builder<'_> {
         let block_size = raw.block_size.and_then(|b| match *b.get_ref() {
             1..=65_536 => Some(*b.get_ref() as usize),
             n => {
-                self.error("kv_events.block_size", &At::span(&b), format!("{n} is not a page size from 1 to 65536"));
+                self.error(
+                    "kv_events.block_size",
+                    &At::span(&b),
+                    format!("{n} is not a page size from 1 to 65536"),
+                );
                 None
             }
         });
         let dp_size = match raw.dp_size {
             Some(v) if !(1..=1024).contains(v.get_ref()) => {
-                self.error("kv_events.dp_size", &At::span(&v), format!("{} is not a size from 1 to 1024", v.get_ref()));
+                self.error(
+                    "kv_events.dp_size",
+                    &At::span(&v),
+                    format!("{} is not a size from 1 to 1024", v.get_ref()),
+                );
                 1
             }
             Some(v) => v.into_inner(),
@@ -58,7 +69,12 @@ impl Builder<'_> {
             topic: raw.topic.unwrap_or_default(),
             block_size,
             dp_size,
-            pending_ttl: self.duration("kv_events.pending_ttl", None, raw.pending_ttl, d.pending_ttl),
+            pending_ttl: self.duration(
+                "kv_events.pending_ttl",
+                None,
+                raw.pending_ttl,
+                d.pending_ttl,
+            ),
             max_blocks,
         }
     }
@@ -74,7 +90,14 @@ impl Builder<'_> {
         };
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path };
         if !file.is_file() {
-            self.error("tokenizer.path", &at, format!("{} is not a tokenizer.json file (or a directory that has one)", file.display()));
+            self.error(
+                "tokenizer.path",
+                &at,
+                format!(
+                    "{} is not a tokenizer.json file (or a directory that has one)",
+                    file.display()
+                ),
+            );
             return None;
         }
         Some(file)

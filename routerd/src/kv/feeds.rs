@@ -44,7 +44,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             keep
         });
         asked.retain(|base, _| wanted.contains(base) && !again.contains(base));
-        let new: Vec<String> = wanted.iter().filter(|b| !running.contains_key(*b)).cloned().collect();
+        let new: Vec<String> =
+            wanted.iter().filter(|b| !running.contains_key(*b)).cloned().collect();
         for base in &new {
             let feed = match feed_from_config(base, cfg) {
                 Some(f) => Some(f),

@@ -162,7 +162,8 @@ impl BlockIndex {
 
     /// Forgets every rank of a worker and what was sent to it.
     pub fn clear_worker(&mut self, w: WorkerId) {
-        let ranks: Vec<Holder> = self.per_holder.keys().filter(|h| h.worker == w).copied().collect();
+        let ranks: Vec<Holder> =
+            self.per_holder.keys().filter(|h| h.worker == w).copied().collect();
         for h in ranks {
             self.clear(h);
         }
@@ -185,7 +186,13 @@ impl BlockIndex {
     }
 
     /// The best match among `ranks` of worker `w` (what it holds, or was just sent).
-    pub fn matched(&self, w: WorkerId, ranks: &[u16], hashes: &[BlockHash], now: Instant) -> PageMatch {
+    pub fn matched(
+        &self,
+        w: WorkerId,
+        ranks: &[u16],
+        hashes: &[BlockHash],
+        now: Instant,
+    ) -> PageMatch {
         let mut best = PageMatch::default();
         let pending = |hash: BlockHash| match self.pending.get(&(w, hash)) {
             Some(until) if *until > now => bit(Medium::Gpu),

@@ -6,8 +6,8 @@
 //! worker's events flow, `None` where they do not (the policy falls back on its approximate
 //! tree). Nothing on the request path waits on a subscriber.
 
-pub mod hash;
 pub mod feeds;
+pub mod hash;
 pub mod index;
 pub mod subscriber;
 pub mod tokenize;
@@ -199,7 +199,11 @@ impl KvState {
     /// The prompt's token ids: the request's own (`input_ids`, a completions prompt of ids),
     /// else its text tokenized when a tokenizer is loaded. Chat conversations are not: their
     /// chat template is not rendered yet, so they route on the approximate tree.
-    pub fn tokens(&self, probe: &crate::proxy::extract::Probe, route: crate::proxy::extract::Route) -> Option<Vec<u32>> {
+    pub fn tokens(
+        &self,
+        probe: &crate::proxy::extract::Probe,
+        route: crate::proxy::extract::Route,
+    ) -> Option<Vec<u32>> {
         if let Some(ids) = probe.token_ids(route) {
             return Some(ids);
         }

@@ -184,7 +184,14 @@ fn apply(kv: &KvState, t: &Target, seq: &mut Seq, m: &Message) {
 
 /// Fills the gap before `live` from the replay socket, or drops the rank's state when it
 /// cannot be filled; `live` is applied either way.
-async fn fill(kv: &KvState, t: &Target, seq: &mut Seq, from: i64, live: &Message, cancel: &CancellationToken) {
+async fn fill(
+    kv: &KvState,
+    t: &Target,
+    seq: &mut Seq,
+    from: i64,
+    live: &Message,
+    cancel: &CancellationToken,
+) {
     let had_state = seq.last.is_some();
     let replayed = match &t.replay {
         None => Err("no replay endpoint".to_owned()),
@@ -195,8 +202,6 @@ async fn fill(kv: &KvState, t: &Target, seq: &mut Seq, from: i64, live: &Message
             }
         },
     };
-    kv.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    kv.update_rank(&t.base, t.rank, |r| r.replays += 1);
     match replayed {
         // The replay covers the gap when it starts where asked (a fresh subscriber takes
         // whatever the buffer still holds: it has nothing to be wrong about).
@@ -231,6 +236,9 @@ async fn fill(kv: &KvState, t: &Target, seq: &mut Seq, from: i64, live: &Message
             apply(kv, t, seq, live);
         }
     }
+    // Counted once what the replay brought is applied.
+    kv.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    kv.update_rank(&t.base, t.rank, |r| r.replays += 1);
 }
 
 /// Asks the engine's replay socket for every buffered batch from `from` on.
@@ -261,6 +269,88 @@ async fn replay(endpoint: &str, from: i64) -> Result<Vec<Message>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::Feed;
+
+    async fn send(p: &mut zeromq::PubSocket, seq: i64, hashes: &[i64]) {
+        let mut e = wire::Encoder::new();
+        e.stored(hashes, None, &[1, 2, 3, 4], 4);
+        let mut m = zeromq::ZmqMessage::from(bytes::Bytes::new());
+        m.push_back(bytes::Bytes::copy_from_slice(&seq.to_be_bytes()));
+        m.push_back(bytes::Bytes::from(e.finish(0.0, None)));
+        p.send(m).await.unwrap();
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// The pure-Rust zeromq crate's SUB socket across a publisher restart on the same port
+    /// (an engine restarted): the subscriber sees the new publisher's seq start again, drops
+    /// the old state and follows the new one.
+    #[tokio::test]
+    async fn a_publisher_restarted_on_the_same_port_is_followed() {
+        let kv = Arc::new(KvState::default());
+        let mut publ = zeromq::PubSocket::new();
+        let bound = publ.bind("tcp://127.0.0.1:0").await.unwrap();
+        let endpoint = bound.to_string();
+        let base = "http://w:1";
+        let feed = Feed {
+            endpoints: vec![endpoint.clone()],
+            replay: vec![None],
+            topic: String::new(),
+            block_size: Some(4),
+        };
+        kv.track(base, &feed);
+        let cancel = CancellationToken::new();
+        let target = Target {
+            base: base.into(),
+            rank: 0,
+            endpoint: endpoint.clone(),
+            replay: None,
+            topic: String::new(),
+        };
+        let task = tokio::spawn(run(kv.clone(), target, cancel.clone()));
+        let blocks = || kv.worker_blocks(base).map_or(0, |(b, _)| b);
+        until("connected", || kv.worker_blocks(base).is_some()).await;
+        // A subscription reaches the publisher just after the connection: send until seen.
+        for _ in 0..100 {
+            send(&mut publ, 0, &[1, 2]).await;
+            if blocks() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        send(&mut publ, 1, &[3]).await;
+        until("the first publisher's blocks", || blocks() == 3).await;
+        drop(publ);
+        let mut again = zeromq::PubSocket::new();
+        let mut rebound = false;
+        for _ in 0..100 {
+            if again.bind(&endpoint).await.is_ok() {
+                rebound = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(rebound, "the port could not be bound again");
+        for _ in 0..250 {
+            send(&mut again, 0, &[9]).await;
+            if blocks() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(blocks(), 1, "only the new publisher's block: {}", kv.status());
+        assert!(kv.resets.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        cancel.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn sequence_steps() {

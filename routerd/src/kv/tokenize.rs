@@ -12,8 +12,9 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn load(path: &Path) -> Result<Self, String> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| format!("{}: not a tokenizer.json routerd can load: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+            format!("{}: not a tokenizer.json routerd can load: {e}", path.display())
+        })?;
         Ok(Self { path: path.to_owned(), inner })
     }
 
@@ -65,7 +66,10 @@ mod tests {
         let path = dir.join("tokenizer.json");
         std::fs::write(&path, byte_level_json()).unwrap();
         let t = Tokenizer::load(&path).unwrap();
-        assert_eq!(t.encode("Hi there é").unwrap(), "Hi there é".bytes().map(u32::from).collect::<Vec<_>>());
+        assert_eq!(
+            t.encode("Hi there é").unwrap(),
+            "Hi there é".bytes().map(u32::from).collect::<Vec<_>>()
+        );
         std::fs::write(&path, "{}").unwrap();
         assert!(Tokenizer::load(&path).unwrap_err().contains("tokenizer.json"));
         std::fs::remove_dir_all(&dir).unwrap();

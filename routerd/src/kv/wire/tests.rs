@@ -94,7 +94,10 @@ fn malformed_input_is_an_error() {
         Err(WireError::TooLong { .. })
     ));
     assert_eq!(decode(&[0x92, 0x00, 0xdc, 0x00, 0x10]), Err(WireError::Truncated));
-    assert!(matches!(decode(&[0x92, 0x00, 0x91, 0x81, 0xa1, b'x', 0x01]), Err(WireError::Missing(_))));
+    assert!(matches!(
+        decode(&[0x92, 0x00, 0x91, 0x81, 0xa1, b'x', 0x01]),
+        Err(WireError::Missing(_))
+    ));
     let unknown = {
         let mut w = Vec::new();
         rmp::encode::write_array_len(&mut w, 2).unwrap();
