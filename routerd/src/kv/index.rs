@@ -119,6 +119,12 @@ impl BlockIndex {
         self.blocks.is_empty()
     }
 
+    /// Heap bytes of the block map: its allocated slots (24 bytes each) and control bytes.
+    pub fn approx_bytes(&self) -> usize {
+        let slots = self.blocks.capacity() * 8 / 7;
+        slots * (std::mem::size_of::<((Holder, BlockHash), u8)>() + 1)
+    }
+
     pub fn holder_blocks(&self, h: Holder) -> usize {
         self.per_holder.get(&h).copied().unwrap_or(0)
     }
