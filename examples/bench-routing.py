@@ -5,10 +5,17 @@ same `routerctl bench` load, fresh processes for every run.
     examples/bench-routing.py [--scenarios a,b] [--routings a,b] [--seeds 1,2] [--out FILE]
 
 Scenarios: shared-prefix, multi-turn, shared-system, zipf, mixed-speed, restart, scale-out,
-low-concurrency, long-docs. Routings: cost (routerd cost_aware), ca5 (routerd cache_aware,
+low-concurrency, long-docs, and (issue 24) flush (two workers' caches emptied mid-run behind the
+router's back, `/sim/cache/flush`) and pressure (a zipf working set twice the fleet's cache).
+Routings: cost (routerd cost_aware), ca5 (routerd cache_aware,
 defaults 0.5 / 32 / 1.0001), ca3 (routerd cache_aware with sglang-router's 0.3 / 64 / 1.5), rr
 (routerd round_robin), affinity (routerctl bench --affinity: each group pinned to one worker,
-no router), sgl (sglang-router 0.3.2 cache_aware, its defaults). Each run appends one JSON line
+no router), sgl (sglang-router 0.3.2 cache_aware, its defaults); and on a fleet that takes
+prompts as token ids (`routerctl bench --input-ids`: one id per byte, sims with 16-token pages,
+4x the cache tokens and 1/4 the prefill time per token, so the same text costs the same): ca5i
+(cache_aware on its approximate tree), evi (cache_aware on the sims' KV events), affi (perfect
+affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
+with the i routings. Each run appends one JSON line
 to --out (the bench report plus scenario, routing, seed); --table prints the markdown table of
 a results file (mean of the seeds, and the largest relative spread between seeds).
 
@@ -18,6 +25,7 @@ for `sgl`, `pip install sglang-router==0.3.2`.
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -56,11 +64,23 @@ SCENARIOS = {
     "long-docs": dict(n=4, sim=["--cache-capacity-tokens", "16000"],
                       bench=["--workload", "shared-prefix", "--groups", "8", "--questions",
                              "64", "--system-chars", "30000", "--concurrency", "8"]),
+    "flush": dict(n=4, churn="flush",
+                  bench=["--workload", "shared-prefix", "--groups", "32", "--questions",
+                         "300", "--concurrency", "128"]),
+    "pressure": dict(n=4, sim=["--cache-capacity-tokens", "8000"],
+                     bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
+                            "--zipf-s", "0.8", "--concurrency", "64"]),
 }
-ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl"]
+ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "evi", "affi"]
+IDS = ("ca5i", "evi", "affi")
+ROUTERD = ("cost", "ca5", "ca3", "rr", "ca5i", "evi")
+CHAT = ("multi-turn", "shared-system")
+EVENTS = '{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:0", "replay_endpoint": "tcp://127.0.0.1:0"}'
 NAMES = {"cost": "routerd cost_aware", "ca5": "routerd cache_aware 0.5", "ca3":
          "routerd cache_aware 0.3/64/1.5", "rr": "routerd round_robin",
-         "affinity": "perfect affinity", "sgl": "sglang-router 0.3.2 cache_aware"}
+         "affinity": "perfect affinity", "sgl": "sglang-router 0.3.2 cache_aware",
+         "ca5i": "ids: routerd cache_aware (approximate)",
+         "evi": "ids: routerd cache_aware on KV events", "affi": "ids: perfect affinity"}
 
 
 def free_port():
@@ -79,6 +99,22 @@ def wait_up(url, timeout=30.0):
         except Exception:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
+
+
+def wait_subscribed(router, n, timeout=30.0):
+    """Until routerd follows the KV events of `n` workers."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(router + "/admin/kv", timeout=1) as r:
+                ws = json.loads(r.read())["workers"]
+            if len(ws) == n and all(rk["connected"] for w in ws for rk in w["ranks"]):
+                time.sleep(0.2)
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{router} did not subscribe to {n} workers' KV events")
 
 
 class Fleet:
@@ -107,9 +143,17 @@ def merged(base, override):
     return kept + override
 
 
-def sim_argv(port, sc, i):
+def sim_argv(port, sc, i, routing=""):
     own = sc.get("sim", []) + (["--speed", sc["speeds"][i]] if "speeds" in sc else [])
-    return [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + merged(SIM, own)
+    args = merged(SIM, own)
+    if routing in IDS:
+        # One token per byte instead of per 4 characters: 4x the tokens, 1/4 the time each.
+        k = args.index("--cache-capacity-tokens") + 1
+        args[k] = str(int(args[k]) * 4)
+        args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
+    if routing == "evi":
+        args += ["--kv-events-config", EVENTS]
+    return [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args
 
 
 def run(scenario, routing, seed):
@@ -119,7 +163,7 @@ def run(scenario, routing, seed):
         ports = [free_port() for _ in range(sc["n"] + 1)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i in range(sc["n"]):
-            fleet.start(sim_argv(ports[i], sc, i))
+            fleet.start(sim_argv(ports[i], sc, i, routing))
         for u in urls[:sc["n"]]:
             wait_up(u + "/health")
         rport = free_port()
@@ -130,9 +174,10 @@ def run(scenario, routing, seed):
                   "--health-check-interval-secs", "1", "--log-level",
                   os.environ.get("ROUTER_LOG_LEVEL", "warn")]
         mport = free_port()
-        if routing in ("cost", "ca5", "ca3", "rr"):
+        if routing in ROUTERD:
             common += ["--prometheus-port", str(mport)]
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
+                      "ca5i": ["--policy", "cache_aware"], "evi": ["--policy", "cache_aware"],
                       "ca3": ["--policy", "cache_aware", "--cache-threshold", "0.3",
                               "--balance-abs-threshold", "64",
                               "--balance-rel-threshold", "1.5"],
@@ -140,24 +185,32 @@ def run(scenario, routing, seed):
             # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
             fleet.start([f"{BIN}/routerd", *common, *policy], os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")
+            if routing == "evi":
+                wait_subscribed(router, sc["n"])
         elif routing == "sgl":
             fleet.start([sys.executable, "-m", "sglang_router.launch_router", *common,
                          "--policy", "cache_aware"])
             wait_up(router + "/health")
-        extra = ["--affinity", "--workers", *workers] if routing == "affinity" else []
+        extra = ["--affinity", "--workers", *workers] if routing in ("affinity", "affi") else []
+        if routing in IDS:
+            extra += ["--input-ids"]
         churn = sc.get("churn")
         if churn == "restart":
             # SIGKILL the third worker and start it again on its port, empty.
             victim = fleet.procs[2]
             cmd = (f"kill -9 -{victim.pid}; sleep 0.5; "
-                   f"setsid {' '.join(sim_argv(ports[2], sc, 2))} >/dev/null 2>&1 & "
+                   f"setsid {shlex.join(sim_argv(ports[2], sc, 2, routing))} >/dev/null 2>&1 & "
                    f"echo $! > /tmp/bench-routing-restarted.{os.getpid()}")
+            extra += ["--at-fraction", "0.4", "--exec", cmd]
+        elif churn == "flush":
+            # Two workers lose their whole cache at once, told to nobody but their own events.
+            cmd = "; ".join(f"curl -sf -X POST {u}/sim/cache/flush >/dev/null" for u in workers[:2])
             extra += ["--at-fraction", "0.4", "--exec", cmd]
         elif churn == "add":
             new = urls[sc["n"]]
-            fleet.start(sim_argv(ports[sc["n"]], sc, sc["n"]))
+            fleet.start(sim_argv(ports[sc["n"]], sc, sc["n"], routing))
             wait_up(new + "/health")
-            if routing == "affinity":
+            if routing in ("affinity", "affi"):
                 cmd = "true"
             elif routing == "sgl":
                 cmd = f"curl -sf -X POST '{router}/add_worker?url={new}' >/dev/null"
@@ -165,7 +218,7 @@ def run(scenario, routing, seed):
                 cmd = (f"curl -sf -X POST {router}/workers -H 'content-type: application/json' "
                        f"-d '{{\"url\": \"{new}\"}}' >/dev/null")
             extra += ["--at-fraction", "0.3", "--exec", cmd]
-            if routing != "affinity":
+            if routing not in ("affinity", "affi"):
                 extra += ["--workers", *urls]
         argv = [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
                 *merged(BENCH, sc["bench"]), *extra, "-o", "json"]
@@ -174,7 +227,7 @@ def run(scenario, routing, seed):
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
         rep.update(scenario=scenario, routing=routing, seed=seed)
-        if routing in ("cost", "ca5", "ca3", "rr"):
+        if routing in ROUTERD:
             # routerd's own view of the run: its routing decisions by branch.
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2) as m:
@@ -241,6 +294,8 @@ def main():
     for seed in [int(s) for s in a.seeds.split(",")]:
         for sc in a.scenarios.split(","):
             for ro in a.routings.split(","):
+                if ro in IDS and sc in CHAT:
+                    continue
                 rep = None
                 for attempt in (1, 2):  # a start-up failure (a port taken meanwhile) is retried
                     try:

@@ -17,7 +17,8 @@ const BLOCKS: u64 = 1_000_000;
 
 /// Block hashes of prompt `i`: 128 pages of 16 tokens.
 fn prompt(i: u64, pages: usize) -> Vec<i64> {
-    let tokens: Vec<u32> = (0..pages as u32 * 16).map(|t| t.wrapping_mul(2_654_435_761) ^ i as u32).collect();
+    let tokens: Vec<u32> =
+        (0..pages as u32 * 16).map(|t| t.wrapping_mul(2_654_435_761) ^ i as u32).collect();
     page_hashes(&tokens, 16)
 }
 

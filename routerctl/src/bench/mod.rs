@@ -71,6 +71,10 @@ pub struct BenchArgs {
     pub affinity: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// shared-prefix, zipf: send prompts as `input_ids` (one id per UTF-8 byte) instead of
+    /// text, so that routerd routes on KV events without a tokenizer (docs/kv-events.md).
+    #[arg(long)]
+    pub input_ids: bool,
     /// Run --exec once this fraction of the requests has been answered.
     #[arg(long, requires = "exec", value_parser = fraction)]
     pub at_fraction: Option<f64>,
@@ -131,6 +135,7 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         zipf_s: args.zipf_s,
         max_tokens: args.max_tokens,
         seed: args.seed,
+        input_ids: args.input_ids,
     });
     let total = workload.total();
     let mut tally = CacheTally::default();

@@ -32,6 +32,8 @@ pub struct Shape {
     pub zipf_s: f64,
     pub max_tokens: u32,
     pub seed: u64,
+    /// shared-prefix, zipf: send each prompt as `input_ids` (its UTF-8 bytes) instead of text.
+    pub input_ids: bool,
 }
 
 /// One request to send.
@@ -91,13 +93,28 @@ fn zipf_draws(rng: &mut StdRng, groups: usize, n: usize, s: f64) -> Vec<usize> {
 
 impl Workload {
     pub fn new(shape: &Shape) -> Self {
-        let Shape { kind, groups, per_group, system_chars, question_chars, max_tokens, .. } =
-            *shape;
+        let Shape {
+            kind,
+            groups,
+            per_group,
+            system_chars,
+            question_chars,
+            max_tokens,
+            input_ids,
+            ..
+        } = *shape;
         let mut rng = StdRng::seed_from_u64(shape.seed);
         let question = |rng: &mut StdRng, q: usize, sys: &str| {
             let question = text(rng, question_chars, &format!("Question {q}"));
-            json!({"text": format!("{sys}\n{question}"), "stream": true,
-                   "sampling_params": {"max_new_tokens": max_tokens}})
+            let prompt = format!("{sys}\n{question}");
+            let mut body =
+                json!({"stream": true, "sampling_params": {"max_new_tokens": max_tokens}});
+            if input_ids {
+                body["input_ids"] = json!(prompt.as_bytes());
+            } else {
+                body["text"] = json!(prompt);
+            }
+            body
         };
         match kind {
             Kind::SharedPrefix | Kind::Zipf => {
@@ -202,7 +219,20 @@ mod tests {
             zipf_s: 1.1,
             max_tokens: 8,
             seed: 1,
+            input_ids: false,
         }
+    }
+
+    #[test]
+    fn input_ids_are_the_prompts_bytes() {
+        let mut s = shape(Kind::SharedPrefix, 1, 1, 40, 10);
+        s.input_ids = true;
+        let mut w = Workload::new(&s);
+        let mut rng = StdRng::seed_from_u64(0);
+        let job = w.next(&mut rng).unwrap();
+        let ids: Vec<u8> = serde_json::from_value(job.body["input_ids"].clone()).unwrap();
+        assert!(String::from_utf8(ids).unwrap().starts_with("System prompt 0"));
+        assert!(job.body.get("text").is_none());
     }
 
     #[test]

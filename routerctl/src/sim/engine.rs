@@ -126,6 +126,12 @@ impl Engine {
         self.cache.lock().expect("cache lock").stats()
     }
 
+    /// Flushes the cache whatever runs (requests in flight keep their own KV; what they store
+    /// when they finish is cached again).
+    pub fn force_flush(&self) {
+        self.cache.lock().expect("cache lock").flush();
+    }
+
     /// Flushes the cache unless requests are running or waiting (SGLang refuses then too).
     pub fn flush_cache(&self) -> bool {
         let busy = self.counters.running.load(Relaxed) + self.counters.waiting.load(Relaxed);

@@ -335,6 +335,14 @@ async fn flush_cache(State(state): State<Arc<SimState>>) -> (StatusCode, &'stati
     )
 }
 
+/// `POST /sim/cache/flush`: empties the cache even while requests run (SGLang's own
+/// `/flush_cache` refuses then): a cache lost behind the router's back, for benchmarks.
+async fn force_flush(State(state): State<Arc<SimState>>) -> Json<Value> {
+    state.engine.force_flush();
+    state.counters.flushes.fetch_add(1, Relaxed);
+    Json(json!({"flushed": true}))
+}
+
 async fn stats(State(state): State<Arc<SimState>>) -> Json<Value> {
     Json(state.stats())
 }
@@ -386,6 +394,7 @@ fn app(state: Arc<SimState>) -> Router {
         .route("/sim/stats", get(stats))
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/kv_events/drop", post(kv_drop))
+        .route("/sim/cache/flush", post(force_flush))
         .route("/sim/bootstrap/{room}", post(bootstrap_route))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_key))

@@ -46,6 +46,57 @@ pub fn page_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
     tokens.chunks(block_size.max(1)).map(|p| published(&chain.page(p))).collect()
 }
 
+/// Page digests of prompts seen recently, keyed by a fast 64-bit chain hash of the same pages:
+/// a prompt whose prefix was hashed before (a shared system prompt) costs a multiply per token
+/// instead of a SHA-256 per page. Bounded: emptied when it holds `cap` pages (56 bytes each).
+/// Two different prefixes with the same 64-bit key would share a digest; the chance is about
+/// n^2 / 2^65 for n pages held, and the cost of it a mispredicted match, never a wrong answer.
+#[derive(Debug)]
+pub struct DigestCache {
+    map: std::collections::HashMap<
+        u64,
+        (BlockHash, [u8; 32]),
+        std::hash::BuildHasherDefault<super::index::KeyHasher>,
+    >,
+    cap: usize,
+}
+
+impl DigestCache {
+    pub fn new(cap: usize) -> Self {
+        Self { map: Default::default(), cap }
+    }
+
+    /// `page_hashes`, through the cache.
+    pub fn page_hashes(&mut self, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+        if self.map.len() >= self.cap {
+            self.map.clear();
+        }
+        let bs = block_size.max(1);
+        let mut key = 0x243F_6A88_85A3_08D3u64 ^ bs as u64;
+        let mut prev: Option<[u8; 32]> = None;
+        let mut out = Vec::with_capacity(tokens.len() / bs + 1);
+        for page in tokens.chunks(bs) {
+            for t in page {
+                key = (key.rotate_left(23) ^ u64::from(*t)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            }
+            // The page's length is part of its identity (a short last page).
+            let k = key ^ (page.len() as u64) << 56;
+            let (h, d) = match self.map.get(&k) {
+                Some(e) => *e,
+                None => {
+                    let d = prev.map(Chain::after).unwrap_or_default().page(page);
+                    let e = (published(&d), d);
+                    self.map.insert(k, e);
+                    e
+                }
+            };
+            out.push(h);
+            prev = Some(d);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +110,18 @@ mod tests {
             vec![-3488128144981237669, -3787494577174227566]
         );
         assert!(page_hashes(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn the_digest_cache_gives_the_same_hashes() {
+        let mut c = DigestCache::new(8);
+        let a: Vec<u32> = (0..40).collect();
+        let mut b = a.clone();
+        b[37] = 99;
+        for t in [&a, &b, &a, &a[..38].to_vec(), &b] {
+            assert_eq!(c.page_hashes(t, 4), page_hashes(t, 4));
+        }
+        assert!(c.map.len() <= 8 + 10, "bounded");
     }
 
     #[test]

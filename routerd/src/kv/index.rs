@@ -177,11 +177,16 @@ impl BlockIndex {
     }
 
     /// Records that `hashes` were just sent to `w`: they count as held until events confirm
-    /// them or `ttl` passes.
+    /// them or `ttl` passes. A full map is swept of expired entries, and emptied if that frees
+    /// less than a quarter of it (pending sends are forgotten: colder, never wrong), so the
+    /// sweeps cost O(1) per insertion over time.
     pub fn note_pending(&mut self, w: WorkerId, hashes: &[BlockHash], now: Instant, ttl: Duration) {
         if self.pending.len() + hashes.len() > MAX_PENDING {
             self.pending.retain(|_, until| *until > now);
-            if self.pending.len() + hashes.len() > MAX_PENDING {
+            if self.pending.len() + hashes.len() > MAX_PENDING / 4 * 3 {
+                self.pending.clear();
+            }
+            if hashes.len() > MAX_PENDING {
                 return;
             }
         }

@@ -59,6 +59,31 @@ impl Default for KvEventsConfig {
     }
 }
 
+/// One worker's event match for a prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageHit {
+    /// Tokens matched (tier-weighted).
+    pub tokens: usize,
+    /// Leading pages held.
+    pub pages: usize,
+}
+
+/// A prompt matched against workers' events (`KvState::matches`).
+#[derive(Debug, Default)]
+pub struct Matches {
+    /// Per worker asked: `None` where no events flow for it.
+    pub per: Vec<Option<PageHit>>,
+    hashes: Vec<(usize, Vec<BlockHash>)>,
+    prompt_tokens: usize,
+}
+
+impl Matches {
+    /// The tokens matched on the `i`-th worker asked, `None` without events for it.
+    pub fn tokens(&self, i: usize) -> Option<usize> {
+        self.per.get(i).copied().flatten().map(|h| h.tokens)
+    }
+}
+
 /// Where one worker publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Feed {
@@ -103,6 +128,8 @@ pub struct KvState {
     tracked: std::sync::atomic::AtomicUsize,
     pub tokenizer: arc_swap::ArcSwapOption<tokenize::Tokenizer>,
     tokenizer_error: Mutex<Option<String>>,
+    /// Digests of recently hashed prompt pages (a shared prefix is hashed once).
+    digests: Mutex<hash::DigestCache>,
     /// Workers whose feed must be looked up again (they restarted: their publisher may have
     /// moved).
     reresolve: Mutex<Vec<String>>,
@@ -137,6 +164,7 @@ impl KvState {
             tracked: Default::default(),
             tokenizer: Default::default(),
             tokenizer_error: Mutex::new(None),
+            digests: Mutex::new(hash::DigestCache::new(1 << 16)),
             reresolve: Mutex::new(Vec::new()),
             events: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
@@ -286,25 +314,37 @@ impl KvState {
     }
 
     /// For each of `urls`, the tokens of `tokens` that worker's cache holds (leading whole
-    /// pages, lower tiers weighted down), or `None` where no events flow for it.
-    pub fn matches(&self, urls: &[&str], tokens: &[u32]) -> Vec<Option<usize>> {
+    /// pages, lower tiers weighted down), or `None` where no events flow for it. The prompt is
+    /// hashed once per block size, outside the lock.
+    pub fn matches(&self, urls: &[&str], tokens: &[u32]) -> Matches {
+        let sizes: Vec<Option<usize>> = {
+            let g = self.lock();
+            urls.iter()
+                .map(|url| {
+                    let w = g.workers.get(crate::registry::split_rank(url).0)?;
+                    w.ranks.iter().any(|r| r.connected).then_some(w.block_size.unwrap_or(0))
+                })
+                .collect()
+        };
+        let mut hashes: Vec<(usize, Vec<BlockHash>)> = Vec::new();
+        for bs in sizes.iter().flatten().copied().filter(|bs| *bs > 0) {
+            if !hashes.iter().any(|(b, _)| *b == bs) {
+                let hs =
+                    self.digests.lock().unwrap_or_else(|p| p.into_inner()).page_hashes(tokens, bs);
+                hashes.push((bs, hs));
+            }
+        }
         let now = Instant::now();
         let g = self.lock();
-        let mut hashes: Vec<(usize, Vec<BlockHash>)> = Vec::new();
-        urls.iter()
-            .map(|url| {
+        let per = urls
+            .iter()
+            .zip(&sizes)
+            .map(|(url, size)| {
+                let bs = (*size)?;
                 let (base, rank) = crate::registry::split_rank(url);
-                let w = g.workers.get(base)?;
-                if !w.ranks.iter().any(|r| r.connected) {
-                    return None;
-                }
-                let Some(bs) = w.block_size else { return Some(0) };
-                let hs = match hashes.iter().position(|(b, _)| *b == bs) {
-                    Some(i) => &hashes[i].1,
-                    None => {
-                        hashes.push((bs, hash::page_hashes(tokens, bs)));
-                        &hashes.last().expect("pushed").1
-                    }
+                let Some(w) = g.workers.get(base) else { return Some(PageHit::default()) };
+                let Some((_, hs)) = hashes.iter().find(|(b, _)| *b == bs) else {
+                    return Some(PageHit::default());
                 };
                 let ranks: Vec<u16> = match rank {
                     Some(r) => vec![r as u16],
@@ -312,22 +352,29 @@ impl KvState {
                 };
                 let m = g.index.matched(w.id, &ranks, hs, now);
                 // Whole pages, but the last page may be short: never more than the prompt.
-                Some(((m.weighted * bs as f64) as usize).min(tokens.len()))
+                let tokens = ((m.weighted * bs as f64) as usize).min(tokens.len());
+                Some(PageHit { tokens, pages: m.pages })
             })
-            .collect()
+            .collect();
+        Matches { per, hashes, prompt_tokens: tokens.len() }
     }
 
-    /// What was just sent to `url` counts as held there until events confirm it.
-    pub fn note_sent(&self, url: &str, tokens: &[u32]) {
+    /// What was just sent to `url` (the `index`-th of the urls `m` was matched for) counts as
+    /// held there until events confirm it: the whole pages past its match.
+    pub fn note_sent(&self, url: &str, m: &Matches, index: usize) {
+        let Some(Some(hit)) = m.per.get(index) else { return };
         let (base, _) = crate::registry::split_rank(url);
         let mut g = self.lock();
         let ttl = g.pending_ttl;
         let Some((id, Some(bs))) = g.workers.get(base).map(|w| (w.id, w.block_size)) else {
             return;
         };
+        let Some((_, hs)) = m.hashes.iter().find(|(b, _)| *b == bs) else { return };
         // Whole pages only: an engine does not keep a prompt's last partial page.
-        let hs = hash::page_hashes(&tokens[..tokens.len() - tokens.len() % bs], bs);
-        g.index.note_pending(id, &hs, Instant::now(), ttl);
+        let whole = (m.prompt_tokens / bs).min(hs.len());
+        if hit.pages < whole {
+            g.index.note_pending(id, &hs[hit.pages..whole], Instant::now(), ttl);
+        }
     }
 
     /// Blocks a worker holds (all ranks), or `None` without events.
@@ -477,7 +524,11 @@ mod tests {
         };
         kv.track("http://a:1", &feed);
         let tokens: Vec<u32> = (0..10).collect();
-        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![None], "not connected yet");
+        let toks = |urls: &[&str], t: &[u32]| {
+            let m = kv.matches(urls, t);
+            (0..urls.len()).map(|i| m.tokens(i)).collect::<Vec<_>>()
+        };
+        assert_eq!(toks(&["http://a:1"], &tokens), vec![None], "not connected yet");
         kv.update_rank("http://a:1", 0, |r| r.connected = true);
         let hs = hash::page_hashes(&tokens, 4);
         kv.apply(
@@ -492,17 +543,22 @@ mod tests {
                 namespaced: false,
             }],
         );
-        assert_eq!(kv.matches(&["http://a:1", "http://b:1"], &tokens), vec![Some(8), None]);
-        kv.note_sent("http://a:1", &tokens);
+        assert_eq!(toks(&["http://a:1", "http://b:1"], &tokens), vec![Some(8), None]);
+        let longer: Vec<u32> = (0..13).collect();
+        let m = kv.matches(&["http://a:1"], &longer);
+        assert_eq!(m.per[0], Some(PageHit { tokens: 8, pages: 2 }));
+        kv.note_sent("http://a:1", &m, 0);
         assert_eq!(
-            kv.matches(&["http://a:1"], &tokens),
-            vec![Some(8)],
+            toks(&["http://a:1"], &longer),
+            vec![Some(12)],
             "pending counts, whole pages only"
         );
-        let longer: Vec<u32> = (0..13).collect();
-        kv.note_sent("http://a:1", &longer);
-        assert_eq!(kv.matches(&["http://a:1"], &longer), vec![Some(12)]);
+        assert_eq!(
+            toks(&["http://a:1"], &tokens),
+            vec![Some(8)],
+            "its own partial page is not held"
+        );
         kv.reset_worker("http://a:1");
-        assert_eq!(kv.matches(&["http://a:1"], &tokens), vec![Some(0)]);
+        assert_eq!(toks(&["http://a:1"], &tokens), vec![Some(0)]);
     }
 }

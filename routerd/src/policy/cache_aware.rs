@@ -88,7 +88,8 @@ impl CacheAware {
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
         // Where a worker's KV events flow, its match is what its cache really holds, in
         // tokens; elsewhere the approximate tree's, in characters. Both as shares of the prompt.
-        let events = event_matches(workers, &routable, req);
+        let ev = event_matches(workers, &routable, req);
+        let events: Vec<Option<usize>> = (0..routable.len()).map(|k| ev.tokens(k)).collect();
         let token_count = req.tokens.map_or(0, <[u32]>::len);
         let share = |k: usize| match events.get(k).copied().flatten() {
             Some(t) if token_count > 0 => t as f64 / token_count as f64,
@@ -129,10 +130,10 @@ impl CacheAware {
         let matched = matched(pick);
         drop(st);
         let matched_tokens = events.get(pick).copied().flatten();
-        if let (Some(_), Some(kv), Some(tokens)) = (matched_tokens, req.kv, req.tokens) {
+        if let (Some(_), Some(kv)) = (matched_tokens, req.kv) {
             // Counted as held there until its events confirm it: the next request of a burst
             // with the same new prefix follows it.
-            kv.note_sent(workers[routable[pick]].url(), tokens);
+            kv.note_sent(workers[routable[pick]].url(), &ev, pick);
         }
         Some(Choice {
             index: routable[pick],
@@ -165,13 +166,13 @@ fn event_matches(
     workers: &[Arc<Worker>],
     routable: &[usize],
     req: &RequestInfo,
-) -> Vec<Option<usize>> {
+) -> crate::kv::Matches {
     match (req.kv, req.tokens) {
         (Some(kv), Some(tokens)) if !tokens.is_empty() => {
             let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
             kv.matches(&urls, tokens)
         }
-        _ => Vec::new(),
+        _ => Default::default(),
     }
 }
 
