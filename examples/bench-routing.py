@@ -19,6 +19,11 @@ with the i routings. Each run appends one JSON line
 to --out (the bench report plus scenario, routing, seed); --table prints the markdown table of
 a results file (mean of the seeds, and the largest relative spread between seeds).
 
+PIN=1 runs the router alone on CPU 0 (one worker thread) and the simulated fleet and the load
+on CPU 1, as a router on its own machine would be: on a shared 2-core box, the router's CPU
+otherwise comes out of the simulated GPUs' time (event routing spends more router CPU per
+request than the approximate tree; docs/kv-events.md).
+
 Needs target/release/{routerd,routerctl} (cargo build --release -p routerd -p routerctl) and,
 for `sgl`, `pip install sglang-router==0.3.2`.
 """
@@ -137,6 +142,13 @@ class Fleet:
         self.procs = []
 
 
+PIN = os.environ.get("PIN") == "1"
+
+
+def pinned(cpu, argv):
+    return ["taskset", "-c", str(cpu), *argv] if PIN else argv
+
+
 def merged(base, override):
     """`base` flag/value pairs, minus the flags `override` sets, then `override`."""
     kept = [x for i in range(0, len(base), 2) if base[i] not in override for x in base[i:i + 2]]
@@ -153,7 +165,7 @@ def sim_argv(port, sc, i, routing=""):
         args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
     if routing == "evi":
         args += ["--kv-events-config", EVENTS]
-    return [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args
+    return pinned(1, [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args)
 
 
 def run(scenario, routing, seed):
@@ -183,7 +195,9 @@ def run(scenario, routing, seed):
                               "--balance-rel-threshold", "1.5"],
                       "rr": ["--policy", "round_robin"]}[routing]
             # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
-            fleet.start([f"{BIN}/routerd", *common, *policy], os.environ.get("ROUTER_LOG"))
+            threads = ["--worker-threads", "1"] if PIN else []
+            fleet.start(pinned(0, [f"{BIN}/routerd", *common, *policy, *threads]),
+                        os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")
             if routing == "evi":
                 wait_subscribed(router, sc["n"])
@@ -220,13 +234,13 @@ def run(scenario, routing, seed):
             extra += ["--at-fraction", "0.3", "--exec", cmd]
             if routing not in ("affinity", "affi"):
                 extra += ["--workers", *urls]
-        argv = [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
-                *merged(BENCH, sc["bench"]), *extra, "-o", "json"]
+        argv = pinned(1, [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
+                          *merged(BENCH, sc["bench"]), *extra, "-o", "json"])
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if not out.stdout.strip():
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
-        rep.update(scenario=scenario, routing=routing, seed=seed)
+        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN)
         if routing in ROUTERD:
             # routerd's own view of the run: its routing decisions by branch.
             try:

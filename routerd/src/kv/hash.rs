@@ -48,41 +48,57 @@ pub fn page_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
 
 /// Page digests of prompts seen recently, keyed by a fast 64-bit chain hash of the same pages:
 /// a prompt whose prefix was hashed before (a shared system prompt) costs a multiply per token
-/// instead of a SHA-256 per page. Bounded: emptied when it holds `cap` pages (56 bytes each).
+/// instead of a SHA-256 per page. Bounded by two generations of `cap / 2` pages (56 bytes
+/// each): when the current one fills, it becomes the previous and the oldest is dropped; a page
+/// found in the previous one moves to the current, so a hot prefix is never dropped while a
+/// stream of one-off questions passes through.
 /// Two different prefixes with the same 64-bit key would share a digest; the chance is about
 /// n^2 / 2^65 for n pages held, and the cost of it a mispredicted match, never a wrong answer.
 #[derive(Debug)]
 pub struct DigestCache {
-    map: std::collections::HashMap<
-        u64,
-        (BlockHash, [u8; 32]),
-        std::hash::BuildHasherDefault<super::index::KeyHasher>,
-    >,
+    map: DigestMap,
+    prev: DigestMap,
     cap: usize,
 }
 
+type DigestMap = std::collections::HashMap<
+    u64,
+    (BlockHash, [u8; 32]),
+    std::hash::BuildHasherDefault<super::index::KeyHasher>,
+>;
+
 impl DigestCache {
     pub fn new(cap: usize) -> Self {
-        Self { map: Default::default(), cap }
+        Self { map: Default::default(), prev: Default::default(), cap }
     }
 
     /// `page_hashes`, through the cache.
     pub fn page_hashes(&mut self, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
-        if self.map.len() >= self.cap {
-            self.map.clear();
+        if self.map.len() >= self.cap / 2 {
+            self.prev = std::mem::take(&mut self.map);
         }
         let bs = block_size.max(1);
         let mut key = 0x243F_6A88_85A3_08D3u64 ^ bs as u64;
         let mut prev: Option<[u8; 32]> = None;
         let mut out = Vec::with_capacity(tokens.len() / bs + 1);
         for page in tokens.chunks(bs) {
-            for t in page {
+            let mut pairs = page.chunks_exact(2);
+            for p in &mut pairs {
+                let v = u64::from(p[0]) | u64::from(p[1]) << 32;
+                key = (key.rotate_left(23) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            }
+            if let [t] = pairs.remainder() {
                 key = (key.rotate_left(23) ^ u64::from(*t)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             }
             // The page's length is part of its identity (a short last page).
             let k = key ^ (page.len() as u64) << 56;
             let (h, d) = match self.map.get(&k) {
                 Some(e) => *e,
+                None if self.prev.contains_key(&k) => {
+                    let e = self.prev[&k];
+                    self.map.insert(k, e);
+                    e
+                }
                 None => {
                     let d = prev.map(Chain::after).unwrap_or_default().page(page);
                     let e = (published(&d), d);
@@ -121,7 +137,7 @@ mod tests {
         for t in [&a, &b, &a, &a[..38].to_vec(), &b] {
             assert_eq!(c.page_hashes(t, 4), page_hashes(t, 4));
         }
-        assert!(c.map.len() <= 8 + 10, "bounded");
+        assert!(c.map.len() + c.prev.len() <= 8 + 2 * 10, "bounded by two generations");
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct BlockIndex {
     blocks: Map<(Holder, BlockHash), u8>,
     per_holder: Map<Holder, usize>,
     pending: Map<(WorkerId, BlockHash), Instant>,
+    /// Pages pending per worker (expired ones included until the next sweep).
+    pending_pages: Map<WorkerId, usize>,
+    last_sweep: Option<Instant>,
     max_blocks: usize,
     /// Blocks not recorded because the index was full.
     pub dropped: u64,
@@ -106,6 +109,8 @@ impl BlockIndex {
             blocks: Map::default(),
             per_holder: Map::default(),
             pending: Map::default(),
+            pending_pages: Map::default(),
+            last_sweep: None,
             max_blocks,
             dropped: 0,
         }
@@ -131,7 +136,9 @@ impl BlockIndex {
 
     pub fn store(&mut self, h: Holder, hashes: &[BlockHash], medium: Medium) {
         for &hash in hashes {
-            self.pending.remove(&(h.worker, hash));
+            if self.pending.remove(&(h.worker, hash)).is_some() {
+                self.uncount_pending(h.worker, 1);
+            }
             let full = self.blocks.len() >= self.max_blocks;
             match self.blocks.get_mut(&(h, hash)) {
                 Some(tiers) => *tiers |= bit(medium),
@@ -164,6 +171,28 @@ impl BlockIndex {
             self.blocks.retain(|(holder, _), _| *holder != h);
         }
         self.pending.retain(|(worker, _), _| *worker != h.worker);
+        self.pending_pages.remove(&h.worker);
+    }
+
+    fn uncount_pending(&mut self, w: WorkerId, n: usize) {
+        if let Some(c) = self.pending_pages.get_mut(&w) {
+            *c = c.saturating_sub(n);
+        }
+    }
+
+    /// Pages routerd sent `w` that its events have not confirmed yet.
+    pub fn pending_pages(&self, w: WorkerId) -> usize {
+        self.pending_pages.get(&w).copied().unwrap_or(0)
+    }
+
+    /// Drops expired pending pages (and recounts).
+    fn sweep(&mut self, now: Instant) {
+        self.pending.retain(|_, until| *until > now);
+        self.pending_pages.clear();
+        for (w, _) in self.pending.keys() {
+            *self.pending_pages.entry(*w).or_default() += 1;
+        }
+        self.last_sweep = Some(now);
     }
 
     /// Forgets every rank of a worker and what was sent to it.
@@ -174,26 +203,33 @@ impl BlockIndex {
             self.clear(h);
         }
         self.pending.retain(|(worker, _), _| *worker != w);
+        self.pending_pages.remove(&w);
     }
 
     /// Records that `hashes` were just sent to `w`: they count as held until events confirm
-    /// them or `ttl` passes. A full map is swept of expired entries, and emptied if that frees
-    /// less than a quarter of it (pending sends are forgotten: colder, never wrong), so the
-    /// sweeps cost O(1) per insertion over time.
+    /// them or `ttl` passes. Expired entries are swept once per `ttl`; a full map is swept at
+    /// once, and emptied if that frees less than a quarter of it (pending sends forgotten:
+    /// colder, never wrong).
     pub fn note_pending(&mut self, w: WorkerId, hashes: &[BlockHash], now: Instant, ttl: Duration) {
+        if self.last_sweep.is_none_or(|t| now.duration_since(t) > ttl) {
+            self.sweep(now);
+        }
         if self.pending.len() + hashes.len() > MAX_PENDING {
-            self.pending.retain(|_, until| *until > now);
+            self.sweep(now);
             if self.pending.len() + hashes.len() > MAX_PENDING / 4 * 3 {
                 self.pending.clear();
+                self.pending_pages.clear();
             }
             if hashes.len() > MAX_PENDING {
                 return;
             }
         }
         let until = now + ttl;
+        let mut new = 0;
         for &hash in hashes {
-            self.pending.insert((w, hash), until);
+            new += usize::from(self.pending.insert((w, hash), until).is_none());
         }
+        *self.pending_pages.entry(w).or_default() += new;
     }
 
     /// The best match among `ranks` of worker `w` (what it holds, or was just sent).
@@ -216,7 +252,11 @@ impl BlockIndex {
             let mut m = PageMatch::default();
             for &hash in hashes {
                 // Held by this rank, or just sent to the worker (whichever rank takes it).
-                let tiers = self.blocks.get(&(h, hash)).copied().unwrap_or(0) | pending(hash);
+                let tiers = match self.blocks.get(&(h, hash)) {
+                    Some(t) => *t,
+                    None if self.pending.is_empty() => 0,
+                    None => pending(hash),
+                };
                 if tiers == 0 {
                     break;
                 }
@@ -287,8 +327,10 @@ mod tests {
         assert_eq!(ix.matched(W, &[0], &[1, 2, 3], now).pages, 2);
         assert_eq!(ix.matched(W, &[0], &[1, 2], now + Duration::from_secs(3)).pages, 0);
         assert_eq!(ix.matched(2, &[0], &[1, 2], now).pages, 0, "pending is per worker");
+        assert_eq!(ix.pending_pages(W), 2);
         // Confirmed by an event: held for good.
         ix.store(h(0), &[1], Medium::Gpu);
+        assert_eq!(ix.pending_pages(W), 1);
         assert_eq!(ix.matched(W, &[0], &[1, 2], now + Duration::from_secs(3)).pages, 1);
     }
 

@@ -377,7 +377,8 @@ impl KvState {
         }
     }
 
-    /// Blocks a worker holds (all ranks), or `None` without events.
+    /// Blocks a worker holds (all ranks) or was just sent, and its block size; `None` without
+    /// events.
     pub fn worker_blocks(&self, url: &str) -> Option<(usize, usize)> {
         let (base, rank) = crate::registry::split_rank(url);
         let g = self.lock();
@@ -385,11 +386,12 @@ impl KvState {
         if !w.ranks.iter().any(|r| r.connected) {
             return None;
         }
-        let blocks = (0..w.ranks.len() as u16)
+        let held: usize = (0..w.ranks.len() as u16)
             .filter(|r| rank.is_none_or(|x| x as u16 == *r))
             .map(|r| g.index.holder_blocks(Holder { worker: w.id, rank: r }))
             .sum();
-        Some((blocks, w.block_size.unwrap_or(1)))
+        // What was just sent there takes room too: a burst of new prefixes spreads.
+        Some((held + g.index.pending_pages(w.id), w.block_size.unwrap_or(1)))
     }
 
     /// Every tracked worker's feed, for `/admin/kv`.
