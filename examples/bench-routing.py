@@ -13,8 +13,8 @@ defaults 0.5 / 32 / 1.0001), ca3 (routerd cache_aware with sglang-router's 0.3 /
 no router), sgl (sglang-router 0.3.2 cache_aware, its defaults); and on a fleet that takes
 prompts as token ids (`routerctl bench --input-ids`: one id per byte, sims with 16-token pages,
 4x the cache tokens and 1/4 the prefill time per token, so the same text costs the same): ca5i
-(cache_aware on its approximate tree), evi (cache_aware on the sims' KV events), affi (perfect
-affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
+(cache_aware on its approximate tree; the sims publish events all the same, routerd does not
+subscribe), evi (cache_aware on the sims' KV events), affi (perfect affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
 with the i routings. Each run appends one JSON line
 to --out (the bench report plus scenario, routing, seed); --table prints the markdown table of
 a results file (mean of the seeds, and the largest relative spread between seeds).
@@ -163,7 +163,8 @@ def sim_argv(port, sc, i, routing=""):
         k = args.index("--cache-capacity-tokens") + 1
         args[k] = str(int(args[k]) * 4)
         args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
-    if routing == "evi":
+    if routing in ("evi", "ca5i"):
+        # ca5i's fleet publishes too (routerd does not subscribe): the same simulated work.
         args += ["--kv-events-config", EVENTS]
     return pinned(1, [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args)
 
@@ -196,6 +197,11 @@ def run(scenario, routing, seed):
                       "rr": ["--policy", "round_robin"]}[routing]
             # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
             threads = ["--worker-threads", "1"] if PIN else []
+            if routing == "ca5i":
+                off = f"/tmp/bench-routing-no-events.{os.getpid()}.toml"
+                with open(off, "w") as f:
+                    f.write("[kv_events]\nenabled = false\n")
+                threads += ["--config", off]
             fleet.start(pinned(0, [f"{BIN}/routerd", *common, *policy, *threads]),
                         os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")

@@ -57,6 +57,10 @@ pub struct WorkerView {
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
     pub hit_ratio: Option<f64>,
+    /// Event routing: prompt tokens routerd predicted the worker's cache held when it routed
+    /// there (compare with `cached_tokens`; docs/kv-events.md).
+    #[serde(default)]
+    pub predicted_tokens: u64,
     /// This worker's share of cache_aware's prefix tree: characters, nodes, approximate bytes.
     pub tree_chars: u64,
     pub tree_nodes: u64,
@@ -98,6 +102,7 @@ impl WorkerView {
             prompt_tokens,
             cached_tokens,
             hit_ratio: (prompt_tokens > 0).then(|| cached_tokens as f64 / prompt_tokens as f64),
+            predicted_tokens: w.predicted_tokens.load(Relaxed),
             tree_chars: tree.chars as u64,
             tree_nodes: tree.nodes as u64,
             tree_bytes: tree.approx_bytes as u64,

@@ -56,6 +56,16 @@ impl Live {
             _ => &self.policy,
         }
     }
+
+    /// Whether a policy in use routes on KV events (cache_aware, in any pool): only then are
+    /// workers asked where they publish, and subscribed to.
+    pub fn uses_kv_events(&self) -> bool {
+        let ca = |p: &Arc<dyn Policy>| p.name() == "cache_aware";
+        match &self.pools {
+            Some(p) => ca(&p.prefill) || ca(&p.decode),
+            None => ca(&self.policy),
+        }
+    }
 }
 
 pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {

@@ -128,7 +128,7 @@ fn usage_errors_exit_2() {
     for (args, says) in [
         (&["--worker-urls", "http://w:1", "--mcp-config-path", "mcp.yaml"][..], "MCP"),
         (&["--history-backend", "oracle"][..], "history"),
-        (&["--worker-urls", "grpc://w:1", "--tokenizer-path", "t.json"][..], "gRPC"),
+        (&["--worker-urls", "grpc://w:1", "--tokenizer-cache-enable-l0"][..], "gRPC"),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

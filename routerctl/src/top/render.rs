@@ -101,8 +101,18 @@ fn render_sparklines(f: &mut Frame, s: &State, area: Rect) {
 }
 
 fn render_table(f: &mut Frame, s: &State, area: Rect) {
-    let header =
-        ["worker", "role", "health", "circuit", "in-flight", "req/s", "errors", "tree", "hit"];
+    let header = [
+        "worker",
+        "role",
+        "health",
+        "circuit",
+        "in-flight",
+        "req/s",
+        "errors",
+        "tree",
+        "hit",
+        "predicted",
+    ];
     let rows = s.rows.iter().map(|r| {
         let w = &r.view;
         let health = if w.healthy {
@@ -121,6 +131,7 @@ fn render_table(f: &mut Frame, s: &State, area: Rect) {
             Cell::from(r.error_rate.map_or("-".into(), |e| format!("{:.1}%", e * 100.0))),
             Cell::from(w.tree_chars.to_string()),
             Cell::from(r.hit.map_or("-".into(), |h| format!("{:.1}%", h * 100.0))),
+            Cell::from(r.predicted.map_or("-".into(), |h| format!("{:.1}%", h * 100.0))),
         ])
     });
     let widths = [
@@ -133,6 +144,7 @@ fn render_table(f: &mut Frame, s: &State, area: Rect) {
         Constraint::Length(7),
         Constraint::Length(9),
         Constraint::Length(7),
+        Constraint::Length(9),
     ];
     let title = format!(
         " workers ({}) sorted by {}   s sort  d remove  ? help  q quit ",

@@ -59,6 +59,9 @@ pub struct Row {
     pub error_rate: Option<f64>,
     /// The worker's own cached/prompt tokens over the last interval (else since start).
     pub hit: Option<f64>,
+    /// Event routing: the share of prompt tokens routerd predicted cached there, over the
+    /// same interval (`None` where it predicted nothing: no events).
+    pub predicted: Option<f64>,
 }
 
 /// What a key asks the loop to do.
@@ -140,14 +143,22 @@ impl State {
             .iter()
             .map(|w| {
                 let before = prev.as_ref().and_then(|p| p.workers.iter().find(|o| o.url == w.url));
-                let (dp, dc, dr, de) = match before {
+                let (dp, dc, dr, de, dpred) = match before {
                     Some(b) => (
                         w.prompt_tokens.saturating_sub(b.prompt_tokens),
                         w.cached_tokens.saturating_sub(b.cached_tokens),
                         w.requests_total.saturating_sub(b.requests_total),
                         w.errors_total.saturating_sub(b.errors_total),
+                        w.predicted_tokens.saturating_sub(b.predicted_tokens),
                     ),
-                    None => (0, 0, 0, 0),
+                    None => (0, 0, 0, 0, 0),
+                };
+                let predicted = if dp > 0 && dpred > 0 {
+                    Some(dpred as f64 / dp as f64)
+                } else if w.prompt_tokens > 0 && w.predicted_tokens > 0 {
+                    Some(w.predicted_tokens as f64 / w.prompt_tokens as f64)
+                } else {
+                    None
                 };
                 prompt += dp;
                 cached += dc;
@@ -156,6 +167,7 @@ impl State {
                     rate: if dt > 0.0 { dr as f64 / dt } else { 0.0 },
                     error_rate: (dr > 0).then(|| de as f64 / dr as f64),
                     hit: if dp > 0 { Some(dc as f64 / dp as f64) } else { w.hit_ratio },
+                    predicted,
                 }
             })
             .collect();

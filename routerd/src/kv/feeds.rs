@@ -1,4 +1,5 @@
-//! Starts and stops the subscribers with the workers: every second, each worker of the
+//! Starts and stops the subscribers with the workers, while a policy in use routes on events
+//! (cache_aware in any pool): every second, each worker of the
 //! registry (whatever added it: configuration, API, discovery, launch) that publishes KV events
 //! gets one subscriber per dp rank; a worker that leaves has its subscribers stopped and its
 //! blocks dropped. Where a worker publishes comes from `[kv_events]`, else from its
@@ -28,7 +29,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         app.kv.set_pending_ttl(cfg.pending_ttl);
         load_tokenizer(&app, live.config.tokenizer.as_deref()).await;
         let snapshot = app.registry.snapshot();
-        let wanted: BTreeSet<String> = if cfg.enabled {
+        let wanted: BTreeSet<String> = if cfg.enabled && live.uses_kv_events() {
             snapshot.workers.iter().map(|w| split_rank(w.url()).0.to_owned()).collect()
         } else {
             BTreeSet::new()

@@ -48,6 +48,8 @@ struct State {
 pub enum Branch {
     Hit,
     Miss,
+    /// Event routing: no cache holds the prompt; it goes back where the tree says it was sent.
+    Home,
 }
 
 impl CacheAware {
@@ -104,8 +106,29 @@ impl CacheAware {
             .map(|(k, _, _)| k)
             .expect("candidates are never empty: the least loaded worker always qualifies");
         let has_prompt = text_chars > 0 || token_count > 0;
+        // Cached nowhere by the events: the worker the tree says the prompt was last sent to
+        // keeps it (its home), so a prefix evicted under pressure comes back where it was
+        // rather than to whichever cache is emptiest, which keeps each worker's set of
+        // prefixes small.
+        let home = || {
+            let tree_share = |k: usize| {
+                if text_chars > 0 {
+                    matched(k) as f64 / text_chars as f64
+                } else {
+                    0.0
+                }
+            };
+            candidates
+                .iter()
+                .map(|&k| (k, (tree_share(k) * 1e9) as u64, std::cmp::Reverse(loads[k])))
+                .max_by_key(|&(_, m, l)| (m, l))
+                .filter(|&(_, m, _)| m as f64 / 1e9 > c.cache_threshold)
+                .map(|(k, _, _)| k)
+        };
         let (pick, branch) = if has_prompt && share(best) > c.cache_threshold {
             (best, Branch::Hit)
+        } else if let Some(k) = events.iter().any(Option::is_some).then(home).flatten() {
+            (k, Branch::Home)
         } else {
             // Cache room: blocks held (in tokens) where events flow, the tree's share elsewhere.
             let used = |k: usize| match events.get(k).copied().flatten() {
@@ -181,6 +204,7 @@ impl Branch {
         match self {
             Branch::Hit => "hit",
             Branch::Miss => "miss",
+            Branch::Home => "home",
         }
     }
 }
@@ -349,5 +373,68 @@ mod tests {
         let p = policy(0.5, 32);
         assert_eq!(p.choose(&ws, &req("")).unwrap().1, Branch::Miss);
         assert_eq!(p.whole_tree_stats().chars, 0);
+    }
+
+    /// KV events for workers `ws` (page size 4), none stored yet.
+    fn events_for(ws: &[Arc<Worker>]) -> crate::kv::KvState {
+        let kv = crate::kv::KvState::default();
+        for w in ws {
+            let feed = crate::kv::Feed {
+                endpoints: vec!["tcp://x:1".into()],
+                replay: vec![None],
+                topic: String::new(),
+                block_size: Some(4),
+            };
+            kv.track(w.url(), &feed);
+            kv.update_rank(w.url(), 0, |r| r.connected = true);
+        }
+        kv
+    }
+
+    fn stored(kv: &crate::kv::KvState, url: &str, tokens: &[u32]) {
+        let hashes = crate::kv::hash::page_hashes(&tokens[..tokens.len() / 4 * 4], 4);
+        kv.apply(
+            url,
+            0,
+            vec![crate::kv::wire::Event::Stored {
+                hashes,
+                parent: None,
+                tokens: tokens.len(),
+                block_size: 4,
+                medium: crate::kv::wire::Medium::Gpu,
+                namespaced: false,
+            }],
+        );
+    }
+
+    #[test]
+    fn events_decide_where_they_show_the_prompt_and_the_tree_keeps_its_home_where_they_do_not() {
+        let ws = workers(3);
+        let p = policy(0.5, 32);
+        let kv = events_for(&ws);
+        let text = "a system prompt long enough to matter, then a question";
+        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+        let ask = RequestInfo { text, tokens: Some(&tokens), kv: Some(&kv), ..Default::default() };
+        let first = p.decide(&ws, &ask).unwrap();
+        assert_eq!(first.branch, "miss");
+        let home = first.index;
+        // Its pages were pending there; the cache then lost them (a flush confirmed by events).
+        kv.apply(ws[home].url(), 0, vec![crate::kv::wire::Event::Cleared]);
+        for _ in 0..5 {
+            let d = p.decide(&ws, &ask).unwrap();
+            assert_eq!(
+                (d.index, d.branch),
+                (home, "home"),
+                "back where it was sent, not to any empty cache"
+            );
+            kv.apply(ws[home].url(), 0, vec![crate::kv::wire::Event::Cleared]);
+        }
+        // Another worker really holds it: the events win over the tree.
+        let other = (home + 1) % 3;
+        stored(&kv, ws[other].url(), &tokens);
+        let d = p.decide(&ws, &ask).unwrap();
+        assert_eq!((d.index, d.branch), (other, "hit"));
+        assert_eq!(d.matched_tokens, Some(tokens.len() / 4 * 4));
+        assert_eq!(d.prompt_tokens, Some(tokens.len()));
     }
 }
