@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use routerctl::sim::{SimArgs, SimWorker};
-use routerd_e2e::{client, eventually, get_json, post_json, router, router_config, sim, ConfigDir};
+use routerd_e2e::{
+    client, eventually, get_json, post_json, router, router_config, shutdown_all, sim, ConfigDir,
+};
 use serde_json::{json, Value};
 
 /// The byte-level tokenizer both sides use, in a fresh directory.
@@ -160,9 +162,7 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
     );
     assert!(text.contains("routerd_kv_events_total "), "{text}");
     r.shutdown().await;
-    for w in ws {
-        w.shutdown().await;
-    }
+    shutdown_all(ws).await;
 }
 
 #[tokio::test]
@@ -217,9 +217,7 @@ async fn a_restarted_worker_is_empty_and_its_new_publisher_is_followed() {
     let (to, d) = route(&r, &q).await;
     assert_eq!((to.as_str(), &d["branch"]), (home.as_str(), &json!("hit")), "{d}");
     r.shutdown().await;
-    for w in ws {
-        w.shutdown().await;
-    }
+    shutdown_all(ws).await;
 }
 
 #[tokio::test]
@@ -251,9 +249,7 @@ async fn a_working_set_that_overflows_the_cache_is_followed() {
     assert_eq!(to, away.url(), "the evicted prompt follows the worker that still holds it: {d}");
     assert_eq!(d["branch"], "hit");
     r.shutdown().await;
-    for w in ws {
-        w.shutdown().await;
-    }
+    shutdown_all(ws).await;
 }
 
 #[tokio::test]
@@ -314,7 +310,5 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
         "what was known before an unfillable gap is no longer trusted: {d}"
     );
     r.shutdown().await;
-    for w in ws {
-        w.shutdown().await;
-    }
+    shutdown_all(ws).await;
 }
