@@ -23,11 +23,12 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let tasks = TaskTracker::new();
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut asked: HashMap<String, Instant> = HashMap::new();
+    let mut tokenizer_failed: Option<(std::path::PathBuf, Instant)> = None;
     loop {
         let live = app.live();
         let cfg = &live.config.kv_events;
         app.kv.set_pending_ttl(cfg.pending_ttl);
-        load_tokenizer(&app, live.config.tokenizer.as_deref()).await;
+        load_tokenizer(&app, live.config.tokenizer.as_deref(), &mut tokenizer_failed).await;
         let snapshot = app.registry.snapshot();
         let wanted: BTreeSet<String> = if cfg.enabled && live.uses_kv_events() {
             snapshot.workers.iter().map(|w| split_rank(w.url()).0.to_owned()).collect()
@@ -79,9 +80,14 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
 }
 
 /// Loads the configured tokenizer when it changed (off the runtime's threads: a real model's
-/// tokenizer.json takes a moment to parse). A file that does not load is logged once and
-/// leaves text prompts on the approximate tree.
-async fn load_tokenizer(app: &Arc<App>, path: Option<&std::path::Path>) {
+/// tokenizer.json takes a moment to parse). A file that does not load is logged once, leaves
+/// text prompts on the approximate tree, and is tried again every 10 s (not every pass: a
+/// large file that fails late would cost a parse a second).
+async fn load_tokenizer(
+    app: &Arc<App>,
+    path: Option<&std::path::Path>,
+    failed: &mut Option<(std::path::PathBuf, Instant)>,
+) {
     let current = app.kv.tokenizer.load();
     if current.as_ref().map(|t| t.path.as_path()) == path {
         return;
@@ -90,9 +96,14 @@ async fn load_tokenizer(app: &Arc<App>, path: Option<&std::path::Path>) {
         app.kv.tokenizer.store(None);
         return;
     };
+    if failed.as_ref().is_some_and(|(p, at)| *p == path && at.elapsed() < ASK_AGAIN) {
+        return;
+    }
+    *failed = Some((path.clone(), Instant::now()));
     let loaded = tokio::task::spawn_blocking(move || super::tokenize::Tokenizer::load(&path)).await;
     match loaded {
         Ok(Ok(t)) => {
+            *failed = None;
             tracing::info!(path = %t.path.display(), "tokenizer loaded: text prompts route on KV events");
             app.kv.tokenizer.store(Some(Arc::new(t)));
         }

@@ -25,10 +25,6 @@ pub struct Holder {
     pub rank: u16,
 }
 
-/// Stands for "any rank" where a worker has no rank with events yet: only what routerd sent
-/// it counts.
-const PENDING: u16 = u16::MAX;
-
 /// Weight of a page held only in a lower tier: reusing it costs a copy back to the GPU, which
 /// is cheaper than a prefill but not free. GPU 1, host memory 1/2, disk or external 1/4.
 pub fn tier_weight(tiers: u8) -> f64 {
@@ -170,8 +166,12 @@ impl BlockIndex {
         if self.per_holder.remove(&h).unwrap_or(0) > 0 {
             self.blocks.retain(|(holder, _), _| *holder != h);
         }
-        self.pending.retain(|(worker, _), _| *worker != h.worker);
-        self.pending_pages.remove(&h.worker);
+        self.clear_pending(h.worker);
+    }
+
+    fn clear_pending(&mut self, w: WorkerId) {
+        self.pending.retain(|(worker, _), _| *worker != w);
+        self.pending_pages.remove(&w);
     }
 
     fn uncount_pending(&mut self, w: WorkerId, n: usize) {
@@ -195,15 +195,14 @@ impl BlockIndex {
         self.last_sweep = Some(now);
     }
 
-    /// Forgets every rank of a worker and what was sent to it.
+    /// Forgets every rank of a worker and what was sent to it, in one walk of the map.
     pub fn clear_worker(&mut self, w: WorkerId) {
-        let ranks: Vec<Holder> =
-            self.per_holder.keys().filter(|h| h.worker == w).copied().collect();
-        for h in ranks {
-            self.clear(h);
+        let before = self.per_holder.len();
+        self.per_holder.retain(|h, _| h.worker != w);
+        if self.per_holder.len() < before {
+            self.blocks.retain(|(holder, _), _| holder.worker != w);
         }
-        self.pending.retain(|(worker, _), _| *worker != w);
-        self.pending_pages.remove(&w);
+        self.clear_pending(w);
     }
 
     /// Records that `hashes` were just sent to `w`: they count as held until events confirm
@@ -232,7 +231,8 @@ impl BlockIndex {
         *self.pending_pages.entry(w).or_default() += new;
     }
 
-    /// The best match among `ranks` of worker `w` (what it holds, or was just sent).
+    /// The best match among `ranks` of worker `w` (what it holds, or was just sent); nothing
+    /// without a rank.
     pub fn matched(
         &self,
         w: WorkerId,
@@ -245,8 +245,6 @@ impl BlockIndex {
             Some(until) if *until > now => bit(Medium::Gpu),
             _ => 0,
         };
-        let only_pending = [PENDING];
-        let ranks = if ranks.is_empty() { &only_pending[..] } else { ranks };
         for &rank in ranks {
             let h = Holder { worker: w, rank };
             let mut m = PageMatch::default();

@@ -27,7 +27,8 @@ use index::{BlockIndex, Holder, WorkerId};
 /// not say (docs/kv-events.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KvEventsConfig {
-    /// Subscribe at all (default on: a worker that publishes nothing costs one `/server_info`).
+    /// Subscribe at all (default on, while cache_aware routes: a worker that publishes nothing
+    /// costs one `/server_info` every 10 s).
     pub enabled: bool,
     /// `tcp://HOST:PORT` of the PUB socket of rank 0 (rank r at PORT + r); `{host}` is the
     /// worker URL's host. `None`: only workers whose `/server_info` has a `kv_events` block.
@@ -114,6 +115,27 @@ struct WorkerKv {
     ranks: Vec<RankStatus>,
 }
 
+impl WorkerKv {
+    /// Whether its events flow (a rank's subscriber is connected).
+    fn flowing(&self) -> bool {
+        self.ranks.iter().any(|r| r.connected)
+    }
+
+    /// Its ranks: all of them, or the one a dp-aware target names.
+    fn ranks(&self, rank: Option<u32>) -> Vec<u16> {
+        match rank {
+            Some(r) => vec![r as u16],
+            None => (0..self.ranks.len() as u16).collect(),
+        }
+    }
+
+    /// Blocks those ranks hold.
+    fn held(&self, index: &BlockIndex, rank: Option<u32>) -> usize {
+        let holder = |rank| Holder { worker: self.id, rank };
+        self.ranks(rank).into_iter().map(|r| index.holder_blocks(holder(r))).sum()
+    }
+}
+
 struct Inner {
     index: BlockIndex,
     workers: HashMap<String, WorkerKv>,
@@ -181,20 +203,21 @@ impl KvState {
         self.lock().pending_ttl = ttl;
     }
 
-    /// Starts tracking `base` (a worker URL without rank) with `ranks` subscribers.
+    /// Starts tracking `base` (a worker URL without rank), one rank per feed endpoint.
     pub fn track(&self, base: &str, feed: &Feed) {
         let mut g = self.lock();
+        if g.workers.contains_key(base) {
+            return;
+        }
         let id = g.next_id;
+        g.next_id += 1;
         let ranks = feed
             .endpoints
             .iter()
             .map(|e| RankStatus { endpoint: e.clone(), ..Default::default() })
             .collect();
-        if !g.workers.contains_key(base) {
-            self.tracked.fetch_add(1, Relaxed);
-            g.next_id += 1;
-            g.workers.insert(base.to_owned(), WorkerKv { id, block_size: feed.block_size, ranks });
-        }
+        g.workers.insert(base.to_owned(), WorkerKv { id, block_size: feed.block_size, ranks });
+        self.tracked.fetch_add(1, Relaxed);
     }
 
     /// Stops tracking `base`: its blocks leave the index.
@@ -239,10 +262,6 @@ impl KvState {
         self.tokenizer.load().as_ref()?.encode(&text)
     }
 
-    pub fn tracked(&self) -> Vec<String> {
-        self.lock().workers.keys().cloned().collect()
-    }
-
     /// A worker restarted or was flushed: everything known of it is dropped (events rebuild
     /// it), and where it publishes is looked up again.
     pub fn reset_worker(&self, url: &str) {
@@ -259,20 +278,20 @@ impl KvState {
         std::mem::take(&mut *self.reresolve.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Applies what a subscriber received; `Err` when the rank must be reset.
+    /// Applies a batch a subscriber received for `rank` of `base`.
     pub fn apply(&self, base: &str, rank: u16, events: Vec<wire::Event>) {
         let mut g = self.lock();
-        let Some(w) = g.workers.get_mut(base) else { return };
+        let Inner { index, workers, .. } = &mut *g;
+        let Some(w) = workers.get_mut(base) else { return };
         let holder = Holder { worker: w.id, rank };
-        let mut block_size = w.block_size;
         let mut cleared = false;
         let n = events.len() as u64;
-        let Inner { index, .. } = &mut *g;
         for e in events {
             match e {
                 wire::Event::Stored { hashes, block_size: bs, medium, namespaced, .. } => {
-                    block_size.get_or_insert(bs);
-                    if !namespaced && Some(bs) == block_size {
+                    // The first stored block tells the block size when nothing else did.
+                    let size = *w.block_size.get_or_insert(bs);
+                    if !namespaced && size == bs {
                         index.store(holder, &hashes, medium);
                     }
                 }
@@ -283,12 +302,9 @@ impl KvState {
                 }
             }
         }
-        if let Some(w) = g.workers.get_mut(base) {
-            w.block_size = block_size;
-            if let Some(r) = w.ranks.get_mut(rank as usize) {
-                r.batches += 1;
-                r.resets += u64::from(cleared);
-            }
+        if let Some(r) = w.ranks.get_mut(rank as usize) {
+            r.batches += 1;
+            r.resets += u64::from(cleared);
         }
         self.events.fetch_add(n, Relaxed);
     }
@@ -322,7 +338,7 @@ impl KvState {
             urls.iter()
                 .map(|url| {
                     let w = g.workers.get(crate::registry::split_rank(url).0)?;
-                    w.ranks.iter().any(|r| r.connected).then_some(w.block_size.unwrap_or(0))
+                    w.flowing().then_some(w.block_size.unwrap_or(0))
                 })
                 .collect()
         };
@@ -346,11 +362,7 @@ impl KvState {
                 let Some((_, hs)) = hashes.iter().find(|(b, _)| *b == bs) else {
                     return Some(PageHit::default());
                 };
-                let ranks: Vec<u16> = match rank {
-                    Some(r) => vec![r as u16],
-                    None => (0..w.ranks.len() as u16).collect(),
-                };
-                let m = g.index.matched(w.id, &ranks, hs, now);
+                let m = g.index.matched(w.id, &w.ranks(rank), hs, now);
                 // Whole pages, but the last page may be short: never more than the prompt.
                 let tokens = ((m.weighted * bs as f64) as usize).min(tokens.len());
                 Some(PageHit { tokens, pages: m.pages })
@@ -383,15 +395,12 @@ impl KvState {
         let (base, rank) = crate::registry::split_rank(url);
         let g = self.lock();
         let w = g.workers.get(base)?;
-        if !w.ranks.iter().any(|r| r.connected) {
+        if !w.flowing() {
             return None;
         }
-        let held: usize = (0..w.ranks.len() as u16)
-            .filter(|r| rank.is_none_or(|x| x as u16 == *r))
-            .map(|r| g.index.holder_blocks(Holder { worker: w.id, rank: r }))
-            .sum();
         // What was just sent there takes room too: a burst of new prefixes spreads.
-        Some((held + g.index.pending_pages(w.id), w.block_size.unwrap_or(1)))
+        let taken = w.held(&g.index, rank) + g.index.pending_pages(w.id);
+        Some((taken, w.block_size.unwrap_or(1)))
     }
 
     /// Every tracked worker's feed, for `/admin/kv`.
@@ -401,13 +410,10 @@ impl KvState {
             .workers
             .iter()
             .map(|(url, w)| {
-                let blocks: usize = (0..w.ranks.len() as u16)
-                    .map(|r| g.index.holder_blocks(Holder { worker: w.id, rank: r }))
-                    .sum();
                 serde_json::json!({
                     "url": url,
                     "block_size": w.block_size,
-                    "blocks": blocks,
+                    "blocks": w.held(&g.index, None),
                     "ranks": w.ranks,
                 })
             })

@@ -61,13 +61,10 @@ pub async fn run(kv: Arc<KvState>, t: Target, cancel: CancellationToken) {
                     m = sub.recv() => m,
                 };
                 match msg {
-                    Ok(m) => {
-                        let frames = m.into_vec().into_iter().map(|b| b.to_vec()).collect();
-                        match wire::message(frames) {
-                            Ok(m) => on_message(&kv, &t, &mut seq, m, &cancel).await,
-                            Err(e) => malformed(&kv, &t, e),
-                        }
-                    }
+                    Ok(m) => match wire::message(frames(m)) {
+                        Ok(m) => on_message(&kv, &t, &mut seq, m, &cancel).await,
+                        Err(e) => malformed(&kv, &t, e),
+                    },
                     Err(e) => {
                         note_error(&kv, &t, format!("receive: {e}"));
                         break;
@@ -88,6 +85,10 @@ async fn connect(t: &Target) -> zeromq::ZmqResult<zeromq::SubSocket> {
     sub.connect(&t.endpoint).await?;
     sub.subscribe(&t.topic).await?;
     Ok(sub)
+}
+
+fn frames(m: zeromq::ZmqMessage) -> Vec<Vec<u8>> {
+    m.into_vec().into_iter().map(|b| b.to_vec()).collect()
 }
 
 fn note_error(kv: &KvState, t: &Target, e: String) {
@@ -202,7 +203,7 @@ async fn fill(
             }
         },
     };
-    match replayed {
+    let unfilled = match replayed {
         // The replay covers the gap when it starts where asked (a fresh subscriber takes
         // whatever the buffer still holds: it has nothing to be wrong about).
         Ok(batches) if batches.first().is_some_and(|b| b.seq == from || !had_state) => {
@@ -219,22 +220,20 @@ async fn fill(
                 }
                 apply(kv, t, seq, live);
             }
+            None
         }
-        Ok(batches) => {
-            tracing::info!(worker = %t.base, rank = t.rank, from, first = ?batches.first().map(|b| b.seq),
-                "kv events: gap older than the engine's buffer; state dropped");
-            if had_state {
-                kv.reset_rank(&t.base, t.rank);
-            }
-            apply(kv, t, seq, live);
+        Ok(batches) => Some(format!(
+            "older than the engine's buffer (its first buffered seq is {:?})",
+            batches.first().map(|b| b.seq)
+        )),
+        Err(e) => Some(e),
+    };
+    if let Some(why) = unfilled {
+        tracing::info!(worker = %t.base, rank = t.rank, from, why = %why, "kv events: gap not filled; state dropped");
+        if had_state {
+            kv.reset_rank(&t.base, t.rank);
         }
-        Err(e) => {
-            tracing::info!(worker = %t.base, rank = t.rank, from, error = %e, "kv events: gap not replayed; state dropped");
-            if had_state {
-                kv.reset_rank(&t.base, t.rank);
-            }
-            apply(kv, t, seq, live);
-        }
+        apply(kv, t, seq, live);
     }
     // Counted once what the replay brought is applied.
     kv.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -251,7 +250,7 @@ async fn replay(endpoint: &str, from: i64) -> Result<Vec<Message>, String> {
     let mut out = Vec::new();
     loop {
         let m = dealer.recv().await.map_err(|e| format!("receive from {endpoint}: {e}"))?;
-        let mut frames: Vec<Vec<u8>> = m.into_vec().into_iter().map(|b| b.to_vec()).collect();
+        let mut frames = frames(m);
         if frames.first().is_some_and(|f| f.is_empty()) {
             frames.remove(0);
         }

@@ -73,6 +73,10 @@ impl CacheAware {
         let min = *loads.iter().min().expect("non-empty");
         let max = *loads.iter().max().expect("non-empty");
         let text_chars = req.text.chars().count();
+        // Where a worker's KV events flow, its match is what its cache really holds, in
+        // tokens (hashing the prompt needs none of this policy's state).
+        let ev = event_matches(workers, &routable, req);
+        let token_count = req.tokens.map_or(0, <[u32]>::len);
         let mut rng = rand::rng();
         let mut st = self.state.lock().expect("cache_aware state");
         let c = st.cfg.clone();
@@ -88,16 +92,19 @@ impl CacheAware {
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched =
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
-        // Where a worker's KV events flow, its match is what its cache really holds, in
-        // tokens; elsewhere the approximate tree's, in characters. Both as shares of the prompt.
-        let ev = event_matches(workers, &routable, req);
-        let events: Vec<Option<usize>> = (0..routable.len()).map(|k| ev.tokens(k)).collect();
-        let token_count = req.tokens.map_or(0, <[u32]>::len);
-        let share = |k: usize| match events.get(k).copied().flatten() {
+        let tree_share = |k: usize| {
+            if text_chars > 0 {
+                matched(k) as f64 / text_chars as f64
+            } else {
+                0.0
+            }
+        };
+        // The events' match in tokens where they flow, the tree's in characters elsewhere:
+        // both as shares of the prompt.
+        let share = |k: usize| match ev.tokens(k) {
             Some(t) if token_count > 0 => t as f64 / token_count as f64,
             Some(_) => 0.0,
-            None if text_chars > 0 => matched(k) as f64 / text_chars as f64,
-            None => 0.0,
+            None => tree_share(k),
         };
         let best = candidates
             .iter()
@@ -111,13 +118,6 @@ impl CacheAware {
         // rather than to whichever cache is emptiest, which keeps each worker's set of
         // prefixes small.
         let home = || {
-            let tree_share = |k: usize| {
-                if text_chars > 0 {
-                    matched(k) as f64 / text_chars as f64
-                } else {
-                    0.0
-                }
-            };
             candidates
                 .iter()
                 .map(|&k| (k, (tree_share(k) * 1e9) as u64, std::cmp::Reverse(loads[k])))
@@ -127,11 +127,11 @@ impl CacheAware {
         };
         let (pick, branch) = if has_prompt && share(best) > c.cache_threshold {
             (best, Branch::Hit)
-        } else if let Some(k) = events.iter().any(Option::is_some).then(home).flatten() {
+        } else if let Some(k) = ev.per.iter().any(Option::is_some).then(home).flatten() {
             (k, Branch::Home)
         } else {
             // Cache room: blocks held (in tokens) where events flow, the tree's share elsewhere.
-            let used = |k: usize| match events.get(k).copied().flatten() {
+            let used = |k: usize| match ev.tokens(k) {
                 Some(_) => req
                     .kv
                     .and_then(|kv| kv.worker_blocks(workers[routable[k]].url()))
@@ -152,7 +152,7 @@ impl CacheAware {
         let match_ratio = has_prompt.then(|| share(pick));
         let matched = matched(pick);
         drop(st);
-        let matched_tokens = events.get(pick).copied().flatten();
+        let matched_tokens = ev.tokens(pick);
         if let (Some(_), Some(kv)) = (matched_tokens, req.kv) {
             // Counted as held there until its events confirm it: the next request of a burst
             // with the same new prefix follows it.

@@ -132,12 +132,7 @@ pub fn decode(payload: &[u8]) -> Result<Batch, WireError> {
     }
     let ts = r.float()?;
     let count = r.array_len("events", MAX_EVENTS)?;
-    let mut events = Vec::with_capacity(count);
-    for _ in 0..count {
-        if let Some(e) = r.event()? {
-            events.push(e);
-        }
-    }
+    let events = (0..count).map(|_| r.event()).collect::<Result<Vec<_>, _>>()?;
     let dp_rank = if n >= 3 { r.opt_int()?.and_then(|v| u32::try_from(v).ok()) } else { None };
     for _ in 3..n {
         r.skip(0)?;
@@ -187,7 +182,18 @@ impl<'a> Reader<'a> {
     }
 
     fn array_len(&mut self, what: &'static str, cap: usize) -> Result<usize, WireError> {
-        let len = match self.marker()? {
+        let m = self.marker()?;
+        self.array_len_of(m, what, cap)
+    }
+
+    /// The element count of an array whose marker `m` was just read.
+    fn array_len_of(
+        &mut self,
+        m: Marker,
+        what: &'static str,
+        cap: usize,
+    ) -> Result<usize, WireError> {
+        let len = match m {
             Marker::FixArray(n) => n as usize,
             Marker::Array16 => self.be(2)? as usize,
             Marker::Array32 => self.be(4)? as usize,
@@ -320,12 +326,7 @@ impl<'a> Reader<'a> {
             Marker::Bin16 | Marker::Ext16 => self.be(2)? as usize + usize::from(m == Marker::Ext16),
             Marker::Bin32 | Marker::Ext32 => self.be(4)? as usize + usize::from(m == Marker::Ext32),
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
-                let n = match m {
-                    Marker::FixArray(n) => n as usize,
-                    Marker::Array16 => self.be(2)? as usize,
-                    _ => self.be(4)? as usize,
-                };
-                let n = self.checked("array", n, MAX_TOKENS)?;
+                let n = self.array_len_of(m, "array", MAX_TOKENS)?;
                 for _ in 0..n {
                     self.skip(depth + 1)?;
                 }
@@ -344,21 +345,16 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// One event; `None` for an event of a known kind this router has no use for.
-    fn event(&mut self) -> Result<Option<Event>, WireError> {
+    /// One event, map-encoded or positional.
+    fn event(&mut self) -> Result<Event, WireError> {
         match self.marker()? {
             m @ (Marker::FixMap(_) | Marker::Map16 | Marker::Map32) => {
                 let n = self.map_len(m)?;
-                self.map_event(n).map(Some)
+                self.map_event(n)
             }
             m @ (Marker::FixArray(_) | Marker::Array16 | Marker::Array32) => {
-                let n = match m {
-                    Marker::FixArray(n) => n as usize,
-                    Marker::Array16 => self.be(2)? as usize,
-                    _ => self.be(4)? as usize,
-                };
-                let n = self.checked("event", n, 64)?;
-                self.array_event(n).map(Some)
+                let n = self.array_len_of(m, "event", 64)?;
+                self.array_event(n)
             }
             found => Err(WireError::Type { expected: "event map or array", found }),
         }
@@ -396,36 +392,36 @@ impl<'a> Reader<'a> {
         }
         let kind = self.str()?;
         let mut left = n - 1;
-        let mut next = |_: &mut Self| {
+        let mut next = || {
             let has = left > 0;
             left = left.saturating_sub(1);
             has
         };
         let event = match kind {
             "BlockStored" | "BlockStoredWithMetadata" => {
-                if !next(self) {
+                if !next() {
                     return Err(WireError::Missing("block_hashes"));
                 }
                 let hashes = self.hashes()?;
-                let parent = if next(self) { self.opt_int()? } else { None };
-                let tokens = if next(self) { self.token_count()? } else { 0 };
-                let block_size = if next(self) { Some(self.int()?) } else { None };
-                let namespaced = if next(self) { self.present()? } else { false };
-                let medium = if next(self) { self.medium()? } else { Medium::Gpu };
+                let parent = if next() { self.opt_int()? } else { None };
+                let tokens = if next() { self.token_count()? } else { 0 };
+                let block_size = if next() { Some(self.int()?) } else { None };
+                let namespaced = if next() { self.present()? } else { false };
+                let medium = if next() { self.medium()? } else { Medium::Gpu };
                 build(kind, Some(hashes), parent, tokens, block_size, medium, namespaced)?
             }
             "BlockRemoved" => {
-                if !next(self) {
+                if !next() {
                     return Err(WireError::Missing("block_hashes"));
                 }
                 let hashes = self.hashes()?;
-                let medium = if next(self) { self.medium()? } else { Medium::Gpu };
+                let medium = if next() { self.medium()? } else { Medium::Gpu };
                 Event::Removed { hashes, medium }
             }
             "AllBlocksCleared" => Event::Cleared,
             other => return Err(WireError::UnknownEvent(other.to_owned())),
         };
-        while next(self) {
+        while next() {
             self.skip(0)?;
         }
         Ok(event)
