@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Python wheel (pyproject.toml: maturin, `bindings = "bin"`): the routerd and routerctl
 # executables plus the `routerd` Python package (launch_router, launch_server), into
-# target/wheels/. Installs maturin with pip if missing. After `cargo build --release` the
-# dependencies are reused; only the two executables are built again (about 2 minutes on 2 cores).
+# target/wheels/ (and the two executables into target/release/). Installs maturin with pip if
+# missing. A workspace `cargo build --release` unifies other features (the tests package's), so
+# after it the routerd and routerctl libraries are compiled again (about 4 minutes on 2 cores).
 #   examples/build-wheel.sh          # prints the wheel's path last
 set -euo pipefail
 cd "$(dirname "$0")/.."
