@@ -12,11 +12,11 @@ use routerd_e2e::{
 };
 use serde_json::{json, Value};
 
-/// The byte-level tokenizer both sides use, in a fresh directory.
+/// The byte-level tokenizer both sides use, with its ChatML chat template beside it, in a
+/// fresh directory.
 fn tokenizer(dir: &ConfigDir) -> PathBuf {
-    let path = dir.dir.join("tokenizer.json");
-    std::fs::write(&path, routerd::kv::tokenize::byte_level_json()).expect("write tokenizer");
-    path
+    routerd::kv::tokenize::write_byte_level(&dir.dir).expect("write tokenizer");
+    dir.dir.join("tokenizer.json")
 }
 
 fn kv_args(a: &mut SimArgs, tok: &Path, endpoint: &str, replay: &str, buffer: usize) {
@@ -38,7 +38,8 @@ async fn kv_sim(tok: &Path, tweak: impl FnOnce(&mut SimArgs)) -> SimWorker {
 
 async fn kv_router(ws: &[&SimWorker], tok: &Path) -> routerd::run::Running {
     let mut config = router_config("cache_aware", ws);
-    config.tokenizer = Some(tok.to_owned());
+    config.tokenizer =
+        Some(routerd::kv::tokenize::TokenizerFiles { path: tok.to_owned(), chat_template: None });
     config.health.interval = Duration::from_millis(100);
     config.health.failure_threshold = 1;
     config.health.success_threshold = 1;
@@ -309,6 +310,72 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
         d["matched_tokens"].as_u64().unwrap() == 0 || d["worker"] != w1.url(),
         "what was known before an unfillable gap is no longer trusted: {d}"
     );
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+/// Routes a chat conversation through routerd: the worker chosen, the decision record and the
+/// worker's usage.
+async fn route_chat(r: &routerd::run::Running, messages: &Value) -> (String, Value, Value) {
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", r.url()))
+        .header("x-routerd-explain", "1")
+        .json(&json!({"model": "m", "messages": messages, "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
+    let decision =
+        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    let body: Value = resp.json().await.unwrap();
+    (worker, decision, body["usage"].clone())
+}
+
+#[tokio::test]
+async fn chat_requests_route_on_events_through_the_models_chat_template() {
+    let dir = ConfigDir::new("kv-chat");
+    let tok = tokenizer(&dir);
+    let ws = vec![kv_sim(&tok, |_| {}).await, kv_sim(&tok, |_| {}).await];
+    let r = kv_router(&[&ws[0], &ws[1]], &tok).await;
+    let status = kv_status(&r).await;
+    assert!(
+        status["chat_template"]["from"].as_str().unwrap().ends_with("tokenizer_config.json"),
+        "{status}"
+    );
+    let system = "You answer in one word. ".repeat(6);
+    let messages =
+        json!([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]);
+    // The ChatML template the sims and routerd both render, one token per byte.
+    let rendered = format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let (home, d, usage) = route_chat(&r, &messages).await;
+    assert_eq!(d["branch"], "miss");
+    assert_eq!(d["prompt_tokens"], rendered.len(), "routerd rendered the template: {d}");
+    assert_eq!(usage["prompt_tokens"], rendered.len(), "the worker rendered the same: {usage}");
+    // The same conversation reaches the other worker behind routerd's back, and the first
+    // worker's cache is flushed: only the events say where it is now.
+    let away = other(&ws, &home);
+    let body = json!({"model": "m", "messages": messages, "max_tokens": 1});
+    assert_eq!(post_json(format!("{}/v1/chat/completions", away.url()), &body).await.0, 200);
+    let flushed = client().post(format!("{home}/flush_cache")).send().await.unwrap();
+    assert_eq!(flushed.status(), 200);
+    eventually(Duration::from_secs(5), "the flush and the other worker's blocks seen", || async {
+        blocks(&r, &home).await == 0 && blocks(&r, &away.url()).await > 0
+    })
+    .await;
+    let (to, d, usage) = route_chat(&r, &messages).await;
+    assert_eq!(to, away.url(), "the conversation goes where it is cached: {d}");
+    assert_eq!(d["branch"], "hit");
+    let matched = d["matched_tokens"].as_u64().unwrap();
+    assert_eq!(matched as usize, rendered.len() - rendered.len() % 4, "{d}");
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], matched, "prediction = truth");
+    // A multimodal message is not rendered: it routes on the approximate tree, and is served.
+    let image = json!([{"role": "user", "content": [{"type": "text", "text": "what is it"},
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]);
+    let (_, d, _) = route_chat(&r, &image).await;
+    assert!(d.get("matched_tokens").is_none(), "no token match without a rendering: {d}");
     r.shutdown().await;
     shutdown_all(ws).await;
 }

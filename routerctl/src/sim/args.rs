@@ -116,13 +116,17 @@ pub struct SimArgs {
     /// Tokens per KV cache page: the cache holds whole pages, and events hash pages.
     #[arg(long, default_value_t = 1)]
     pub page_size: usize,
-    /// Tokenize with this Hugging Face tokenizer.json instead of --chars-per-token chunks (give
-    /// routerd the same file with --tokenizer-path to route text prompts on the events).
-    #[arg(long, value_name = "FILE")]
+    /// Tokenize with this Hugging Face tokenizer.json (or a model directory with one) instead
+    /// of --chars-per-token chunks; chat requests are rendered with the chat template beside
+    /// it, as SGLang does (give routerd the same path with --tokenizer-path to route text and
+    /// chat prompts on the events).
+    #[arg(long, value_name = "FILE|DIR")]
     pub tokenizer_path: Option<std::path::PathBuf>,
-    /// Write a byte-level tokenizer.json (one token per UTF-8 byte) to FILE and exit: a
-    /// tokenizer routerd and simulated workers can share without downloading a model.
-    #[arg(long, value_name = "FILE")]
+    /// Write a byte-level tokenizer (one token per UTF-8 byte) and exit: to FILE when it ends
+    /// in .json, else into the directory DIR with a tokenizer_config.json that holds a ChatML
+    /// chat template. A tokenizer routerd and simulated workers can share without downloading
+    /// a model.
+    #[arg(long, value_name = "FILE|DIR")]
     pub write_byte_tokenizer: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub faults: Faults,

@@ -25,9 +25,22 @@ use routerd::serve::Ended;
 pub async fn run(args: SimArgs) -> anyhow::Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     if let Some(path) = &args.write_byte_tokenizer {
-        std::fs::write(path, routerd::kv::tokenize::byte_level_json())
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-        println!("wrote a byte-level tokenizer to {}", path.display());
+        let is_file = path.extension().is_some_and(|e| e == "json");
+        let written = if is_file {
+            std::fs::write(path, routerd::kv::tokenize::byte_level_json())
+        } else {
+            routerd::kv::tokenize::write_byte_level(path)
+        };
+        written.map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        if is_file {
+            println!("wrote a byte-level tokenizer to {}", path.display());
+        } else {
+            println!(
+                "wrote a byte-level tokenizer.json and a tokenizer_config.json (ChatML chat \
+                 template) to {}",
+                path.display()
+            );
+        }
         return Ok(0);
     }
     let worker = SimWorker::start(args).await?;

@@ -39,6 +39,8 @@ pub type ParseResult<T> = Result<T, String>;
 /// Defaults a parser needs from the worker.
 pub struct Ctx<'a> {
     pub tokenizer: &'a Tokenizer,
+    /// The request body as received (a chat template renders its raw fields).
+    pub body: &'a [u8],
     pub default_max_new_tokens: u32,
     pub context_length: usize,
     pub dp_size: u32,
@@ -114,18 +116,14 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     if messages.is_empty() {
         return Err("messages must not be empty".into());
     }
-    let text = render_chat(messages)?;
+    let prompt = match ctx.tokenizer.chat_ids(ctx.body) {
+        Some(ids) => Prompt::Ids(ids?),
+        None => Prompt::Text(render_chat(messages)?),
+    };
     let max_new_tokens = openai_max_tokens(obj, ctx)?;
     let logprobs = flag(obj.get("logprobs"), "logprobs")?;
     let boot = bootstraps(obj, 1, false)?.pop().flatten();
-    let item = make_item(
-        Prompt::Text(text),
-        ctx,
-        max_new_tokens,
-        &Some(Value::Bool(logprobs)),
-        &None,
-        boot,
-    )?;
+    let item = make_item(prompt, ctx, max_new_tokens, &Some(Value::Bool(logprobs)), &None, boot)?;
     openai_parsed(obj, vec![item], false, ctx)
 }
 
@@ -361,7 +359,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx(t: &Tokenizer) -> Ctx<'_> {
-        Ctx { tokenizer: t, default_max_new_tokens: 16, context_length: 100, dp_size: 2 }
+        Ctx { tokenizer: t, body: b"", default_max_new_tokens: 16, context_length: 100, dp_size: 2 }
     }
 
     #[test]

@@ -143,6 +143,7 @@ impl SimState {
         })?;
         let ctx = Ctx {
             tokenizer: &self.tokenizer,
+            body,
             default_max_new_tokens: self.args.default_max_new_tokens,
             context_length: self.args.context_length,
             dp_size: self.args.dp_size,

@@ -25,9 +25,34 @@ impl Tokenizer {
         Self { chars_per_token: chars_per_token.max(1), hf: None }
     }
 
+    /// A tokenizer.json, or a model directory with one; the chat template beside it (as
+    /// routerd finds it) renders chat requests.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let hf = routerd::kv::tokenize::Tokenizer::load(path)?;
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
+        let hf = routerd::kv::tokenize::Tokenizer::load(&file)?;
+        if let Err(e) = &hf.chat {
+            tracing::info!(reason = %e, "chat requests use the simulated chat format");
+        }
         Ok(Self { chars_per_token: 1, hf: Some(std::sync::Arc::new(hf)) })
+    }
+
+    /// A chat request's prompt ids from the model's chat template, as SGLang renders and
+    /// encodes it; `None` without a template (or for multimodal content), when the simulated
+    /// chat format applies.
+    pub fn chat_ids(&self, body: &[u8]) -> Option<Result<Vec<u32>, String>> {
+        use routerd::kv::chat::{ChatInput, RenderError};
+        let hf = self.hf.as_ref()?;
+        hf.chat.as_ref().ok()?;
+        let body = std::str::from_utf8(body).ok()?;
+        let input = match ChatInput::parse(body) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
+        };
+        match hf.chat_ids(&input) {
+            Ok(ids) => Some(Ok(ids)),
+            Err(RenderError::Multimodal) => None,
+            Err(e) => Some(Err(e.to_string())),
+        }
     }
 
     /// Splits `text` into chunks of `chars_per_token` characters (the last may be shorter) and

@@ -200,6 +200,11 @@ pub struct Flags {
     /// The model's directory (sgl-router's name): its tokenizer.json, as --tokenizer-path.
     #[arg(global = true, long, value_name = "DIR")]
     pub model_path: Option<PathBuf>,
+    /// A Jinja chat template file, instead of the one beside the tokenizer
+    /// (`chat_template.jinja` or `tokenizer_config.json`): chat requests are rendered with it
+    /// to route on KV events.
+    #[arg(global = true, long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
     /// target, with `data_parallel_rank` in the request body.
     #[arg(global = true, long)]
@@ -283,7 +288,6 @@ pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
     ("--grpc-mode", "gRPC workers"),
     ("--tokenizer-cache-enable-l0", "gRPC routing (local tokenizer)"),
     ("--tokenizer-cache-l0-max-entries", "gRPC routing (local tokenizer)"),
-    ("--chat-template", "gRPC routing (local chat templates)"),
     ("--reasoning-parser", "gRPC routing (reasoning parsers)"),
     ("--tool-call-parser", "gRPC routing (tool-call parsers)"),
     ("--mcp-config-path", "MCP tool integration"),

@@ -1,12 +1,11 @@
 //! `[kv_events]` (where workers publish their KV events) and the tokenizer routerd hashes
 //! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`).
 
-use std::path::PathBuf;
-
 use toml::Spanned;
 
 use super::raw::{RawKvEvents, RawTokenizer};
 use super::{At, Builder, Flags};
+use crate::kv::tokenize::TokenizerFiles;
 use crate::kv::KvEventsConfig;
 
 impl Builder<'_> {
@@ -80,13 +79,30 @@ impl Builder<'_> {
     }
 
     /// The tokenizer file: a flag's path as given, the file's relative to the file; a
-    /// directory means its `tokenizer.json`. Checked to exist here; loaded by `tokenize`.
-    pub(super) fn tokenizer(&mut self, raw: RawTokenizer, f: &Flags) -> Option<PathBuf> {
+    /// directory means its `tokenizer.json`. The chat template likewise (`--chat-template`,
+    /// `[tokenizer] chat_template`). Checked to exist here; loaded by `tokenize`.
+    pub(super) fn tokenizer(&mut self, raw: RawTokenizer, f: &Flags) -> Option<TokenizerFiles> {
+        let chat_template = match (&f.chat_template, raw.chat_template) {
+            (Some(p), _) => Some((p.clone(), At::flag("--chat-template"))),
+            (None, Some(p)) => Some((self.in_file_dir(p.get_ref()), At::span(&p))),
+            (None, None) => None,
+        };
         let (path, at) = match (&f.tokenizer_path, &f.model_path, raw.path) {
             (Some(p), _, _) => (p.clone(), At::flag("--tokenizer-path")),
             (None, Some(p), _) => (p.clone(), At::flag("--model-path")),
             (None, None, Some(p)) => (self.in_file_dir(p.get_ref()), At::span(&p)),
-            (None, None, None) => return None,
+            (None, None, None) => {
+                if let Some((_, at)) = chat_template {
+                    self.error(
+                        "tokenizer.chat_template",
+                        &at,
+                        "a chat template needs the model's tokenizer (--tokenizer-path, \
+                         --model-path or [tokenizer] path)"
+                            .into(),
+                    );
+                }
+                return None;
+            }
         };
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path };
         if !file.is_file() {
@@ -100,6 +116,17 @@ impl Builder<'_> {
             );
             return None;
         }
-        Some(file)
+        let chat_template = match chat_template {
+            Some((p, at)) if !p.is_file() => {
+                self.error(
+                    "tokenizer.chat_template",
+                    &at,
+                    format!("{} is not a chat template file", p.display()),
+                );
+                None
+            }
+            other => other.map(|(p, _)| p),
+        };
+        Some(TokenizerFiles { path: file, chat_template })
     }
 }

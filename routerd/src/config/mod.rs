@@ -48,9 +48,10 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Where workers publish KV events (docs/kv-events.md).
     pub kv_events: crate::kv::KvEventsConfig,
-    /// The `tokenizer.json` prompts are tokenized with for event routing (`None`: only
-    /// requests that carry `input_ids` route on events).
-    pub tokenizer: Option<std::path::PathBuf>,
+    /// The `tokenizer.json` prompts are tokenized with for event routing, and the chat
+    /// template when one is named (`None`: only requests that carry `input_ids` route on
+    /// events).
+    pub tokenizer: Option<crate::kv::tokenize::TokenizerFiles>,
 }
 
 /// Who may call the router, and where workers may be (docs/security.md).

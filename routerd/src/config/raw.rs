@@ -37,11 +37,13 @@ pub struct RawKvEvents {
     pub max_blocks: Option<Spanned<u64>>,
 }
 
-/// `[tokenizer]`: the model's `tokenizer.json` (or its directory).
+/// `[tokenizer]`: the model's `tokenizer.json` (or its directory) and chat template.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTokenizer {
     pub path: Option<Spanned<std::path::PathBuf>>,
+    /// A Jinja chat template file (else the one beside the tokenizer).
+    pub chat_template: Option<Spanned<std::path::PathBuf>>,
 }
 
 /// `[tls]`: how `https://` workers are verified and the client certificate shown to them;

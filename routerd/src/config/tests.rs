@@ -713,3 +713,38 @@ fn tls_paths_in_the_file_are_relative_to_the_file() {
     // From the working directory the same names do not exist: the file's directory is used.
     assert!(!std::path::Path::new("a.pem").exists());
 }
+
+#[test]
+fn tokenizer_and_chat_template_files_are_checked() {
+    let dir = std::env::temp_dir().join(format!("routerd-cfg-tok-{}", std::process::id()));
+    crate::kv::tokenize::write_byte_level(&dir).unwrap();
+    std::fs::write(dir.join("chat.jinja"), "{{ messages[0].content }}").unwrap();
+    let d = dir.display();
+    let c = build(
+        &format!("[tokenizer]\npath = \"{d}\"\nchat_template = \"{d}/chat.jinja\"\n"),
+        &Flags::default(),
+    )
+    .unwrap();
+    let files = c.tokenizer.unwrap();
+    assert_eq!(files.path, dir.join("tokenizer.json"));
+    assert_eq!(files.chat_template, Some(dir.join("chat.jinja")));
+    // sgl-router's flags: --model-path DIR, --chat-template FILE.
+    let c = build(
+        "",
+        &cli(&["--model-path", &d.to_string(), "--chat-template", &format!("{d}/chat.jinja")]),
+    )
+    .unwrap();
+    assert_eq!(c.tokenizer.unwrap().chat_template, Some(dir.join("chat.jinja")));
+    let e =
+        errors(&format!("[tokenizer]\npath = \"{d}\"\nchat_template = \"{d}/missing.jinja\"\n"));
+    assert!(
+        e.iter().any(|e| e.contains("tokenizer.chat_template") && e.contains("missing.jinja")),
+        "{e:?}"
+    );
+    let e = errors(&format!("[tokenizer]\nchat_template = \"{d}/chat.jinja\"\n"));
+    assert!(e.iter().any(|e| e.contains("needs the model's tokenizer")), "{e:?}");
+    let e = errors("[kv_events]\nendpoint = \"udp://h:1\"\nblock_size = 0\n");
+    assert!(e.iter().any(|e| e.contains("kv_events.endpoint") && e.contains("tcp://")), "{e:?}");
+    assert!(e.iter().any(|e| e.contains("kv_events.block_size")), "{e:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

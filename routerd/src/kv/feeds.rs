@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::tokenize::{Tokenizer, TokenizerFiles};
 use super::{feed_from_config, feed_from_server_info, subscriber, Feed};
 use crate::app::App;
 use crate::registry::split_rank;
@@ -23,12 +24,12 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let tasks = TaskTracker::new();
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut asked: HashMap<String, Instant> = HashMap::new();
-    let mut tokenizer_failed: Option<(std::path::PathBuf, Instant)> = None;
+    let mut tokenizer_failed: Option<(TokenizerFiles, Instant)> = None;
     loop {
         let live = app.live();
         let cfg = &live.config.kv_events;
         app.kv.set_pending_ttl(cfg.pending_ttl);
-        load_tokenizer(&app, live.config.tokenizer.as_deref(), &mut tokenizer_failed).await;
+        load_tokenizer(&app, live.config.tokenizer.as_ref(), &mut tokenizer_failed).await;
         let snapshot = app.registry.snapshot();
         let wanted: BTreeSet<String> = if cfg.enabled && live.uses_kv_events() {
             snapshot.workers.iter().map(|w| split_rank(w.url()).0.to_owned()).collect()
@@ -85,26 +86,32 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
 /// large file that fails late would cost a parse a second).
 async fn load_tokenizer(
     app: &Arc<App>,
-    path: Option<&std::path::Path>,
-    failed: &mut Option<(std::path::PathBuf, Instant)>,
+    files: Option<&TokenizerFiles>,
+    failed: &mut Option<(TokenizerFiles, Instant)>,
 ) {
     let current = app.kv.tokenizer.load();
-    if current.as_ref().map(|t| t.path.as_path()) == path {
+    if current.as_ref().map(|t| &t.files) == files {
         return;
     }
-    let Some(path) = path.map(|p| p.to_owned()) else {
+    let Some(files) = files.cloned() else {
         app.kv.tokenizer.store(None);
         return;
     };
-    if failed.as_ref().is_some_and(|(p, at)| *p == path && at.elapsed() < ASK_AGAIN) {
+    if failed.as_ref().is_some_and(|(f, at)| *f == files && at.elapsed() < ASK_AGAIN) {
         return;
     }
-    *failed = Some((path.clone(), Instant::now()));
-    let loaded = tokio::task::spawn_blocking(move || super::tokenize::Tokenizer::load(&path)).await;
+    *failed = Some((files.clone(), Instant::now()));
+    let loaded = tokio::task::spawn_blocking(move || Tokenizer::load_files(&files)).await;
     match loaded {
         Ok(Ok(t)) => {
             *failed = None;
-            tracing::info!(path = %t.path.display(), "tokenizer loaded: text prompts route on KV events");
+            tracing::info!(path = %t.files.path.display(), "tokenizer loaded: text prompts route on KV events");
+            match &t.chat {
+                Ok(c) => {
+                    tracing::info!(from = %c.origin, "chat template loaded: chat requests route on KV events")
+                }
+                Err(e) => tracing::warn!(error = %e, "chat requests route on the approximate tree"),
+            }
             app.kv.tokenizer.store(Some(Arc::new(t)));
         }
         Ok(Err(e)) => {

@@ -6,6 +6,7 @@
 //! worker's events flow, `None` where they do not (the policy falls back on its approximate
 //! tree). Nothing on the request path waits on a subscriber.
 
+pub mod chat;
 pub mod feeds;
 pub mod hash;
 pub mod index;
@@ -248,8 +249,9 @@ impl KvState {
     }
 
     /// The prompt's token ids: the request's own (`input_ids`, a completions prompt of ids),
-    /// else its text tokenized when a tokenizer is loaded. Chat conversations are not: their
-    /// chat template is not rendered yet, so they route on the approximate tree.
+    /// else its text tokenized when a tokenizer is loaded, a chat conversation through the
+    /// model's chat template. `None` (route on the approximate tree) without a tokenizer, for
+    /// multimodal chats and where the template does not render the request.
     pub fn tokens(
         &self,
         probe: &crate::proxy::extract::Probe,
@@ -258,8 +260,18 @@ impl KvState {
         if let Some(ids) = probe.token_ids(route) {
             return Some(ids);
         }
-        let text = probe.prompt_string(route)?;
-        self.tokenizer.load().as_ref()?.encode(&text)
+        let tokenizer = self.tokenizer.load();
+        let tokenizer = tokenizer.as_ref()?;
+        if route == crate::proxy::extract::Route::Chat {
+            return match tokenizer.chat_ids(&probe.chat_input()) {
+                Ok(ids) => Some(ids),
+                Err(e) => {
+                    tracing::debug!(error = %e, "chat request routes on the approximate tree");
+                    None
+                }
+            };
+        }
+        tokenizer.encode(&probe.prompt_string(route)?)
     }
 
     /// A worker restarted or was flushed: everything known of it is dropped (events rebuild
@@ -420,7 +432,11 @@ impl KvState {
             .collect();
         workers.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
         serde_json::json!({
-            "tokenizer": self.tokenizer.load().as_ref().map(|t| t.path.display().to_string()),
+            "tokenizer": self.tokenizer.load().as_ref().map(|t| t.files.path.display().to_string()),
+            "chat_template": self.tokenizer.load().as_ref().map(|t| match &t.chat {
+                Ok(c) => serde_json::json!({"from": c.origin}),
+                Err(e) => serde_json::json!({"error": e}),
+            }),
             "tokenizer_error": self.tokenizer_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "blocks": g.index.len(),
             "dropped_blocks": g.index.dropped,

@@ -46,6 +46,17 @@ pub struct Probe<'a> {
     pub stream: Option<bool>,
     #[serde(borrow, default)]
     return_logprob: Option<&'a RawValue>,
+    // What a chat template renders besides the messages.
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_choice: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    continue_final_message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat_template_kwargs: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning_effort: Option<&'a RawValue>,
 }
 
 pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {
@@ -99,11 +110,12 @@ impl<'a> Probe<'a> {
         (!is_ids_of_one && !is_tokens_of_one).then_some(items.len())
     }
 
-    /// The prompt as token ids, when the request carries them: generate's `input_ids` or a
+    /// The prompt as token ids, when the request carries them: generate's (or a chat
+    /// request's, which SGLang then takes instead of its messages) `input_ids`, or a
     /// completions `prompt` that is one list of integers.
     pub fn token_ids(&self, route: Route) -> Option<Vec<u32>> {
         let field = match route {
-            Route::Generate => self.input_ids,
+            Route::Generate | Route::Chat => self.input_ids,
             Route::Completions => self.prompt,
             _ => None,
         }?;
@@ -121,6 +133,18 @@ impl<'a> Probe<'a> {
             _ => None,
         }?;
         field.get().starts_with('"').then(|| text_of(field))
+    }
+
+    /// What a chat template renders for this request.
+    pub fn chat_input(&self) -> crate::kv::chat::ChatInput<'a> {
+        crate::kv::chat::ChatInput {
+            messages: self.messages,
+            tools: self.tools,
+            tool_choice: self.tool_choice,
+            continue_final_message: self.continue_final_message,
+            chat_template_kwargs: self.chat_template_kwargs,
+            reasoning_effort: self.reasoning_effort,
+        }
     }
 
     /// Whether the native request asks for logprobs (`return_logprob`, for any item).
