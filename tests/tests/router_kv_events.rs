@@ -379,3 +379,36 @@ async fn chat_requests_route_on_events_through_the_models_chat_template() {
     r.shutdown().await;
     shutdown_all(ws).await;
 }
+
+#[tokio::test]
+async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
+    let dir = ConfigDir::new("kv-config-endpoint");
+    let tok = tokenizer(&dir);
+    let w = kv_sim(&tok, |_| {}).await;
+    let info = get_json(&format!("{}/server_info", w.url())).await;
+    let port = info["kv_events"]["endpoint_port_base"].as_u64().unwrap();
+    let mut config = router_config("cache_aware", &[&w]);
+    config.tokenizer =
+        Some(routerd::kv::tokenize::TokenizerFiles { path: tok.clone(), chat_template: None });
+    // The fleet's template points nowhere; this worker's own entry points at its publisher.
+    config.kv_events.endpoint = Some("tcp://{host}:9".into());
+    config.kv_events.workers = vec![routerd::kv::KvWorkerEndpoint {
+        url: w.url(),
+        at: routerd::kv::KvEndpoint {
+            endpoint: format!("tcp://127.0.0.1:{port}"),
+            replay_endpoint: None,
+            dp_size: None,
+        },
+    }];
+    let r = router(config).await;
+    wait_subscribed(&r, 1).await;
+    let s = kv_status(&r).await;
+    assert_eq!(s["workers"][0]["ranks"][0]["endpoint"], format!("tcp://127.0.0.1:{port}"));
+    let p = prompt("config");
+    route(&r, &p).await;
+    let (_, d) = route(&r, &p).await;
+    assert_eq!(d["branch"], "hit", "{d}");
+    assert!(d["matched_tokens"].as_u64().unwrap() > 0, "{d}");
+    r.shutdown().await;
+    shutdown_all(vec![w]).await;
+}

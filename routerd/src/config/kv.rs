@@ -3,10 +3,10 @@
 
 use toml::Spanned;
 
-use super::raw::{RawKvEvents, RawTokenizer};
+use super::raw::{RawKvEndpoint, RawKvEvents, RawTokenizer};
 use super::{At, Builder, Flags};
 use crate::kv::tokenize::TokenizerFiles;
-use crate::kv::KvEventsConfig;
+use crate::kv::{KvEndpoint, KvEventsConfig, KvWorkerEndpoint};
 
 impl Builder<'_> {
     pub(super) fn kv_events(&mut self, raw: RawKvEvents) -> KvEventsConfig {
@@ -30,6 +30,69 @@ impl Builder<'_> {
         };
         let ep = endpoint(self, "kv_events.endpoint", raw.endpoint);
         let replay = endpoint(self, "kv_events.replay_endpoint", raw.replay_endpoint);
+        let dp = |b: &mut Self, key: &str, v: Option<Spanned<u32>>| match v {
+            Some(v) if !(1..=1024).contains(v.get_ref()) => {
+                b.error(
+                    key,
+                    &At::span(&v),
+                    format!("{} is not a size from 1 to 1024", v.get_ref()),
+                );
+                None
+            }
+            v => v.map(Spanned::into_inner),
+        };
+        // A pool's or a worker's endpoints: `None` (with the errors recorded) when invalid.
+        let mut at = |b: &mut Self, key: &str, r: RawKvEndpoint| -> Option<KvEndpoint> {
+            let ep = endpoint(b, &format!("{key}.endpoint"), Some(r.endpoint));
+            let replay = endpoint(b, &format!("{key}.replay_endpoint"), r.replay_endpoint);
+            let dp_size = dp(b, &format!("{key}.dp_size"), r.dp_size);
+            Some(KvEndpoint { endpoint: ep?, replay_endpoint: replay, dp_size })
+        };
+        let mut pool = |b: &mut Self, name: &str, r: Option<RawKvEndpoint>| {
+            let r = r?;
+            let key = format!("kv_events.{name}");
+            if let Some(u) = &r.url {
+                b.error(
+                    &format!("{key}.url"),
+                    &At::span(u),
+                    "a pool's endpoints take no url (one worker's go in [[kv_events.workers]])"
+                        .into(),
+                );
+            }
+            at(b, &key, r)
+        };
+        let prefill = pool(self, "prefill", raw.prefill);
+        let decode = pool(self, "decode", raw.decode);
+        let mut workers: Vec<KvWorkerEndpoint> = Vec::new();
+        for (i, mut r) in raw.workers.into_iter().enumerate() {
+            let key = format!("kv_events.workers[{i}]");
+            let Some(u) = r.url.take() else {
+                self.error(
+                    &format!("{key}.url"),
+                    &At::span(&r.endpoint),
+                    "missing: the worker's URL".into(),
+                );
+                continue;
+            };
+            let url = match crate::config::normalize_worker_url(u.get_ref()) {
+                Ok(url) if workers.iter().any(|w| w.url == url) => {
+                    self.error(
+                        &format!("{key}.url"),
+                        &At::span(&u),
+                        format!("{url} is listed twice"),
+                    );
+                    continue;
+                }
+                Ok(url) => url,
+                Err(e) => {
+                    self.error(&format!("{key}.url"), &At::span(&u), e);
+                    continue;
+                }
+            };
+            if let Some(at) = at(self, &key, r) {
+                workers.push(KvWorkerEndpoint { url, at });
+            }
+        }
         let block_size = raw.block_size.and_then(|b| match *b.get_ref() {
             1..=65_536 => Some(*b.get_ref() as usize),
             n => {
@@ -41,18 +104,7 @@ impl Builder<'_> {
                 None
             }
         });
-        let dp_size = match raw.dp_size {
-            Some(v) if !(1..=1024).contains(v.get_ref()) => {
-                self.error(
-                    "kv_events.dp_size",
-                    &At::span(&v),
-                    format!("{} is not a size from 1 to 1024", v.get_ref()),
-                );
-                1
-            }
-            Some(v) => v.into_inner(),
-            None => 1,
-        };
+        let dp_size = dp(self, "kv_events.dp_size", raw.dp_size).unwrap_or(1);
         let max_blocks = match raw.max_blocks {
             Some(v) if *v.get_ref() == 0 => {
                 self.error("kv_events.max_blocks", &At::span(&v), "must be at least 1".into());
@@ -75,6 +127,9 @@ impl Builder<'_> {
                 d.pending_ttl,
             ),
             max_blocks,
+            prefill,
+            decode,
+            workers,
         }
     }
 

@@ -35,6 +35,19 @@ pub struct RawKvEvents {
     pub dp_size: Option<Spanned<u32>>,
     pub pending_ttl: Option<Spanned<String>>,
     pub max_blocks: Option<Spanned<u64>>,
+    pub prefill: Option<RawKvEndpoint>,
+    pub decode: Option<RawKvEndpoint>,
+    pub workers: Vec<RawKvEndpoint>,
+}
+
+/// `[kv_events.prefill]`, `[kv_events.decode]` (no `url`) and `[[kv_events.workers]]` (a `url`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKvEndpoint {
+    pub url: Option<Spanned<String>>,
+    pub endpoint: Spanned<String>,
+    pub replay_endpoint: Option<Spanned<String>>,
+    pub dp_size: Option<Spanned<u32>>,
 }
 
 /// `[tokenizer]`: the model's `tokenizer.json` (or its directory) and chat template.

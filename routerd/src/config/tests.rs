@@ -748,3 +748,53 @@ fn tokenizer_and_chat_template_files_are_checked() {
     assert!(e.iter().any(|e| e.contains("kv_events.block_size")), "{e:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn kv_event_endpoints_per_pool_and_worker() {
+    let c = build(
+        r#"
+[kv_events]
+endpoint = "tcp://{host}:5557"
+[kv_events.prefill]
+endpoint = "tcp://{host}:6557"
+dp_size = 2
+[[kv_events.workers]]
+url = "http://10.0.0.5:30000/"
+endpoint = "tcp://10.0.0.5:7000"
+replay_endpoint = "tcp://10.0.0.5:7001"
+"#,
+        &Flags::default(),
+    )
+    .unwrap();
+    let k = &c.kv_events;
+    assert_eq!(k.prefill.as_ref().unwrap().endpoint, "tcp://{host}:6557");
+    assert_eq!(k.prefill.as_ref().unwrap().dp_size, Some(2));
+    assert_eq!(k.decode, None);
+    assert_eq!(k.workers[0].url, "http://10.0.0.5:30000");
+    assert_eq!(k.workers[0].at.replay_endpoint.as_deref(), Some("tcp://10.0.0.5:7001"));
+    let e = errors(
+        r#"
+[kv_events.decode]
+url = "http://d:1"
+endpoint = "tcp://{host}:x"
+dp_size = 0
+[[kv_events.workers]]
+endpoint = "tcp://h:1"
+[[kv_events.workers]]
+url = "http://w:1"
+endpoint = "tcp://h:1"
+[[kv_events.workers]]
+url = "http://w:1"
+endpoint = "tcp://h:2"
+"#,
+    );
+    for want in [
+        "kv_events.decode.url",
+        "kv_events.decode.endpoint",
+        "kv_events.decode.dp_size",
+        "kv_events.workers[0].url",
+        "kv_events.workers[2].url",
+    ] {
+        assert!(e.iter().any(|e| e.contains(want)), "{want}: {e:?}");
+    }
+}

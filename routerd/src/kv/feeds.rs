@@ -5,7 +5,7 @@
 //! blocks dropped. Where a worker publishes comes from `[kv_events]`, else from its
 //! `/server_info` (asked again every 10 s until it answers with a `kv_events` block).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::tokenize::{Tokenizer, TokenizerFiles};
 use super::{feed_from_config, feed_from_server_info, subscriber, Feed};
 use crate::app::App;
-use crate::registry::split_rank;
+use crate::registry::{split_rank, WorkerRole};
 
 const EVERY: Duration = Duration::from_secs(1);
 const ASK_AGAIN: Duration = Duration::from_secs(10);
@@ -31,14 +31,18 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         app.kv.set_pending_ttl(cfg.pending_ttl);
         load_tokenizer(&app, live.config.tokenizer.as_ref(), &mut tokenizer_failed).await;
         let snapshot = app.registry.snapshot();
-        let wanted: BTreeSet<String> = if cfg.enabled && live.uses_kv_events() {
-            snapshot.workers.iter().map(|w| split_rank(w.url()).0.to_owned()).collect()
+        let wanted: BTreeMap<String, WorkerRole> = if cfg.enabled && live.uses_kv_events() {
+            snapshot
+                .workers
+                .iter()
+                .map(|w| (split_rank(w.url()).0.to_owned(), w.spec.role))
+                .collect()
         } else {
-            BTreeSet::new()
+            BTreeMap::new()
         };
         let again = app.kv.take_reresolve();
         running.retain(|base, stop| {
-            let keep = wanted.contains(base) && !again.contains(base);
+            let keep = wanted.contains_key(base) && !again.contains(base);
             if !keep {
                 stop.cancel();
                 app.kv.untrack(base);
@@ -46,11 +50,14 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             }
             keep
         });
-        asked.retain(|base, _| wanted.contains(base) && !again.contains(base));
-        let new: Vec<String> =
-            wanted.iter().filter(|b| !running.contains_key(*b)).cloned().collect();
-        for base in &new {
-            let feed = match feed_from_config(base, cfg) {
+        asked.retain(|base, _| wanted.contains_key(base) && !again.contains(base));
+        let new: Vec<(String, WorkerRole)> = wanted
+            .iter()
+            .filter(|(b, _)| !running.contains_key(*b))
+            .map(|(b, r)| (b.clone(), *r))
+            .collect();
+        for (base, role) in &new {
+            let feed = match feed_from_config(base, *role, cfg) {
                 Some(f) => Some(f),
                 None if asked.get(base).is_some_and(|t| t.elapsed() < ASK_AGAIN) => None,
                 None => {

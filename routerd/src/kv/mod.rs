@@ -44,6 +44,30 @@ pub struct KvEventsConfig {
     pub pending_ttl: Duration,
     /// Blocks the index records at most (all workers): see `index`'s cost per block.
     pub max_blocks: usize,
+    /// `[kv_events.prefill]`, `[kv_events.decode]`: a PD pool's endpoints, over the above.
+    pub prefill: Option<KvEndpoint>,
+    pub decode: Option<KvEndpoint>,
+    /// `[[kv_events.workers]]`: one worker's endpoints (by its URL), over its pool's.
+    pub workers: Vec<KvWorkerEndpoint>,
+}
+
+/// Where some workers publish: `tcp://HOST:PORT` of rank 0's PUB socket (`{host}` is the
+/// worker URL's host; rank r at PORT + r), the replay socket likewise, and the ranks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvEndpoint {
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+    /// Ranks (default: `[kv_events] dp_size`).
+    pub dp_size: Option<u32>,
+}
+
+/// One worker's endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvWorkerEndpoint {
+    /// Normalised, as the registry has it.
+    pub url: String,
+    #[serde(flatten)]
+    pub at: KvEndpoint,
 }
 
 impl Default for KvEventsConfig {
@@ -57,6 +81,9 @@ impl Default for KvEventsConfig {
             dp_size: 1,
             pending_ttl: Duration::from_secs(2),
             max_blocks: 4 << 20,
+            prefill: None,
+            decode: None,
+            workers: Vec::new(),
         }
     }
 }
@@ -479,20 +506,38 @@ pub fn feed_from_server_info(worker_url: &str, info: &serde_json::Value) -> Opti
 }
 
 /// The feed `[kv_events]` gives a worker (its host in place of `{host}`).
-pub fn feed_from_config(worker_url: &str, cfg: &KvEventsConfig) -> Option<Feed> {
-    let host = url_host(worker_url)?;
+pub fn feed_from_config(
+    worker_url: &str,
+    role: crate::registry::WorkerRole,
+    cfg: &KvEventsConfig,
+) -> Option<Feed> {
+    use crate::registry::WorkerRole;
+    let (base, _) = crate::registry::split_rank(worker_url);
+    let host = url_host(base)?;
     let ranked = |ep: &str, r: u32| -> Option<String> {
         let ep = ep.replace("{host}", &host);
         let (head, port) = ep.rsplit_once(':')?;
         let port: u32 = port.parse().ok()?;
         Some(format!("{head}:{}", port + r))
     };
-    let ep = cfg.endpoint.as_deref()?;
+    // The worker's own endpoints, else its pool's, else the fleet's.
+    let pool = match role {
+        WorkerRole::Prefill => cfg.prefill.as_ref(),
+        WorkerRole::Decode => cfg.decode.as_ref(),
+        WorkerRole::Regular => None,
+    };
+    let (ep, replay, dp_size) =
+        match cfg.workers.iter().find(|w| w.url == base).map(|w| &w.at).or(pool) {
+            Some(at) => (
+                at.endpoint.as_str(),
+                at.replay_endpoint.as_deref(),
+                at.dp_size.unwrap_or(cfg.dp_size),
+            ),
+            None => (cfg.endpoint.as_deref()?, cfg.replay_endpoint.as_deref(), cfg.dp_size),
+        };
     Some(Feed {
-        endpoints: (0..cfg.dp_size).map(|r| ranked(ep, r)).collect::<Option<_>>()?,
-        replay: (0..cfg.dp_size)
-            .map(|r| cfg.replay_endpoint.as_deref().and_then(|e| ranked(e, r)))
-            .collect(),
+        endpoints: (0..dp_size).map(|r| ranked(ep, r)).collect::<Option<_>>()?,
+        replay: (0..dp_size).map(|r| replay.and_then(|e| ranked(e, r))).collect(),
         topic: cfg.topic.clone(),
         block_size: cfg.block_size,
     })
@@ -525,16 +570,42 @@ mod tests {
 
     #[test]
     fn config_feed() {
+        use crate::registry::WorkerRole::{Decode, Prefill, Regular};
         let cfg = KvEventsConfig {
             endpoint: Some("tcp://{host}:5557".into()),
             replay_endpoint: Some("tcp://{host}:5558".into()),
             dp_size: 1,
             ..Default::default()
         };
-        let f = feed_from_config("http://w1:8000@0", &cfg).unwrap();
+        let f = feed_from_config("http://w1:8000@0", Regular, &cfg).unwrap();
         assert_eq!(f.endpoints, vec!["tcp://w1:5557"]);
         assert_eq!(f.replay, vec![Some("tcp://w1:5558".to_owned())]);
-        assert_eq!(feed_from_config("http://w1:8000", &KvEventsConfig::default()), None);
+        assert_eq!(feed_from_config("http://w1:8000", Regular, &KvEventsConfig::default()), None);
+        // A pool's endpoints over the fleet's, a worker's over its pool's.
+        let cfg = KvEventsConfig {
+            decode: Some(KvEndpoint {
+                endpoint: "tcp://{host}:6000".into(),
+                replay_endpoint: None,
+                dp_size: Some(2),
+            }),
+            workers: vec![KvWorkerEndpoint {
+                url: "http://d2:8000".into(),
+                at: KvEndpoint {
+                    endpoint: "tcp://10.1.1.1:7000".into(),
+                    replay_endpoint: Some("tcp://10.1.1.1:7100".into()),
+                    dp_size: None,
+                },
+            }],
+            ..cfg
+        };
+        let f = feed_from_config("http://d1:8000", Decode, &cfg).unwrap();
+        assert_eq!(f.endpoints, vec!["tcp://d1:6000", "tcp://d1:6001"]);
+        assert_eq!(f.replay, vec![None, None]);
+        let f = feed_from_config("http://d2:8000", Decode, &cfg).unwrap();
+        assert_eq!(f.endpoints, vec!["tcp://10.1.1.1:7000"]);
+        assert_eq!(f.replay, vec![Some("tcp://10.1.1.1:7100".to_owned())]);
+        let f = feed_from_config("http://p1:8000", Prefill, &cfg).unwrap();
+        assert_eq!(f.endpoints, vec!["tcp://p1:5557"]);
     }
 
     #[test]
