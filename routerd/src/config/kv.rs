@@ -42,13 +42,13 @@ impl Builder<'_> {
             v => v.map(Spanned::into_inner),
         };
         // A pool's or a worker's endpoints: `None` (with the errors recorded) when invalid.
-        let mut at = |b: &mut Self, key: &str, r: RawKvEndpoint| -> Option<KvEndpoint> {
+        let at = |b: &mut Self, key: &str, r: RawKvEndpoint| -> Option<KvEndpoint> {
             let ep = endpoint(b, &format!("{key}.endpoint"), Some(r.endpoint));
             let replay = endpoint(b, &format!("{key}.replay_endpoint"), r.replay_endpoint);
             let dp_size = dp(b, &format!("{key}.dp_size"), r.dp_size);
             Some(KvEndpoint { endpoint: ep?, replay_endpoint: replay, dp_size })
         };
-        let mut pool = |b: &mut Self, name: &str, r: Option<RawKvEndpoint>| {
+        let pool = |b: &mut Self, name: &str, r: Option<RawKvEndpoint>| {
             let r = r?;
             let key = format!("kv_events.{name}");
             if let Some(u) = &r.url {
