@@ -15,7 +15,11 @@ prompts as token ids (`routerctl bench --input-ids`: one id per byte, sims with 
 4x the cache tokens and 1/4 the prefill time per token, so the same text costs the same): ca5i
 (cache_aware on its approximate tree; the sims publish events all the same, routerd does not
 subscribe), evi (cache_aware on the sims' KV events), affi (perfect affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
-with the i routings. Each run appends one JSON line
+with the i routings. The t routings run the same fleet with text prompts and a byte-level
+tokenizer with a ChatML chat template on both sides (`--write-byte-tokenizer DIR`, then
+`--tokenizer-path DIR` for the sims and routerd): ca5t (approximate tree, events off), evt
+(KV events: routerd tokenizes text and renders chats through the template), afft (perfect
+affinity); they run every scenario, chats included. Each run appends one JSON line
 to --out (the bench report plus scenario, routing, seed); --table prints the markdown table of
 a results file (mean of the seeds, and the largest relative spread between seeds).
 
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,16 +81,23 @@ SCENARIOS = {
                      bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
                             "--zipf-s", "0.8", "--concurrency", "64"]),
 }
-ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "evi", "affi"]
+ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "evi", "affi", "ca5t", "evt",
+            "afft"]
 IDS = ("ca5i", "evi", "affi")
-ROUTERD = ("cost", "ca5", "ca3", "rr", "ca5i", "evi")
+TEXT = ("ca5t", "evt", "afft")
+TOKENIZED = IDS + TEXT
+ROUTERD = ("cost", "ca5", "ca3", "rr", "ca5i", "evi", "ca5t", "evt")
+TOKENIZER_DIR = f"/tmp/bench-routing-tokenizer.{os.getpid()}"
 CHAT = ("multi-turn", "shared-system")
 EVENTS = '{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:0", "replay_endpoint": "tcp://127.0.0.1:0"}'
 NAMES = {"cost": "routerd cost_aware", "ca5": "routerd cache_aware 0.5", "ca3":
          "routerd cache_aware 0.3/64/1.5", "rr": "routerd round_robin",
          "affinity": "perfect affinity", "sgl": "sglang-router 0.3.2 cache_aware",
          "ca5i": "ids: routerd cache_aware (approximate)",
-         "evi": "ids: routerd cache_aware on KV events", "affi": "ids: perfect affinity"}
+         "evi": "ids: routerd cache_aware on KV events", "affi": "ids: perfect affinity",
+         "ca5t": "tokenizer: routerd cache_aware (approximate)",
+         "evt": "tokenizer: routerd cache_aware on KV events",
+         "afft": "tokenizer: perfect affinity"}
 
 
 def free_port():
@@ -158,14 +170,16 @@ def merged(base, override):
 def sim_argv(port, sc, i, routing=""):
     own = sc.get("sim", []) + (["--speed", sc["speeds"][i]] if "speeds" in sc else [])
     args = merged(SIM, own)
-    if routing in IDS:
+    if routing in TOKENIZED:
         # One token per byte instead of per 4 characters: 4x the tokens, 1/4 the time each.
         k = args.index("--cache-capacity-tokens") + 1
         args[k] = str(int(args[k]) * 4)
         args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
-    if routing in ("evi", "ca5i"):
+    if routing in ("evi", "ca5i", "evt", "ca5t"):
         # ca5i's fleet publishes too (routerd does not subscribe): the same simulated work.
         args += ["--kv-events-config", EVENTS]
+    if routing in TEXT:
+        args += ["--tokenizer-path", TOKENIZER_DIR]
     return pinned(1, [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args)
 
 
@@ -191,13 +205,16 @@ def run(scenario, routing, seed):
             common += ["--prometheus-port", str(mport)]
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
                       "ca5i": ["--policy", "cache_aware"], "evi": ["--policy", "cache_aware"],
+                      "ca5t": ["--policy", "cache_aware"], "evt": ["--policy", "cache_aware",
+                                                                   "--tokenizer-path",
+                                                                   TOKENIZER_DIR],
                       "ca3": ["--policy", "cache_aware", "--cache-threshold", "0.3",
                               "--balance-abs-threshold", "64",
                               "--balance-rel-threshold", "1.5"],
                       "rr": ["--policy", "round_robin"]}[routing]
             # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
             threads = ["--worker-threads", "1"] if PIN else []
-            if routing == "ca5i":
+            if routing in ("ca5i", "ca5t"):
                 off = f"/tmp/bench-routing-no-events.{os.getpid()}.toml"
                 with open(off, "w") as f:
                     f.write("[kv_events]\nenabled = false\n")
@@ -205,13 +222,14 @@ def run(scenario, routing, seed):
             fleet.start(pinned(0, [f"{BIN}/routerd", *common, *policy, *threads]),
                         os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")
-            if routing == "evi":
+            if routing in ("evi", "evt"):
                 wait_subscribed(router, sc["n"])
         elif routing == "sgl":
             fleet.start([sys.executable, "-m", "sglang_router.launch_router", *common,
                          "--policy", "cache_aware"])
             wait_up(router + "/health")
-        extra = ["--affinity", "--workers", *workers] if routing in ("affinity", "affi") else []
+        affinity = ("affinity", "affi", "afft")
+        extra = ["--affinity", "--workers", *workers] if routing in affinity else []
         if routing in IDS:
             extra += ["--input-ids"]
         churn = sc.get("churn")
@@ -230,7 +248,7 @@ def run(scenario, routing, seed):
             new = urls[sc["n"]]
             fleet.start(sim_argv(ports[sc["n"]], sc, sc["n"], routing))
             wait_up(new + "/health")
-            if routing in ("affinity", "affi"):
+            if routing in affinity:
                 cmd = "true"
             elif routing == "sgl":
                 cmd = f"curl -sf -X POST '{router}/add_worker?url={new}' >/dev/null"
@@ -238,7 +256,7 @@ def run(scenario, routing, seed):
                 cmd = (f"curl -sf -X POST {router}/workers -H 'content-type: application/json' "
                        f"-d '{{\"url\": \"{new}\"}}' >/dev/null")
             extra += ["--at-fraction", "0.3", "--exec", cmd]
-            if routing not in ("affinity", "affi"):
+            if routing not in affinity:
                 extra += ["--workers", *urls]
         argv = pinned(1, [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
                           *merged(BENCH, sc["bench"]), *extra, "-o", "json"])
@@ -311,6 +329,9 @@ def main():
     if a.table:
         table(a.table)
         return
+    if any(r in TEXT for r in a.routings.split(",")):
+        subprocess.run([f"{BIN}/routerctl", "sim-worker", "--write-byte-tokenizer", TOKENIZER_DIR],
+                       check=True, stdout=subprocess.DEVNULL)
     for seed in [int(s) for s in a.seeds.split(",")]:
         for sc in a.scenarios.split(","):
             for ro in a.routings.split(","):
@@ -330,6 +351,7 @@ def main():
                 print(f"{sc:16} {ro:9} seed {seed}: hit {100 * (rep['cache_hit_rate'] or 0):5.1f}% "
                       f"{rep['requests_per_sec']:7.1f} req/s ttft p50 {rep['ttft_p50_ms']:6.1f} "
                       f"p99 {rep['ttft_p99_ms']:7.1f} failed {rep['failed']}", flush=True)
+    shutil.rmtree(TOKENIZER_DIR, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,7 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
 }
 
 /// Routes a chat conversation through routerd: the worker chosen, the decision record and the
-/// worker's usage.
+/// worker's answer.
 async fn route_chat(r: &routerd::run::Running, messages: &Value) -> (String, Value, Value) {
     let resp = client()
         .post(format!("{}/v1/chat/completions", r.url()))
@@ -329,7 +329,7 @@ async fn route_chat(r: &routerd::run::Running, messages: &Value) -> (String, Val
     let decision =
         serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
     let body: Value = resp.json().await.unwrap();
-    (worker, decision, body["usage"].clone())
+    (worker, decision, body)
 }
 
 #[tokio::test]
@@ -350,7 +350,8 @@ async fn chat_requests_route_on_events_through_the_models_chat_template() {
     let rendered = format!(
         "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let (home, d, usage) = route_chat(&r, &messages).await;
+    let (home, d, answer) = route_chat(&r, &messages).await;
+    let usage = &answer["usage"];
     assert_eq!(d["branch"], "miss");
     assert_eq!(d["prompt_tokens"], rendered.len(), "routerd rendered the template: {d}");
     assert_eq!(usage["prompt_tokens"], rendered.len(), "the worker rendered the same: {usage}");
@@ -365,12 +366,29 @@ async fn chat_requests_route_on_events_through_the_models_chat_template() {
         blocks(&r, &home).await == 0 && blocks(&r, &away.url()).await > 0
     })
     .await;
-    let (to, d, usage) = route_chat(&r, &messages).await;
+    let (to, d, answer) = route_chat(&r, &messages).await;
     assert_eq!(to, away.url(), "the conversation goes where it is cached: {d}");
     assert_eq!(d["branch"], "hit");
     let matched = d["matched_tokens"].as_u64().unwrap();
     assert_eq!(matched as usize, rendered.len() - rendered.len() % 4, "{d}");
+    let usage = &answer["usage"];
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], matched, "prediction = truth");
+    // The next turn carries the answer: the worker cached prompt and answer as the template
+    // renders them again, and routerd's events say so.
+    let reply = answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let mut turn2 = messages.as_array().unwrap().clone();
+    turn2.push(json!({"role": "assistant", "content": reply}));
+    turn2.push(json!({"role": "user", "content": "And then?"}));
+    eventually(Duration::from_secs(5), "the answer's blocks seen", || async {
+        blocks(&r, &away.url()).await * 4 >= (rendered.len() + reply.len()) as u64 - 3
+    })
+    .await;
+    let (to, d, answer) = route_chat(&r, &json!(turn2)).await;
+    assert_eq!(to, away.url(), "{d}");
+    let shared = rendered.len() + reply.len();
+    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached as usize >= shared - shared % 4, "cached {cached} of {shared} shared: {d}");
+    assert_eq!(d["matched_tokens"].as_u64().unwrap(), cached, "{d}");
     // A multimodal message is not rendered: it routes on the approximate tree, and is served.
     let image = json!([{"role": "user", "content": [{"type": "text", "text": "what is it"},
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]);

@@ -50,6 +50,8 @@ pub struct Job {
     /// The prompt's text when it came as text: on completion the cache stores the tokens of
     /// prompt + answer text, which is what the next turn of a conversation will send.
     pub prompt_text: Option<String>,
+    /// `prompt_text` is encoded without special tokens added (a rendered chat template).
+    pub plain_text: bool,
     /// Decode leg of a PD pair: the KV cache arrived from the prefill worker, so no prefill
     /// compute and no cache lookup here.
     pub skip_prefill: bool,
@@ -295,7 +297,11 @@ fn finished_sequence(tokenizer: &Tokenizer, a: &mut Active) -> Vec<u32> {
             for id in &a.generated {
                 text.push_str(token_text(*id));
             }
-            tokenizer.encode(&text)
+            if a.job.plain_text {
+                tokenizer.encode_plain(&text)
+            } else {
+                tokenizer.encode(&text)
+            }
         }
         None => {
             let mut full = std::mem::take(&mut a.job.tokens);

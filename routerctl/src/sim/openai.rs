@@ -153,7 +153,13 @@ pub async fn embeddings(State(state): State<Arc<SimState>>, body: Bytes) -> Resp
         prompt_tokens += tokens.len();
         let vector = embed(&tokens, state.args.embedding_dim);
         // Embedding models run a prefill and no decode.
-        let job = Job { tokens, max_new_tokens: 0, prompt_text: None, skip_prefill: false };
+        let job = Job {
+            tokens,
+            max_new_tokens: 0,
+            prompt_text: None,
+            plain_text: false,
+            skip_prefill: false,
+        };
         let mut events = state.engine.submit(job);
         while let Some(ev) = events.recv().await {
             if ev == super::engine::Event::Done {

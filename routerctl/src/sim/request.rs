@@ -17,6 +17,8 @@ pub struct Bootstrap {
 pub struct Item {
     pub tokens: Vec<u32>,
     pub text: Option<String>,
+    /// `text` is encoded without special tokens added (a rendered chat template).
+    pub plain_text: bool,
     pub max_new_tokens: u32,
     pub return_logprob: bool,
     pub rid: Option<String>,
@@ -116,8 +118,8 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     if messages.is_empty() {
         return Err("messages must not be empty".into());
     }
-    let prompt = match ctx.tokenizer.chat_ids(ctx.body) {
-        Some(ids) => Prompt::Ids(ids?),
+    let prompt = match ctx.tokenizer.chat_prompt(ctx.body) {
+        Some(text) => Prompt::Rendered(text?),
         None => Prompt::Text(render_chat(messages)?),
     };
     let max_new_tokens = openai_max_tokens(obj, ctx)?;
@@ -162,6 +164,8 @@ pub fn render_chat(messages: &[Value]) -> ParseResult<String> {
 
 enum Prompt {
     Text(String),
+    /// A chat template's rendering: encoded without special tokens added.
+    Rendered(String),
     Ids(Vec<u32>),
 }
 
@@ -173,8 +177,10 @@ fn make_item(
     rid: &Option<Value>,
     bootstrap: Option<Bootstrap>,
 ) -> ParseResult<Item> {
+    let plain_text = matches!(prompt, Prompt::Rendered(_));
     let (tokens, text) = match prompt {
         Prompt::Text(t) => (ctx.tokenizer.encode(&t), Some(t)),
+        Prompt::Rendered(t) => (ctx.tokenizer.encode_plain(&t), Some(t)),
         Prompt::Ids(ids) => (ids, None),
     };
     if tokens.len() + max_new_tokens as usize > ctx.context_length {
@@ -197,6 +203,7 @@ fn make_item(
     Ok(Item {
         tokens,
         text,
+        plain_text,
         max_new_tokens,
         return_logprob: flag(logprob.as_ref(), "return_logprob")?,
         rid,

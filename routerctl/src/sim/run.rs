@@ -141,6 +141,7 @@ async fn start_item(state: &SimState, item: &Item) -> Result<ItemRun, SimError> 
         tokens: item.tokens.clone(),
         max_new_tokens: item.max_new_tokens,
         prompt_text: item.text.clone(),
+        plain_text: item.plain_text,
         skip_prefill: false,
     };
     let role = state.args.role;

@@ -227,7 +227,13 @@ async fn health_generate(State(state): State<Arc<SimState>>) -> StatusCode {
     if state.faults().unhealthy {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    let job = Job { tokens: vec![0], max_new_tokens: 1, prompt_text: None, skip_prefill: true };
+    let job = Job {
+        tokens: vec![0],
+        max_new_tokens: 1,
+        prompt_text: None,
+        plain_text: false,
+        skip_prefill: true,
+    };
     let mut events = state.engine.submit(job);
     while let Some(ev) = events.recv().await {
         if ev == Event::Done {

@@ -36,10 +36,18 @@ impl Tokenizer {
         Ok(Self { chars_per_token: 1, hf: Some(std::sync::Arc::new(hf)) })
     }
 
-    /// A chat request's prompt ids from the model's chat template, as SGLang renders and
-    /// encodes it; `None` without a template (or for multimodal content), when the simulated
-    /// chat format applies.
-    pub fn chat_ids(&self, body: &[u8]) -> Option<Result<Vec<u32>, String>> {
+    /// Text's ids without special tokens added (a rendered chat template writes its own).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        match &self.hf {
+            Some(hf) => hf.encode_plain(text).unwrap_or_default(),
+            None => self.encode(text),
+        }
+    }
+
+    /// A chat request's prompt text from the model's chat template, as SGLang renders it (to
+    /// be encoded with `encode_plain`); `None` without a template (or for multimodal content),
+    /// when the simulated chat format applies.
+    pub fn chat_prompt(&self, body: &[u8]) -> Option<Result<String, String>> {
         use routerd::kv::chat::{ChatInput, RenderError};
         let hf = self.hf.as_ref()?;
         hf.chat.as_ref().ok()?;
@@ -48,8 +56,8 @@ impl Tokenizer {
             Ok(i) => i,
             Err(e) => return Some(Err(e)),
         };
-        match hf.chat_ids(&input) {
-            Ok(ids) => Some(Ok(ids)),
+        match hf.chat_prompt(&input) {
+            Ok(text) => Some(Ok(text)),
             Err(RenderError::Multimodal) => None,
             Err(e) => Some(Err(e.to_string())),
         }

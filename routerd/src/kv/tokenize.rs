@@ -46,15 +46,22 @@ impl Tokenizer {
         self.inner.encode(text, true).ok().map(|e| e.get_ids().to_vec())
     }
 
+    /// Text's ids without special tokens added (a rendered chat template writes its own).
+    pub fn encode_plain(&self, text: &str) -> Option<Vec<u32>> {
+        self.inner.encode(text, false).ok().map(|e| e.get_ids().to_vec())
+    }
+
+    /// A chat request's prompt text: the chat template rendered.
+    pub fn chat_prompt(&self, input: &ChatInput) -> Result<String, RenderError> {
+        self.chat.as_ref().map_err(|e| RenderError::Template(e.clone()))?.prompt(input)
+    }
+
     /// A chat request's prompt ids: the template rendered, encoded without special tokens
-    /// added (the template writes them).
+    /// added.
     pub fn chat_ids(&self, input: &ChatInput) -> Result<Vec<u32>, RenderError> {
-        let template = self.chat.as_ref().map_err(|e| RenderError::Template(e.clone()))?;
-        let text = template.prompt(input)?;
-        self.inner
-            .encode(text.as_str(), false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| RenderError::Template(format!("encoding the rendered prompt: {e}")))
+        let text = self.chat_prompt(input)?;
+        self.encode_plain(&text)
+            .ok_or_else(|| RenderError::Template("the rendered prompt does not encode".into()))
     }
 }
 
