@@ -82,12 +82,13 @@ fn generate(text: &str) -> Value {
     json!({"text": text, "sampling_params": {"max_new_tokens": 1}})
 }
 
-/// Routes `text` through routerd: the worker chosen and the decision record.
-async fn route(r: &routerd::run::Running, text: &str) -> (String, Value) {
+/// Sends `body` to routerd's `path` with its decision explained: the worker chosen, the
+/// decision record and the answer.
+async fn explained(r: &routerd::run::Running, path: &str, body: &Value) -> (String, Value, Value) {
     let resp = client()
-        .post(format!("{}/generate", r.url()))
+        .post(format!("{}{path}", r.url()))
         .header("x-routerd-explain", "1")
-        .json(&generate(text))
+        .json(body)
         .send()
         .await
         .unwrap();
@@ -95,6 +96,12 @@ async fn route(r: &routerd::run::Running, text: &str) -> (String, Value) {
     let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
     let decision =
         serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    (worker, decision, resp.json().await.unwrap())
+}
+
+/// Routes `text` through routerd: the worker chosen and the decision record.
+async fn route(r: &routerd::run::Running, text: &str) -> (String, Value) {
+    let (worker, decision, _) = explained(r, "/generate", &generate(text)).await;
     (worker, decision)
 }
 
@@ -317,19 +324,8 @@ async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
 /// Routes a chat conversation through routerd: the worker chosen, the decision record and the
 /// worker's answer.
 async fn route_chat(r: &routerd::run::Running, messages: &Value) -> (String, Value, Value) {
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", r.url()))
-        .header("x-routerd-explain", "1")
-        .json(&json!({"model": "m", "messages": messages, "max_tokens": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let decision =
-        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
-    let body: Value = resp.json().await.unwrap();
-    (worker, decision, body)
+    let body = json!({"model": "m", "messages": messages, "max_tokens": 1});
+    explained(r, "/v1/chat/completions", &body).await
 }
 
 #[tokio::test]
