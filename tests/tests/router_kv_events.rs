@@ -401,6 +401,7 @@ async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
     let w = kv_sim(&tok, |_| {}).await;
     let info = get_json(&format!("{}/server_info", w.url())).await;
     let port = info["kv_events"]["endpoint_port_base"].as_u64().unwrap();
+    let replay = info["kv_events"]["replay_endpoint_port_base"].as_u64().unwrap();
     let mut config = router_config("cache_aware", &[&w]);
     config.tokenizer =
         Some(routerd::kv::tokenize::TokenizerFiles { path: tok.clone(), chat_template: None });
@@ -410,7 +411,7 @@ async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
         url: w.url(),
         at: routerd::kv::KvEndpoint {
             endpoint: format!("tcp://127.0.0.1:{port}"),
-            replay_endpoint: None,
+            replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
             dp_size: None,
         },
     }];
@@ -420,6 +421,10 @@ async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
     assert_eq!(s["workers"][0]["ranks"][0]["endpoint"], format!("tcp://127.0.0.1:{port}"));
     let p = prompt("config");
     route(&r, &p).await;
+    eventually(Duration::from_secs(5), "the prompt's blocks indexed", || async {
+        blocks(&r, &w.url()).await > 0
+    })
+    .await;
     let (_, d) = route(&r, &p).await;
     assert_eq!(d["branch"], "hit", "{d}");
     assert!(d["matched_tokens"].as_u64().unwrap() > 0, "{d}");
