@@ -219,6 +219,8 @@ def run(scenario, routing, seed):
                 with open(off, "w") as f:
                     f.write("[kv_events]\nenabled = false\n")
                 threads += ["--config", off]
+            # ROUTER_EXTRA="--flag value ..." adds routerd flags (experiments).
+            threads += shlex.split(os.environ.get("ROUTER_EXTRA", ""))
             fleet.start(pinned(0, [f"{BIN}/routerd", *common, *policy, *threads]),
                         os.environ.get("ROUTER_LOG"))
             wait_up(router + "/readiness")
