@@ -2,7 +2,8 @@
 # Fuzzes routerd's parsers of untrusted input with cargo-fuzz (libFuzzer): the configuration
 # parser, routing-text extraction from request bodies, the SSE re-framer with the chunked
 # decoder under it, the hand-written HTTP/1 wire on arbitrary bytes (request heads, response
-# heads, chunked bodies), and the KV-event decoder (msgpack batches, ZMQ frames). Each target
+# heads, chunked bodies), the KV-event decoder (msgpack batches, ZMQ frames) and chat-template
+# rendering of chat request bodies (kv::chat). Each target
 # runs for SECONDS (default 60) from the seeds in fuzz/seeds
 # (and config/*.toml for the parser); a crash leaves its input in fuzz/artifacts/TARGET/ and
 # fails the script. Needs the nightly toolchain; installs cargo-fuzz if it is missing.
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${SECONDS_PER_TARGET:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config extract sse request_head response_head chunked kv_wire)
+[ ${#targets[@]} -gt 0 ] || targets=(config extract sse request_head response_head chunked kv_wire chat)
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "fuzz-smoke: needs the nightly toolchain (rustup toolchain install nightly)" >&2
