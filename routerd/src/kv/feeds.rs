@@ -25,6 +25,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut asked: HashMap<String, Instant> = HashMap::new();
     let mut tokenizer_failed: Option<(TokenizerFiles, Instant)> = None;
+    // Said once per stretch of event routing without a tokenizer (again after one is removed).
+    let mut told_no_tokenizer = false;
     loop {
         let live = app.live();
         let cfg = &live.config.kv_events;
@@ -40,6 +42,18 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         } else {
             BTreeMap::new()
         };
+        if !running.is_empty() && live.config.tokenizer.is_none() {
+            if !told_no_tokenizer {
+                tracing::info!(
+                    "KV events without a tokenizer: requests with input_ids route on the events, \
+                     text and chat prompts on the approximate tree (--tokenizer-path or \
+                     --model-path gives routerd the model's tokenizer)"
+                );
+                told_no_tokenizer = true;
+            }
+        } else if live.config.tokenizer.is_some() {
+            told_no_tokenizer = false;
+        }
         let again = app.kv.take_reresolve();
         running.retain(|base, stop| {
             let keep = wanted.contains_key(base) && !again.contains(base);
