@@ -28,8 +28,8 @@ impl Tokenizer {
     /// A tokenizer.json, or a model directory with one; the chat template beside it (as
     /// routerd finds it) renders chat requests.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
-        let hf = routerd::kv::tokenize::Tokenizer::load(&file)?;
+        let hf =
+            routerd::kv::tokenize::Tokenizer::load(&routerd::kv::tokenize::tokenizer_file(path))?;
         if let Err(e) = &hf.chat {
             tracing::info!(reason = %e, "chat requests use the simulated chat format");
         }

@@ -159,7 +159,7 @@ impl Builder<'_> {
                 return None;
             }
         };
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path };
+        let file = crate::kv::tokenize::tokenizer_file(&path);
         if !file.is_file() {
             self.error(
                 "tokenizer.path",

@@ -148,7 +148,7 @@ impl ChatTemplate {
             }
         }
 
-        let tools = self.tools(input, raw)?;
+        let tools = self.tools(input)?;
         let mut ctx: Vec<(String, Value)> = self.specials.clone();
         ctx.push(("messages".into(), out.into_iter().map(Message::into_value).collect()));
         ctx.push(("tools".into(), tools));
@@ -208,10 +208,7 @@ impl ChatTemplate {
                 }
             }
         };
-        let tools = match m.tools {
-            Some(t) => Some(tool_values(t)?),
-            None => None,
-        };
+        let tools = m.tools.map(tool_values);
         Ok(Message {
             role: m.role.to_lowercase(),
             content,
@@ -225,7 +222,7 @@ impl ChatTemplate {
 
     /// The `tools` variable: none without tools or with `tool_choice: "none"`, the named one
     /// for a named choice, else all of them (as SGLang's pydantic models write them).
-    fn tools(&self, input: &ChatInput, messages: &RawValue) -> Result<Value, RenderError> {
+    fn tools(&self, input: &ChatInput) -> Result<Value, RenderError> {
         let invalid = |m: String| RenderError::Invalid(m);
         let tools: Option<Vec<RawTool>> = match input.tools {
             Some(t) => serde_json::from_str(t.get()).map_err(|e| invalid(format!("tools: {e}")))?,
@@ -237,15 +234,11 @@ impl ChatTemplate {
             }
             None => None,
         };
-        let choice = choice.unwrap_or_else(|| {
-            // SGLang's default: "none" without tools anywhere, else "auto".
-            let message_tools = messages.get().contains("\"tools\"");
-            ToolChoice::Mode(if tools.is_none() && !message_tools { "none" } else { "auto" }.into())
-        });
         let Some(tools) = tools.filter(|t| !t.is_empty()) else {
             return Ok(none());
         };
-        let tools = match choice {
+        // SGLang's default is "none" only where no tools are given, and those render none.
+        let tools = match choice.unwrap_or_else(|| ToolChoice::Mode("auto".into())) {
             ToolChoice::Mode(m) if m == "none" => return Ok(none()),
             ToolChoice::Mode(_) => tools,
             ToolChoice::Named { function } => tools
@@ -253,7 +246,7 @@ impl ChatTemplate {
                 .filter(|t| Some(&t.function.name) == function.name.as_ref())
                 .collect(),
         };
-        tool_values(tools)
+        Ok(tool_values(tools))
     }
 }
 
@@ -367,8 +360,8 @@ struct ChoiceName {
 
 /// Tools as SGLang's `Tool.model_dump()` writes them: `type`, then `function` with
 /// `description`, `name`, `parameters` and `strict` (defaults included), then `defer_loading`.
-fn tool_values(tools: Vec<RawTool>) -> Result<Value, RenderError> {
-    Ok(tools
+fn tool_values(tools: Vec<RawTool>) -> Value {
+    tools
         .into_iter()
         .map(|t| {
             let defer = t.function.defer_loading.or(t.defer_loading);
@@ -387,7 +380,7 @@ fn tool_values(tools: Vec<RawTool>) -> Result<Value, RenderError> {
                 ("defer_loading", t.defer_loading.map_or(none(), Value::from)),
             ])
         })
-        .collect())
+        .collect()
 }
 
 /// SGLang's content-format test: the template iterates over a message's content (or speaks of

@@ -458,9 +458,10 @@ impl KvState {
             })
             .collect();
         workers.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
+        let tokenizer = self.tokenizer.load();
         serde_json::json!({
-            "tokenizer": self.tokenizer.load().as_ref().map(|t| t.files.path.display().to_string()),
-            "chat_template": self.tokenizer.load().as_ref().map(|t| match &t.chat {
+            "tokenizer": tokenizer.as_ref().map(|t| t.files.path.display().to_string()),
+            "chat_template": tokenizer.as_ref().map(|t| match &t.chat {
                 Ok(c) => serde_json::json!({"from": c.origin}),
                 Err(e) => serde_json::json!({"error": e}),
             }),

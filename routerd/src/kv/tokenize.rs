@@ -8,6 +8,15 @@ use std::path::{Path, PathBuf};
 
 use super::chat::{ChatInput, ChatTemplate, RenderError};
 
+/// The `tokenizer.json` a path names: the file itself, or the one in a model directory.
+pub fn tokenizer_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_owned()
+    }
+}
+
 /// The files a tokenizer is loaded from (what the configuration names).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenizerFiles {
