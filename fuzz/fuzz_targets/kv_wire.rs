@@ -1,10 +1,12 @@
 //! The KV-event decoder on any payload and any frames: it never panics, never allocates past
 //! its caps (libFuzzer's -rss_limit_mb and -malloc_limit_mb catch that), and what it accepts
-//! re-encodes to a batch that decodes to the same events.
+//! re-encodes to a batch that decodes to the same events; the same for the load decoder.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use routerd::kv::wire::{decode, message, Encoder, Event, MAX_EVENTS, MAX_HASHES};
+use routerd::kv::wire::{
+    decode, decode_load, encode_load, message, Encoder, Event, MAX_EVENTS, MAX_HASHES,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(b) = decode(data) {
@@ -24,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
         }
         let again = decode(&e.finish(b.ts, b.dp_rank)).expect("the encoder's output decodes");
         assert_eq!(again.events.len(), b.events.iter().filter(|e| matches!(e, Event::Cleared)).count());
+    }
+    // As a load report: what decodes re-encodes to the same report.
+    if let Ok(l) = decode_load(data) {
+        assert_eq!(decode_load(&encode_load(&l)), Ok(l));
     }
     // The same bytes as frames: split at the first two bytes' values.
     if data.len() >= 2 {

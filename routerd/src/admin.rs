@@ -21,6 +21,14 @@ use crate::error::RouterError;
 use crate::registry::{RegistryError, Worker, WorkerRole, WorkerSource, WorkerSpec};
 
 /// A worker as `GET /workers` shows it.
+/// A worker's own load report, as `/admin/stats` shows it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoadReportView {
+    pub requests: u64,
+    pub own_then: u64,
+    pub source: crate::registry::ReportSource,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerView {
     /// Stable for the worker's life (a UUID, as sgl-router 0.3's `worker_id`).
@@ -48,8 +56,14 @@ pub struct WorkerView {
     /// The last failure seen on it (a request or a health check).
     pub last_error: Option<String>,
     pub in_flight: u64,
-    /// The load policies compare: `in_flight`, or the worker's own report when polled and higher.
+    /// The load policies compare: `in_flight` plus what other routers have running there, by
+    /// the worker's own last report (`load_report`).
     pub load: u64,
+    /// The worker's last load report while it counts: requests it had running and waiting,
+    /// this router's in-flight count then, and where it came from (`published` on its load
+    /// socket, `polled` from `/get_load`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_report: Option<LoadReportView>,
     pub requests_total: u64,
     pub errors_total: u64,
     /// Prompt and cached tokens the worker reported in its responses, and their ratio: the
@@ -97,6 +111,11 @@ impl WorkerView {
             last_error: w.last_error(),
             in_flight: w.in_flight.load(Relaxed),
             load: w.load(),
+            load_report: w.report.fresh().map(|(requests, own_then, source)| LoadReportView {
+                requests,
+                own_then,
+                source,
+            }),
             requests_total: w.requests_total.load(Relaxed),
             errors_total: w.errors_total.load(Relaxed),
             prompt_tokens,

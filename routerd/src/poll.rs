@@ -1,5 +1,6 @@
-//! Polls every worker's `/get_load` so that power_of_two also sees load from other routers.
-//! A worker that does not answer falls back to this router's own count.
+//! Polls every worker's `/get_load` so that the load policies also see load from other
+//! routers (where no load socket reports it: `kv::load`). A worker that does not answer falls
+//! back to this router's own count.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -9,6 +10,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::registry::{ReportSource, Worker};
+
+fn published(w: &Worker) -> bool {
+    w.report.fresh().is_some_and(|(_, _, s)| s == ReportSource::Published)
+}
 
 pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
     loop {
@@ -29,11 +35,15 @@ pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
                 .as_ref()
                 .and_then(|v| reported_requests(for_rank(v, w.dp_rank)?))
             {
-                Some(n) => {
-                    w.polled_load.store(n, Relaxed);
-                    w.polled.store(true, Relaxed);
-                }
-                None => w.polled.store(false, Relaxed),
+                // A load socket's reports, more frequent, win over the poll's.
+                _ if published(w) => {}
+                Some(n) => w.report.set(
+                    n,
+                    w.in_flight.load(Relaxed),
+                    (every * 3).max(Duration::from_secs(3)),
+                    ReportSource::Polled,
+                ),
+                None => w.report.clear(),
             }
         });
         tokio::select! {

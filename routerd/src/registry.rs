@@ -96,9 +96,8 @@ pub struct Worker {
     /// Event routing: prompt tokens routerd predicted the worker's cache held (compare with
     /// `cached_tokens`, what it reported).
     pub predicted_tokens: AtomicU64,
-    /// Requests the worker itself reports running or waiting (`/get_load`), when polled.
-    pub polled_load: AtomicU64,
-    pub polled: AtomicBool,
+    /// What the worker itself last said of its load (its load socket, or `/get_load`).
+    pub report: LoadReport,
     /// Prompt characters sent to this worker that it has not yet cached by the policy's
     /// estimate and not yet answered (cost_aware's queue of prefill work).
     pub pending_prefill: AtomicU64,
@@ -211,8 +210,7 @@ impl Worker {
             pending_requests: AtomicU64::new(0),
             cached_tokens: AtomicU64::new(0),
             predicted_tokens: AtomicU64::new(0),
-            polled_load: AtomicU64::new(0),
-            polled: AtomicBool::new(false),
+            report: LoadReport::default(),
             healthy: AtomicBool::new(true),
             idle: Default::default(),
             breaker: Default::default(),
@@ -310,15 +308,13 @@ impl Worker {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The load policies compare: this router's in-flight requests, or what the worker reports
-    /// if that is higher (other routers' traffic).
+    /// The load policies compare: this router's in-flight requests, plus the requests the
+    /// worker last reported beyond the ones this router had in flight when the report came
+    /// (other routers' traffic: every replica sees the others' load this way). Without a
+    /// fresh report, this router's own count.
     pub fn load(&self) -> u64 {
         let own = self.in_flight.load(Relaxed);
-        if self.polled.load(Relaxed) {
-            own.max(self.polled_load.load(Relaxed))
-        } else {
-            own
-        }
+        own + self.report.others()
     }
 
     /// Counts a request in flight on this worker until the guard is dropped.
@@ -326,6 +322,74 @@ impl Worker {
         self.in_flight.fetch_add(1, Relaxed);
         self.requests_total.fetch_add(1, Relaxed);
         LoadGuard(self.clone())
+    }
+}
+
+/// Where a worker's load report came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// SGLang's load socket (`--load-publish-endpoint`).
+    Published,
+    /// `/get_load`, polled (`[policy] load_poll_interval`).
+    Polled,
+}
+
+/// A worker's own count of its running and waiting requests, as it last reported it, and this
+/// router's in-flight count when the report came: the difference is other routers' traffic.
+/// A report counts until its deadline (a few of the source's intervals), then load is this
+/// router's own count again.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    requests: AtomicU64,
+    own_then: AtomicU64,
+    /// Milliseconds on [`clock_ms`] until which the report counts; 0: none.
+    until_ms: AtomicU64,
+    /// 1: published, 2: polled.
+    source: std::sync::atomic::AtomicU8,
+}
+
+/// A monotonic millisecond clock for report deadlines (from the first call, plus one so that
+/// 0 can mean "none").
+pub fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl LoadReport {
+    /// Records a report of `requests` (running + waiting), `own` being this router's
+    /// in-flight count on the worker now, valid for `valid`.
+    pub fn set(&self, requests: u64, own: u64, valid: std::time::Duration, source: ReportSource) {
+        self.requests.store(requests, Relaxed);
+        self.own_then.store(own, Relaxed);
+        self.source.store(if source == ReportSource::Published { 1 } else { 2 }, Relaxed);
+        self.until_ms.store(clock_ms() + valid.as_millis() as u64, Relaxed);
+    }
+
+    /// The worker stopped reporting (its socket or poll failed).
+    pub fn clear(&self) {
+        self.until_ms.store(0, Relaxed);
+    }
+
+    /// The report, while it counts: (requests, own in-flight then, source).
+    pub fn fresh(&self) -> Option<(u64, u64, ReportSource)> {
+        let until = self.until_ms.load(Relaxed);
+        if until == 0 || clock_ms() > until {
+            return None;
+        }
+        let source = match self.source.load(Relaxed) {
+            1 => ReportSource::Published,
+            _ => ReportSource::Polled,
+        };
+        Some((self.requests.load(Relaxed), self.own_then.load(Relaxed), source))
+    }
+
+    /// Requests on the worker that were not this router's when it reported.
+    pub fn others(&self) -> u64 {
+        if self.until_ms.load(Relaxed) == 0 {
+            return 0;
+        }
+        self.fresh().map_or(0, |(r, own, _)| r.saturating_sub(own))
     }
 }
 
@@ -614,14 +678,25 @@ mod tests {
     }
 
     #[test]
-    fn guard_counts_until_dropped_and_load_uses_the_poll() {
+    fn guard_counts_until_dropped_and_load_adds_what_others_sent() {
         let w = Arc::new(Worker::new(spec("http://a:1")));
         let g = w.start_request();
         assert_eq!(w.load(), 1);
-        w.polled_load.store(5, Relaxed);
-        w.polled.store(true, Relaxed);
+        // The worker runs 5, one of them ours: 4 are other routers'.
+        w.report.set(5, 1, std::time::Duration::from_secs(60), ReportSource::Published);
         assert_eq!(w.load(), 5);
-        drop(g);
+        let g2 = w.start_request();
+        assert_eq!(w.load(), 6, "ours since the report add to the others'");
+        // Ours not yet on the worker when it reported: nobody else's.
+        w.report.set(1, 2, std::time::Duration::from_secs(60), ReportSource::Polled);
+        assert_eq!(w.load(), 2);
+        w.report.set(9, 0, std::time::Duration::ZERO, ReportSource::Polled);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(w.load(), 2, "a stale report does not count");
+        w.report.set(9, 0, std::time::Duration::from_secs(60), ReportSource::Polled);
+        w.report.clear();
+        assert_eq!(w.load(), 2);
+        drop((g, g2));
         assert_eq!(w.in_flight.load(Relaxed), 0);
         assert_eq!(w.requests_total.load(Relaxed), 1);
     }

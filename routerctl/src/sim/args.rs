@@ -113,6 +113,13 @@ pub struct SimArgs {
     /// (port 0 picks a free port; /server_info tells which).
     #[arg(long, value_name = "JSON")]
     pub kv_events_config: Option<String>,
+    /// Publish this worker's load as SGLang does (needs --kv-events-config): `LoadStat`
+    /// messages on a ZMQ PUB socket, topic `load`, on every change and each second. `auto`
+    /// takes the port after the KV-event range (after the replay socket when that is next;
+    /// a free port when the events' port is 0), `tcp://*:PORT` sets it, `off` (the default)
+    /// publishes none. /server_info's kv_events block tells where.
+    #[arg(long, value_name = "auto|off|tcp://*:PORT")]
+    pub load_publish_endpoint: Option<String>,
     /// Tokens per KV cache page: the cache holds whole pages, and events hash pages.
     #[arg(long, default_value_t = 1)]
     pub page_size: usize,
@@ -235,6 +242,14 @@ impl SimArgs {
         }
         if let Some(c) = &self.kv_events_config {
             super::kv_events::KvEventsConfig::parse(c)?;
+        }
+        if let Some(l) = &self.load_publish_endpoint {
+            let on = super::kv_events::load_endpoint(l, self.kv_events_config.as_deref())?;
+            if on.is_some() && self.kv_events_config.is_none() {
+                return Err("--load-publish-endpoint needs --kv-events-config (as SGLang's \
+                            does: routers find the load socket in its kv_events block)"
+                    .into());
+            }
         }
         if self.dp_size == 0 {
             return Err("--dp-size must be at least 1".into());

@@ -229,6 +229,89 @@ async fn replay(
     }
 }
 
+/// Where `--load-publish-endpoint` binds (`None`: off). `auto` packs the load port after the
+/// KV-event range as SGLang does (past the replay socket when it is next; port 0 when the
+/// events' port is 0).
+pub fn load_endpoint(spec: &str, kv: Option<&str>) -> Result<Option<String>, String> {
+    let spec = spec.trim();
+    if spec.is_empty() || spec.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let port = |ep: &str| ep.rsplit_once(':').and_then(|(_, p)| p.parse::<u32>().ok());
+    if spec.eq_ignore_ascii_case("auto") {
+        let Some(kv) = kv else { return Ok(Some("tcp://*:0".into())) };
+        let c = KvEventsConfig::parse(kv)?;
+        let head = c.endpoint.rsplit_once(':').map_or("tcp://*", |(h, _)| h);
+        let base = match port(&c.endpoint) {
+            None | Some(0) => 0,
+            Some(p) => match c.replay_endpoint.as_deref().and_then(port) {
+                Some(r) if r == p + 1 => r + 1,
+                _ => p + 1,
+            },
+        };
+        if base > 65535 {
+            return Err("--load-publish-endpoint auto: the port after the KV events' is past 65535".into());
+        }
+        return Ok(Some(format!("{head}:{base}")));
+    }
+    match port(spec) {
+        Some(p) if spec.starts_with("tcp://") && p <= 65535 => Ok(Some(spec.to_owned())),
+        _ => Err(format!(
+            "--load-publish-endpoint: {spec:?} is not auto, off or tcp://HOST:PORT"
+        )),
+    }
+}
+
+/// A running load publisher.
+#[derive(Debug)]
+pub struct LoadPublisher {
+    pub port: u16,
+    /// Reports sent.
+    pub sent: AtomicU64,
+}
+
+/// What the simulated scheduler reports: requests running and waiting, KV tokens held by
+/// running requests, the KV capacity.
+pub type LoadNow = Box<dyn Fn() -> routerd::kv::wire::LoadStat + Send + Sync>;
+
+/// Publishes `now()` as SGLang's scheduler does: at once when it changed (checked every
+/// 10 ms, about a scheduler step), else every second.
+pub async fn start_load(
+    endpoint: &str,
+    now: LoadNow,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<LoadPublisher>> {
+    let mut publ = zeromq::PubSocket::new();
+    let bound = publ
+        .bind(&bindable(endpoint))
+        .await
+        .map_err(|e| anyhow::anyhow!("load publisher: cannot bind {endpoint}: {e}"))?;
+    let p = Arc::new(LoadPublisher { port: port_of(&bound).unwrap_or(0), sent: AtomicU64::new(0) });
+    let pc = p.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last: Option<(routerd::kv::wire::LoadStat, tokio::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let stat = now();
+            if last.is_some_and(|(s, at)| s == stat && at.elapsed() < Duration::from_secs(1)) {
+                continue;
+            }
+            let seq = pc.sent.fetch_add(1, Relaxed) as i64;
+            let mut m = ZmqMessage::from(Bytes::from_static(b"load"));
+            m.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
+            m.push_back(Bytes::from(routerd::kv::wire::encode_load(&stat)));
+            let _ = publ.send(m).await;
+            last = Some((stat, tokio::time::Instant::now()));
+        }
+    });
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +326,18 @@ mod tests {
         assert!(KvEventsConfig::parse(r#"{"publisher": "null"}"#).unwrap_err().contains("zmq"));
         assert!(KvEventsConfig::parse("{").unwrap_err().contains("SGLang's JSON"));
         assert_eq!(bindable("tcp://*:5557"), "tcp://0.0.0.0:5557");
+    }
+
+    #[test]
+    fn load_endpoints_as_sglang_packs_them() {
+        let kv = r#"{"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}"#;
+        assert_eq!(load_endpoint("auto", Some(kv)).unwrap().as_deref(), Some("tcp://*:5559"));
+        let kv2 = r#"{"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:6000"}"#;
+        assert_eq!(load_endpoint("auto", Some(kv2)).unwrap().as_deref(), Some("tcp://*:5558"));
+        let kv0 = r#"{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:0"}"#;
+        assert_eq!(load_endpoint("auto", Some(kv0)).unwrap().as_deref(), Some("tcp://127.0.0.1:0"));
+        assert_eq!(load_endpoint("off", Some(kv)).unwrap(), None);
+        assert_eq!(load_endpoint("tcp://*:7000", None).unwrap().as_deref(), Some("tcp://*:7000"));
+        assert!(load_endpoint("7000", None).unwrap_err().contains("auto, off or tcp://"));
     }
 }

@@ -65,6 +65,8 @@ pub struct SimState {
     tls: Option<Arc<routerd::tls::ServerTls>>,
     /// Publishing KV events (`--kv-events-config`).
     pub kv: Option<Arc<super::kv_events::Publisher>>,
+    /// Publishing its load (`--load-publish-endpoint`).
+    pub load_pub: Option<Arc<super::kv_events::LoadPublisher>>,
 }
 
 /// Something an inference route admitted, that may name a DP rank.
@@ -279,7 +281,13 @@ async fn server_info(State(state): State<Arc<SimState>>) -> Json<Value> {
             "block_size": p.block_size,
             "dp_size": 1,
             "replay_endpoint_port_base": p.replay_port,
-        })),
+        })).map(|mut kv| {
+            if let Some(l) = &state.load_pub {
+                kv["load_endpoint_port_base"] = json!(l.port);
+                kv["load_topic"] = json!("load");
+            }
+            kv
+        }),
     }))
 }
 
@@ -474,6 +482,28 @@ impl SimWorker {
             }
             None => None,
         };
+        let load_pub = match args
+            .load_publish_endpoint
+            .as_deref()
+            .map(|l| super::kv_events::load_endpoint(l, args.kv_events_config.as_deref()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .flatten()
+        {
+            Some(ep) => {
+                let c = engine.counters.clone();
+                let (capacity, dp) = (args.cache_capacity_tokens as u64, args.dp_size);
+                let now: super::kv_events::LoadNow = Box::new(move || routerd::kv::wire::LoadStat {
+                    running: c.running.load(Relaxed),
+                    waiting: c.waiting.load(Relaxed),
+                    tokens: c.running_tokens.load(Relaxed),
+                    max_tokens: capacity,
+                    dp_rank: (dp == 1).then_some(0),
+                });
+                Some(super::kv_events::start_load(&ep, now, engine_stop.clone()).await?)
+            }
+            None => None,
+        };
         let state = Arc::new(SimState {
             faults: RwLock::new(args.faults.clone()),
             dp_rank_requests: (0..args.dp_size).map(|_| AtomicU64::new(0)).collect(),
@@ -487,6 +517,7 @@ impl SimWorker {
             crash: stop.abort.clone(),
             tls: tls.clone(),
             kv,
+            load_pub,
         });
         let (routes, main_stop) = (app(state.clone()), stop.clone());
         let main = async move {

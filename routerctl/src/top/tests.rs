@@ -35,6 +35,7 @@ fn worker(
         last_error: None,
         in_flight: requests % 7,
         load: requests % 7,
+        load_report: None,
         requests_total: requests,
         errors_total: if healthy { 0 } else { requests / 10 },
         prompt_tokens: prompt,

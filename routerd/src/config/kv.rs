@@ -30,6 +30,17 @@ impl Builder<'_> {
         };
         let ep = endpoint(self, "kv_events.endpoint", raw.endpoint);
         let replay = endpoint(self, "kv_events.replay_endpoint", raw.replay_endpoint);
+        let load_span = raw.load_endpoint.as_ref().map(At::span);
+        let load = endpoint(self, "kv_events.load_endpoint", raw.load_endpoint);
+        if let (Some(at), None, true) = (load_span, &ep, load.is_some()) {
+            self.error(
+                "kv_events.load_endpoint",
+                &at,
+                "needs kv_events.endpoint: the load socket is read beside the events \
+                 (SGLang publishes load only with --kv-events-config)"
+                    .into(),
+            );
+        }
         let dp = |b: &mut Self, key: &str, v: Option<Spanned<u32>>| match v {
             Some(v) if !(1..=1024).contains(v.get_ref()) => {
                 b.error(
@@ -45,8 +56,9 @@ impl Builder<'_> {
         let at = |b: &mut Self, key: &str, r: RawKvEndpoint| -> Option<KvEndpoint> {
             let ep = endpoint(b, &format!("{key}.endpoint"), Some(r.endpoint));
             let replay = endpoint(b, &format!("{key}.replay_endpoint"), r.replay_endpoint);
+            let load_endpoint = endpoint(b, &format!("{key}.load_endpoint"), r.load_endpoint);
             let dp_size = dp(b, &format!("{key}.dp_size"), r.dp_size);
-            Some(KvEndpoint { endpoint: ep?, replay_endpoint: replay, dp_size })
+            Some(KvEndpoint { endpoint: ep?, replay_endpoint: replay, load_endpoint, dp_size })
         };
         let pool = |b: &mut Self, name: &str, r: Option<RawKvEndpoint>| {
             let r = r?;
@@ -117,6 +129,7 @@ impl Builder<'_> {
             enabled: raw.enabled.unwrap_or(d.enabled),
             endpoint: ep,
             replay_endpoint: replay,
+            load_endpoint: load,
             topic: raw.topic.unwrap_or_default(),
             block_size,
             dp_size,

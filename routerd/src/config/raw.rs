@@ -30,6 +30,7 @@ pub struct RawKvEvents {
     pub enabled: Option<bool>,
     pub endpoint: Option<Spanned<String>>,
     pub replay_endpoint: Option<Spanned<String>>,
+    pub load_endpoint: Option<Spanned<String>>,
     pub topic: Option<String>,
     pub block_size: Option<Spanned<u64>>,
     pub dp_size: Option<Spanned<u32>>,
@@ -47,6 +48,7 @@ pub struct RawKvEndpoint {
     pub url: Option<Spanned<String>>,
     pub endpoint: Spanned<String>,
     pub replay_endpoint: Option<Spanned<String>>,
+    pub load_endpoint: Option<Spanned<String>>,
     pub dp_size: Option<Spanned<u32>>,
 }
 

@@ -3,7 +3,8 @@
 //! registry (whatever added it: configuration, API, discovery, launch) that publishes KV events
 //! gets one subscriber per dp rank; a worker that leaves has its subscribers stopped and its
 //! blocks dropped. Where a worker publishes comes from `[kv_events]`, else from its
-//! `/server_info` (asked again every 10 s until it answers with a `kv_events` block).
+//! `/server_info` (asked again every 10 s until it answers with a `kv_events` block). Where the
+//! worker also publishes its load, a load subscriber per rank runs beside (`load`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -145,7 +146,7 @@ async fn load_tokenizer(
 }
 
 fn start(
-    app: &App,
+    app: &Arc<App>,
     tasks: &TaskTracker,
     base: &str,
     feed: &Feed,
@@ -162,6 +163,16 @@ fn start(
             topic: feed.topic.clone(),
         };
         tasks.spawn(subscriber::run(app.kv.clone(), target, stop.clone()));
+    }
+    let ranks: super::load::RankLoads = Arc::new(std::sync::Mutex::new(vec![None; feed.load.len()]));
+    for (rank, endpoint) in feed.load.iter().enumerate() {
+        let target = super::load::Target {
+            base: base.to_owned(),
+            rank: rank as u16,
+            endpoint: endpoint.clone(),
+            ranks: ranks.clone(),
+        };
+        tasks.spawn(super::load::run(app.clone(), target, stop.clone()));
     }
     stop
 }

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod feeds;
 pub mod hash;
 pub mod index;
+pub mod load;
 pub mod subscriber;
 pub mod tokenize;
 pub mod wire;
@@ -35,6 +36,8 @@ pub struct KvEventsConfig {
     /// worker URL's host. `None`: only workers whose `/server_info` has a `kv_events` block.
     pub endpoint: Option<String>,
     pub replay_endpoint: Option<String>,
+    /// Rank 0's load PUB socket (SGLang's `--load-publish-endpoint`), rank r at PORT + r.
+    pub load_endpoint: Option<String>,
     pub topic: String,
     /// Tokens per page, when the worker does not say (its first stored block says too).
     pub block_size: Option<usize>,
@@ -57,6 +60,7 @@ pub struct KvEventsConfig {
 pub struct KvEndpoint {
     pub endpoint: String,
     pub replay_endpoint: Option<String>,
+    pub load_endpoint: Option<String>,
     /// Ranks (default: `[kv_events] dp_size`).
     pub dp_size: Option<u32>,
 }
@@ -76,6 +80,7 @@ impl Default for KvEventsConfig {
             enabled: true,
             endpoint: None,
             replay_endpoint: None,
+            load_endpoint: None,
             topic: String::new(),
             block_size: None,
             dp_size: 1,
@@ -121,6 +126,18 @@ pub struct Feed {
     pub replay: Vec<Option<String>>,
     pub topic: String,
     pub block_size: Option<usize>,
+    /// Each rank's load PUB endpoint (SGLang's `--load-publish-endpoint`; topic `load`), or
+    /// empty where the worker publishes no load.
+    pub load: Vec<String>,
+}
+
+/// The last load report of a rank, as `/admin/kv` shows it.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadSeen {
+    pub running: u64,
+    pub waiting: u64,
+    pub tokens: u64,
+    pub max_tokens: u64,
 }
 
 /// One rank's subscriber, as `/admin/kv` shows it.
@@ -135,6 +152,15 @@ pub struct RankStatus {
     /// Times the rank's state was dropped (publisher restart, unreplayable gap, cache cleared).
     pub resets: u64,
     pub last_error: Option<String>,
+    /// Its load socket, when it publishes load: connected, reports received, the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_connected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_reports: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadSeen>,
 }
 
 struct WorkerKv {
@@ -242,7 +268,12 @@ impl KvState {
         let ranks = feed
             .endpoints
             .iter()
-            .map(|e| RankStatus { endpoint: e.clone(), ..Default::default() })
+            .enumerate()
+            .map(|(r, e)| RankStatus {
+                endpoint: e.clone(),
+                load_endpoint: feed.load.get(r).cloned(),
+                ..Default::default()
+            })
             .collect();
         g.workers.insert(base.to_owned(), WorkerKv { id, block_size: feed.block_size, ranks });
         self.tracked.fetch_add(1, Relaxed);
@@ -497,8 +528,14 @@ pub fn feed_from_server_info(worker_url: &str, info: &serde_json::Value) -> Opti
     };
     let port = kv.get("endpoint_port_base").and_then(|p| p.as_u64())?;
     let replay = kv.get("replay_endpoint_port_base").and_then(|p| p.as_u64());
+    let load = kv.get("load_endpoint_port_base").and_then(|p| p.as_u64());
     let dp = kv.get("dp_size").and_then(|d| d.as_u64()).unwrap_or(1).clamp(1, 1024);
+    // The load range pairs with the worker URL's host, whatever `endpoint_host` says.
+    let load_host = url_host(worker_url)?;
     Some(Feed {
+        load: load
+            .map(|p| (0..dp).map(|r| format!("tcp://{load_host}:{}", p + r)).collect())
+            .unwrap_or_default(),
         endpoints: (0..dp).map(|r| format!("tcp://{host}:{}", port + r)).collect(),
         replay: (0..dp).map(|r| replay.map(|p| format!("tcp://{host}:{}", p + r))).collect(),
         topic: kv.get("topic").and_then(|t| t.as_str()).unwrap_or("").to_owned(),
@@ -527,16 +564,26 @@ pub fn feed_from_config(
         WorkerRole::Decode => cfg.decode.as_ref(),
         WorkerRole::Regular => None,
     };
-    let (ep, replay, dp_size) =
+    let (ep, replay, load, dp_size) =
         match cfg.workers.iter().find(|w| w.url == base).map(|w| &w.at).or(pool) {
             Some(at) => (
                 at.endpoint.as_str(),
                 at.replay_endpoint.as_deref(),
+                at.load_endpoint.as_deref(),
                 at.dp_size.unwrap_or(cfg.dp_size),
             ),
-            None => (cfg.endpoint.as_deref()?, cfg.replay_endpoint.as_deref(), cfg.dp_size),
+            None => (
+                cfg.endpoint.as_deref()?,
+                cfg.replay_endpoint.as_deref(),
+                cfg.load_endpoint.as_deref(),
+                cfg.dp_size,
+            ),
         };
     Some(Feed {
+        load: match load {
+            Some(l) => (0..dp_size).map(|r| ranked(l, r)).collect::<Option<_>>()?,
+            None => Vec::new(),
+        },
         endpoints: (0..dp_size).map(|r| ranked(ep, r)).collect::<Option<_>>()?,
         replay: (0..dp_size).map(|r| replay.and_then(|e| ranked(e, r))).collect(),
         topic: cfg.topic.clone(),
@@ -556,15 +603,18 @@ mod tests {
 
     #[test]
     fn server_info_block() {
-        let info = serde_json::json!({"kv_events": {"publisher": "zmq", "endpoint_host": "*",
+        let info = serde_json::json!({"kv_events": {"publisher": "zmq", "endpoint_host": "10.9.9.9",
             "endpoint_port_base": 5557, "topic": "kv", "block_size": 16, "dp_size": 2,
-            "replay_endpoint_port_base": 5560}});
+            "replay_endpoint_port_base": 5560, "load_endpoint_port_base": 5562,
+            "load_topic": "load"}});
         let f = feed_from_server_info("http://10.0.0.7:30000", &info).unwrap();
-        assert_eq!(f.endpoints, vec!["tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558"]);
+        assert_eq!(f.endpoints, vec!["tcp://10.9.9.9:5557", "tcp://10.9.9.9:5558"]);
         assert_eq!(
             f.replay,
-            vec![Some("tcp://10.0.0.7:5560".to_owned()), Some("tcp://10.0.0.7:5561".to_owned())]
+            vec![Some("tcp://10.9.9.9:5560".to_owned()), Some("tcp://10.9.9.9:5561".to_owned())]
         );
+        // The load range pairs with the worker URL's host, as SGLang asks.
+        assert_eq!(f.load, vec!["tcp://10.0.0.7:5562", "tcp://10.0.0.7:5563"]);
         assert_eq!((f.topic.as_str(), f.block_size), ("kv", Some(16)));
         assert_eq!(feed_from_server_info("http://h:1", &serde_json::json!({})), None);
     }
@@ -575,18 +625,21 @@ mod tests {
         let cfg = KvEventsConfig {
             endpoint: Some("tcp://{host}:5557".into()),
             replay_endpoint: Some("tcp://{host}:5558".into()),
+            load_endpoint: Some("tcp://{host}:5559".into()),
             dp_size: 1,
             ..Default::default()
         };
         let f = feed_from_config("http://w1:8000@0", Regular, &cfg).unwrap();
         assert_eq!(f.endpoints, vec!["tcp://w1:5557"]);
         assert_eq!(f.replay, vec![Some("tcp://w1:5558".to_owned())]);
+        assert_eq!(f.load, vec!["tcp://w1:5559"]);
         assert_eq!(feed_from_config("http://w1:8000", Regular, &KvEventsConfig::default()), None);
         // A pool's endpoints over the fleet's, a worker's over its pool's.
         let cfg = KvEventsConfig {
             decode: Some(KvEndpoint {
                 endpoint: "tcp://{host}:6000".into(),
                 replay_endpoint: None,
+                load_endpoint: None,
                 dp_size: Some(2),
             }),
             workers: vec![KvWorkerEndpoint {
@@ -594,6 +647,7 @@ mod tests {
                 at: KvEndpoint {
                     endpoint: "tcp://10.1.1.1:7000".into(),
                     replay_endpoint: Some("tcp://10.1.1.1:7100".into()),
+                    load_endpoint: Some("tcp://10.1.1.1:7200".into()),
                     dp_size: None,
                 },
             }],
@@ -602,9 +656,11 @@ mod tests {
         let f = feed_from_config("http://d1:8000", Decode, &cfg).unwrap();
         assert_eq!(f.endpoints, vec!["tcp://d1:6000", "tcp://d1:6001"]);
         assert_eq!(f.replay, vec![None, None]);
+        assert!(f.load.is_empty(), "the pool names no load socket");
         let f = feed_from_config("http://d2:8000", Decode, &cfg).unwrap();
         assert_eq!(f.endpoints, vec!["tcp://10.1.1.1:7000"]);
         assert_eq!(f.replay, vec![Some("tcp://10.1.1.1:7100".to_owned())]);
+        assert_eq!(f.load, vec!["tcp://10.1.1.1:7200"]);
         let f = feed_from_config("http://p1:8000", Prefill, &cfg).unwrap();
         assert_eq!(f.endpoints, vec!["tcp://p1:5557"]);
     }
@@ -617,6 +673,7 @@ mod tests {
             replay: vec![None],
             topic: String::new(),
             block_size: Some(4),
+            load: Vec::new(),
         };
         kv.track("http://a:1", &feed);
         let tokens: Vec<u32> = (0..10).collect();

@@ -300,6 +300,7 @@ mod tests {
         let endpoint = bound.to_string();
         let base = "http://w:1";
         let feed = Feed {
+            load: Vec::new(),
             endpoints: vec![endpoint.clone()],
             replay: vec![None],
             topic: String::new(),

@@ -380,6 +380,7 @@ mod tests {
         let kv = crate::kv::KvState::default();
         for w in ws {
             let feed = crate::kv::Feed {
+                load: Vec::new(),
                 endpoints: vec!["tcp://x:1".into()],
                 replay: vec![None],
                 topic: String::new(),

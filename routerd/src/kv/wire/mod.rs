@@ -143,6 +143,96 @@ pub fn decode(payload: &[u8]) -> Result<Batch, WireError> {
     Ok(Batch { ts, events, dp_rank })
 }
 
+/// A worker's load report (SGLang's `LoadStat`, `--load-publish-endpoint`): requests running
+/// and waiting, KV tokens in use and the KV capacity (0 when unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadStat {
+    pub running: u64,
+    pub waiting: u64,
+    pub tokens: u64,
+    pub max_tokens: u64,
+    pub dp_rank: Option<u32>,
+}
+
+/// Decodes a load payload: `["LoadStat", num_running_reqs, num_waiting_reqs, num_tokens,
+/// max_total_num_tokens, attn_dp_rank, ...]` as SGLang sends it (msgspec, tagged and
+/// array-like), or the same fields as a map with `"type": "LoadStat"`. Later fields are skipped;
+/// negative counts are refused.
+pub fn decode_load(payload: &[u8]) -> Result<LoadStat, WireError> {
+    let mut r = Reader { buf: payload };
+    let count = |v: i64| u64::try_from(v).map_err(|_| WireError::Missing("a count >= 0"));
+    let stat = match r.marker()? {
+        m @ (Marker::FixArray(_) | Marker::Array16 | Marker::Array32) => {
+            let n = r.array_len_of(m, "LoadStat", 64)?;
+            if n < 5 {
+                return Err(WireError::Missing("LoadStat's four counts"));
+            }
+            match r.str()? {
+                "LoadStat" => {}
+                other => return Err(WireError::UnknownEvent(other.to_owned())),
+            }
+            let mut s = LoadStat {
+                running: count(r.int()?)?,
+                waiting: count(r.int()?)?,
+                tokens: count(r.int()?)?,
+                max_tokens: count(r.int()?)?,
+                dp_rank: None,
+            };
+            if n > 5 {
+                s.dp_rank = r.opt_int()?.and_then(|v| u32::try_from(v).ok());
+            }
+            for _ in 6..n {
+                r.skip(0)?;
+            }
+            s
+        }
+        m @ (Marker::FixMap(_) | Marker::Map16 | Marker::Map32) => {
+            let n = r.map_len(m)?;
+            let (mut kind, mut s) = (None, LoadStat::default());
+            let mut seen = 0;
+            for _ in 0..n {
+                match r.str()? {
+                    "type" => kind = Some(r.str()?),
+                    "num_running_reqs" => (s.running, seen) = (count(r.int()?)?, seen | 1),
+                    "num_waiting_reqs" => (s.waiting, seen) = (count(r.int()?)?, seen | 2),
+                    "num_tokens" => s.tokens = count(r.int()?)?,
+                    "max_total_num_tokens" => s.max_tokens = count(r.int()?)?,
+                    "attn_dp_rank" => s.dp_rank = r.opt_int()?.and_then(|v| u32::try_from(v).ok()),
+                    _ => r.skip(0)?,
+                }
+            }
+            match kind {
+                Some("LoadStat") | None => {}
+                Some(other) => return Err(WireError::UnknownEvent(other.to_owned())),
+            }
+            if seen != 3 {
+                return Err(WireError::Missing("num_running_reqs and num_waiting_reqs"));
+            }
+            s
+        }
+        found => return Err(WireError::Type { expected: "LoadStat array or map", found }),
+    };
+    if !r.buf.is_empty() {
+        return Err(WireError::Trailing(r.buf.len()));
+    }
+    Ok(stat)
+}
+
+/// Encodes a load report as SGLang does (for the simulated worker and tests).
+pub fn encode_load(s: &LoadStat) -> Vec<u8> {
+    let mut w = Vec::with_capacity(32);
+    rmp::encode::write_array_len(&mut w, 6).expect("vec");
+    w_str(&mut w, "LoadStat");
+    for v in [s.running, s.waiting, s.tokens, s.max_tokens] {
+        rmp::encode::write_uint(&mut w, v).expect("vec");
+    }
+    match s.dp_rank {
+        Some(r) => w_int(&mut w, i64::from(r)),
+        None => rmp::encode::write_nil(&mut w).expect("vec"),
+    }
+    w
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
 }

@@ -14,6 +14,8 @@ const MAP_BATCH: &str = "93cb41d954fc402000009387a474797065ab426c6f636b53746f726
 /// msgspec's array_like encoding of older engines: tag first, trailing defaults omitted, no
 /// dp rank.
 const ARRAY_BATCH: &str = "92cb41d954fc402000009396ab426c6f636b53746f72656492d3cf97adeedb59e05bd3cb701dbfc2cfd592c095010203040504c092ac426c6f636b52656d6f76656491d3cb701dbfc2cfd59291b0416c6c426c6f636b73436c6561726564";
+/// SGLang's `LoadStat(3, 2, 1500, 80000, attn_dp_rank=0)`.
+const LOAD_STAT: &str = "96a84c6f6164537461740302cd05dcce0001388000";
 /// A LoRA request's blocks (lora_id 3): namespaced.
 const LORA_BATCH: &str = "93cb3ff00000000000009187a474797065ab426c6f636b53746f726564ac626c6f636b5f6861736865739107b1706172656e745f626c6f636b5f68617368d3cf97adeedb59e05ba9746f6b656e5f6964739109aa626c6f636b5f73697a6504a76c6f72615f696403a66d656469756da3475055c0";
 
@@ -116,25 +118,55 @@ fn malformed_input_is_an_error() {
     assert_eq!(decode(&[0x92, 0x00, 0x90, 0x00]), Err(WireError::Trailing(1)));
 }
 
+/// `LoadStat(3, 2, 1500, 80000, attn_dp_rank=0)` as SGLang's msgspec encoder writes it
+/// (tagged, array-like), with a null rank, and as a map.
+#[test]
+fn load_stats_decode() {
+    let want = LoadStat { running: 3, waiting: 2, tokens: 1500, max_tokens: 80000, dp_rank: Some(0) };
+    assert_eq!(decode_load(&hex(LOAD_STAT)), Ok(want));
+    assert_eq!(
+        decode_load(&hex("96a84c6f6164537461740302cd05dcce00013880c0")),
+        Ok(LoadStat { dp_rank: None, ..want })
+    );
+    assert_eq!(encode_load(&want), hex(LOAD_STAT));
+    let map = hex(concat!(
+        "86a474797065a84c6f616453746174b06e756d5f72756e6e696e675f7265717301b06e756d5f77616974696e",
+        "675f7265717300aa6e756d5f746f6b656e7305b46d61785f746f74616c5f6e756d5f746f6b656e7300a56578",
+        "747261920102"
+    ));
+    assert_eq!(
+        decode_load(&map),
+        Ok(LoadStat { running: 1, waiting: 0, tokens: 5, max_tokens: 0, dp_rank: None })
+    );
+    // A trailing field a later engine adds is skipped.
+    let mut longer = hex("97a84c6f6164537461740302cd05dcce0001388000");
+    longer.push(0x07);
+    assert_eq!(decode_load(&longer), Ok(want));
+    assert_eq!(decode_load(&hex("94a84c6f61645374617403")), Err(WireError::Missing("LoadStat's four counts")));
+    assert!(matches!(decode_load(&hex("96a8426c6f636b5374610302010000")), Err(WireError::UnknownEvent(_))));
+    assert!(decode_load(&hex("96a84c6f6164537461740302cd05dc")).is_err(), "cut short");
+    assert!(decode_load(&hex("96a84c6f61645374617403ff010000")).is_err(), "a negative count");
+}
+
 proptest! {
     /// Arbitrary bytes, and valid batches with bytes flipped or cut: an error or a batch,
     /// never a panic.
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        let _ = decode(&bytes);
+        let _ = (decode(&bytes), decode_load(&bytes));
     }
 
     #[test]
     fn corrupted_batches_never_panic(flip in prop::collection::vec((0usize..400, any::<u8>()), 1..6), cut in 0usize..400) {
-        for golden in [MAP_BATCH, ARRAY_BATCH, LORA_BATCH] {
+        for golden in [MAP_BATCH, ARRAY_BATCH, LORA_BATCH, LOAD_STAT] {
             let mut b = hex(golden);
             for (at, v) in &flip {
                 let n = b.len();
                 b[at % n] = *v;
             }
-            let _ = decode(&b);
+            let _ = (decode(&b), decode_load(&b));
             b.truncate(cut.min(b.len()));
-            let _ = decode(&b);
+            let _ = (decode(&b), decode_load(&b));
         }
     }
 }
