@@ -66,6 +66,16 @@ impl Live {
             None => ca(&self.policy),
         }
     }
+
+    /// Whether a policy in use balances on load (all but round_robin and random): then the
+    /// workers' own load reports are worth subscribing to.
+    pub fn uses_load(&self) -> bool {
+        let load = |p: &Arc<dyn Policy>| !matches!(p.name(), "round_robin" | "random");
+        match &self.pools {
+            Some(p) => load(&p.prefill) || load(&p.decode),
+            None => load(&self.policy),
+        }
+    }
 }
 
 pub(crate) fn limiter_for(config: &Config) -> Option<Arc<Limiter>> {

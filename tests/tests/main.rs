@@ -15,6 +15,7 @@ mod router_observability;
 mod router_pd;
 mod router_reload;
 mod router_reload_load;
+mod router_replicas;
 mod router_routes;
 mod router_security;
 mod router_tls;

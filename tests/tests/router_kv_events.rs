@@ -412,6 +412,7 @@ async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
         at: routerd::kv::KvEndpoint {
             endpoint: format!("tcp://127.0.0.1:{port}"),
             replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
+            load_endpoint: None,
             dp_size: None,
         },
     }];

@@ -250,15 +250,15 @@ pub fn load_endpoint(spec: &str, kv: Option<&str>) -> Result<Option<String>, Str
             },
         };
         if base > 65535 {
-            return Err("--load-publish-endpoint auto: the port after the KV events' is past 65535".into());
+            return Err(
+                "--load-publish-endpoint auto: the port after the KV events' is past 65535".into(),
+            );
         }
         return Ok(Some(format!("{head}:{base}")));
     }
     match port(spec) {
         Some(p) if spec.starts_with("tcp://") && p <= 65535 => Ok(Some(spec.to_owned())),
-        _ => Err(format!(
-            "--load-publish-endpoint: {spec:?} is not auto, off or tcp://HOST:PORT"
-        )),
+        _ => Err(format!("--load-publish-endpoint: {spec:?} is not auto, off or tcp://HOST:PORT")),
     }
 }
 

@@ -493,13 +493,14 @@ impl SimWorker {
             Some(ep) => {
                 let c = engine.counters.clone();
                 let (capacity, dp) = (args.cache_capacity_tokens as u64, args.dp_size);
-                let now: super::kv_events::LoadNow = Box::new(move || routerd::kv::wire::LoadStat {
-                    running: c.running.load(Relaxed),
-                    waiting: c.waiting.load(Relaxed),
-                    tokens: c.running_tokens.load(Relaxed),
-                    max_tokens: capacity,
-                    dp_rank: (dp == 1).then_some(0),
-                });
+                let now: super::kv_events::LoadNow =
+                    Box::new(move || routerd::kv::wire::LoadStat {
+                        running: c.running.load(Relaxed),
+                        waiting: c.waiting.load(Relaxed),
+                        tokens: c.running_tokens.load(Relaxed),
+                        max_tokens: capacity,
+                        dp_rank: (dp == 1).then_some(0),
+                    });
                 Some(super::kv_events::start_load(&ep, now, engine_stop.clone()).await?)
             }
             None => None,

@@ -1,5 +1,6 @@
 //! Starts and stops the subscribers with the workers, while a policy in use routes on events
-//! (cache_aware in any pool): every second, each worker of the
+//! (cache_aware in any pool) or on load (any but round_robin and random: then only the load
+//! subscribers run): every second, each worker of the
 //! registry (whatever added it: configuration, API, discovery, launch) that publishes KV events
 //! gets one subscriber per dp rank; a worker that leaves has its subscribers stopped and its
 //! blocks dropped. Where a worker publishes comes from `[kv_events]`, else from its
@@ -23,7 +24,9 @@ const ASK_AGAIN: Duration = Duration::from_secs(10);
 
 pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let tasks = TaskTracker::new();
-    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    // Each worker's subscribers, and whether they include its KV events (a policy that routes
+    // on them is in use) or only its load reports.
+    let mut running: HashMap<String, (CancellationToken, bool)> = HashMap::new();
     let mut asked: HashMap<String, Instant> = HashMap::new();
     let mut tokenizer_failed: Option<(TokenizerFiles, Instant)> = None;
     // Said once per stretch of event routing without a tokenizer (again after one is removed).
@@ -34,7 +37,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         app.kv.set_pending_ttl(cfg.pending_ttl);
         load_tokenizer(&app, live.config.tokenizer.as_ref(), &mut tokenizer_failed).await;
         let snapshot = app.registry.snapshot();
-        let wanted: BTreeMap<String, WorkerRole> = if cfg.enabled && live.uses_kv_events() {
+        let kv_on = live.uses_kv_events();
+        let wanted: BTreeMap<String, WorkerRole> = if cfg.enabled && (kv_on || live.uses_load()) {
             snapshot
                 .workers
                 .iter()
@@ -43,7 +47,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         } else {
             BTreeMap::new()
         };
-        if !running.is_empty() && live.config.tokenizer.is_none() {
+        if kv_on && !running.is_empty() && live.config.tokenizer.is_none() {
             if !told_no_tokenizer {
                 tracing::info!(
                     "KV events without a tokenizer: requests with input_ids route on the events, \
@@ -56,8 +60,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             told_no_tokenizer = false;
         }
         let again = app.kv.take_reresolve();
-        running.retain(|base, stop| {
-            let keep = wanted.contains_key(base) && !again.contains(base);
+        running.retain(|base, (stop, with_kv)| {
+            let keep = wanted.contains_key(base) && !again.contains(base) && *with_kv == kv_on;
             if !keep {
                 stop.cancel();
                 app.kv.untrack(base);
@@ -90,7 +94,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                 }
             };
             if let Some(feed) = feed {
-                running.insert(base.clone(), start(&app, &tasks, base, &feed, &cancel));
+                let stop = start(&app, &tasks, base, &feed, kv_on, &cancel);
+                running.insert(base.clone(), (stop, kv_on));
             }
         }
         tokio::select! {
@@ -150,11 +155,14 @@ fn start(
     tasks: &TaskTracker,
     base: &str,
     feed: &Feed,
+    kv_on: bool,
     cancel: &CancellationToken,
 ) -> CancellationToken {
-    app.kv.track(base, feed);
     let stop = cancel.child_token();
-    for (rank, endpoint) in feed.endpoints.iter().enumerate() {
+    if kv_on {
+        app.kv.track(base, feed);
+    }
+    for (rank, endpoint) in feed.endpoints.iter().enumerate().filter(|_| kv_on) {
         let target = subscriber::Target {
             base: base.to_owned(),
             rank: rank as u16,
@@ -164,7 +172,8 @@ fn start(
         };
         tasks.spawn(subscriber::run(app.kv.clone(), target, stop.clone()));
     }
-    let ranks: super::load::RankLoads = Arc::new(std::sync::Mutex::new(vec![None; feed.load.len()]));
+    let ranks: super::load::RankLoads =
+        Arc::new(std::sync::Mutex::new(vec![None; feed.load.len()]));
     for (rank, endpoint) in feed.load.iter().enumerate() {
         let target = super::load::Target {
             base: base.to_owned(),

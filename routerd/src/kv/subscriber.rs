@@ -9,6 +9,8 @@
 //! - A seq at or below the last one, outside a replay's overlap, means the publisher restarted:
 //!   the rank's state is dropped.
 //! - A message that does not decode is counted and dropped.
+//! - A fresh subscriber asks the replay socket for everything buffered as soon as it is
+//!   connected (a replica that starts late knows idle workers' caches at once).
 //! - A lost connection is reconnected with backoff (100 ms doubling to 5 s); routing never
 //!   waits on any of this.
 
@@ -55,6 +57,9 @@ pub async fn run(kv: Arc<KvState>, t: Target, cancel: CancellationToken) {
                 r.last_error = None;
             });
             tracing::info!(worker = %t.base, rank = t.rank, endpoint = %t.endpoint, "kv events: subscribed");
+            if seq.last.is_none() {
+                catch_up(&kv, &t, &mut seq, &cancel).await;
+            }
             loop {
                 let msg = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -181,6 +186,35 @@ fn apply(kv: &KvState, t: &Target, seq: &mut Seq, m: &Message) {
         Err(e) => malformed(kv, t, e),
     }
     seq.last = Some(m.seq);
+}
+
+/// A subscriber that has applied nothing yet asks for everything the engine buffered as soon
+/// as it is connected, not at the first live message: a new router replica knows what an idle
+/// worker's cache holds from its first second. Live messages the replay covered are then
+/// duplicates; a failed replay leaves the rank to the first live message, as before.
+async fn catch_up(kv: &KvState, t: &Target, seq: &mut Seq, cancel: &CancellationToken) {
+    let Some(ep) = &t.replay else { return };
+    let batches = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(REPLAY_TIMEOUT, replay(ep, 0)) => match r {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return tracing::debug!(worker = %t.base, rank = t.rank, error = %e, "kv events: no catch-up replay"),
+            Err(_) => return tracing::debug!(worker = %t.base, rank = t.rank, "kv events: catch-up replay timed out"),
+        },
+    };
+    for b in &batches {
+        if seq.last.is_none_or(|l| b.seq > l) {
+            apply(kv, t, seq, b);
+        }
+    }
+    if let (Some(first), Some(last)) = (batches.first(), seq.last) {
+        seq.replayed = Some((first.seq, last));
+    }
+    kv.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    kv.update_rank(&t.base, t.rank, |r| {
+        r.replays += 1;
+        r.last_seq = seq.last;
+    });
 }
 
 /// Fills the gap before `live` from the replay socket, or drops the rank's state when it

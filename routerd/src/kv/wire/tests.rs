@@ -122,7 +122,8 @@ fn malformed_input_is_an_error() {
 /// (tagged, array-like), with a null rank, and as a map.
 #[test]
 fn load_stats_decode() {
-    let want = LoadStat { running: 3, waiting: 2, tokens: 1500, max_tokens: 80000, dp_rank: Some(0) };
+    let want =
+        LoadStat { running: 3, waiting: 2, tokens: 1500, max_tokens: 80000, dp_rank: Some(0) };
     assert_eq!(decode_load(&hex(LOAD_STAT)), Ok(want));
     assert_eq!(
         decode_load(&hex("96a84c6f6164537461740302cd05dcce00013880c0")),
@@ -142,8 +143,14 @@ fn load_stats_decode() {
     let mut longer = hex("97a84c6f6164537461740302cd05dcce0001388000");
     longer.push(0x07);
     assert_eq!(decode_load(&longer), Ok(want));
-    assert_eq!(decode_load(&hex("94a84c6f61645374617403")), Err(WireError::Missing("LoadStat's four counts")));
-    assert!(matches!(decode_load(&hex("96a8426c6f636b5374610302010000")), Err(WireError::UnknownEvent(_))));
+    assert_eq!(
+        decode_load(&hex("94a84c6f61645374617403")),
+        Err(WireError::Missing("LoadStat's four counts"))
+    );
+    assert!(matches!(
+        decode_load(&hex("96a8426c6f636b5374610302010000")),
+        Err(WireError::UnknownEvent(_))
+    ));
     assert!(decode_load(&hex("96a84c6f6164537461740302cd05dc")).is_err(), "cut short");
     assert!(decode_load(&hex("96a84c6f61645374617403ff010000")).is_err(), "a negative count");
 }
