@@ -2,7 +2,8 @@
 """Routing-quality scenarios (issue 21): simulated SGLang workers, one router at a time, the
 same `routerctl bench` load, fresh processes for every run.
 
-    examples/bench-routing.py [--scenarios a,b] [--routings a,b] [--seeds 1,2] [--out FILE]
+    examples/bench-routing.py [--scenarios a,b] [--routings a,b] [--seeds 1,2] [--replicas 1,2,3]
+                              [--out FILE]
 
 Scenarios: shared-prefix, multi-turn, shared-system, zipf, mixed-speed, restart, scale-out,
 low-concurrency, long-docs, and (issue 24) flush (two workers' caches emptied mid-run behind the
@@ -177,13 +178,14 @@ def sim_argv(port, sc, i, routing=""):
         args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
     if routing in ("evi", "ca5i", "evt", "ca5t"):
         # ca5i's fleet publishes too (routerd does not subscribe): the same simulated work.
-        args += ["--kv-events-config", EVENTS]
+        # Load reports too (issue 25: replicas add what the others sent).
+        args += ["--kv-events-config", EVENTS, "--load-publish-endpoint", "auto"]
     if routing in TEXT:
         args += ["--tokenizer-path", TOKENIZER_DIR]
     return pinned(1, [f"{BIN}/routerctl", "sim-worker", "--port", str(port)] + args)
 
 
-def run(scenario, routing, seed):
+def run(scenario, routing, seed, replicas=1):
     sc = SCENARIOS[scenario]
     fleet = Fleet()
     try:
@@ -193,16 +195,16 @@ def run(scenario, routing, seed):
             fleet.start(sim_argv(ports[i], sc, i, routing))
         for u in urls[:sc["n"]]:
             wait_up(u + "/health")
-        rport = free_port()
-        router = f"http://127.0.0.1:{rport}"
+        rports = [free_port() for _ in range(replicas)]
+        routers = [f"http://127.0.0.1:{p}" for p in rports]
+        router = routers[0]
         workers = urls[:sc["n"]]
         # Both routers check health every second, so a restarted worker is seen alike.
-        common = ["--host", "127.0.0.1", "--port", str(rport), "--worker-urls", *workers,
+        common = ["--host", "127.0.0.1", "--worker-urls", *workers,
                   "--health-check-interval-secs", "1", "--log-level",
                   os.environ.get("ROUTER_LOG_LEVEL", "warn")]
         mport = free_port()
         if routing in ROUTERD:
-            common += ["--prometheus-port", str(mport)]
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
                       "ca5i": ["--policy", "cache_aware"], "evi": ["--policy", "cache_aware"],
                       "ca5t": ["--policy", "cache_aware"], "evt": ["--policy", "cache_aware",
@@ -221,14 +223,20 @@ def run(scenario, routing, seed):
                 threads += ["--config", off]
             # ROUTER_EXTRA="--flag value ..." adds routerd flags (experiments).
             threads += shlex.split(os.environ.get("ROUTER_EXTRA", ""))
-            fleet.start(pinned(0, [f"{BIN}/routerd", *common, *policy, *threads]),
-                        os.environ.get("ROUTER_LOG"))
-            wait_up(router + "/readiness")
-            if routing in ("evi", "evt"):
-                wait_subscribed(router, sc["n"])
+            # Replicas (issue 25): the same flags, each on its own port; the first serves
+            # the metrics read below.
+            for k, rp in enumerate(rports):
+                metrics = ["--prometheus-port", str(mport)] if k == 0 else []
+                fleet.start(pinned(0, [f"{BIN}/routerd", *common, "--port", str(rp), *metrics,
+                                       *policy, *threads]),
+                            os.environ.get("ROUTER_LOG"))
+            for r in routers:
+                wait_up(r + "/readiness")
+                if routing in ("evi", "evt"):
+                    wait_subscribed(r, sc["n"])
         elif routing == "sgl":
             fleet.start([sys.executable, "-m", "sglang_router.launch_router", *common,
-                         "--policy", "cache_aware"])
+                         "--port", str(rports[0]), "--policy", "cache_aware"])
             wait_up(router + "/health")
         affinity = ("affinity", "affi", "afft")
         extra = ["--affinity", "--workers", *workers] if routing in affinity else []
@@ -255,18 +263,21 @@ def run(scenario, routing, seed):
             elif routing == "sgl":
                 cmd = f"curl -sf -X POST '{router}/add_worker?url={new}' >/dev/null"
             else:
-                cmd = (f"curl -sf -X POST {router}/workers -H 'content-type: application/json' "
-                       f"-d '{{\"url\": \"{new}\"}}' >/dev/null")
+                cmd = "; ".join(
+                    f"curl -sf -X POST {r}/workers -H 'content-type: application/json' "
+                    f"-d '{{\"url\": \"{new}\"}}' >/dev/null" for r in routers)
             extra += ["--at-fraction", "0.3", "--exec", cmd]
             if routing not in affinity:
                 extra += ["--workers", *urls]
+        if replicas > 1:
+            extra += ["--targets", ",".join(routers)]
         argv = pinned(1, [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
                           *merged(BENCH, sc["bench"]), *extra, "-o", "json"])
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if not out.stdout.strip():
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
-        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN)
+        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN, replicas=replicas)
         if routing in ROUTERD:
             # routerd's own view of the run: its routing decisions by branch.
             try:
@@ -294,13 +305,14 @@ def table(path):
     rows = [json.loads(line) for line in open(path) if line.strip()]
     by = {}
     for r in rows:
-        by.setdefault((r["scenario"], r["routing"]), []).append(r)
+        by.setdefault((r["scenario"], r["routing"], r.get("replicas", 1)), []).append(r)
+    counts = sorted({k[2] for k in by})
     print("| scenario | routing | hit rate | req/s | ttft p50 ms | ttft p99 ms | seed spread | "
           "failed | per-worker shares |")
     print("|---|---|---|---|---|---|---|---|---|")
     for sc in SCENARIOS:
-        for ro in ROUTINGS:
-            rs = by.get((sc, ro))
+        for ro, n in [(ro, n) for ro in ROUTINGS for n in counts]:
+            rs = by.get((sc, ro, n))
             if not rs:
                 continue
             mean = lambda k: sum((r[k] or 0) for r in rs) / len(rs)
@@ -315,7 +327,8 @@ def table(path):
             if ro == "sgl":
                 share = "n/a (no worker header)"
             failed = sum(r["failed"] for r in rs)
-            print(f"| {sc} | {NAMES[ro]} | {100 * mean('cache_hit_rate'):.1f}% | "
+            name = NAMES[ro] + (f", {n} replicas" if n > 1 else "")
+            print(f"| {sc} | {name} | {100 * mean('cache_hit_rate'):.1f}% | "
                   f"{mean('requests_per_sec'):.0f} | {mean('ttft_p50_ms'):.1f} | "
                   f"{mean('ttft_p99_ms'):.1f} | {100 * spread:.0f}% | {failed} | {share} |")
 
@@ -325,6 +338,9 @@ def main():
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--routings", default=",".join(ROUTINGS))
     ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--replicas", default="1",
+                    help="router replicas, e.g. 1,2,3 (issue 25): routerctl bench --targets "
+                         "spreads its clients over them")
     ap.add_argument("--out", default="bench-routing.jsonl")
     ap.add_argument("--table", metavar="FILE", help="print the table of a results file")
     a = ap.parse_args()
@@ -336,13 +352,16 @@ def main():
                        check=True, stdout=subprocess.DEVNULL)
     for seed in [int(s) for s in a.seeds.split(",")]:
         for sc in a.scenarios.split(","):
-            for ro in a.routings.split(","):
+            for ro, n in [(ro, int(n)) for ro in a.routings.split(",")
+                          for n in a.replicas.split(",")]:
                 if ro in IDS and sc in CHAT:
+                    continue
+                if n > 1 and ro not in ROUTERD:
                     continue
                 rep = None
                 for attempt in (1, 2):  # a start-up failure (a port taken meanwhile) is retried
                     try:
-                        rep = run(sc, ro, seed)
+                        rep = run(sc, ro, seed, n)
                         break
                     except Exception as e:  # one failed run must not end the sweep
                         print(f"{sc} {ro} seed {seed} (attempt {attempt}): {e}", file=sys.stderr)
@@ -350,7 +369,7 @@ def main():
                     continue
                 with open(a.out, "a") as f:
                     f.write(json.dumps(rep) + "\n")
-                print(f"{sc:16} {ro:9} seed {seed}: hit {100 * (rep['cache_hit_rate'] or 0):5.1f}% "
+                print(f"{sc:16} {ro:9} x{n} seed {seed}: hit {100 * (rep['cache_hit_rate'] or 0):5.1f}% "
                       f"{rep['requests_per_sec']:7.1f} req/s ttft p50 {rep['ttft_p50_ms']:6.1f} "
                       f"p99 {rep['ttft_p99_ms']:7.1f} failed {rep['failed']}", flush=True)
     shutil.rmtree(TOKENIZER_DIR, ignore_errors=True)

@@ -69,6 +69,12 @@ pub struct BenchArgs {
     /// Bypass the router: group/conversation k always goes to worker k mod N.
     #[arg(long)]
     pub affinity: bool,
+    /// Router replicas to spread the clients over (comma-separated), as a Kubernetes Service
+    /// would: each client keeps to one replica (round robin over clients; with --rate, over
+    /// requests), and a request that no replica accepted (refused, reset before an answer)
+    /// is sent to the next one. Default: --url alone.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// shared-prefix, zipf: send prompts as `input_ids` (one id per UTF-8 byte) instead of
@@ -102,6 +108,8 @@ pub struct Sample {
     pub output_tokens: u64,
     pub worker: String,
     pub error: Option<String>,
+    /// Failed before any answer (connection refused or closed): another replica may take it.
+    pub unsent: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -114,6 +122,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
 pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build()?;
     let url = args.url.trim_end_matches('/').to_owned();
+    let routers: Vec<String> = match &args.targets {
+        Some(t) if !t.is_empty() => t.iter().map(|u| u.trim_end_matches('/').to_owned()).collect(),
+        _ => vec![url.clone()],
+    };
+    // The first replica stands for the router (its worker list, the report's URL).
+    let url = routers[0].clone();
     let workers = match &args.workers {
         Some(w) => w.iter().map(|u| u.trim_end_matches('/').to_owned()).collect(),
         None => list_workers(&http, &url).await?,
@@ -158,7 +172,12 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         samples: Mutex::new(Vec::with_capacity(total)),
         progress,
         http,
-        target: Target { router: url.clone(), workers: workers.clone(), affinity: args.affinity },
+        target: Target {
+            routers,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            workers: workers.clone(),
+            affinity: args.affinity,
+        },
         hook: Mutex::new(hook),
         tally: tokio::sync::Mutex::new(tally),
         event: Mutex::new(None),
@@ -240,18 +259,24 @@ impl CacheTally {
 }
 
 struct Target {
-    router: String,
+    routers: Vec<String>,
+    /// The next replica for a request that comes from no client of its own (--rate).
+    next: std::sync::atomic::AtomicUsize,
     workers: Vec<String>,
     affinity: bool,
 }
 
 impl Target {
-    fn base(&self, job: &Job) -> &str {
+    /// Where `job` goes: its worker with --affinity, else the replica of `client` (or the next
+    /// one in turn).
+    fn base(&self, job: &Job, client: Option<usize>) -> (&str, usize) {
         if self.affinity {
-            &self.workers[job.key % self.workers.len()]
-        } else {
-            &self.router
+            return (&self.workers[job.key % self.workers.len()], 0);
         }
+        let k =
+            client.unwrap_or_else(|| self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let k = k % self.routers.len();
+        (&self.routers[k], k)
     }
 }
 
@@ -279,8 +304,19 @@ impl Shared {
         Ok(w.next(&mut self.rng.lock().expect("rng")))
     }
 
-    async fn run_one(self: &Arc<Self>, job: Job) {
-        let (sample, answer) = send(&self.http, self.target.base(&job), &job).await;
+    async fn run_one(self: &Arc<Self>, job: Job, client: Option<usize>) {
+        let (base, k) = self.target.base(&job, client);
+        let (mut sample, mut answer) = send(&self.http, base, &job).await;
+        // A replica that took nothing (gone: refused or reset before any answer): the next.
+        if !self.target.affinity {
+            for t in 1..self.target.routers.len() {
+                if !sample.unsent {
+                    break;
+                }
+                let other = &self.target.routers[(k + t) % self.target.routers.len()];
+                (sample, answer) = send(&self.http, other, &job).await;
+            }
+        }
         self.workload.lock().expect("workload").complete(&job, &answer);
         let answered = {
             let mut samples = self.samples.lock().expect("samples");
@@ -330,14 +366,14 @@ impl Shared {
 /// Keeps `concurrency` requests in flight until the workload is done.
 async fn drive_closed_loop(shared: &Arc<Shared>, concurrency: usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
+    for client in 0..concurrency {
         let s = shared.clone();
         tasks.spawn(async move {
             loop {
                 let waiter = s.ready.notified();
                 match s.next() {
                     Err(()) => return,
-                    Ok(Some(job)) => s.run_one(job).await,
+                    Ok(Some(job)) => s.run_one(job, Some(client)).await,
                     // Every unfinished conversation waits for an answer: wait for one.
                     Ok(None) => {
                         let _ = tokio::time::timeout(Duration::from_millis(50), waiter).await;
@@ -363,7 +399,7 @@ async fn drive_open_loop(shared: &Arc<Shared>, rate: f64, limit: usize) {
                 let permit = slots.clone().acquire_owned().await.expect("semaphore open");
                 let s = shared.clone();
                 tasks.spawn(async move {
-                    s.run_one(job).await;
+                    s.run_one(job, None).await;
                     drop(permit);
                 });
             }
@@ -383,11 +419,13 @@ async fn send(http: &reqwest::Client, base: &str, job: &Job) -> (Sample, String)
         output_tokens: 0,
         worker: base.to_owned(),
         error: None,
+        unsent: false,
     };
     let mut answer = String::new();
     let resp = match http.post(format!("{base}{}", job.path)).json(&job.body).send().await {
         Ok(r) => r,
         Err(e) => {
+            sample.unsent = e.is_connect() || e.is_request();
             sample.error = Some(e.to_string());
             sample.latency = started.elapsed().as_secs_f64();
             return (sample, answer);
