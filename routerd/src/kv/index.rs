@@ -95,6 +95,11 @@ pub struct BlockIndex {
     max_blocks: usize,
     /// Blocks not recorded because the index was full.
     pub dropped: u64,
+    /// Where evicted blocks were last held (the worker whose `BlockRemoved` dropped the last
+    /// copy): a prefix evicted everywhere goes back there, and every router replica, reading
+    /// the same events, picks the same worker. Oldest first, at most `max_blocks / 4`.
+    last_held: Map<BlockHash, WorkerId>,
+    last_held_order: std::collections::VecDeque<BlockHash>,
 }
 
 const MAX_PENDING: usize = 1 << 18;
@@ -109,7 +114,35 @@ impl BlockIndex {
             last_sweep: None,
             max_blocks,
             dropped: 0,
+            last_held: Map::default(),
+            last_held_order: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Records that `w` held the last copy of `hash`.
+    fn held_last(&mut self, hash: BlockHash, w: WorkerId) {
+        if self.last_held.insert(hash, w).is_none() {
+            self.last_held_order.push_back(hash);
+            while self.last_held_order.len() > (self.max_blocks / 4).max(1) {
+                if let Some(old) = self.last_held_order.pop_front() {
+                    self.last_held.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Leading pages of `hashes` that `w` holds or held last (all ranks): how much of the
+    /// prompt `w` is the home of.
+    pub fn home_run(&self, w: WorkerId, ranks: &[u16], hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|hash| {
+                self.last_held.get(hash) == Some(&w)
+                    || ranks.iter().any(|&rank| {
+                        self.blocks.contains_key(&(Holder { worker: w, rank }, **hash))
+                    })
+            })
+            .count()
     }
 
     pub fn len(&self) -> usize {
@@ -156,6 +189,7 @@ impl BlockIndex {
                 if let Some(n) = self.per_holder.get_mut(&h) {
                     *n = n.saturating_sub(1);
                 }
+                self.held_last(hash, h.worker);
             }
         }
     }
@@ -197,6 +231,8 @@ impl BlockIndex {
 
     /// Forgets every rank of a worker and what was sent to it, in one walk of the map.
     pub fn clear_worker(&mut self, w: WorkerId) {
+        // A worker that leaves is nobody's home.
+        self.last_held.retain(|_, holder| *holder != w);
         let before = self.per_holder.len();
         self.per_holder.retain(|h, _| h.worker != w);
         if self.per_holder.len() < before {
@@ -330,6 +366,26 @@ mod tests {
         ix.store(h(0), &[1], Medium::Gpu);
         assert_eq!(ix.pending_pages(W), 1);
         assert_eq!(ix.matched(W, &[0], &[1, 2], now + Duration::from_secs(3)).pages, 1);
+    }
+
+    #[test]
+    fn an_evicted_prefix_keeps_its_home() {
+        let mut ix = BlockIndex::new(8);
+        ix.store(h(0), &[1, 2, 3], Medium::Gpu);
+        ix.remove(h(0), &[2, 3], Medium::Gpu);
+        assert_eq!(ix.home_run(W, &[0], &[1, 2, 3, 4]), 3, "held, then held last");
+        assert_eq!(ix.home_run(2, &[0], &[1, 2, 3]), 0);
+        // Held again elsewhere and evicted there: the home moves.
+        ix.store(Holder { worker: 2, rank: 0 }, &[2], Medium::Gpu);
+        ix.remove(Holder { worker: 2, rank: 0 }, &[2], Medium::Gpu);
+        assert_eq!(ix.home_run(W, &[0], &[1, 2, 3]), 1);
+        // At most max_blocks / 4 remembered, the oldest forgotten first.
+        ix.store(h(0), &[10, 11, 12], Medium::Gpu);
+        ix.remove(h(0), &[10, 11, 12], Medium::Gpu);
+        assert_eq!(ix.home_run(W, &[0], &[2]), 0);
+        assert_eq!(ix.home_run(W, &[0], &[11, 12]), 2);
+        ix.clear_worker(W);
+        assert_eq!(ix.home_run(W, &[0], &[11, 12]), 0, "a worker that left is nobody's home");
     }
 
     #[test]

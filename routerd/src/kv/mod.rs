@@ -441,6 +441,26 @@ impl KvState {
         Matches { per, hashes, prompt_tokens: tokens.len() }
     }
 
+    /// For each of `urls` (as matched in `m`): how many of the prompt's leading tokens that
+    /// worker holds or held last before they were evicted (0 without events). Every replica
+    /// reads the same events, so they agree on the home of a prefix no cache holds any more.
+    pub fn home_tokens(&self, urls: &[&str], m: &Matches) -> Vec<usize> {
+        let g = self.lock();
+        urls.iter()
+            .zip(&m.per)
+            .map(|(url, hit)| {
+                if hit.is_none() {
+                    return 0;
+                }
+                let (base, rank) = crate::registry::split_rank(url);
+                let Some(w) = g.workers.get(base) else { return 0 };
+                let Some(bs) = w.block_size else { return 0 };
+                let Some((_, hs)) = m.hashes.iter().find(|(b, _)| *b == bs) else { return 0 };
+                (g.index.home_run(w.id, &w.ranks(rank), hs) * bs).min(m.prompt_tokens)
+            })
+            .collect()
+    }
+
     /// What was just sent to `url` (the `index`-th of the urls `m` was matched for) counts as
     /// held there until events confirm it: the whole pages past its match.
     pub fn note_sent(&self, url: &str, m: &Matches, index: usize) {

@@ -113,17 +113,31 @@ impl CacheAware {
             .map(|(k, _, _)| k)
             .expect("candidates are never empty: the least loaded worker always qualifies");
         let has_prompt = text_chars > 0 || token_count > 0;
-        // Cached nowhere by the events: the worker the tree says the prompt was last sent to
-        // keeps it (its home), so a prefix evicted under pressure comes back where it was
-        // rather than to whichever cache is emptiest, which keeps each worker's set of
-        // prefixes small.
+        // Cached nowhere by the events: the prompt goes back to its home, so a prefix evicted
+        // under pressure comes back where it was rather than to whichever cache is emptiest,
+        // which keeps each worker's set of prefixes small. The home is the worker the events
+        // say held its leading pages last (every replica reads the same events, so they
+        // agree), else the one the tree says it was last sent to.
         let home = || {
-            candidates
-                .iter()
-                .map(|&k| (k, (tree_share(k) * 1e9) as u64, std::cmp::Reverse(loads[k])))
-                .max_by_key(|&(_, m, l)| (m, l))
-                .filter(|&(_, m, _)| m as f64 / 1e9 > c.cache_threshold)
-                .map(|(k, _, _)| k)
+            // Where each worker held the prompt last (computed on a miss only).
+            let ev_home: Vec<usize> = match req.kv {
+                Some(kv) => {
+                    let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
+                    kv.home_tokens(&urls, &ev)
+                }
+                None => Vec::new(),
+            };
+            let by = |share: &dyn Fn(usize) -> f64| {
+                candidates
+                    .iter()
+                    .map(|&k| (k, (share(k) * 1e9) as u64, std::cmp::Reverse(loads[k])))
+                    .max_by_key(|&(_, m, l)| (m, l))
+                    .filter(|&(_, m, _)| m as f64 / 1e9 > c.cache_threshold)
+                    .map(|(k, _, _)| k)
+            };
+            let held_last =
+                |k: usize| ev_home.get(k).map_or(0.0, |&t| t as f64 / token_count.max(1) as f64);
+            by(&held_last).or_else(|| by(&tree_share))
         };
         let (pick, branch) = if has_prompt && share(best) > c.cache_threshold {
             (best, Branch::Hit)
@@ -437,5 +451,33 @@ mod tests {
         assert_eq!((d.index, d.branch), (other, "hit"));
         assert_eq!(d.matched_tokens, Some(tokens.len() / 4 * 4));
         assert_eq!(d.prompt_tokens, Some(tokens.len()));
+    }
+
+    /// Two replicas (two policies with their own trees) over the same events: a prefix the
+    /// first routed, then evicted everywhere, goes back to the worker that held it last from
+    /// either replica, though the second never routed it.
+    #[test]
+    fn replicas_agree_on_the_home_of_an_evicted_prefix() {
+        let ws = workers(3);
+        let (a, b) = (policy(0.5, 32), policy(0.5, 32));
+        let kv = events_for(&ws);
+        let text = "a system prompt long enough to matter, then a question";
+        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+        let ask = RequestInfo { text, tokens: Some(&tokens), kv: Some(&kv), ..Default::default() };
+        let home = a.decide(&ws, &ask).unwrap().index;
+        stored(&kv, ws[home].url(), &tokens);
+        let hashes = crate::kv::hash::page_hashes(&tokens[..tokens.len() / 4 * 4], 4);
+        let evicted = crate::kv::wire::Event::Removed {
+            hashes: hashes.clone(),
+            medium: crate::kv::wire::Medium::Gpu,
+        };
+        kv.apply(ws[home].url(), 0, vec![evicted]);
+        // Load elsewhere is lower: only the home rule keeps it there.
+        let _busy: Vec<_> = (0..3).map(|_| ws[home].start_request()).collect();
+        let d = b.decide(&ws, &ask).unwrap();
+        assert_eq!((d.index, d.branch), (home, "home"));
+        // What b just sent there counts as held there (pending) for a too.
+        let d = a.decide(&ws, &ask).unwrap();
+        assert_eq!((d.index, d.branch), (home, "hit"));
     }
 }
