@@ -14,7 +14,9 @@ use serde_json::Value;
 /// list --endpoint URL`).
 #[derive(Debug, Clone, Args)]
 pub struct Endpoint {
-    /// The router's main address.
+    /// The router's main address; several, comma-separated, for router replicas: `status`,
+    /// `top` and `workers` then act on each (a worker added to one replica is not known to the
+    /// others).
     #[arg(
         long,
         global = true,
@@ -25,6 +27,24 @@ pub struct Endpoint {
     /// Admin key, sent as `Authorization: Bearer KEY` on admin calls.
     #[arg(long, global = true, env = "ROUTERCTL_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+}
+
+impl Endpoint {
+    /// Each replica's endpoint (one unless `--endpoint` lists several).
+    pub fn each(&self) -> Vec<Endpoint> {
+        let all: Vec<Endpoint> = self
+            .endpoint
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| Endpoint { endpoint: e.to_owned(), admin_key: self.admin_key.clone() })
+            .collect();
+        if all.is_empty() {
+            vec![self.clone()]
+        } else {
+            all
+        }
+    }
 }
 
 impl Default for Endpoint {

@@ -130,14 +130,60 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 pub async fn workers(args: WorkersArgs, output: Output) -> i32 {
-    let admin = Admin::new(&args.endpoint);
-    match args.command {
+    let replicas = args.endpoint.each();
+    let mut all = Vec::new();
+    if replicas.len() == 1 {
+        return workers_on(&Admin::new(&replicas[0]), &args.command, output, None, &mut all).await;
+    }
+    // Replicas: the same command on each, in turn; one that fails does not stop the others.
+    // JSON: one array of `{endpoint, result}` (or `{endpoint, error}`).
+    let mut code = 0;
+    for (k, e) in replicas.iter().enumerate() {
+        let admin = Admin::new(e);
+        if output == Output::Table && matches!(args.command, WorkersCommand::List) {
+            if k > 0 {
+                println!();
+            }
+            println!("replica {}", admin.base());
+        }
+        let base = admin.base().to_owned();
+        code = code.max(workers_on(&admin, &args.command, output, Some(&base), &mut all).await);
+    }
+    if output == Output::Json {
+        print_json(&all);
+    }
+    code
+}
+
+/// One router's `workers` command; `replica` names it in the output when there are several.
+async fn workers_on(
+    admin: &Admin,
+    command: &WorkersCommand,
+    output: Output,
+    replica: Option<&str>,
+    all: &mut Vec<Value>,
+) -> i32 {
+    let mut fail = |e: AdminError| match replica {
+        Some(r) => {
+            eprintln!("routerctl: replica {r}: {e}");
+            all.push(json!({"endpoint": r, "error": e.to_string()}));
+            e.exit_code()
+        }
+        None => fail(e),
+    };
+    let on = replica.map(|r| format!(" on {r}")).unwrap_or_default();
+    let mut results = Vec::new();
+    let mut json = |v: Value| match replica {
+        Some(r) => results.push(json!({"endpoint": r, "result": v})),
+        None => print_json(&v),
+    };
+    match command {
         WorkersCommand::List => {
             match admin.get::<Value>("/workers").await.and_then(|v| {
                 serde_json::from_value::<Vec<WorkerView>>(v["workers"].clone())
                     .map_err(|e| AdminError::Malformed(e.to_string()))
             }) {
-                Ok(ws) if output == Output::Json => print_json(&ws),
+                Ok(ws) if output == Output::Json => json(json!(ws)),
                 Ok(ws) => print!("{}", workers_table(&ws)),
                 Err(e) => return fail(e),
             }
@@ -147,20 +193,21 @@ pub async fn workers(args: WorkersArgs, output: Output) -> i32 {
             let body = json!({"url": url, "role": role, "bootstrap_port": bootstrap_port, "api_key": api_key});
             let added = admin.post_json::<Value>("/workers", &body).await.and_then(worker_of);
             match added {
-                Ok(w) if output == Output::Json => print_json(&w),
-                Ok(w) => println!("added {}", w.url),
+                Ok(w) if output == Output::Json => json(json!(w)),
+                Ok(w) => println!("added {}{on}", w.url),
                 Err(e) => return fail(e),
             }
         }
         WorkersCommand::Remove { url } => {
-            let path = format!("/workers/{}", encode_segment(&url));
+            let path = format!("/workers/{}", encode_segment(url));
             match admin.delete::<Value>(&path).await.and_then(worker_of) {
-                Ok(w) if output == Output::Json => print_json(&w),
-                Ok(w) => println!("removed {}", w.url),
+                Ok(w) if output == Output::Json => json(json!(w)),
+                Ok(w) => println!("removed {}{on}", w.url),
                 Err(e) => return fail(e),
             }
         }
     }
+    all.extend(results);
     0
 }
 
@@ -173,19 +220,55 @@ fn worker_of(answer: Value) -> Result<WorkerView, AdminError> {
 
 /// Router health, readiness, configuration generation and the last reload's outcome.
 pub async fn status(args: StatusArgs) -> i32 {
-    let admin = Admin::new(&args.endpoint);
-    let health = match admin.status_of("/health").await {
-        Ok((s, _)) => s,
-        Err(e) => return fail(e),
-    };
-    let (ready_status, ready_body) = match admin.status_of("/readiness").await {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
-    let config: Value = match admin.get("/admin/config").await {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
+    let replicas = args.endpoint.each();
+    if replicas.len() == 1 {
+        return match status_of(&Admin::new(&replicas[0])).await {
+            Ok((summary, _)) if args.output == Output::Json => {
+                print_json(&summary);
+                0
+            }
+            Ok((_, text)) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    // Replicas: each one's status; the exit code is the worst.
+    let (mut code, mut all) = (0, Vec::new());
+    for (k, e) in replicas.iter().enumerate() {
+        let admin = Admin::new(e);
+        match status_of(&admin).await {
+            Ok((summary, text)) => {
+                if args.output == Output::Table {
+                    print!("{}{text}", if k > 0 { "\n" } else { "" });
+                }
+                all.push(summary);
+            }
+            Err(e) => {
+                code = code.max(e.exit_code());
+                if args.output == Output::Table {
+                    print!(
+                        "{}router      {}\nunreachable {e}\n",
+                        if k > 0 { "\n" } else { "" },
+                        admin.base()
+                    );
+                }
+                all.push(json!({"endpoint": admin.base(), "error": e.to_string()}));
+            }
+        }
+    }
+    if args.output == Output::Json {
+        print_json(&all);
+    }
+    code
+}
+
+/// One router's status: the JSON summary and the text block.
+async fn status_of(admin: &Admin) -> Result<(Value, String), AdminError> {
+    let (health, _) = admin.status_of("/health").await?;
+    let (ready_status, ready_body) = admin.status_of("/readiness").await?;
+    let config: Value = admin.get("/admin/config").await?;
     let workers: Value = admin.get("/workers").await.unwrap_or(Value::Null);
     let ready: Value = serde_json::from_str(&ready_body).unwrap_or(Value::Null);
     let last = &config["last_reload"];
@@ -200,11 +283,7 @@ pub async fn status(args: StatusArgs) -> i32 {
         "workers": workers["workers"].as_array().map(Vec::len),
         "last_reload": last,
     });
-    if args.output == Output::Json {
-        print_json(&summary);
-        return 0;
-    }
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     let _ = writeln!(out, "router      {}", admin.base());
     let _ = writeln!(out, "health      {}", if health == 200 { "ok" } else { "failing" });
     let reason = ready["reason"].as_str().or(ready["status"].as_str()).unwrap_or("");
@@ -229,7 +308,7 @@ pub async fn status(args: StatusArgs) -> i32 {
         }
     };
     let _ = writeln!(out, "last reload {reload}");
-    0
+    Ok((summary, String::from_utf8_lossy(&out).into_owned()))
 }
 
 /// `routerctl config check FILE`: the file as routerd would load it.

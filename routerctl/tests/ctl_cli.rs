@@ -226,3 +226,75 @@ async fn global_options_go_before_or_after_the_subcommand() {
         w.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_endpoints_act_on_each_replica() {
+    let (a, ws) = fleet().await;
+    let flags = routerd::config::Flags {
+        policy: Some("round_robin".into()),
+        worker_urls: Some(vec![ws[0].url()]),
+        ..Default::default()
+    };
+    let config = routerd::config::Config::build(None, &flags).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = routerd::run::start(listener, config).unwrap();
+    let both = format!("{},{}", a.url(), b.url());
+
+    // A worker added through the API goes to every replica listed.
+    let added = ctl(&["--endpoint", &both, "workers", "add", &ws[1].url()], None).await;
+    assert_eq!(added.code, 0, "{}", added.err);
+    assert_eq!(
+        added.out,
+        format!("added {w} on {}\nadded {w} on {}\n", a.url(), b.url(), w = ws[1].url())
+    );
+    let list = ctl(&["workers", "list", "-o", "json"], Some(&both)).await;
+    let each: Vec<Value> = serde_json::from_str(&list.out).unwrap();
+    assert_eq!(each.len(), 2, "{}", list.out);
+    assert_eq!(each[1]["endpoint"].as_str(), Some(&*b.url()));
+    assert_eq!(each[1]["result"].as_array().map(Vec::len), Some(2));
+    for r in [&a, &b] {
+        let one = ctl(&["workers", "list", "-o", "json"], Some(&r.url())).await;
+        let listed: Vec<Value> = serde_json::from_str(&one.out).unwrap();
+        assert_eq!(listed.len(), 2, "replica {}: {}", r.url(), one.out);
+    }
+    let table = ctl(&["workers", "list"], Some(&both)).await;
+    assert!(
+        table.out.starts_with(&format!("replica {}\nURL", a.url()))
+            && table.out.contains(&format!("\n\nreplica {}\nURL", b.url())),
+        "{}",
+        table.out
+    );
+
+    // Status of each; one replica gone makes the exit code 3 and is named.
+    let status = ctl(&["status", "-o", "json"], Some(&both)).await;
+    assert_eq!(status.code, 0, "{}", status.err);
+    let each: Vec<Value> = serde_json::from_str(&status.out).unwrap();
+    assert_eq!(each.len(), 2);
+    assert_eq!(
+        (each[0]["endpoint"].as_str(), each[0]["ready"].as_bool()),
+        (Some(&*a.url()), Some(true))
+    );
+    assert_eq!(each[1]["endpoint"].as_str(), Some(&*b.url()));
+    let with_gone = format!("{both},http://127.0.0.1:9");
+    let status = ctl(&["status"], Some(&with_gone)).await;
+    assert_eq!(status.code, 3);
+    assert!(
+        status.out.contains(&format!("router      {}\nhealth      ok", b.url())),
+        "{}",
+        status.out
+    );
+    assert!(
+        status.out.contains("router      http://127.0.0.1:9\nunreachable cannot reach"),
+        "{}",
+        status.out
+    );
+
+    let removed = ctl(&["workers", "remove", &ws[1].url()], Some(&both)).await;
+    assert_eq!(removed.code, 0, "{}", removed.err);
+    assert_eq!(removed.out.lines().count(), 2);
+    a.shutdown().await;
+    b.shutdown().await;
+    for w in ws {
+        w.shutdown().await;
+    }
+}

@@ -127,6 +127,14 @@ pub async fn run(args: LaunchArgs) -> anyhow::Result<i32> {
     let endpoint = match (&router, &args.router) {
         (Some(r), _) => r.url.clone(),
         (None, Some(url)) => url.trim_end_matches('/').to_owned(),
+        (None, None) if args.endpoint.each().len() > 1 => {
+            eprintln!(
+                "routerctl launch: --endpoint lists several routers; launch registers its workers \
+                 with one (replicas share workers through discovery or one configuration file: \
+                 docs/replicas.md)"
+            );
+            return Ok(2);
+        }
         (None, None) => args.endpoint.endpoint.clone(),
     };
     let admin = Admin::new(&Endpoint { endpoint, admin_key: args.endpoint.admin_key.clone() });

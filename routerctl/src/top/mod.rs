@@ -36,18 +36,19 @@ pub struct TopArgs {
 pub enum Input {
     Key(KeyCode),
     Resize,
-    Polled(Result<(Stats, Vec<Decision>), String>),
+    /// A poll of replica `.0` (0 with one router).
+    Polled(usize, Result<(Stats, Vec<Decision>), String>),
     Notice(String),
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<i32> {
-    let admin = Admin::new(&args.endpoint);
+    let admins: Vec<Admin> = args.endpoint.each().iter().map(Admin::new).collect();
     // Raw mode and the alternate screen, with a panic hook that undoes both.
     let mut terminal = ratatui::init();
     let (tx, input) = tokio::sync::mpsc::unbounded_channel();
     read_keys(tx.clone());
     let every = Duration::from_millis(args.interval_ms.max(100));
-    let result = dashboard(&mut terminal, admin, every, tx, input).await;
+    let result = dashboard(&mut terminal, admins, every, tx, input).await;
     ratatui::restore();
     result.map(|()| 0)
 }
@@ -84,75 +85,97 @@ async fn poll(admin: &Admin) -> Result<(Stats, Vec<Decision>), String> {
     Ok((stats, decisions))
 }
 
-/// Polls every `every` on its own, one poll at a time, sending each result to the loop.
-async fn poller(admin: Admin, every: Duration, tx: tokio::sync::mpsc::UnboundedSender<Input>) {
+/// Polls replica `k` every `every` on its own, one poll at a time, sending each result to the
+/// loop.
+async fn poller(
+    k: usize,
+    admin: Admin,
+    every: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<Input>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if tx.send(Input::Polled(poll(&admin).await)).is_err() {
+        if tx.send(Input::Polled(k, poll(&admin).await)).is_err() {
             return;
         }
     }
 }
 
-/// The dashboard until `q`: draws `state`, reacts to `input`. The poll and removals run in
-/// their own tasks (ended with the loop); the screen is redrawn at least every 250 ms, so the
-/// age of the figures shown keeps counting while a poll hangs.
+/// The dashboard until `q`: draws the state of the replica shown, reacts to `input`. Each
+/// replica is polled in its own task, and removals run in theirs (all ended with the loop); the
+/// screen is redrawn at least every 250 ms, so the age of the figures shown keeps counting while
+/// a poll hangs.
 pub async fn dashboard<B: ratatui::backend::Backend>(
     terminal: &mut ratatui::Terminal<B>,
-    admin: Admin,
+    admins: Vec<Admin>,
     every: Duration,
     tx: tokio::sync::mpsc::UnboundedSender<Input>,
     mut input: tokio::sync::mpsc::UnboundedReceiver<Input>,
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(poller(admin.clone(), every, tx.clone()));
-    let result = dashboard_loop(terminal, &admin, every, &tx, &mut input, &mut tasks).await;
+    for (k, admin) in admins.iter().enumerate() {
+        tasks.spawn(poller(k, admin.clone(), every, tx.clone()));
+    }
+    let result = dashboard_loop(terminal, &admins, every, &tx, &mut input, &mut tasks).await;
     tasks.abort_all();
     result
 }
 
 async fn dashboard_loop<B: ratatui::backend::Backend>(
     terminal: &mut ratatui::Terminal<B>,
-    admin: &Admin,
+    admins: &[Admin],
     every: Duration,
     tx: &tokio::sync::mpsc::UnboundedSender<Input>,
     input: &mut tokio::sync::mpsc::UnboundedReceiver<Input>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
-    let mut state = State::new(admin.base());
-    let mut fresh = std::time::Instant::now();
+    let mut states: Vec<State> = admins.iter().map(|a| State::new(a.base())).collect();
+    let mut fresh = vec![std::time::Instant::now(); admins.len()];
+    let mut shown = 0usize;
     let mut redraw = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let age = fresh.elapsed();
-        state.stale = (age > 2 * every).then_some(age);
-        terminal.draw(|f| render::render(f, &state))?;
+        for (k, s) in states.iter_mut().enumerate() {
+            let age = fresh[k].elapsed();
+            s.stale = (age > 2 * every).then_some(age);
+        }
+        if states.len() > 1 {
+            let line: Vec<state::Replica> =
+                states.iter().enumerate().map(|(k, s)| state::Replica::of(s, k == shown)).collect();
+            states[shown].replicas = line;
+        }
+        terminal.draw(|f| render::render(f, &states[shown]))?;
+        let n = states.len();
         tokio::select! {
             _ = redraw.tick() => {}
             got = input.recv() => match got {
                 None => return Ok(()),
                 Some(Input::Resize) => {}
-                Some(Input::Polled(Ok((stats, decisions)))) => {
-                    state.update(stats, decisions);
-                    fresh = std::time::Instant::now();
+                Some(Input::Polled(k, Ok((stats, decisions)))) => {
+                    if let Some(s) = states.get_mut(k) {
+                        s.update(stats, decisions);
+                        fresh[k] = std::time::Instant::now();
+                    }
                 }
-                Some(Input::Polled(Err(e))) => state.disconnected(e),
-                Some(Input::Notice(n)) => state.notice = Some(n),
-                Some(Input::Key(KeyCode::Up)) => state.up(),
-                Some(Input::Key(KeyCode::Down)) => state.down(),
-                Some(Input::Key(KeyCode::Esc)) => { state.key('\u{1b}'); }
-                Some(Input::Key(KeyCode::Char(c))) => match state.key(c) {
+                Some(Input::Polled(k, Err(e))) => {
+                    if let Some(s) = states.get_mut(k) {
+                        s.disconnected(e);
+                    }
+                }
+                Some(Input::Notice(text)) => states[shown].notice = Some(text),
+                Some(Input::Key(KeyCode::Tab)) => shown = (shown + 1) % n,
+                Some(Input::Key(KeyCode::BackTab)) => shown = (shown + n - 1) % n,
+                Some(Input::Key(KeyCode::Up)) => states[shown].up(),
+                Some(Input::Key(KeyCode::Down)) => states[shown].down(),
+                Some(Input::Key(KeyCode::Esc)) => { states[shown].key('\u{1b}'); }
+                Some(Input::Key(KeyCode::Char(c))) => match states[shown].key(c) {
                     Action::Quit => return Ok(()),
                     Action::Remove(url) => {
-                        state.notice = Some(format!("removing {url}..."));
-                        let (admin, tx) = (admin.clone(), tx.clone());
+                        states[shown].notice = Some(format!("removing {url}..."));
+                        let (admins, tx) = (admins.to_vec(), tx.clone());
                         tasks.spawn(async move {
-                            let path = format!("/workers/{}", encode_segment(&url));
-                            let notice = match admin.delete::<Value>(&path).await {
-                                Ok(_) => format!("removed {url}"),
-                                Err(e) => format!("could not remove {url}: {e}"),
-                            };
+                            let notice = remove_everywhere(&admins, &url).await;
                             let _ = tx.send(Input::Notice(notice));
                         });
                     }
@@ -161,5 +184,26 @@ async fn dashboard_loop<B: ratatui::backend::Backend>(
                 Some(Input::Key(_)) => {}
             },
         }
+    }
+}
+
+/// Removes `url` from every replica (a worker one replica still routes to is not removed);
+/// the notice says what happened where.
+async fn remove_everywhere(admins: &[Admin], url: &str) -> String {
+    let path = format!("/workers/{}", encode_segment(url));
+    let mut failed = Vec::new();
+    for a in admins {
+        if let Err(e) = a.delete::<Value>(&path).await {
+            failed.push(if admins.len() > 1 {
+                format!("{}: {e}", a.base())
+            } else {
+                e.to_string()
+            });
+        }
+    }
+    match (failed.is_empty(), admins.len()) {
+        (true, 1) => format!("removed {url}"),
+        (true, n) => format!("removed {url} from {n} replicas"),
+        (false, _) => format!("could not remove {url}: {}", failed.join("; ")),
     }
 }

@@ -11,14 +11,19 @@ use ratatui::Frame;
 use super::state::{Mode, State};
 
 pub fn render(f: &mut Frame, s: &State) {
+    let lines = if s.replicas.len() > 1 { 2 } else { 1 };
     let [header, sparks, table, events] = Layout::vertical([
-        Constraint::Length(1),
+        Constraint::Length(lines),
         Constraint::Length(5),
         Constraint::Min(5),
         Constraint::Length(9),
     ])
     .areas(f.area());
-    f.render_widget(Paragraph::new(header_line(s)), header);
+    let mut head = vec![header_line(s)];
+    if lines > 1 {
+        head.push(replicas_line(s));
+    }
+    f.render_widget(Paragraph::new(head), header);
     render_sparklines(f, s, sparks);
     render_table(f, s, table);
     render_events(f, s, events);
@@ -33,11 +38,12 @@ pub fn render(f: &mut Frame, s: &State) {
     }
 }
 
-const HELP: [&str; 7] = [
+const HELP: [&str; 8] = [
     "q        quit",
     "up/down  select a worker",
     "s        sort by the next column",
-    "d        remove the selected worker (asks first)",
+    "d        remove the selected worker (asks first; from every replica)",
+    "tab      the next replica (several --endpoint URLs), shift-tab the previous",
     "?        this help",
     "",
     "Figures are per second over the last refresh; hit is the workers' own cache hit ratio.",
@@ -70,6 +76,26 @@ fn header_line(s: &State) -> Line<'static> {
             if st.ready { "ready" } else { "NOT READY" }
         )));
     }
+    Line::from(spans)
+}
+
+/// Every replica in one line, the one shown in reverse video (tab: the next one).
+fn replicas_line(s: &State) -> Line<'static> {
+    let mut spans = vec![Span::raw("replicas ")];
+    for (k, r) in s.replicas.iter().enumerate() {
+        let state = match (r.reachable, r.ready) {
+            (false, _) => "unreachable".to_owned(),
+            (true, false) => "NOT READY".to_owned(),
+            (true, true) => format!("{:.0} req/s {} in flight", r.rate, r.in_flight),
+        };
+        let style = match (r.current, r.reachable && r.ready) {
+            (true, _) => Style::default().add_modifier(Modifier::REVERSED),
+            (false, true) => Style::default(),
+            (false, false) => Style::default().fg(Color::Red),
+        };
+        spans.push(Span::styled(format!(" {} {} {state} ", k + 1, r.endpoint), style));
+    }
+    spans.push(Span::styled("  tab: next", Style::default().fg(Color::DarkGray)));
     Line::from(spans)
 }
 

@@ -96,6 +96,32 @@ pub struct State {
     /// How old the figures on screen are, when older than two refreshes (the poll is slow or
     /// the router does not answer); `None` while they are fresh.
     pub stale: Option<std::time::Duration>,
+    /// With several replicas (`--endpoint A,B,...`): one line each, and which one this is.
+    pub replicas: Vec<Replica>,
+}
+
+/// One replica's summary, for the line that lists them all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    pub endpoint: String,
+    pub reachable: bool,
+    pub ready: bool,
+    pub rate: f64,
+    pub in_flight: u64,
+    pub current: bool,
+}
+
+impl Replica {
+    pub fn of(s: &State, current: bool) -> Self {
+        Self {
+            endpoint: s.endpoint.clone(),
+            reachable: s.link.is_ok(),
+            ready: s.stats.as_ref().is_some_and(|st| st.ready),
+            rate: s.rate,
+            in_flight: s.stats.as_ref().map_or(0, |st| st.in_flight),
+            current,
+        }
+    }
 }
 
 impl State {
@@ -119,6 +145,7 @@ impl State {
             mode: Mode::Normal,
             notice: None,
             stale: None,
+            replicas: Vec::new(),
         }
     }
 

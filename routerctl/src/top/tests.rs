@@ -149,6 +149,18 @@ fn help_sort_and_confirmed_removal() {
     assert_eq!(s.key('q'), Action::Quit);
 }
 
+#[test]
+fn several_replicas_in_one_line() {
+    let mut s = running();
+    let mut other = State::new("http://127.0.0.1:30001");
+    other.disconnected("connection refused".into());
+    s.replicas = vec![
+        crate::top::state::Replica::of(&s, true),
+        crate::top::state::Replica::of(&other, false),
+    ];
+    insta::assert_snapshot!("replicas", screen(&s));
+}
+
 /// A router that takes connections and never answers: `q` still quits at once, and the screen
 /// says the figures are stale while the poll waits (the admin client's timeout is 10 s).
 #[tokio::test]
@@ -172,7 +184,7 @@ async fn keys_are_answered_while_the_router_never_answers() {
         keys.send(Input::Key(KeyCode::Char('q'))).unwrap();
     });
     let started = Instant::now();
-    dashboard(&mut terminal, admin, Duration::from_millis(100), tx, rx).await.unwrap();
+    dashboard(&mut terminal, vec![admin], Duration::from_millis(100), tx, rx).await.unwrap();
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(3),
