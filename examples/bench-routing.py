@@ -223,10 +223,10 @@ def run(scenario, routing, seed, replicas=1):
                 threads += ["--config", off]
             # ROUTER_EXTRA="--flag value ..." adds routerd flags (experiments).
             threads += shlex.split(os.environ.get("ROUTER_EXTRA", ""))
-            # Replicas (issue 25): the same flags, each on its own port; the first serves
-            # the metrics read below.
+            # Replicas (issue 25): the same flags, each on its own ports; the first's metrics
+            # are read below.
             for k, rp in enumerate(rports):
-                metrics = ["--prometheus-port", str(mport)] if k == 0 else []
+                metrics = ["--prometheus-port", str(mport if k == 0 else free_port())]
                 fleet.start(pinned(0, [f"{BIN}/routerd", *common, "--port", str(rp), *metrics,
                                        *policy, *threads]),
                             os.environ.get("ROUTER_LOG"))
@@ -311,8 +311,8 @@ def table(path):
           "failed | per-worker shares |")
     print("|---|---|---|---|---|---|---|---|---|")
     for sc in SCENARIOS:
-        for ro, n in [(ro, n) for ro in ROUTINGS for n in counts]:
-            rs = by.get((sc, ro, n))
+        for ro, nrep in [(ro, c) for ro in ROUTINGS for c in counts]:
+            rs = by.get((sc, ro, nrep))
             if not rs:
                 continue
             mean = lambda k: sum((r[k] or 0) for r in rs) / len(rs)
@@ -327,7 +327,7 @@ def table(path):
             if ro == "sgl":
                 share = "n/a (no worker header)"
             failed = sum(r["failed"] for r in rs)
-            name = NAMES[ro] + (f", {n} replicas" if n > 1 else "")
+            name = NAMES[ro] + (f", {nrep} replicas" if nrep > 1 else "")
             print(f"| {sc} | {name} | {100 * mean('cache_hit_rate'):.1f}% | "
                   f"{mean('requests_per_sec'):.0f} | {mean('ttft_p50_ms'):.1f} | "
                   f"{mean('ttft_p99_ms'):.1f} | {100 * spread:.0f}% | {failed} | {share} |")

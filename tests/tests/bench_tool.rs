@@ -175,3 +175,36 @@ async fn the_cache_tally_follows_restarted_and_joining_workers() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn targets_spread_clients_over_replicas_and_skip_one_that_is_gone() {
+    let ws = fleet(2, |a| a.zero_compute = true).await;
+    let r1 = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let r2 = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let served = |r: &routerd::run::Running| {
+        let url = format!("{}/admin/stats", r.url());
+        async move { routerd_e2e::get_json(&url).await["requests_total"].as_u64().unwrap() }
+    };
+    let targets = format!("{},{}", r1.url(), r2.url());
+    let rep = execute(&args(&["--targets", &targets, "--groups", "4", "--questions", "6"]))
+        .await
+        .unwrap();
+    assert_eq!((rep.ok, rep.failed), (24, 0), "{:?}", rep.first_errors);
+    let (a, b) = (served(&r1).await, served(&r2).await);
+    assert_eq!(a + b, 24);
+    assert!(a >= 6 && b >= 6, "four clients, two on each replica: {a} and {b}");
+    // A replica that is gone (nothing listens there): its clients' requests go to the other.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let targets = format!("{},{gone}", r2.url());
+    let rep = execute(&args(&["--targets", &targets, "--groups", "4", "--questions", "6"]))
+        .await
+        .unwrap();
+    assert_eq!((rep.ok, rep.failed), (24, 0), "{:?}", rep.first_errors);
+    assert_eq!(served(&r2).await, b + 24);
+    r1.shutdown().await;
+    r2.shutdown().await;
+    shutdown_all(ws).await;
+}

@@ -262,6 +262,11 @@ fn the_kubernetes_example_config_is_valid_and_selects_the_example_workers() {
     let workers = std::fs::read_to_string(root.join("workers.yaml")).unwrap();
     assert!(workers.contains(&format!("labels: {{ {label} }}")), "{label}");
     assert!(workers.contains(&format!("containerPort: {}", d.port)));
+    // Three replicas behind one Service, a budget that keeps two, workers that publish what
+    // the replicas share (docs/replicas.md).
+    assert!(router.contains("replicas: 3") && router.contains("kind: PodDisruptionBudget"));
+    assert!(router.contains("minAvailable: 2"));
+    assert!(workers.contains("--kv-events-config") && workers.contains("--load-publish-endpoint"));
     for f in ["rbac-namespace.yaml", "rbac-cluster.yaml"] {
         let rbac = std::fs::read_to_string(root.join(f)).unwrap();
         assert!(rbac.contains(r#"verbs: ["get", "list", "watch"]"#), "{f}");
