@@ -269,7 +269,9 @@ def run(scenario, routing, seed, replicas=1):
             extra += ["--at-fraction", "0.3", "--exec", cmd]
             if routing not in affinity:
                 extra += ["--workers", *urls]
-        if replicas > 1:
+        # IDLE_REPLICAS=1 (a control): the replicas run and subscribe, the load goes to the
+        # first only, so what the fleet spends publishing to them shows alone.
+        if replicas > 1 and os.environ.get("IDLE_REPLICAS") != "1":
             extra += ["--targets", ",".join(routers)]
         argv = pinned(1, [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
                           *merged(BENCH, sc["bench"]), *extra, "-o", "json"])
@@ -277,7 +279,8 @@ def run(scenario, routing, seed, replicas=1):
         if not out.stdout.strip():
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
-        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN, replicas=replicas)
+        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN, replicas=replicas,
+                   idle_replicas=os.environ.get("IDLE_REPLICAS") == "1")
         if routing in ROUTERD:
             # routerd's own view of the run: its routing decisions by branch.
             try:

@@ -137,6 +137,8 @@ pub struct App {
     pub dp: crate::dp::DpState,
     /// The workers' KV-event feeds and the index of blocks they hold.
     pub kv: Arc<crate::kv::KvState>,
+    /// What peer replicas routed (approximate mode across replicas: `[peers]`).
+    pub peers: Arc<crate::peers::Peers>,
 }
 
 impl App {
@@ -155,6 +157,7 @@ impl App {
         };
         Ok(Self {
             kv: Arc::new(crate::kv::KvState::new(&config.kv_events)),
+            peers: Arc::new(crate::peers::Peers::new(config.peers.max_pages)),
             server_tls,
             registry: Registry::new(crate::dp::config_specs(&dp, &config)),
             live: ArcSwap::from_pointee(Live::new(config)),

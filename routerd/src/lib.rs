@@ -23,6 +23,7 @@ pub mod kv;
 pub mod limits;
 pub mod metrics;
 
+pub mod peers;
 pub mod policy;
 pub mod poll;
 pub mod proxy;

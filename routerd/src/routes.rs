@@ -38,6 +38,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/stats", get(crate::stats::admin_stats))
         .route("/admin/discovery", get(crate::discovery::admin_discovery))
         .route("/admin/kv", get(crate::kv::admin_kv))
+        .route("/admin/peers", get(crate::peers::admin_peers))
+        .route("/admin/peers/routed", post(crate::peers::admin_routed))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

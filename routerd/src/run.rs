@@ -50,6 +50,7 @@ pub fn start_with_flags(
     app.registry.set_on_removed(Box::new(move |w| {
         if let Some(app) = weak.upgrade() {
             app.policy_for(w.spec.role).worker_removed(w.url());
+            app.peers.forget(w.url());
         }
     }));
     let stop = Stop::new(grace);
@@ -61,6 +62,7 @@ pub fn start_with_flags(
     tasks.spawn(crate::discovery::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::dp::run(app.clone(), cancel.clone()));
     tasks.spawn(crate::kv::feeds::run(app.clone(), cancel.clone()));
+    tasks.spawn(crate::peers::run(app.clone(), cancel.clone()));
     // The configuration file and the serving certificate's files, when watched.
     let mut watched: Vec<std::path::PathBuf> = app.reloader.source().into_iter().collect();
     if let Some(tls) = &app.server_tls {

@@ -317,3 +317,73 @@ async fn a_replica_killed_under_load_costs_a_retrying_client_only_what_it_held()
     b.shutdown().await;
     shutdown_all(ws).await;
 }
+
+/// Two replicas that list each other as peers, over workers that publish no KV events.
+async fn peered(ws: &[SimWorker], share: bool) -> (routerd::run::Running, routerd::run::Running) {
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let urls = [la.local_addr().unwrap(), lb.local_addr().unwrap()].map(|a| format!("http://{a}"));
+    let refs: Vec<&SimWorker> = ws.iter().collect();
+    let mut start = |l| {
+        let mut config = router_config("cache_aware", &refs);
+        if share {
+            // The same list for both (a replica ignores its own batches).
+            config.peers.urls = urls.to_vec();
+        }
+        routerd::run::start(l, config).unwrap()
+    };
+    (start(la), start(lb))
+}
+
+async fn route_text(r: &routerd::run::Running, text: &str) -> (String, Value) {
+    let resp = client()
+        .post(format!("{}/generate", r.url()))
+        .header("x-routerd-explain", "1")
+        .json(&json!({"text": text, "sampling_params": {"max_new_tokens": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
+    let d = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    (worker, d)
+}
+
+#[tokio::test]
+async fn without_events_peers_tell_each_other_what_they_routed() {
+    let ws = fleet(4, |a| a.zero_compute = true).await;
+    let (a, b) = peered(&ws, true).await;
+    let texts: Vec<String> = (0..8)
+        .map(|n| format!("conversation {n}: ") + &"a long system prompt. ".repeat(20))
+        .collect();
+    let mut homes = Vec::new();
+    for t in &texts {
+        homes.push(route_text(&a, t).await.0);
+    }
+    eventually(Duration::from_secs(5), "the peer heard of every decision", || async {
+        get_json(&format!("{}/admin/peers", b.url())).await["received"].as_u64().unwrap() >= 8
+    })
+    .await;
+    for (t, home) in texts.iter().zip(&homes) {
+        let (to, d) = route_text(&b, t).await;
+        assert_eq!((&to, &d["branch"]), (home, &json!("hit")), "{d}");
+    }
+    let status = get_json(&format!("{}/admin/peers", a.url())).await;
+    assert!(status["peers"].as_object().unwrap().values().all(|p| p["failed"] == 0), "{status}");
+    a.shutdown().await;
+    b.shutdown().await;
+    // Without peers, the second replica knows nothing of the first's decisions: most of the
+    // same prompts land elsewhere (4 workers: 1 in 4 by chance).
+    let (a, b) = peered(&ws, false).await;
+    let mut same = 0;
+    for t in &texts {
+        let home = route_text(&a, t).await.0;
+        let (to, d) = route_text(&b, t).await;
+        assert_ne!(d["branch"], "hit", "{d}");
+        same += usize::from(to == home);
+    }
+    assert!(same < texts.len(), "every prompt on the same worker by chance");
+    a.shutdown().await;
+    b.shutdown().await;
+    shutdown_all(ws).await;
+}

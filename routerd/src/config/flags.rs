@@ -205,6 +205,11 @@ pub struct Flags {
     /// to route on KV events.
     #[arg(global = true, long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// The other router replicas (`http://HOST:PORT`; a name that resolves to several
+    /// addresses, like a Kubernetes headless Service, is one peer per address): told what
+    /// this one routes on its approximate tree, where workers publish no KV events.
+    #[arg(global = true, long, num_args = 1.., value_name = "URL")]
+    pub peer_urls: Option<Vec<String>>,
     /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
     /// target, with `data_parallel_rank` in the request body.
     #[arg(global = true, long)]

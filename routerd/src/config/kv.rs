@@ -198,3 +198,37 @@ impl Builder<'_> {
         Some(TokenizerFiles { path: file, chat_template })
     }
 }
+
+impl Builder<'_> {
+    pub(super) fn peers(&mut self, raw: super::raw::RawPeers, f: &Flags) -> super::PeersConfig {
+        let d = super::PeersConfig::default();
+        let urls: Vec<(String, At)> = match &f.peer_urls {
+            Some(u) => u.iter().map(|u| (u.clone(), At::flag("--peer-urls"))).collect(),
+            None => raw.urls.iter().map(|u| (u.get_ref().clone(), At::span(u))).collect(),
+        };
+        let mut out = Vec::new();
+        for (i, (u, at)) in urls.into_iter().enumerate() {
+            let ok = u
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|x| x.scheme_str() == Some("http") && x.host().is_some());
+            match ok {
+                Some(_) => out.push(u.trim_end_matches('/').to_owned()),
+                None => self.error(
+                    &format!("peers.urls[{i}]"),
+                    &at,
+                    format!("{u:?} is not http://HOST:PORT (peers are told over plain HTTP)"),
+                ),
+            }
+        }
+        let max_pages = match raw.max_pages {
+            Some(v) if *v.get_ref() == 0 => {
+                self.error("peers.max_pages", &At::span(&v), "must be at least 1".into());
+                d.max_pages
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => d.max_pages,
+        };
+        super::PeersConfig { urls: out, max_pages }
+    }
+}

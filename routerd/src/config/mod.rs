@@ -52,6 +52,24 @@ pub struct Config {
     /// template when one is named (`None`: only requests that carry `input_ids` route on
     /// events).
     pub tokenizer: Option<crate::kv::tokenize::TokenizerFiles>,
+    /// Peer replicas told what this one routes on its approximate tree (docs/replicas.md).
+    pub peers: PeersConfig,
+}
+
+/// `[peers]`: the other router replicas (approximate mode across replicas).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeersConfig {
+    /// `http://HOST:PORT` of each peer (a name with several addresses: one peer each; this
+    /// replica itself may be listed).
+    pub urls: Vec<String>,
+    /// Pages of peers' decisions kept at most (about 40 bytes each).
+    pub max_pages: usize,
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        Self { urls: Vec::new(), max_pages: 1 << 20 }
+    }
 }
 
 /// Who may call the router, and where workers may be (docs/security.md).
@@ -461,6 +479,7 @@ impl Builder<'_> {
             tls,
             kv_events: self.kv_events(raw.kv_events),
             tokenizer: self.tokenizer(raw.tokenizer, f),
+            peers: self.peers(raw.peers, f),
         }
     }
 

@@ -21,6 +21,15 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub kv_events: RawKvEvents,
     pub tokenizer: RawTokenizer,
+    pub peers: RawPeers,
+}
+
+/// `[peers]`: the other router replicas.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPeers {
+    pub urls: Vec<Spanned<String>>,
+    pub max_pages: Option<Spanned<u64>>,
 }
 
 /// `[kv_events]`: where workers publish KV events when their `/server_info` does not say.

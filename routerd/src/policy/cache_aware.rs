@@ -77,6 +77,19 @@ impl CacheAware {
         // tokens (hashing the prompt needs none of this policy's state).
         let ev = event_matches(workers, &routable, req);
         let token_count = req.tokens.map_or(0, <[u32]>::len);
+        // What peer replicas routed (approximate mode across replicas), in whole pages.
+        let peer_pages = req
+            .peers
+            .filter(|_| text_chars > 0)
+            .map(|_| crate::peers::text_pages(req.text.as_bytes()));
+        let peer_hits: Vec<usize> = match (req.peers, &peer_pages) {
+            (Some(p), Some(pages)) => {
+                let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
+                p.matched(&urls, pages)
+            }
+            _ => Vec::new(),
+        };
+        let text_bytes = req.text.len().max(1) as f64;
         let mut rng = rand::rng();
         let mut st = self.state.lock().expect("cache_aware state");
         let c = st.cfg.clone();
@@ -92,9 +105,13 @@ impl CacheAware {
         let matches = if text_chars > 0 { st.tree.prefix_match(req.text) } else { Vec::new() };
         let matched =
             |k: usize| matches.iter().find(|(t, _)| *t == tenants[k]).map_or(0, |(_, n)| *n);
+        // The tree's match, or the peers' where it is longer.
         let tree_share = |k: usize| {
             if text_chars > 0 {
-                matched(k) as f64 / text_chars as f64
+                let peers = peer_hits
+                    .get(k)
+                    .map_or(0.0, |&p| ((p * crate::peers::PAGE) as f64 / text_bytes).min(1.0));
+                (matched(k) as f64 / text_chars as f64).max(peers)
             } else {
                 0.0
             }
@@ -167,6 +184,10 @@ impl CacheAware {
         let matched = matched(pick);
         drop(st);
         let matched_tokens = ev.tokens(pick);
+        if let (Some(p), Some(pages), None) = (req.peers, peer_pages, matched_tokens) {
+            // Routed on the tree: the peers learn it.
+            p.note_routed(workers[routable[pick]].url(), pages);
+        }
         if let (Some(_), Some(kv)) = (matched_tokens, req.kv) {
             // Counted as held there until its events confirm it: the next request of a burst
             // with the same new prefix follows it.

@@ -41,6 +41,9 @@ pub struct RequestInfo<'a> {
     pub tokens: Option<&'a [u32]>,
     /// The workers' KV-event index: cache_aware matches `tokens` on it where events flow.
     pub kv: Option<&'a crate::kv::KvState>,
+    /// Peer replicas (`[peers]`): cache_aware matches `text` on what they routed, and tells
+    /// them what it routes.
+    pub peers: Option<&'a crate::peers::Peers>,
 }
 
 impl RequestInfo<'_> {

@@ -218,6 +218,7 @@ pub(crate) fn pick(
         routing_key: ask.routing_key,
         tokens: ask.tokens,
         kv: ask.tokens.map(|_| &*app.kv),
+        peers: app.peers.active().then_some(&*app.peers),
     };
     let d = policy.decide(candidates, &strict).or_else(|| {
         let any = RequestInfo { ignore_health: true, ..strict };
