@@ -15,7 +15,8 @@ no router), sgl (sglang-router 0.3.2 cache_aware, its defaults); and on a fleet 
 prompts as token ids (`routerctl bench --input-ids`: one id per byte, sims with 16-token pages,
 4x the cache tokens and 1/4 the prefill time per token, so the same text costs the same): ca5i
 (cache_aware on its approximate tree; the sims publish events all the same, routerd does not
-subscribe), evi (cache_aware on the sims' KV events), affi (perfect affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
+subscribe), ca5p (the same, with replicas telling each other what they routed: --peer-urls,
+issue 25), evi (cache_aware on the sims' KV events), affi (perfect affinity). The chat scenarios (multi-turn, shared-system) send text, not ids: they are not run
 with the i routings. The t routings run the same fleet with text prompts and a byte-level
 tokenizer with a ChatML chat template on both sides (`--write-byte-tokenizer DIR`, then
 `--tokenizer-path DIR` for the sims and routerd): ca5t (approximate tree, events off), evt
@@ -82,12 +83,12 @@ SCENARIOS = {
                      bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
                             "--zipf-s", "0.8", "--concurrency", "64"]),
 }
-ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "evi", "affi", "ca5t", "evt",
-            "afft"]
-IDS = ("ca5i", "evi", "affi")
+ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "ca5p", "evi", "affi", "ca5t",
+            "evt", "afft"]
+IDS = ("ca5i", "ca5p", "evi", "affi")
 TEXT = ("ca5t", "evt", "afft")
 TOKENIZED = IDS + TEXT
-ROUTERD = ("cost", "ca5", "ca3", "rr", "ca5i", "evi", "ca5t", "evt")
+ROUTERD = ("cost", "ca5", "ca3", "rr", "ca5i", "ca5p", "evi", "ca5t", "evt")
 TOKENIZER_DIR = f"/tmp/bench-routing-tokenizer.{os.getpid()}"
 CHAT = ("multi-turn", "shared-system")
 EVENTS = '{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:0", "replay_endpoint": "tcp://127.0.0.1:0"}'
@@ -95,6 +96,7 @@ NAMES = {"cost": "routerd cost_aware", "ca5": "routerd cache_aware 0.5", "ca3":
          "routerd cache_aware 0.3/64/1.5", "rr": "routerd round_robin",
          "affinity": "perfect affinity", "sgl": "sglang-router 0.3.2 cache_aware",
          "ca5i": "ids: routerd cache_aware (approximate)",
+         "ca5p": "ids: routerd cache_aware (approximate, replicas share as peers)",
          "evi": "ids: routerd cache_aware on KV events", "affi": "ids: perfect affinity",
          "ca5t": "tokenizer: routerd cache_aware (approximate)",
          "evt": "tokenizer: routerd cache_aware on KV events",
@@ -176,7 +178,7 @@ def sim_argv(port, sc, i, routing=""):
         k = args.index("--cache-capacity-tokens") + 1
         args[k] = str(int(args[k]) * 4)
         args = merged(args, ["--page-size", "16", "--prefill-us-per-token", "10"])
-    if routing in ("evi", "ca5i", "evt", "ca5t"):
+    if routing in ("evi", "ca5i", "ca5p", "evt", "ca5t"):
         # ca5i's fleet publishes too (routerd does not subscribe): the same simulated work.
         # Load reports too (issue 25: replicas add what the others sent).
         args += ["--kv-events-config", EVENTS, "--load-publish-endpoint", "auto"]
@@ -207,6 +209,7 @@ def run(scenario, routing, seed, replicas=1):
         if routing in ROUTERD:
             policy = {"cost": ["--policy", "cost_aware"], "ca5": ["--policy", "cache_aware"],
                       "ca5i": ["--policy", "cache_aware"], "evi": ["--policy", "cache_aware"],
+                      "ca5p": ["--policy", "cache_aware", "--peer-urls", *routers],
                       "ca5t": ["--policy", "cache_aware"], "evt": ["--policy", "cache_aware",
                                                                    "--tokenizer-path",
                                                                    TOKENIZER_DIR],
@@ -216,7 +219,7 @@ def run(scenario, routing, seed, replicas=1):
                       "rr": ["--policy", "round_robin"]}[routing]
             # ROUTER_LOG=FILE keeps the router's log (e.g. with RUST_LOG=info).
             threads = ["--worker-threads", "1"] if PIN else []
-            if routing in ("ca5i", "ca5t"):
+            if routing in ("ca5i", "ca5p", "ca5t"):
                 off = f"/tmp/bench-routing-no-events.{os.getpid()}.toml"
                 with open(off, "w") as f:
                     f.write("[kv_events]\nenabled = false\n")

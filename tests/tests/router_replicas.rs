@@ -324,7 +324,7 @@ async fn peered(ws: &[SimWorker], share: bool) -> (routerd::run::Running, router
     let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let urls = [la.local_addr().unwrap(), lb.local_addr().unwrap()].map(|a| format!("http://{a}"));
     let refs: Vec<&SimWorker> = ws.iter().collect();
-    let mut start = |l| {
+    let start = |l| {
         let mut config = router_config("cache_aware", &refs);
         if share {
             // The same list for both (a replica ignores its own batches).

@@ -112,6 +112,14 @@ pub struct Matches {
 }
 
 impl Matches {
+    /// The hash of the prompt's first page that no worker asked holds (or, when some hold
+    /// all of it, its last page): what identifies a prefix new to the fleet.
+    pub fn first_new_page(&self) -> Option<BlockHash> {
+        let (_, hashes) = self.hashes.first()?;
+        let held = self.per.iter().flatten().map(|h| h.pages).max().unwrap_or(0);
+        hashes.get(held.min(hashes.len().checked_sub(1)?)).copied()
+    }
+
     /// The tokens matched on the `i`-th worker asked, `None` without events for it.
     pub fn tokens(&self, i: usize) -> Option<usize> {
         self.per.get(i).copied().flatten().map(|h| h.tokens)

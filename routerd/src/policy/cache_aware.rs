@@ -169,12 +169,30 @@ impl CacheAware {
                     .map_or(0, |(blocks, bs)| blocks * bs),
                 None => st.tree.tenant_chars(tenants[k]),
             };
-            let room = candidates
-                .iter()
-                .map(|&k| (k, used(k), rng.random::<u32>()))
-                .min_by_key(|&(k, size, r)| (size, loads[k], r))
-                .map(|(k, _, _)| k)
-                .expect("non-empty");
+            let sizes: Vec<(usize, usize)> = candidates.iter().map(|&k| (k, used(k))).collect();
+            // Where every candidate's events flow, the caches with about the most room (within
+            // one prompt, or 1/16 of the emptiest's use) are equally good, and the prompt's
+            // first page that no cache holds picks among them (rendezvous hashing): router
+            // replicas, which see the same caches but not each other's just-sent requests, then
+            // place a new prefix on the same worker, and new prefixes spread evenly.
+            let key = ev.per.iter().all(Option::is_some).then(|| ev.first_new_page()).flatten();
+            let min = sizes.iter().map(|&(_, s)| s).min().unwrap_or(0);
+            let slack = token_count.max(min / 16);
+            let room = match key {
+                Some(key) => sizes
+                    .iter()
+                    .filter(|&&(_, s)| s <= min + slack)
+                    .max_by_key(|&&(k, _)| {
+                        (rendezvous(key, workers[routable[k]].url()), std::cmp::Reverse(loads[k]))
+                    })
+                    .map(|&(k, _)| k),
+                None => sizes
+                    .iter()
+                    .map(|&(k, s)| (k, s, rng.random::<u32>()))
+                    .min_by_key(|&(k, size, r)| (size, loads[k], r))
+                    .map(|(k, _, _)| k),
+            }
+            .expect("non-empty");
             (room, Branch::Miss)
         };
         if text_chars > 0 {
@@ -217,6 +235,16 @@ struct Choice {
     matched: usize,
     matched_tokens: Option<usize>,
     prompt_tokens: Option<usize>,
+}
+
+/// A worker's rendezvous score for a page: the highest takes the page.
+fn rendezvous(page: crate::kv::hash::BlockHash, url: &str) -> u64 {
+    let mut h = (page as u64) ^ 0x2545_F491_4F6C_DD1D;
+    for b in url.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h ^= h >> 31;
+    h.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (h >> 29)
 }
 
 /// Each routable worker's event match (`None`: no events for it, or no tokens to match).
@@ -500,5 +528,34 @@ mod tests {
         // What b just sent there counts as held there (pending) for a too.
         let d = a.decide(&ws, &ask).unwrap();
         assert_eq!((d.index, d.branch), (home, "hit"));
+    }
+
+    /// Replicas do not see each other's pending sends: a prefix new to the fleet must still
+    /// land on the same worker from each, and new prefixes spread over the workers.
+    #[test]
+    fn replicas_place_a_new_prefix_alike_and_new_prefixes_spread() {
+        let ws = workers(4);
+        let (a, b) = (policy(0.5, 32), policy(0.5, 32));
+        let (ka, kb) = (events_for(&ws), events_for(&ws));
+        let mut per_worker = [0usize; 4];
+        for n in 0..40u32 {
+            let text = format!("prompt {n} with a few pages of its own");
+            let tokens: Vec<u32> = (0..40).map(|i| n * 1000 + i).collect();
+            let ask = |kv| RequestInfo {
+                text: &text,
+                tokens: Some(&tokens),
+                kv: Some(kv),
+                ..Default::default()
+            };
+            let da = a.decide(&ws, &ask(&ka)).unwrap();
+            let db = b.decide(&ws, &ask(&kb)).unwrap();
+            assert_eq!((da.branch, db.branch), ("miss", "miss"));
+            assert_eq!(da.index, db.index, "prompt {n}");
+            per_worker[da.index] += 1;
+            // The caches fill alike, as both replicas' events say.
+            stored(&ka, ws[da.index].url(), &tokens);
+            stored(&kb, ws[da.index].url(), &tokens);
+        }
+        assert!(per_worker.iter().all(|&n| (5..=15).contains(&n)), "{per_worker:?}");
     }
 }
