@@ -47,7 +47,10 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BIN", os.path.join(ROOT, "target", "release"))
-SIM = ["--speed", "10", "--cache-capacity-tokens", "24000", "--max-running-requests", "16"]
+# SIM_SPEED: how much faster than real time the simulated GPUs run (10 makes the fleet and the
+# load use up their CPU on this 2-core box; lower is a GPU-bound fleet).
+SIM = ["--speed", os.environ.get("SIM_SPEED", "10"), "--cache-capacity-tokens", "24000",
+       "--max-running-requests", "16"]
 BENCH = ["--system-chars", "8000", "--question-chars", "200", "--max-tokens", "4"]
 
 # name -> (workers, per-worker extra sim flags, bench flags, churn)
@@ -283,7 +286,8 @@ def run(scenario, routing, seed, replicas=1):
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
         rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN, replicas=replicas,
-                   idle_replicas=os.environ.get("IDLE_REPLICAS") == "1")
+                   idle_replicas=os.environ.get("IDLE_REPLICAS") == "1",
+                   sim_speed=os.environ.get("SIM_SPEED", "10"))
         if routing in ROUTERD:
             # routerd's own view of the run: its routing decisions by branch.
             try:

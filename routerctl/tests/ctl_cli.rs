@@ -31,14 +31,19 @@ async fn fleet() -> (routerd::run::Running, Vec<SimWorker>) {
     for _ in 0..2 {
         ws.push(SimWorker::start(SimArgs::ephemeral()).await.unwrap());
     }
+    (router_over(&ws[0]).await, ws)
+}
+
+/// A round_robin router over `w` alone.
+async fn router_over(w: &SimWorker) -> routerd::run::Running {
     let flags = routerd::config::Flags {
         policy: Some("round_robin".into()),
-        worker_urls: Some(vec![ws[0].url()]),
+        worker_urls: Some(vec![w.url()]),
         ..Default::default()
     };
     let config = routerd::config::Config::build(None, &flags).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    (routerd::run::start(listener, config).unwrap(), ws)
+    routerd::run::start(listener, config).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,14 +235,7 @@ async fn global_options_go_before_or_after_the_subcommand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_endpoints_act_on_each_replica() {
     let (a, ws) = fleet().await;
-    let flags = routerd::config::Flags {
-        policy: Some("round_robin".into()),
-        worker_urls: Some(vec![ws[0].url()]),
-        ..Default::default()
-    };
-    let config = routerd::config::Config::build(None, &flags).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = routerd::run::start(listener, config).unwrap();
+    let b = router_over(&ws[0]).await;
     let both = format!("{},{}", a.url(), b.url());
 
     // A worker added through the API goes to every replica listed.

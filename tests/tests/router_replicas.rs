@@ -53,12 +53,12 @@ async fn subscribed(r: &routerd::run::Running, n: usize, events: bool) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Routes ids through `r`: the worker chosen and the decision record.
-async fn route(r: &routerd::run::Running, ids: &[u32]) -> (String, Value) {
+/// Sends `body` to `r`'s /generate: the worker chosen and the decision record.
+async fn explained(r: &routerd::run::Running, body: Value) -> (String, Value) {
     let resp = client()
         .post(format!("{}/generate", r.url()))
         .header("x-routerd-explain", "1")
-        .json(&json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 1}}))
+        .json(&body)
         .send()
         .await
         .unwrap();
@@ -66,6 +66,16 @@ async fn route(r: &routerd::run::Running, ids: &[u32]) -> (String, Value) {
     let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
     let d = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
     (worker, d)
+}
+
+/// Routes ids through `r`.
+async fn route(r: &routerd::run::Running, ids: &[u32]) -> (String, Value) {
+    explained(r, json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})).await
+}
+
+/// Routes text through `r`.
+async fn route_text(r: &routerd::run::Running, text: &str) -> (String, Value) {
+    explained(r, json!({"text": text, "sampling_params": {"max_new_tokens": 1}})).await
 }
 
 /// A prompt of 64 token ids of its own.
@@ -333,20 +343,6 @@ async fn peered(ws: &[SimWorker], share: bool) -> (routerd::run::Running, router
         routerd::run::start(l, config).unwrap()
     };
     (start(la), start(lb))
-}
-
-async fn route_text(r: &routerd::run::Running, text: &str) -> (String, Value) {
-    let resp = client()
-        .post(format!("{}/generate", r.url()))
-        .header("x-routerd-explain", "1")
-        .json(&json!({"text": text, "sampling_params": {"max_new_tokens": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let d = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
-    (worker, d)
 }
 
 #[tokio::test]
