@@ -275,7 +275,7 @@ pub struct LoadPublisher {
 pub type LoadNow = Box<dyn Fn() -> routerd::kv::wire::LoadStat + Send + Sync>;
 
 /// Publishes `now()` as SGLang's scheduler does: at once when it changed (checked every
-/// 10 ms, about a scheduler step), else every second.
+/// 25 ms: SGLang publishes at most every 5 scheduler steps), else every second.
 pub async fn start_load(
     endpoint: &str,
     now: LoadNow,
@@ -289,7 +289,7 @@ pub async fn start_load(
     let p = Arc::new(LoadPublisher { port: port_of(&bound).unwrap_or(0), sent: AtomicU64::new(0) });
     let pc = p.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(Duration::from_millis(25));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last: Option<(routerd::kv::wire::LoadStat, tokio::time::Instant)> = None;
         loop {

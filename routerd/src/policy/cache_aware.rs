@@ -171,13 +171,14 @@ impl CacheAware {
             };
             let sizes: Vec<(usize, usize)> = candidates.iter().map(|&k| (k, used(k))).collect();
             // Where every candidate's events flow, the caches with about the most room (within
-            // one prompt, or 1/16 of the emptiest's use) are equally good, and the prompt's
-            // first page that no cache holds picks among them (rendezvous hashing): router
-            // replicas, which see the same caches but not each other's just-sent requests, then
-            // place a new prefix on the same worker, and new prefixes spread evenly.
+            // 1/32 of the emptiest's use: closer than a prompt on a warm cache, so the fleet
+            // fills evenly) are equally good, and the prompt's first page that no cache holds
+            // picks among them (rendezvous hashing): router replicas, which see the same caches
+            // but not each other's just-sent requests, then place a new prefix on the same
+            // worker.
             let key = ev.per.iter().all(Option::is_some).then(|| ev.first_new_page()).flatten();
             let min = sizes.iter().map(|&(_, s)| s).min().unwrap_or(0);
-            let slack = token_count.max(min / 16);
+            let slack = min / 32;
             let room = match key {
                 Some(key) => sizes
                     .iter()
