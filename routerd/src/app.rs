@@ -157,7 +157,7 @@ impl App {
         };
         Ok(Self {
             kv: Arc::new(crate::kv::KvState::new(&config.kv_events)),
-            peers: Arc::new(crate::peers::Peers::new(config.peers.max_pages)),
+            peers: Arc::new(crate::peers::Peers::new(&config.peers)),
             server_tls,
             registry: Registry::new(crate::dp::config_specs(&dp, &config)),
             live: ArcSwap::from_pointee(Live::new(config)),

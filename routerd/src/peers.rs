@@ -136,10 +136,12 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(max_pages: usize) -> Self {
+    /// Active from the start when `[peers]` lists any (a reload turns it on or off).
+    pub fn new(cfg: &crate::config::PeersConfig) -> Self {
+        let max_pages = cfg.max_pages;
         Self {
             id: rand::random(),
-            active: std::sync::atomic::AtomicBool::new(false),
+            active: std::sync::atomic::AtomicBool::new(!cfg.urls.is_empty()),
             pages: Mutex::new(PeerPages { cap: max_pages, ..Default::default() }),
             outbox: Mutex::new(Vec::new()),
             status: Mutex::new(HashMap::new()),
@@ -365,7 +367,7 @@ mod tests {
 
     #[test]
     fn peers_pages_are_matched_bounded_and_never_our_own() {
-        let p = Peers::new(4);
+        let p = Peers::new(&crate::config::PeersConfig { urls: Vec::new(), max_pages: 4 });
         let pages = text_pages(&[b'x'; 64 * 3]);
         let batch = |from, worker: &str| Batch {
             from,
@@ -397,7 +399,7 @@ mod tests {
 
     #[test]
     fn the_outbox_is_bounded() {
-        let p = Peers::new(16);
+        let p = Peers::new(&crate::config::PeersConfig { urls: Vec::new(), max_pages: 16 });
         for _ in 0..MAX_OUTBOX + 10 {
             p.note_routed("http://w:1", vec![1]);
         }

@@ -698,6 +698,6 @@ mod tests {
         assert_eq!(w.load(), 2);
         drop((g, g2));
         assert_eq!(w.in_flight.load(Relaxed), 0);
-        assert_eq!(w.requests_total.load(Relaxed), 1);
+        assert_eq!(w.requests_total.load(Relaxed), 2);
     }
 }

@@ -12,11 +12,24 @@ use serde_json::Value;
 
 /// A simulated worker on an ephemeral port, 20x faster than real time unless `tweak` says
 /// otherwise.
+///
+/// A worker restarted on a fixed port is started again for up to 5 s while the port is taken:
+/// the kernel may have handed it to another test's outgoing connection meanwhile.
 pub async fn sim(tweak: impl FnOnce(&mut SimArgs)) -> SimWorker {
     let mut args = SimArgs::ephemeral();
     args.speed = 20.0;
     tweak(&mut args);
-    SimWorker::start(args).await.expect("start sim worker")
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match SimWorker::start(args.clone()).await {
+            Ok(w) => return w,
+            Err(e) if args.port != 0 && tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("start sim worker: {e:#}"),
+        }
+    }
 }
 
 pub fn client() -> reqwest::Client {
