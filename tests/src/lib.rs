@@ -46,6 +46,25 @@ pub async fn post_json(url: impl Into<String>, body: &Value) -> (u16, Value) {
     (status, resp.json().await.expect("JSON body"))
 }
 
+/// POSTs `body` to `base` + `path` asking for the decision record (`x-routerd-explain`): the
+/// worker that answered, the decision record and the answer (JSON, or the text of a stream).
+pub async fn explained(base: &str, path: &str, body: &Value) -> (String, Value, Value) {
+    let resp = client()
+        .post(format!("{base}{path}"))
+        .header("x-routerd-explain", "1")
+        .json(body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 200);
+    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
+    let decision: Value =
+        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    let text = resp.text().await.expect("answer");
+    let answer = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (worker, decision, answer)
+}
+
 pub async fn stats(worker: &SimWorker) -> Value {
     get_json(&format!("{}/sim/stats", worker.url())).await
 }

@@ -20,18 +20,7 @@ async fn cost_aware_keeps_shared_prefixes_local() {
 /// decision record.
 async fn send(router: &str, text: &str, stream: bool) -> (String, Value) {
     let body = json!({"text": text, "stream": stream, "sampling_params": {"max_new_tokens": 2}});
-    let resp = client()
-        .post(format!("{router}/generate"))
-        .header("x-routerd-explain", "1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let decision: Value =
-        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
-    let _ = resp.bytes().await.unwrap();
+    let (worker, decision, _) = routerd_e2e::explained(router, "/generate", &body).await;
     (worker, decision)
 }
 

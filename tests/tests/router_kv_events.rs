@@ -85,18 +85,7 @@ fn generate(text: &str) -> Value {
 /// Sends `body` to routerd's `path` with its decision explained: the worker chosen, the
 /// decision record and the answer.
 async fn explained(r: &routerd::run::Running, path: &str, body: &Value) -> (String, Value, Value) {
-    let resp = client()
-        .post(format!("{}{path}", r.url()))
-        .header("x-routerd-explain", "1")
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let decision =
-        serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
-    (worker, decision, resp.json().await.unwrap())
+    routerd_e2e::explained(&r.url(), path, body).await
 }
 
 /// Routes `text` through routerd: the worker chosen and the decision record.

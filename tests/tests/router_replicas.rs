@@ -55,16 +55,7 @@ async fn subscribed(r: &routerd::run::Running, n: usize, events: bool) {
 
 /// Sends `body` to `r`'s /generate: the worker chosen and the decision record.
 async fn explained(r: &routerd::run::Running, body: Value) -> (String, Value) {
-    let resp = client()
-        .post(format!("{}/generate", r.url()))
-        .header("x-routerd-explain", "1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let worker = resp.headers()["x-routerd-worker"].to_str().unwrap().to_owned();
-    let d = serde_json::from_str(resp.headers()["x-routerd-decision"].to_str().unwrap()).unwrap();
+    let (worker, d, _) = routerd_e2e::explained(&r.url(), "/generate", &body).await;
     (worker, d)
 }
 
