@@ -5,7 +5,8 @@
 //! - **What is shared.** For each request cache_aware routed on its approximate tree, the
 //!   routing text's whole 64-byte pages as chained 64-bit hashes (page i's hash mixes page
 //!   i-1's), with the worker's URL. No prompt text leaves the replica.
-//! - **How.** Every 50 ms, what was routed since is POSTed as one batch to each peer's
+//! - **How.** Every 50 ms (every second while no peer is configured, to notice a reload),
+//!   what was routed since is POSTed as one batch to each peer's
 //!   `/admin/peers/routed`, with the admin key (`Authorization: Bearer`). Peers come from
 //!   `[peers] urls` (`--peer-urls`); a name that resolves to several addresses (a Kubernetes
 //!   headless Service) is a peer per address, resolved again every 5 s. A replica ignores its
@@ -242,9 +243,6 @@ async fn resolve(urls: &[String]) -> Vec<(String, SocketAddr)> {
 
 /// Sends what was routed to every peer every 50 ms, while `[peers] urls` lists any.
 pub async fn run(app: Arc<App>, cancel: CancellationToken) {
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
     let mut addrs: Vec<(String, SocketAddr)> = Vec::new();
     let mut resolved_for: Vec<String> = Vec::new();
     let mut resolved_at: Option<Instant> = None;
@@ -261,6 +259,11 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         app.peers.active.store(!cfg.urls.is_empty(), Relaxed);
         if cfg.urls.is_empty() {
             app.peers.take_outbox();
+            // No peers: only a reload can bring some; look again in a second.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             continue;
         }
         if resolved_for != cfg.urls || resolved_at.is_none_or(|t| t.elapsed() > RESOLVE_EVERY) {
@@ -281,9 +284,10 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         };
         let key = live.config.security.admin_api_key.as_ref().map(|k| k.expose().to_owned());
         let sends = addrs.iter().map(|(name, addr)| {
-            let (client, body, key) = (client.clone(), body.clone(), key.clone());
+            let (body, key) = (body.clone(), key.clone());
+            let client = app.http.plain();
             async move {
-                let r = send(&client, *addr, body, key.as_deref()).await;
+                let r = send(client, *addr, body, key.as_deref()).await;
                 (format!("{name} ({addr})"), r)
             }
         });
@@ -297,11 +301,13 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     }
 }
 
+type PlainClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+>;
+
 async fn send(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
+    client: &PlainClient,
     addr: SocketAddr,
     body: Bytes,
     key: Option<&str>,

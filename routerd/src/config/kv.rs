@@ -1,5 +1,6 @@
-//! `[kv_events]` (where workers publish their KV events) and the tokenizer routerd hashes
-//! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`).
+//! `[kv_events]` (where workers publish their KV events), the tokenizer routerd hashes
+//! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`), and `[peers]` (the
+//! replicas told what this one routes where there are no events).
 
 use toml::Spanned;
 
@@ -117,14 +118,10 @@ impl Builder<'_> {
             }
         });
         let dp_size = dp(self, "kv_events.dp_size", raw.dp_size).unwrap_or(1);
-        let max_blocks = match raw.max_blocks {
-            Some(v) if *v.get_ref() == 0 => {
-                self.error("kv_events.max_blocks", &At::span(&v), "must be at least 1".into());
-                d.max_blocks
-            }
-            Some(v) => *v.get_ref() as usize,
-            None => d.max_blocks,
-        };
+        let max_blocks = raw.max_blocks.map_or(d.max_blocks, |v| {
+            let at = (*v.get_ref() as usize, At::span(&v));
+            self.count("kv_events.max_blocks", at, d.max_blocks)
+        });
         KvEventsConfig {
             enabled: raw.enabled.unwrap_or(d.enabled),
             endpoint: ep,
@@ -221,14 +218,9 @@ impl Builder<'_> {
                 ),
             }
         }
-        let max_pages = match raw.max_pages {
-            Some(v) if *v.get_ref() == 0 => {
-                self.error("peers.max_pages", &At::span(&v), "must be at least 1".into());
-                d.max_pages
-            }
-            Some(v) => *v.get_ref() as usize,
-            None => d.max_pages,
-        };
+        let max_pages = raw.max_pages.map_or(d.max_pages, |v| {
+            self.count("peers.max_pages", (*v.get_ref() as usize, At::span(&v)), d.max_pages)
+        });
         super::PeersConfig { urls: out, max_pages }
     }
 }

@@ -796,8 +796,13 @@ impl Builder<'_> {
     }
 
     /// A count that must be at least 1.
-    fn count(&mut self, key: &str, (value, at): (u32, At), default: u32) -> u32 {
-        if value == 0 {
+    fn count<T: Copy + PartialEq + Default>(
+        &mut self,
+        key: &str,
+        (value, at): (T, At),
+        default: T,
+    ) -> T {
+        if value == T::default() {
             self.error(key, &at, "must be at least 1".into());
             return default;
         }

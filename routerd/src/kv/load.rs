@@ -15,10 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv};
+use zeromq::SocketRecv;
 
-use super::wire;
-use super::{KvState, LoadSeen};
+use super::{subscriber, wire, KvState, LoadSeen};
 use crate::registry::{split_rank, Registry, ReportSource};
 
 /// How long a report counts: three of SGLang's one-second heartbeats.
@@ -46,7 +45,7 @@ pub async fn run(app: Arc<crate::app::App>, t: Target, cancel: CancellationToken
     loop {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&t.endpoint)) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, subscriber::connect(&t.endpoint, TOPIC)) => match r {
                 Ok(Ok(s)) => Some(s),
                 Ok(Err(e)) => { note_error(kv, &t, format!("connect {}: {e}", t.endpoint)); None }
                 Err(_) => { note_error(kv, &t, format!("connect {}: timed out", t.endpoint)); None }
@@ -68,8 +67,7 @@ pub async fn run(app: Arc<crate::app::App>, t: Target, cancel: CancellationToken
                         break;
                     }
                 };
-                let frames = m.into_vec().into_iter().map(|b| b.to_vec()).collect();
-                match wire::message(frames).and_then(|m| {
+                match wire::message(subscriber::frames(m)).and_then(|m| {
                     if m.topic.starts_with(TOPIC.as_bytes()) {
                         wire::decode_load(&m.payload).map(Some)
                     } else {
@@ -92,13 +90,6 @@ pub async fn run(app: Arc<crate::app::App>, t: Target, cancel: CancellationToken
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-}
-
-async fn connect(endpoint: &str) -> zeromq::ZmqResult<zeromq::SubSocket> {
-    let mut sub = zeromq::SubSocket::new();
-    sub.connect(endpoint).await?;
-    sub.subscribe(TOPIC).await?;
-    Ok(sub)
 }
 
 fn note_error(kv: &KvState, t: &Target, e: String) {

@@ -44,7 +44,7 @@ pub async fn run(kv: Arc<KvState>, t: Target, cancel: CancellationToken) {
     loop {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&t)) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&t.endpoint, &t.topic)) => match r {
                 Ok(Ok(s)) => Some(s),
                 Ok(Err(e)) => { note_error(&kv, &t, format!("connect {}: {e}", t.endpoint)); None }
                 Err(_) => { note_error(&kv, &t, format!("connect {}: timed out", t.endpoint)); None }
@@ -85,14 +85,15 @@ pub async fn run(kv: Arc<KvState>, t: Target, cancel: CancellationToken) {
     }
 }
 
-async fn connect(t: &Target) -> zeromq::ZmqResult<zeromq::SubSocket> {
+/// A SUB socket on `endpoint`, subscribed to `topic` (the load subscribers' too).
+pub(super) async fn connect(endpoint: &str, topic: &str) -> zeromq::ZmqResult<zeromq::SubSocket> {
     let mut sub = zeromq::SubSocket::new();
-    sub.connect(&t.endpoint).await?;
-    sub.subscribe(&t.topic).await?;
+    sub.connect(endpoint).await?;
+    sub.subscribe(topic).await?;
     Ok(sub)
 }
 
-fn frames(m: zeromq::ZmqMessage) -> Vec<Vec<u8>> {
+pub(super) fn frames(m: zeromq::ZmqMessage) -> Vec<Vec<u8>> {
     m.into_vec().into_iter().map(|b| b.to_vec()).collect()
 }
 

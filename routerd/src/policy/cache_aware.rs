@@ -73,9 +73,15 @@ impl CacheAware {
         let min = *loads.iter().min().expect("non-empty");
         let max = *loads.iter().max().expect("non-empty");
         let text_chars = req.text.chars().count();
+        // The routable workers' URLs, for the event index and the peers (when either is used).
+        let urls: Vec<&str> = if req.kv.is_some() || req.peers.is_some() {
+            routable.iter().map(|&i| workers[i].url()).collect()
+        } else {
+            Vec::new()
+        };
         // Where a worker's KV events flow, its match is what its cache really holds, in
         // tokens (hashing the prompt needs none of this policy's state).
-        let ev = event_matches(workers, &routable, req);
+        let ev = event_matches(&urls, req);
         let token_count = req.tokens.map_or(0, <[u32]>::len);
         // What peer replicas routed (approximate mode across replicas), in whole pages.
         let peer_pages = req
@@ -83,10 +89,7 @@ impl CacheAware {
             .filter(|_| text_chars > 0)
             .map(|_| crate::peers::text_pages(req.text.as_bytes()));
         let peer_hits: Vec<usize> = match (req.peers, &peer_pages) {
-            (Some(p), Some(pages)) => {
-                let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
-                p.matched(&urls, pages)
-            }
+            (Some(p), Some(pages)) => p.matched(&urls, pages),
             _ => Vec::new(),
         };
         let text_bytes = req.text.len().max(1) as f64;
@@ -137,13 +140,7 @@ impl CacheAware {
         // agree), else the one the tree says it was last sent to.
         let home = || {
             // Where each worker held the prompt last (computed on a miss only).
-            let ev_home: Vec<usize> = match req.kv {
-                Some(kv) => {
-                    let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
-                    kv.home_tokens(&urls, &ev)
-                }
-                None => Vec::new(),
-            };
+            let ev_home: Vec<usize> = req.kv.map_or_else(Vec::new, |kv| kv.home_tokens(&urls, &ev));
             let by = |share: &dyn Fn(usize) -> f64| {
                 candidates
                     .iter()
@@ -248,17 +245,11 @@ fn rendezvous(page: crate::kv::hash::BlockHash, url: &str) -> u64 {
     h.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (h >> 29)
 }
 
-/// Each routable worker's event match (`None`: no events for it, or no tokens to match).
-fn event_matches(
-    workers: &[Arc<Worker>],
-    routable: &[usize],
-    req: &RequestInfo,
-) -> crate::kv::Matches {
+/// Each routable worker's event match, by its URL (`None`: no events for it, or no tokens to
+/// match).
+fn event_matches(urls: &[&str], req: &RequestInfo) -> crate::kv::Matches {
     match (req.kv, req.tokens) {
-        (Some(kv), Some(tokens)) if !tokens.is_empty() => {
-            let urls: Vec<&str> = routable.iter().map(|&i| workers[i].url()).collect();
-            kv.matches(&urls, tokens)
-        }
+        (Some(kv), Some(tokens)) if !tokens.is_empty() => kv.matches(urls, tokens),
         _ => Default::default(),
     }
 }

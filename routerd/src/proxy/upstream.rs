@@ -63,6 +63,12 @@ pub struct Answer {
 }
 
 impl Upstream {
+    /// The plain-HTTP client and its connection pool, for calls that go to no worker (peer
+    /// replicas).
+    pub fn plain(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.client
+    }
+
     /// Sends a request to `worker` and waits for the response head, all within `timeout`;
     /// the body that follows must arrive before the same deadline.
     pub async fn send(
