@@ -131,23 +131,47 @@ fn print_json(v: &impl serde::Serialize) {
 
 pub async fn workers(args: WorkersArgs, output: Output) -> i32 {
     let replicas = args.endpoint.each();
-    let mut all = Vec::new();
     if replicas.len() == 1 {
-        return workers_on(&Admin::new(&replicas[0]), &args.command, output, None, &mut all).await;
+        return match workers_on(&Admin::new(&replicas[0]), &args.command).await {
+            Ok((v, _)) if output == Output::Json => {
+                print_json(&v);
+                0
+            }
+            Ok((_, text)) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => fail(e),
+        };
     }
     // Replicas: the same command on each, in turn; one that fails does not stop the others.
-    // JSON: one array of `{endpoint, result}` (or `{endpoint, error}`).
-    let mut code = 0;
+    // JSON: one array of `{endpoint, result}` (or `{endpoint, error}`); the exit code is the
+    // worst.
+    let (mut code, mut all) = (0, Vec::new());
+    let list = matches!(args.command, WorkersCommand::List);
     for (k, e) in replicas.iter().enumerate() {
         let admin = Admin::new(e);
-        if output == Output::Table && matches!(args.command, WorkersCommand::List) {
-            if k > 0 {
-                println!();
-            }
-            println!("replica {}", admin.base());
+        let r = admin.base();
+        if output == Output::Table && list {
+            println!("{}replica {r}", if k > 0 { "\n" } else { "" });
         }
-        let base = admin.base().to_owned();
-        code = code.max(workers_on(&admin, &args.command, output, Some(&base), &mut all).await);
+        match workers_on(&admin, &args.command).await {
+            Ok((v, text)) => {
+                if output == Output::Table {
+                    // "added URL" / "removed URL" say where; a list is under its heading.
+                    match text.strip_suffix('\n').filter(|_| !list) {
+                        Some(line) => println!("{line} on {r}"),
+                        None => print!("{text}"),
+                    }
+                }
+                all.push(json!({"endpoint": r, "result": v}));
+            }
+            Err(e) => {
+                eprintln!("routerctl: replica {r}: {e}");
+                code = code.max(e.exit_code());
+                all.push(json!({"endpoint": r, "error": e.to_string()}));
+            }
+        }
     }
     if output == Output::Json {
         print_json(&all);
@@ -155,60 +179,32 @@ pub async fn workers(args: WorkersArgs, output: Output) -> i32 {
     code
 }
 
-/// One router's `workers` command; `replica` names it in the output when there are several.
+/// One router's `workers` command: its JSON answer and its text (the table, or one line).
 async fn workers_on(
     admin: &Admin,
     command: &WorkersCommand,
-    output: Output,
-    replica: Option<&str>,
-    all: &mut Vec<Value>,
-) -> i32 {
-    let mut fail = |e: AdminError| match replica {
-        Some(r) => {
-            eprintln!("routerctl: replica {r}: {e}");
-            all.push(json!({"endpoint": r, "error": e.to_string()}));
-            e.exit_code()
-        }
-        None => fail(e),
-    };
-    let on = replica.map(|r| format!(" on {r}")).unwrap_or_default();
-    let mut results = Vec::new();
-    let mut json = |v: Value| match replica {
-        Some(r) => results.push(json!({"endpoint": r, "result": v})),
-        None => print_json(&v),
-    };
+) -> Result<(Value, String), AdminError> {
     match command {
         WorkersCommand::List => {
-            match admin.get::<Value>("/workers").await.and_then(|v| {
-                serde_json::from_value::<Vec<WorkerView>>(v["workers"].clone())
-                    .map_err(|e| AdminError::Malformed(e.to_string()))
-            }) {
-                Ok(ws) if output == Output::Json => json(json!(ws)),
-                Ok(ws) => print!("{}", workers_table(&ws)),
-                Err(e) => return fail(e),
-            }
+            let v = admin.get::<Value>("/workers").await?;
+            let ws = serde_json::from_value::<Vec<WorkerView>>(v["workers"].clone())
+                .map_err(|e| AdminError::Malformed(e.to_string()))?;
+            Ok((json!(ws), workers_table(&ws)))
         }
         WorkersCommand::Add { url, role, bootstrap_port, api_key } => {
             let role = role.map(|r| format!("{r:?}").to_ascii_lowercase());
             let body = json!({"url": url, "role": role, "bootstrap_port": bootstrap_port, "api_key": api_key});
-            let added = admin.post_json::<Value>("/workers", &body).await.and_then(worker_of);
-            match added {
-                Ok(w) if output == Output::Json => json(json!(w)),
-                Ok(w) => println!("added {}{on}", w.url),
-                Err(e) => return fail(e),
-            }
+            let w = admin.post_json::<Value>("/workers", &body).await.and_then(worker_of)?;
+            let text = format!("added {}\n", w.url);
+            Ok((json!(w), text))
         }
         WorkersCommand::Remove { url } => {
             let path = format!("/workers/{}", encode_segment(url));
-            match admin.delete::<Value>(&path).await.and_then(worker_of) {
-                Ok(w) if output == Output::Json => json(json!(w)),
-                Ok(w) => println!("removed {}{on}", w.url),
-                Err(e) => return fail(e),
-            }
+            let w = admin.delete::<Value>(&path).await.and_then(worker_of)?;
+            let text = format!("removed {}\n", w.url);
+            Ok((json!(w), text))
         }
     }
-    all.extend(results);
-    0
 }
 
 /// The worker's state in a `POST /workers` or `DELETE /workers/{id}` answer (`worker`, next to

@@ -74,6 +74,15 @@ pub struct Publisher {
 
 type Buffer = Arc<Mutex<VecDeque<(i64, Bytes)>>>;
 
+/// A live message as SGLang frames it: `[topic, seq (8 bytes, big-endian), payload]` (KV
+/// events and load reports alike).
+fn live_message(topic: Bytes, seq: i64, payload: Bytes) -> ZmqMessage {
+    let mut m = ZmqMessage::from(topic);
+    m.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
+    m.push_back(payload);
+    m
+}
+
 /// `*` as an address to bind: every interface.
 fn bindable(ep: &str) -> String {
     ep.replace("://*:", "://0.0.0.0:")
@@ -178,9 +187,7 @@ async fn publish(
         if dropped {
             continue;
         }
-        let mut m = ZmqMessage::from(Bytes::from(p.topic.clone().into_bytes()));
-        m.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
-        m.push_back(payload);
+        let m = live_message(Bytes::from(p.topic.clone().into_bytes()), seq, payload);
         // A PUB socket with no subscriber drops the message, as ZMQ does.
         let _ = publ.send(m).await;
     }
@@ -302,9 +309,8 @@ pub async fn start_load(
                 continue;
             }
             let seq = pc.sent.fetch_add(1, Relaxed) as i64;
-            let mut m = ZmqMessage::from(Bytes::from_static(b"load"));
-            m.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
-            m.push_back(Bytes::from(routerd::kv::wire::encode_load(&stat)));
+            let payload = Bytes::from(routerd::kv::wire::encode_load(&stat));
+            let m = live_message(Bytes::from_static(b"load"), seq, payload);
             let _ = publ.send(m).await;
             last = Some((stat, tokio::time::Instant::now()));
         }
