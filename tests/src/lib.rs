@@ -65,6 +65,12 @@ pub async fn explained(base: &str, path: &str, body: &Value) -> (String, Value, 
     (worker, decision, answer)
 }
 
+/// `worker` as router `base` lists it on `GET /workers` (the objects `/admin/stats` has too).
+pub async fn worker_view(base: &str, worker: &str) -> Option<Value> {
+    let v = get_json(&format!("{base}/workers")).await;
+    v["workers"].as_array()?.iter().find(|w| w["url"] == worker).cloned()
+}
+
 pub async fn stats(worker: &SimWorker) -> Value {
     get_json(&format!("{}/sim/stats", worker.url())).await
 }

@@ -180,12 +180,7 @@ async fn a_restarted_worker_is_empty_and_its_new_publisher_is_followed() {
     let port = ws[i].addr.port();
     ws.remove(i).shutdown().await;
     eventually(Duration::from_secs(5), "the router saw it down", || async {
-        let v = get_json(&format!("{}/workers", r.url())).await;
-        v["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["url"] == home && w["is_healthy"] == false)
+        routerd_e2e::worker_view(&r.url(), &home).await.is_some_and(|w| w["is_healthy"] == false)
     })
     .await;
     ws.insert(i, kv_sim(&tok, |a| a.port = port).await);

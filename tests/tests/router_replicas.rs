@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use routerctl::sim::{SimArgs, SimWorker};
-use routerd_e2e::{client, eventually, fleet, get_json, router, router_config, shutdown_all};
+use routerd_e2e::{
+    client, eventually, fleet, get_json, router, router_config, shutdown_all, worker_view,
+};
 use serde_json::{json, Value};
 
 fn publishing(a: &mut SimArgs) {
@@ -116,12 +118,7 @@ async fn what_one_replica_routed_the_others_route_the_same_way() {
     ws.remove(i).shutdown().await;
     for r in [&a, &b] {
         eventually(Duration::from_secs(5), "the replica saw it down", || async {
-            let v = get_json(&format!("{}/workers", r.url())).await;
-            v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|w| w["url"] == gone.as_str() && w["is_healthy"] == false)
+            worker_view(&r.url(), &gone).await.is_some_and(|w| w["is_healthy"] == false)
         })
         .await;
     }
@@ -175,12 +172,8 @@ async fn replicas_balance_on_what_the_workers_report() {
         held.push(routerd_e2e::open_stream(format!("{}/generate", ws[0].url()), &long).await);
     }
     eventually(Duration::from_secs(5), "the first worker's report reached the replica", || async {
-        let stats = get_json(&format!("{}/admin/stats", a.url())).await;
-        stats["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["url"] == ws[0].url().as_str() && w["load"].as_u64().unwrap() >= 6)
+        let w = worker_view(&a.url(), &ws[0].url()).await;
+        w.is_some_and(|w| w["load"].as_u64().unwrap() >= 6)
     })
     .await;
     // Four streams through the replica: all go to the second worker, though the replica
