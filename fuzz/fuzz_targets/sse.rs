@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(!rest.windows(2).any(|w| w == b"\n\n"), "no whole event left behind");
 
-    let mut cutter = Cutter::new(None);
+    let mut cutter = Cutter::new();
     let mut out: Vec<Vec<u8>> = Vec::new();
     for p in payload.chunks(piece) {
         cutter.feed(p, &mut |e| out.push(e.to_vec()));

@@ -87,6 +87,11 @@ pub struct SimArgs {
     /// No simulated compute time at all (measures the HTTP path only).
     #[arg(long)]
     pub zero_compute: bool,
+    /// Streaming `/generate` events carry only what is new (text and `output_ids` since the
+    /// last event), as SGLang's `--incremental-streaming-output` does; by default each event
+    /// carries the whole text and ids so far.
+    #[arg(long)]
+    pub incremental_streaming_output: bool,
     /// max_new_tokens when a request does not say.
     #[arg(long, default_value_t = 16)]
     pub default_max_new_tokens: u32,
@@ -164,6 +169,10 @@ pub struct Faults {
     /// Responses stall forever after this many output tokens (streams stop mid-way).
     #[arg(long = "fault-stall-after-tokens")]
     pub stall_after_tokens: Option<u32>,
+    /// Streams fail after this many output tokens with an error event (as an engine error
+    /// mid-stream looks: `data: {"error": ...}`, then `data: [DONE]`).
+    #[arg(long = "fault-error-after-tokens")]
+    pub error_after_tokens: Option<u32>,
     /// The worker crashes (drops every connection and exits) when inference request N+1
     /// arrives.
     #[arg(long = "fault-crash-after")]
@@ -183,6 +192,7 @@ impl Default for Faults {
             retry_after_secs: None,
             hang: false,
             stall_after_tokens: None,
+            error_after_tokens: None,
             crash_after: None,
             unhealthy: false,
         }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{CacheStats, PrefixCache};
-use super::tokenizer::{output_token, prompt_seed, token_text, Tokenizer};
+use super::tokenizer::{token_text, Sequence, Tokenizer};
 
 /// Timing and capacity of the simulated GPU.
 #[derive(Debug, Clone)]
@@ -60,7 +60,8 @@ pub struct Job {
 struct Active {
     job: Job,
     out: mpsc::UnboundedSender<Event>,
-    seed: u64,
+    /// The model's view of the sequence: prompt and output so far.
+    sequence: Sequence,
     generated: Vec<u32>,
 }
 
@@ -229,8 +230,11 @@ impl Scheduler {
             self.counters.running.fetch_add(1, Relaxed);
             self.counters.running_tokens.fetch_add(job.tokens.len() as u64, Relaxed);
             let _ = out.send(Event::Started { cached_tokens: cached });
-            let seed = prompt_seed(&job.tokens);
-            self.running.push(Active { job, out, seed, generated: Vec::new() });
+            let sequence = match &job.prompt_text {
+                Some(text) => Sequence::of_text(text),
+                None => Sequence::of_ids(&job.tokens),
+            };
+            self.running.push(Active { job, out, sequence, generated: Vec::new() });
         }
         prefill_tokens
     }
@@ -260,7 +264,8 @@ impl Scheduler {
                 return false;
             }
             if (a.generated.len() as u32) < a.job.max_new_tokens {
-                let id = output_token(a.seed, a.generated.len() as u32);
+                let id = a.sequence.next_token();
+                a.sequence.push(id);
                 a.generated.push(id);
                 counters.generated_tokens.fetch_add(1, Relaxed);
                 counters.running_tokens.fetch_add(1, Relaxed);

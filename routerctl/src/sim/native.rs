@@ -1,6 +1,7 @@
 //! SGLang's native `/generate`: a JSON object per sequence (an array for a batch), or with
-//! `"stream": true` one `data: {...}` event per decode step with the text so far, ending in
-//! `data: [DONE]`.
+//! `"stream": true` one `data: {...}` event per decode step with the text and `output_ids` so
+//! far (only the new ones with `--incremental-streaming-output`; `meta_info.completion_tokens`
+//! counts all either way), ending in `data: [DONE]`.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use tokio::time::Instant;
 
 use super::error::SimError;
 use super::request::{parse_generate, Item};
-use super::run::{merge, sse_response, start_all, Meta, SseTx};
+use super::run::{injected_error, merge, sse_response, start_all, Meta, SseTx};
 use super::server::SimState;
 use super::tokenizer::token_text;
 
@@ -70,11 +71,23 @@ async fn stream(
     };
     let metas: Vec<Meta> = runs.iter().map(|r| r.meta).collect();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); runs.len()];
+    // With incremental output, what event `i` already carried of its sequence.
+    let mut sent: Vec<usize> = vec![0; runs.len()];
+    let incremental = state.args.incremental_streaming_output;
     let mut steps = merge(runs);
     while let Some((i, step)) = steps.next().await {
+        if step.failed {
+            return tx.error(&injected_error()).await;
+        }
         tokens[i].extend(step.token);
         let mut obj =
             output(&state, &items[i], &ids[i], &metas[i], &tokens[i], step.finished, started);
+        if incremental {
+            let new = &tokens[i][sent[i]..];
+            obj["text"] = json!(new.iter().map(|t| token_text(*t)).collect::<String>());
+            obj["output_ids"] = json!(new);
+            sent[i] = tokens[i].len();
+        }
         if batched {
             obj["index"] = json!(i);
         }

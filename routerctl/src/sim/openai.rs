@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::engine::Job;
 use super::request::{parse_chat, parse_completions, Parsed};
-use super::run::{merge, sse_response, start_all, Meta, SseTx};
+use super::run::{injected_error, merge, sse_response, start_all, Meta, SseTx};
 use super::server::SimState;
 use super::tokenizer::{mix64, token_text};
 
@@ -121,6 +121,9 @@ async fn stream(state: Arc<SimState>, parsed: Parsed, env: Envelope, tx: SseTx) 
     let mut completion_tokens = 0;
     let mut steps = merge(runs);
     while let Some((i, step)) = steps.next().await {
+        if step.failed {
+            return tx.error(&injected_error()).await;
+        }
         completion_tokens += usize::from(step.token.is_some());
         let text = step.token.map(token_text).unwrap_or("");
         let finish = if step.finished { json!("length") } else { Value::Null };

@@ -120,13 +120,49 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
     }
     let prompt = match ctx.tokenizer.chat_prompt(ctx.body) {
         Some(text) => Prompt::Rendered(text?),
-        None => Prompt::Text(render_chat(messages)?),
+        None => Prompt::Text(render_chat_request(obj, messages)?),
     };
     let max_new_tokens = openai_max_tokens(obj, ctx)?;
     let logprobs = flag(obj.get("logprobs"), "logprobs")?;
     let boot = bootstraps(obj, 1, false)?.pop().flatten();
     let item = make_item(prompt, ctx, max_new_tokens, &Some(Value::Bool(logprobs)), &None, boot)?;
     openai_parsed(obj, vec![item], false, ctx)
+}
+
+/// The simulated chat template applied as SGLang applies a real one: with
+/// `continue_final_message`, a last assistant message is taken out, the rest rendered with the
+/// generation prompt, and its content appended (so the answer continues it).
+fn render_chat_request(
+    obj: &serde_json::Map<String, Value>,
+    messages: &[Value],
+) -> ParseResult<String> {
+    let continued = flag(obj.get("continue_final_message"), "continue_final_message")?;
+    let last = messages.last().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    match last {
+        Some(m) if continued => {
+            let mut out = render_chat(&messages[..messages.len() - 1])?;
+            out.push_str(&content_text(m, messages.len() - 1)?);
+            Ok(out)
+        }
+        _ => render_chat(messages),
+    }
+}
+
+fn content_text(m: &Value, i: usize) -> ParseResult<String> {
+    let mut out = String::new();
+    match m.get("content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    out.push_str(t);
+                }
+            }
+        }
+        Some(_) => return Err(format!("messages[{i}].content must be a string or a list of parts")),
+    }
+    Ok(out)
 }
 
 /// The simulated chat template: every message as `<|role|>\ncontent<|end|>\n`, then the
@@ -142,20 +178,7 @@ pub fn render_chat(messages: &[Value]) -> ParseResult<String> {
         out.push_str("<|");
         out.push_str(role);
         out.push_str("|>\n");
-        match m.get("content") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => out.push_str(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    if let Some(t) = p.get("text").and_then(Value::as_str) {
-                        out.push_str(t);
-                    }
-                }
-            }
-            Some(_) => {
-                return Err(format!("messages[{i}].content must be a string or a list of parts"))
-            }
-        }
+        out.push_str(&content_text(m, i)?);
         out.push_str("<|end|>\n");
     }
     out.push_str("<|assistant|>\n");

@@ -22,6 +22,8 @@ use super::tokenizer::{logprob, prompt_seed};
 pub struct Step {
     pub token: Option<u32>,
     pub finished: bool,
+    /// An injected engine error ends the sequence here (`--fault-error-after-tokens`).
+    pub failed: bool,
 }
 
 /// What a response reports about a sequence besides its tokens.
@@ -39,6 +41,7 @@ pub struct ItemRun {
     emitted: u32,
     finished: bool,
     stall_after: Option<u32>,
+    error_after: Option<u32>,
 }
 
 impl ItemRun {
@@ -51,6 +54,10 @@ impl ItemRun {
             // Injected mid-stream stall: nothing more, ever, until the client gives up.
             pending::<()>().await;
         }
+        if self.error_after.is_some_and(|n| self.emitted >= n) {
+            self.finished = true;
+            return Some(Step { token: None, finished: true, failed: true });
+        }
         let ev = match self.buffered.pop_front() {
             Some(ev) => ev,
             None => self.events.recv().await?,
@@ -59,12 +66,12 @@ impl ItemRun {
             Event::Token { id, last } => {
                 self.emitted += 1;
                 self.finished = last;
-                Some(Step { token: Some(id), finished: last })
+                Some(Step { token: Some(id), finished: last, failed: false })
             }
             // Only reached when no token came (max_new_tokens 0): the last token ends it otherwise.
             Event::Done => {
                 self.finished = true;
-                Some(Step { token: None, finished: true })
+                Some(Step { token: None, finished: true, failed: false })
             }
             Event::Started { .. } => None,
         }
@@ -75,6 +82,9 @@ impl ItemRun {
         let mut out = Vec::new();
         loop {
             let step = self.next().await.ok_or_else(engine_gone)?;
+            if step.failed {
+                return Err(injected_error());
+            }
             out.extend(step.token);
             if step.finished {
                 return Ok(out);
@@ -115,6 +125,14 @@ impl Meta {
             .map(|(i, id)| serde_json::json!([logprob(self.seed ^ 1, *id, i), id, null]))
             .collect()
     }
+}
+
+/// What an engine error mid-generation looks like to the client.
+pub fn injected_error() -> SimError {
+    SimError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "injected fault: engine error mid-generation",
+    )
 }
 
 fn engine_gone() -> SimError {
@@ -208,9 +226,10 @@ async fn start_item(state: &SimState, item: &Item) -> Result<ItemRun, SimError> 
         Some(h) => (h.prompt_tokens, h.cached_tokens),
         None => (item.tokens.len(), cached),
     };
-    let stall_after = state.faults().stall_after_tokens;
+    let faults = state.faults();
+    let (stall_after, error_after) = (faults.stall_after_tokens, faults.error_after_tokens);
     let meta = Meta { prompt_tokens, cached_tokens, seed };
-    Ok(ItemRun { meta, events, buffered, emitted: 0, finished: false, stall_after })
+    Ok(ItemRun { meta, events, buffered, emitted: 0, finished: false, stall_after, error_after })
 }
 
 /// Streams whatever `produce` writes as a `text/event-stream` body. `produce` runs in its own
@@ -279,6 +298,7 @@ mod tests {
             emitted: 0,
             finished: false,
             stall_after: None,
+            error_after: None,
         };
         (run, tx)
     }
@@ -288,8 +308,8 @@ mod tests {
         // The reader may wake between the engine's last token and its Done (another thread).
         let (mut run, tx) =
             run_with(&[Event::Token { id: 7, last: false }, Event::Token { id: 8, last: true }]);
-        assert_eq!(run.next().await, Some(Step { token: Some(7), finished: false }));
-        assert_eq!(run.next().await, Some(Step { token: Some(8), finished: true }));
+        assert_eq!(run.next().await, Some(Step { token: Some(7), finished: false, failed: false }));
+        assert_eq!(run.next().await, Some(Step { token: Some(8), finished: true, failed: false }));
         tx.send(Event::Done).unwrap();
         assert_eq!(run.next().await, None, "no extra empty final step after the last token");
     }
@@ -297,7 +317,7 @@ mod tests {
     #[tokio::test]
     async fn done_alone_finishes_a_sequence_without_tokens() {
         let (mut run, _tx) = run_with(&[Event::Done]);
-        assert_eq!(run.next().await, Some(Step { token: None, finished: true }));
+        assert_eq!(run.next().await, Some(Step { token: None, finished: true, failed: false }));
         assert_eq!(run.next().await, None);
     }
 }

@@ -110,9 +110,68 @@ pub fn prompt_seed(tokens: &[u32]) -> u64 {
     tokens.iter().fold(0x1234_5678u64, |acc, t| mix64(acc ^ u64::from(*t)))
 }
 
-/// The `index`-th output token for a prompt with `seed`.
-pub fn output_token(seed: u64, index: u32) -> u32 {
-    (mix64(seed ^ (u64::from(index) << 32)) % u64::from(VOCAB)) as u32
+/// The simulated model: greedy decoding where the next token is a deterministic function of
+/// the whole sequence so far. The sequence is what the engine was given: token ids for an
+/// `input_ids` prompt, characters for a text prompt (a rendered chat template included), each
+/// output token then extending it by its id or its text. So a request continued elsewhere with
+/// prompt + output so far (ids + ids, or text + text) goes on exactly as the unbroken one would:
+/// what makes a router's mid-stream failover checkable token for token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequence {
+    state: u64,
+    text: bool,
+}
+
+const FNV64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+impl Sequence {
+    /// A text prompt (its characters are the sequence).
+    pub fn of_text(text: &str) -> Self {
+        let mut s = Self { state: FNV64_OFFSET, text: true };
+        s.bytes(text.as_bytes());
+        s
+    }
+
+    /// A prompt of token ids.
+    pub fn of_ids(ids: &[u32]) -> Self {
+        let mut s = Self { state: FNV64_OFFSET, text: false };
+        for id in ids {
+            s.bytes(&id.to_le_bytes());
+        }
+        s
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        for x in b {
+            self.state = (self.state ^ u64::from(*x)).wrapping_mul(FNV64_PRIME);
+        }
+    }
+
+    /// The greedy choice after the sequence so far.
+    pub fn next_token(&self) -> u32 {
+        (mix64(self.state) % u64::from(VOCAB)) as u32
+    }
+
+    /// Extends the sequence by an output token.
+    pub fn push(&mut self, id: u32) {
+        if self.text {
+            self.bytes(token_text(id).as_bytes());
+        } else {
+            self.bytes(&id.to_le_bytes());
+        }
+    }
+
+    /// The next `n` tokens, as the engine would generate them.
+    pub fn generate(mut self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                let id = self.next_token();
+                self.push(id);
+                id
+            })
+            .collect()
+    }
 }
 
 /// The text of an output token.
@@ -139,6 +198,21 @@ mod tests {
         assert_eq!(t.encode("abcde").len(), 2);
         assert_eq!(t.encode("ééééé").len(), 2, "counts characters, not bytes");
         assert_ne!(t.encode("abcd"), t.encode("abce"));
+    }
+
+    #[test]
+    fn a_sequence_continued_with_its_output_goes_on_as_the_unbroken_one() {
+        let whole = Sequence::of_text("<|user|>\nhello<|end|>\n").generate(12);
+        let first: Vec<u32> = whole[..5].to_vec();
+        let said: String = first.iter().map(|t| token_text(*t)).collect();
+        let rest = Sequence::of_text(&format!("<|user|>\nhello<|end|>\n{said}")).generate(7);
+        assert_eq!([first, rest].concat(), whole, "text + text");
+
+        let prompt = [5u32, 6, 7];
+        let whole = Sequence::of_ids(&prompt).generate(10);
+        let rest = Sequence::of_ids(&[&prompt[..], &whole[..4]].concat()).generate(6);
+        assert_eq!(&whole[4..], &rest[..], "ids + ids");
+        assert_ne!(Sequence::of_ids(&[1]).generate(4), Sequence::of_ids(&[2]).generate(4));
     }
 
     proptest! {

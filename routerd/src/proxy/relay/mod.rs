@@ -45,7 +45,8 @@ pub struct BodyTimeouts {
 }
 
 /// Why a relay stopped before the body's end.
-enum Cut {
+#[derive(Debug)]
+pub enum Cut {
     /// The client went away: nothing more to say to it.
     ClientGone,
     /// The worker failed (its fault: it counts against its breaker).
@@ -66,7 +67,7 @@ pub async fn respond(
     usage: Option<UsageScan>,
     limits: BodyTimeouts,
 ) -> Relayed {
-    relay(answer, worker, c, (version, keep), extra, usage, limits, None).await
+    relay(answer, worker, c, (version, keep), extra, usage, limits, sse::Cutter::new()).await
 }
 
 /// Like `respond`, with `edit` applied to the JSON of the answer: to the whole body of a plain
@@ -86,7 +87,9 @@ pub async fn respond_edited(
         return whole::respond_edited(answer, worker, c, (version, keep), extra, limits, &mut edit)
             .await;
     }
-    relay(answer, worker, c, (version, keep), extra, None, limits, Some(&mut edit)).await
+    let mut filter = |e: &[u8]| sse::Verdict::Replace(sse::edit(e.to_vec(), &mut edit));
+    let cutter = sse::Cutter::with_filter(&mut filter);
+    relay(answer, worker, c, (version, keep), extra, None, limits, cutter).await
 }
 
 /// The client's head: the worker's status and end-to-end headers, then `extra`.
@@ -99,33 +102,38 @@ fn start_head(c: &mut ClientSession, answer: &WorkerResponse, extra: &[(&[u8], &
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    mut answer: WorkerResponse,
-    worker: &Worker,
+/// Writes the client's head for `answer`; returns whether the connection can be kept. An
+/// event stream is always re-framed (chunked, or closed for HTTP/1.0), so that it can end with
+/// an error event, or go on with another worker's events, whatever the worker's framing was.
+pub(crate) fn begin(
     c: &mut ClientSession,
-    (version, keep): (Version, bool),
+    answer: &WorkerResponse,
     extra: &[(&[u8], &[u8])],
-    mut usage: Option<UsageScan>,
-    limits: BodyTimeouts,
-    edit: Option<&mut (dyn FnMut(&mut Value) + Send)>,
-) -> Relayed {
-    let events = answer.head().is_event_stream();
-    if let Err(e) = answer.check_buffered() {
-        return malformed(answer, worker, c, (version, keep), e).await;
-    }
-    start_head(c, &answer, extra);
-    // An event stream is always re-framed (chunked, or closed for HTTP/1.0), so that it can
-    // end with an error event whatever the worker's framing was.
+    (version, keep): (Version, bool),
+) -> bool {
+    start_head(c, answer, extra);
     let body = match answer.head().framing() {
-        _ if events => Body::Stream,
+        _ if answer.head().is_event_stream() => Body::Stream,
         Framing::Empty => Body::Empty,
         Framing::Length(n) => Body::Length(n),
         Framing::Chunked | Framing::UntilClose => Body::Stream,
     };
-    let keep = c.end_head(body, version, keep);
-    let mut cutter = sse::Cutter::new(edit);
-    let cut = loop {
+    c.end_head(body, version, keep)
+}
+
+/// Relays `answer`'s body (events through `cutter`) until it ends (`Ok`; the connection goes
+/// back to the idle pool) or is cut (the connection is dropped, which cancels the request on
+/// the worker). Nothing is written to end the client's body.
+pub(crate) async fn pump(
+    mut answer: WorkerResponse,
+    worker: &Worker,
+    c: &mut ClientSession,
+    cutter: &mut sse::Cutter<'_>,
+    usage: &mut Option<UsageScan>,
+    limits: BodyTimeouts,
+) -> Result<(), Cut> {
+    let events = answer.head().is_event_stream();
+    loop {
         let drained = answer.drain_buffered(|d| {
             if let Some(u) = usage.as_mut() {
                 u.frame(d);
@@ -136,36 +144,62 @@ async fn relay(
                 c.payload(d);
             }
         });
+        if let Some(reason) = cutter.take_failure() {
+            return Err(Cut::Worker(reason));
+        }
         match drained {
             Ok(true) => {
                 cutter.finish(&mut |e| c.payload(e));
-                let wrote = c.finish(limits.deadline).await;
+                if let Some(reason) = cutter.take_failure() {
+                    return Err(Cut::Worker(reason));
+                }
                 c.keep_spare(answer.release(&worker.idle));
-                return ended(c, events, wrote && keep, None);
+                return Ok(());
             }
             Ok(false) => {}
-            Err(e) => break Cut::Worker(e.to_string()),
+            Err(e) => return Err(Cut::Worker(e.to_string())),
         }
         if !c.flush(limits.deadline).await {
-            break Cut::ClientGone;
+            return Err(Cut::ClientGone);
         }
         let idle_until = Instant::now() + limits.idle;
         let until = idle_until.min(limits.deadline);
         match answer.fill(Some(&mut *c), until).await {
             Ok(()) => {}
-            Err(WireError::ClientGone) => break Cut::ClientGone,
-            Err(WireError::Timeout) if until < idle_until => break Cut::Deadline,
+            Err(WireError::ClientGone) => return Err(Cut::ClientGone),
+            Err(WireError::Timeout) if until < idle_until => return Err(Cut::Deadline),
             Err(WireError::Timeout) => {
-                break Cut::Worker(format!(
+                return Err(Cut::Worker(format!(
                     "the worker sent nothing for {}",
                     humantime::format_duration(limits.idle)
-                ))
+                )))
             }
-            Err(e) => break Cut::Worker(e.to_string()),
+            Err(e) => return Err(Cut::Worker(e.to_string())),
         }
-    };
-    // Dropping the worker connection cancels the request on the worker.
-    drop(answer);
+    }
+}
+
+/// Ends the client's body after the worker's ended.
+pub(crate) async fn complete(
+    c: &mut ClientSession,
+    events: bool,
+    keep: bool,
+    limits: BodyTimeouts,
+) -> Relayed {
+    let wrote = c.finish(limits.deadline).await;
+    ended(c, events, wrote && keep, None)
+}
+
+/// Ends the client's body after `cut`: an event stream with one error event and the end
+/// marker (unless the worker had said `[DONE]`); any other body is cut for the client too.
+pub(crate) async fn cut_short(
+    c: &mut ClientSession,
+    cutter: &mut sse::Cutter<'_>,
+    cut: Cut,
+    worker: &Worker,
+    events: bool,
+    keep: bool,
+) -> Relayed {
     let (message, worker_failure) = match cut {
         Cut::ClientGone => return ended(c, events, false, None),
         Cut::Worker(reason) => {
@@ -186,6 +220,28 @@ async fn relay(
     cutter.fail(&message, &mut |e| c.payload(e));
     let wrote = c.finish(Instant::now() + Duration::from_secs(1)).await;
     ended(c, events, wrote && keep, worker_failure)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    answer: WorkerResponse,
+    worker: &Worker,
+    c: &mut ClientSession,
+    (version, keep): (Version, bool),
+    extra: &[(&[u8], &[u8])],
+    mut usage: Option<UsageScan>,
+    limits: BodyTimeouts,
+    mut cutter: sse::Cutter<'_>,
+) -> Relayed {
+    let events = answer.head().is_event_stream();
+    if let Err(e) = answer.check_buffered() {
+        return malformed(answer, worker, c, (version, keep), e).await;
+    }
+    let keep = begin(c, &answer, extra, (version, keep));
+    match pump(answer, worker, c, &mut cutter, &mut usage, limits).await {
+        Ok(()) => complete(c, events, keep, limits).await,
+        Err(cut) => cut_short(c, &mut cutter, cut, worker, events, keep).await,
+    }
 }
 
 /// An answer found malformed before anything of it was sent: 502 instead, connection dropped.

@@ -12,14 +12,34 @@ use serde_json::Value;
 /// the stream is then cut inside it, a blank line ends it before the error event).
 pub const MAX_HELD: usize = 1 << 20;
 
+/// What a filter says about one whole event (`Cutter::with_filter`).
+pub enum Verdict {
+    /// Relay it as it came.
+    Pass,
+    /// Relay this instead.
+    Replace(Vec<u8>),
+    /// Relay nothing of it.
+    Drop,
+    /// The worker reported a failure in it (an error event): relay nothing more of this
+    /// stream; the relay treats it as the worker failing mid-stream.
+    Failed(String),
+}
+
+/// A per-event filter: sees every whole event (blank line included), in order.
+pub type Filter<'a> = &'a mut (dyn FnMut(&[u8]) -> Verdict + Send);
+
 /// Payload out, whole events only (in as few pieces as possible).
 pub struct Cutter<'a> {
     pending: Vec<u8>,
-    edit: Option<&'a mut (dyn FnMut(&mut Value) + Send)>,
+    filter: Option<Filter<'a>>,
     /// The last event relayed was `data: [DONE]`: the stream said all it had to say.
     done_seen: bool,
     /// Part of an event too large to hold was relayed before its end.
     mid_event: bool,
+    /// The filter found the worker's failure in an event: nothing more is relayed.
+    failed: Option<String>,
+    /// Scratch for filtered output.
+    out: Vec<u8>,
 }
 
 fn ends_at_boundary(d: &[u8]) -> bool {
@@ -33,9 +53,46 @@ fn last_boundary(d: &[u8]) -> Option<usize> {
     lf.max(crlf)
 }
 
+/// The end of the first complete event in `d`.
+fn first_boundary(d: &[u8]) -> Option<usize> {
+    let lf = memmem::find(d, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(d, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl<'a> Cutter<'a> {
-    pub fn new(edit: Option<&'a mut (dyn FnMut(&mut Value) + Send)>) -> Self {
-        Self { pending: Vec::new(), edit, done_seen: false, mid_event: false }
+    pub fn new() -> Self {
+        Self {
+            pending: Vec::new(),
+            filter: None,
+            done_seen: false,
+            mid_event: false,
+            failed: None,
+            out: Vec::new(),
+        }
+    }
+
+    /// Every whole event goes through `filter` before it is relayed.
+    pub fn with_filter(filter: Filter<'a>) -> Self {
+        Self { filter: Some(filter), ..Self::new() }
+    }
+
+    /// The worker said `[DONE]`: the stream is complete whatever happens next.
+    pub fn done_seen(&self) -> bool {
+        self.done_seen
+    }
+
+    /// The client holds part of an event (one too large to hold back).
+    pub fn mid_event(&self) -> bool {
+        self.mid_event
+    }
+
+    /// The failure a filter found in an event, once.
+    pub fn take_failure(&mut self) -> Option<String> {
+        self.failed.take()
     }
 
     fn emit(&mut self, whole: &[u8], out: &mut dyn FnMut(&[u8])) {
@@ -47,27 +104,70 @@ impl<'a> Cutter<'a> {
         out(whole);
     }
 
+    /// Runs the filter over the whole events of `whole`; relays what it lets through.
+    fn filtered(&mut self, whole: &[u8], out: &mut dyn FnMut(&[u8])) {
+        let Some(filter) = self.filter.as_mut() else { return self.emit(whole, out) };
+        let mut rest = whole;
+        let mut kept = std::mem::take(&mut self.out);
+        kept.clear();
+        // Until an event is changed, `whole` itself is relayed: no copy.
+        let mut at = 0;
+        let mut changed = false;
+        while !rest.is_empty() {
+            let end = first_boundary(rest).unwrap_or(rest.len());
+            let event = &rest[..end];
+            match filter(event) {
+                Verdict::Pass => {
+                    if changed {
+                        kept.extend_from_slice(event);
+                    }
+                }
+                v => {
+                    if !changed {
+                        kept.extend_from_slice(&whole[..at]);
+                        changed = true;
+                    }
+                    match v {
+                        Verdict::Replace(r) => kept.extend_from_slice(&r),
+                        Verdict::Drop => {}
+                        Verdict::Failed(reason) => {
+                            self.failed = Some(reason);
+                            break;
+                        }
+                        Verdict::Pass => unreachable!(),
+                    }
+                }
+            }
+            at += end;
+            rest = &rest[end..];
+        }
+        if changed {
+            if !kept.is_empty() {
+                self.emit(&kept, out);
+            }
+        } else {
+            self.emit(whole, out);
+        }
+        self.out = kept;
+    }
+
     /// Takes the next piece of payload; hands the events it completes to `out`.
     pub fn feed(&mut self, d: &[u8], out: &mut dyn FnMut(&[u8])) {
-        if self.edit.is_none() && self.pending.is_empty() && ends_at_boundary(d) {
-            // The common case: the piece is whole events. No copy.
-            return self.emit(d, out);
+        if self.failed.is_some() {
+            return;
+        }
+        if self.pending.is_empty() && ends_at_boundary(d) {
+            // The common case: the piece is whole events. No copy unless filtered.
+            return self.filtered(d, out);
         }
         self.pending.extend_from_slice(d);
-        if let Some(edit) = self.edit.take() {
-            let mut events = Events { pending: std::mem::take(&mut self.pending) };
-            while let Some(event) = events.next_event() {
-                let edited = self::edit(event, &mut *edit);
-                self.emit(&edited, out);
-            }
-            self.pending = events.pending;
-            self.edit = Some(edit);
-        } else if let Some(end) = last_boundary(&self.pending) {
+        if let Some(end) = last_boundary(&self.pending) {
             let rest = self.pending.split_off(end);
             let whole = std::mem::replace(&mut self.pending, rest);
-            self.emit(&whole, out);
+            self.filtered(&whole, out);
         }
-        if self.pending.len() > MAX_HELD {
+        if self.pending.len() > MAX_HELD && self.failed.is_none() {
+            // Too large to hold: relayed unfiltered (a filter only ever sees whole events).
             let held = std::mem::take(&mut self.pending);
             self.emit(&held, out);
         }
@@ -76,7 +176,9 @@ impl<'a> Cutter<'a> {
     /// The stream ended: an unterminated last event is relayed as it came.
     pub fn finish(&mut self, out: &mut dyn FnMut(&[u8])) {
         let rest = std::mem::take(&mut self.pending);
-        self.emit(&rest, out);
+        if self.failed.is_none() {
+            self.filtered(&rest, out);
+        }
     }
 
     /// The stream was cut: what was held of an unfinished event is dropped, and `message` (an
@@ -86,10 +188,23 @@ impl<'a> Cutter<'a> {
         if self.done_seen {
             return;
         }
-        if self.mid_event {
+        self.close_event(out);
+        out(message);
+    }
+
+    /// Drops what was held of an unfinished event and, when the client holds part of one,
+    /// ends it: the client then stands between two events.
+    pub fn close_event(&mut self, out: &mut dyn FnMut(&[u8])) {
+        self.pending.clear();
+        if std::mem::take(&mut self.mid_event) {
             out(b"\n\n");
         }
-        out(message);
+    }
+}
+
+impl Default for Cutter<'_> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -123,9 +238,9 @@ impl Events {
 
 /// `event` with `edit` applied to the JSON of its `data:` line; any other event (comments,
 /// `[DONE]`, several lines, not JSON) unchanged.
-pub fn edit(event: Vec<u8>, edit: &mut dyn FnMut(&mut serde_json::Value)) -> Vec<u8> {
+pub fn edit(event: Vec<u8>, edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
     let Some(data) = event.strip_prefix(b"data:").map(|d| d.trim_ascii()) else { return event };
-    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(data) else { return event };
+    let Ok(mut v) = serde_json::from_slice::<Value>(data) else { return event };
     edit(&mut v);
     match serde_json::to_vec(&v) {
         Ok(json) => [&b"data: "[..], &json, b"\n\n"].concat(),
@@ -138,8 +253,10 @@ mod tests {
     use super::*;
 
     fn cut(stream: &[u8], piece: usize, edit: bool) -> (Vec<Vec<u8>>, Vec<u8>) {
-        let mut add = |v: &mut Value| v["x"] = serde_json::json!(1);
-        let mut c = Cutter::new(edit.then_some(&mut add as &mut (dyn FnMut(&mut Value) + Send)));
+        let mut add = |e: &[u8]| {
+            Verdict::Replace(self::edit(e.to_vec(), &mut |v: &mut Value| v["x"] = serde_json::json!(1)))
+        };
+        let mut c = if edit { Cutter::with_filter(&mut add) } else { Cutter::new() };
         let mut out = Vec::new();
         for p in stream.chunks(piece) {
             c.feed(p, &mut |e| out.push(e.to_vec()));
