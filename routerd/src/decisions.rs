@@ -41,6 +41,8 @@ pub struct Record {
     decision: Decision,
     /// The workers the policy could choose from, with the load each had.
     loads: Vec<(Arc<Worker>, u64)>,
+    /// n for the n-th continuation of a stream its worker failed mid-way.
+    migration: u32,
 }
 
 /// A record as the admin API and the response header show it.
@@ -68,6 +70,14 @@ pub struct View {
     pub worker: String,
     /// The load of each worker the policy could choose from.
     pub loads: Vec<(String, u64)>,
+    /// n when this decision placed the n-th continuation of a stream whose worker failed
+    /// mid-way (absent for the request as sent).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub migration: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Record {
@@ -90,7 +100,14 @@ impl Record {
             policy,
             decision: *decision,
             loads: candidates.iter().map(|w| (w.clone(), w.load())).collect(),
+            migration: 0,
         }
+    }
+
+    /// Marks the decision as placing a continuation (`Ask::migration`).
+    pub fn migration(mut self, n: u32) -> Self {
+        self.migration = n;
+        self
     }
 
     pub fn view(&self) -> View {
@@ -110,6 +127,7 @@ impl Record {
             prompt_tokens: d.prompt_tokens,
             worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),
             loads: self.loads.iter().map(|(w, l)| (w.url().to_owned(), *l)).collect(),
+            migration: self.migration,
         }
     }
 

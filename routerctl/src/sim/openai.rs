@@ -133,7 +133,11 @@ async fn stream(state: Arc<SimState>, parsed: Parsed, env: Envelope, tx: SseTx) 
             Kind::Chat => json!({"index": i, "delta": {"content": text}, "logprobs": null,
                                  "finish_reason": finish, "matched_stop": null}),
         };
-        if !tx.data(&env.wrap(true, json!([choice]), Value::Null)).await {
+        let usage = match parsed.continuous_usage {
+            true => usage(&metas, completion_tokens),
+            false => Value::Null,
+        };
+        if !tx.data(&env.wrap(true, json!([choice]), usage)).await {
             return;
         }
     }

@@ -32,6 +32,8 @@ pub struct Parsed {
     pub batched: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats`: usage in every chunk.
+    pub continuous_usage: bool,
     pub dp_rank: Option<u32>,
     pub model: Option<String>,
 }
@@ -83,6 +85,7 @@ pub fn parse_generate(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
         batched,
         stream: flag(obj.get("stream"), "stream")?,
         include_usage: false,
+        continuous_usage: false,
         dp_rank: dp_rank(obj, ctx)?,
         model: None,
     })
@@ -373,11 +376,18 @@ fn openai_parsed(
         .map(|v| flag(Some(v), "stream_options.include_usage"))
         .transpose()?
         .unwrap_or(false);
+    let continuous_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("continuous_usage_stats"))
+        .map(|v| flag(Some(v), "stream_options.continuous_usage_stats"))
+        .transpose()?
+        .unwrap_or(false);
     Ok(Parsed {
         items,
         batched,
         stream: flag(obj.get("stream"), "stream")?,
         include_usage,
+        continuous_usage,
         dp_rank: dp_rank(obj, ctx)?,
         model: obj.get("model").and_then(Value::as_str).map(str::to_owned),
     })

@@ -101,6 +101,10 @@ pub struct Flags {
     /// Retries of a failed request on other workers [default: 3].
     #[arg(global = true, long)]
     pub retry_max_retries: Option<u32>,
+    /// Times a stream its worker fails mid-way (killed, stalled, an error event) is continued
+    /// on another worker, per request; 0 turns mid-stream failover off [default: 1].
+    #[arg(global = true, long)]
+    pub migration_limit: Option<u32>,
     /// Wait before the first retry, in milliseconds [default: 100].
     #[arg(global = true, long)]
     pub retry_initial_backoff_ms: Option<u64>,

@@ -153,6 +153,10 @@ pub struct BreakerConfig {
 pub struct RetryConfig {
     pub enabled: bool,
     pub max_retries: u32,
+    /// Continuations per request of a stream its worker failed mid-way (0: off). One covers
+    /// a worker's death; a request that fails a second worker too is more likely the cause
+    /// (a prompt that crashes engines) than its victim, and is not sent on to a third.
+    pub migration_limit: u32,
     #[serde(serialize_with = "ser::duration")]
     pub initial_backoff: Duration,
     #[serde(serialize_with = "ser::duration")]

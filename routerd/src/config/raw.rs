@@ -179,6 +179,7 @@ pub struct RawBreaker {
 pub struct RawRetry {
     pub enabled: Option<bool>,
     pub max_retries: Option<u32>,
+    pub migration_limit: Option<u32>,
     pub initial_backoff: Option<Spanned<String>>,
     pub max_backoff: Option<Spanned<String>>,
     pub backoff_multiplier: Option<Spanned<f64>>,

@@ -141,6 +141,7 @@ impl Builder<'_> {
         RetryConfig {
             enabled: !f.disable_retries && r.enabled.unwrap_or(true),
             max_retries: f.retry_max_retries.or(r.max_retries).unwrap_or(3),
+            migration_limit: f.migration_limit.or(r.migration_limit).unwrap_or(1),
             initial_backoff,
             max_backoff: max_backoff.max(initial_backoff),
             backoff_multiplier: multiplier.0.max(1.0),

@@ -43,6 +43,8 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_cache_misses_total", Unit::Count, "cache_aware decisions that went to the worker with the most cache room"),
     ("sgl_router_cache_match_ratio", Unit::Count, "cache_aware: share of the prompt the chosen worker's tree matched"),
     ("sgl_router_queue_depth", Unit::Count, "Requests waiting for an admission slot"),
+    ("routerd_migrations_total", Unit::Count, "Streams a worker failed after bytes reached the client, by what routerd did: continued (on another worker), and when it could not: excluded (the request cannot be continued), limit (migration_limit reached), budget (retry budget spent), no_worker, failed (every continuation attempt failed), disabled"),
+    ("routerd_migration_seam_seconds", Unit::Seconds, "Migrated streams: time from the failure noticed to the continuation's first event sent to the client"),
     ("sgl_router_pd_leg_failures_total", Unit::Count, "PD requests whose prefill or decode leg failed (the other leg was cancelled)"),
     ("sgl_router_config_reloads_total", Unit::Count, "Configuration reloads by result: applied, unchanged, rejected"),
     ("sgl_router_config_last_reload_successful", Unit::Count, "1 if the last reload was applied or unchanged, 0 if rejected"),
@@ -71,6 +73,10 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_discovery_errors_total", Unit::Count, "Kubernetes discovery: failed API calls (list, watch, client)"),
     ("sgl_router_tree_evicted_chars_total", Unit::Count, "cache_aware: characters evicted from the prefix tree, by pool"),
 ];
+
+/// What became of a stream its worker failed mid-way (`routerd_migrations_total`).
+pub const MIGRATION_OUTCOMES: [&str; 7] =
+    ["continued", "excluded", "limit", "budget", "no_worker", "failed", "disabled"];
 
 pub fn route_label(route: Route) -> &'static str {
     match route {
@@ -132,6 +138,8 @@ pub struct Metrics {
     cache_misses: AtomicU64,
     match_ratio: Histogram,
     pd_leg_failures: [AtomicU64; 2],
+    migrations: [AtomicU64; MIGRATION_OUTCOMES.len()],
+    seam: Histogram,
     reloads: [AtomicU64; 3],
     last_reload_ok: AtomicU64,
 }
@@ -182,6 +190,8 @@ impl Metrics {
             cache_misses: AtomicU64::new(0),
             match_ratio: r.register_histogram(&key("sgl_router_cache_match_ratio", &[]), &META),
             pd_leg_failures: Default::default(),
+            migrations: Default::default(),
+            seam: r.register_histogram(&key("routerd_migration_seam_seconds", &[]), &META),
             last_reload_ok: AtomicU64::new(1),
             requests: tally::Tally::new(128),
             decisions: tally::Tally::new(64),
@@ -225,6 +235,18 @@ impl Metrics {
         self.pd_leg_failures[usize::from(role == WorkerRole::Decode)].fetch_add(1, Relaxed);
     }
 
+    /// A stream cut mid-way by its worker, and what became of it (`MIGRATION_OUTCOMES`).
+    pub fn migration(&self, outcome: &'static str) {
+        if let Some(i) = MIGRATION_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.migrations[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A continuation's first event reached the client `after` the failure was noticed.
+    pub fn migration_seam(&self, after: Duration) {
+        self.seam.record(after.as_secs_f64());
+    }
+
     pub fn reload(&self, result: &'static str) {
         if let Some(i) = RELOAD_RESULTS.iter().position(|r| *r == result) {
             self.reloads[i].fetch_add(1, Relaxed);
@@ -257,6 +279,12 @@ impl Metrics {
         counter("sgl_router_cache_misses_total", &[], self.cache_misses.load(Relaxed));
         for (leg, n) in ["prefill", "decode"].iter().zip(&self.pd_leg_failures) {
             counter("sgl_router_pd_leg_failures_total", &[("leg", leg)], n.load(Relaxed));
+        }
+        for (outcome, n) in MIGRATION_OUTCOMES.iter().zip(&self.migrations) {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                counter("routerd_migrations_total", &[("outcome", outcome)], n);
+            }
         }
         for (result, n) in RELOAD_RESULTS.iter().zip(&self.reloads) {
             let n = n.load(Relaxed);

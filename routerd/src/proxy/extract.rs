@@ -10,8 +10,9 @@ use serde_json::value::RawValue;
 use crate::error::RouterError;
 
 /// The inference routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Route {
+    #[default]
     Generate,
     Completions,
     Chat,
@@ -48,15 +49,40 @@ pub struct Probe<'a> {
     return_logprob: Option<&'a RawValue>,
     // What a chat template renders besides the messages.
     #[serde(borrow, default)]
-    tools: Option<&'a RawValue>,
+    pub(crate) tools: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    tool_choice: Option<&'a RawValue>,
+    pub(crate) tool_choice: Option<&'a RawValue>,
     #[serde(borrow, default)]
     continue_final_message: Option<&'a RawValue>,
     #[serde(borrow, default)]
     chat_template_kwargs: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning_effort: Option<&'a RawValue>,
+    /// What decides whether a stream can be continued on another worker (`migrate`).
+    #[serde(borrow, default)]
+    pub(crate) n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) best_of: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) logprobs: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) top_logprobs: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) response_format: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) regex: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) json_schema: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) ebnf: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) structural_tag: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) echo: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) sampling_params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) stream_options: Option<&'a RawValue>,
 }
 
 pub fn probe(body: &[u8]) -> Result<Probe<'_>, RouterError> {

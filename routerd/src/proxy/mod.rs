@@ -3,6 +3,7 @@
 //! `/v1/embeddings`.
 
 pub mod extract;
+pub mod migrate;
 pub mod pd;
 pub mod relay;
 
@@ -85,12 +86,19 @@ pub struct Served {
     pub worker: Option<Arc<Worker>>,
     /// For event streams: when the first event reached the client.
     pub first_event: Option<Instant>,
+    /// Times the stream went on with another worker after its worker failed mid-way.
+    pub migrations: u32,
 }
 
 impl Served {
     fn relayed(r: relay::Relayed, status: u16, worker: &Arc<Worker>) -> Self {
         let status = r.replaced_status.unwrap_or(status);
-        Self { keep: r.keep, status, worker: Some(worker.clone()), first_event: r.first_event }
+        let (keep, first_event) = (r.keep, r.first_event);
+        Self { keep, status, worker: Some(worker.clone()), first_event, migrations: 0 }
+    }
+
+    fn unanswered(keep: bool, status: u16) -> Self {
+        Self { keep, status, worker: None, first_event: None, migrations: 0 }
     }
 }
 
@@ -108,7 +116,7 @@ pub async fn forward(
     let (rid_name, rid) = request_id(&live.config, &head.headers);
     let served = match dispatch(app, live, c, route, head, body, (&rid_name, &rid), keep).await {
         Ok(served) => served,
-        Err(Stop::Closed) => Served { keep: false, status: 499, worker: None, first_event: None },
+        Err(Stop::Closed) => Served::unanswered(false, 499),
         Err(Stop::Failed(e)) => {
             let status = e.status().as_u16();
             tracing::debug!(route = route.path(), error = %e, "request failed");
@@ -119,7 +127,7 @@ pub async fn forward(
                 resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
             }
             let keep = respond::write(c, resp, head.version, keep, false).await;
-            Served { keep, status, worker: None, first_event: None }
+            Served::unanswered(keep, status)
         }
     };
     let took = started.elapsed();
@@ -134,6 +142,7 @@ pub async fn forward(
         route = route.path(),
         worker = served.worker.as_ref().map_or("-", |w| w.url()),
         status = served.status,
+        migrations = served.migrations,
         latency_ms = (took.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
     );
     served.keep
@@ -182,6 +191,9 @@ pub(crate) struct Ask<'a> {
     pub routing_key: Option<&'a str>,
     /// The prompt's token ids, when workers publish KV events and they are known.
     pub tokens: Option<&'a [u32]>,
+    /// 0 for the request as the client sent it, n for its n-th continuation after a worker
+    /// failed mid-stream.
+    pub migration: u32,
 }
 
 /// A policy's choice.
@@ -231,7 +243,8 @@ pub(crate) fn pick(
     let mut header = None;
     if ask.explain || app.decisions.wanted() {
         let route = crate::metrics::route_label(ask.route);
-        let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates);
+        let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates)
+            .migration(ask.migration);
         header = ask.explain.then(|| record.header_value());
         app.decisions.push(record);
     }
@@ -272,11 +285,19 @@ async fn dispatch(
         panic,
         routing_key,
         tokens: tokens.as_deref(),
+        migration: 0,
     };
+    let mut resume =
+        streaming.then(|| migrate::plan(route, &probe, live.config.retry.migration_limit));
     if let Some(pools) = &live.pools {
-        return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep).await;
+        return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep, resume)
+            .await;
     }
     let cfg = &live.config;
+    let first_body = match &resume {
+        Some(Ok(r)) => r.first_body(&body),
+        _ => std::borrow::Cow::Borrowed(&body[..]),
+    };
     let retry = &cfg.retry;
     let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
     app.retry_budget.deposit(retry);
@@ -300,7 +321,7 @@ async fn dispatch(
             )
         });
         let guard = worker.start_request();
-        write_request(&mut request, &worker, route.path(), &head.headers, rid, &body);
+        write_request(&mut request, &worker, route.path(), &head.headers, rid, &first_body);
         let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
         let outcome = send(&worker, &request, Some(&mut *c), timeouts, deadline).await;
         attempt += 1;
@@ -367,6 +388,13 @@ async fn dispatch(
         if let Some(d) = &decision {
             extra.push((DECISION_HEADER.as_bytes(), d.as_bytes()));
         }
+        let events = answer.head().is_event_stream();
+        if let (Some(Ok(resume)), 200, true) = (resume.take(), status, events) {
+            let r = migrate::Request { app, live, head, body: &body, ask: &ask, rid, deadline, keep };
+            let worker = worker.clone();
+            let leg = migrate::Leg { answer, worker, guards: vec![guard], usage: Some(scan) };
+            return Ok(migrate::relay(&r, c, leg, &extra, resume).await);
+        }
         let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
         let v = head.version;
         let done = relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), limits).await;
@@ -374,9 +402,20 @@ async fn dispatch(
             worker.errors_total.fetch_add(1, Relaxed);
             failed(app, &worker, &cfg.circuit_breaker);
             worker.set_last_error(failure);
+            if events {
+                app.metrics.migration(not_migrated(&resume));
+            }
         }
         drop(guard);
         return Ok(Served::relayed(done, status, &worker));
+    }
+}
+
+/// Why a stream cut mid-way was not continued, when it was not relayed for continuation.
+pub(crate) fn not_migrated(resume: &Option<Result<migrate::Resume, migrate::Excluded>>) -> &'static str {
+    match resume {
+        Some(Err(why)) => why,
+        _ => "excluded",
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
 use super::relay;
+use super::migrate::{self, Failed, Leg};
 use super::{failed, pick, retry, send, upstream, usage, write_request, Ask, Served, Stop};
 use crate::app::{App, Live, PoolPolicies};
 use crate::decisions::DECISION_HEADER;
@@ -43,6 +44,7 @@ pub(crate) async fn dispatch(
     ask: &Ask<'_>,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
+    resume: Option<Result<migrate::Resume, migrate::Excluded>>,
 ) -> Result<Served, Stop> {
     let route = ask.route;
     let cfg = &live.config;
@@ -53,13 +55,18 @@ pub(crate) async fn dispatch(
     let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
     let batch = probe.batch_size(route);
     let merge = route == Route::Generate && probe.wants_logprob();
+    let first_body = match &resume {
+        Some(Ok(r)) => r.first_body(body),
+        _ => std::borrow::Cow::Borrowed(&body[..]),
+    };
+    let mut resume = resume;
     let mut avoid: Vec<Arc<Worker>> = Vec::new();
     let mut attempt = 0;
     loop {
         let (prefill, p_why) = pick_in(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
         let (decode, d_why) = pick_in(app, WorkerRole::Decode, &*pools.decode, ask, &avoid)?;
-        let (_pg, _dg) = (prefill.start_request(), decode.start_request());
-        let with_room = bootstrap(body, &prefill, batch);
+        let (pg, dg) = (prefill.start_request(), decode.start_request());
+        let with_room = bootstrap(&first_body, &prefill, batch);
         let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
         write_request(&mut req_p, &prefill, route.path(), &head.headers, rid, &with_room);
         write_request(&mut req_d, &decode, route.path(), &head.headers, rid, &with_room);
@@ -83,6 +90,14 @@ pub(crate) async fn dispatch(
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
                 let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
+                let events = answer.head().is_event_stream();
+                if let (Some(Ok(resume)), 200, true) = (resume.take(), status, events) {
+                    let r = migrate::Request { app, live, head, body, ask, rid, deadline, keep };
+                    let guards = vec![pg, dg];
+                    let worker = decode.clone();
+                    let leg = migrate::Leg { answer, worker, guards, usage: Some(scan) };
+                    return Ok(migrate::relay(&r, c, leg, &extra, resume).await);
+                }
                 let v = head.version;
                 let done = match prefix {
                     Some(prefix) => {
@@ -99,6 +114,9 @@ pub(crate) async fn dispatch(
                     decode.errors_total.fetch_add(1, Relaxed);
                     failed(app, &decode, &cfg.circuit_breaker);
                     decode.set_last_error(failure);
+                    if events {
+                        app.metrics.migration(super::not_migrated(&resume));
+                    }
                 }
                 return Ok(Served::relayed(done, status, &decode));
             }
@@ -173,6 +191,48 @@ pub(crate) async fn dispatch(
     }
 }
 
+/// One attempt at a PD stream's continuation: a new prefill + decode pair (the decode worker
+/// that failed and any worker tried meanwhile avoided), with a new room.
+pub(super) async fn continuation(
+    r: &migrate::Request<'_>,
+    pools: &PoolPolicies,
+    c: &mut ClientSession,
+    ask: &Ask<'_>,
+    body: &[u8],
+    avoid: &mut Vec<Arc<Worker>>,
+) -> Result<Leg, Failed> {
+    let cfg = &r.live.config;
+    let no_worker = |_| Failed::Outcome("no_worker", "no PD pair is routable".into());
+    let (prefill, _) = pick_in(r.app, WorkerRole::Prefill, &*pools.prefill, ask, avoid).map_err(no_worker)?;
+    let (decode, _) = pick_in(r.app, WorkerRole::Decode, &*pools.decode, ask, avoid).map_err(no_worker)?;
+    let guards = vec![prefill.start_request(), decode.start_request()];
+    let with_room = bootstrap(body, &prefill, None);
+    let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
+    let path = ask.route.path();
+    write_request(&mut req_p, &prefill, path, &r.head.headers, r.rid, &with_room);
+    write_request(&mut req_d, &decode, path, &r.head.headers, r.rid, &with_room);
+    let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
+    let legs = both(r.app, &prefill, &decode, &req_p, &req_d, c, timeouts, r.deadline).await;
+    let (leg, why) = match legs {
+        Legs::Ok(_, answer) => {
+            prefill.breaker.record_success(&cfg.circuit_breaker);
+            let usage = prefill.clone();
+            return migrate::accept(r.app, answer, decode, guards, usage, &cfg.circuit_breaker);
+        }
+        Legs::ClientGone => return Err(Failed::ClientGone),
+        Legs::PrefillFailed(e) => (prefill, e.to_string()),
+        Legs::DecodeFailed(e) => (decode, e.to_string()),
+        Legs::PrefillAnswered(f) => (prefill, format!("prefill leg answered {}", f.status)),
+        Legs::DecodeAnswered(a) => (decode, format!("decode leg answered {}", a.head().status())),
+    };
+    leg.errors_total.fetch_add(1, Relaxed);
+    r.app.metrics.pd_leg_failed(leg.spec.role);
+    failed(r.app, &leg, &cfg.circuit_breaker);
+    leg.set_last_error(&why);
+    avoid.push(leg);
+    Err(Failed::Outcome("failed", why))
+}
+
 enum Answered {
     Prefill(relay::Fetched),
     Decode(WorkerResponse),
@@ -192,7 +252,8 @@ async fn relay_fetched(
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
     let keep = respond::write(c, resp, head.version, keep, false).await;
-    Served { keep, status: status.as_u16(), worker: Some(prefill.clone()), first_event: None }
+    let worker = Some(prefill.clone());
+    Served { keep, status: status.as_u16(), worker, first_event: None, migrations: 0 }
 }
 
 /// Both legs' decision records in one header value.

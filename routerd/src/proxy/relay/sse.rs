@@ -80,6 +80,18 @@ impl<'a> Cutter<'a> {
         Self { filter: Some(filter), ..Self::new() }
     }
 
+    /// The same stream position without the filter (which gives back what it borrowed).
+    pub fn unfiltered(self) -> Cutter<'static> {
+        Cutter {
+            pending: self.pending,
+            filter: None,
+            done_seen: self.done_seen,
+            mid_event: self.mid_event,
+            failed: self.failed,
+            out: self.out,
+        }
+    }
+
     /// The worker said `[DONE]`: the stream is complete whatever happens next.
     pub fn done_seen(&self) -> bool {
         self.done_seen
