@@ -11,6 +11,7 @@ mod router_dropin;
 mod router_faults;
 mod router_http1;
 mod router_kv_events;
+mod router_migration;
 mod router_observability;
 mod router_pd;
 mod router_reload;

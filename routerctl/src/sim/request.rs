@@ -140,7 +140,8 @@ fn render_chat_request(
     messages: &[Value],
 ) -> ParseResult<String> {
     let continued = flag(obj.get("continue_final_message"), "continue_final_message")?;
-    let last = messages.last().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    let last =
+        messages.last().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
     match last {
         Some(m) if continued => {
             let mut out = render_chat(&messages[..messages.len() - 1])?;
@@ -163,7 +164,9 @@ fn content_text(m: &Value, i: usize) -> ParseResult<String> {
                 }
             }
         }
-        Some(_) => return Err(format!("messages[{i}].content must be a string or a list of parts")),
+        Some(_) => {
+            return Err(format!("messages[{i}].content must be a string or a list of parts"))
+        }
     }
     Ok(out)
 }

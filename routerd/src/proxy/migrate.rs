@@ -587,9 +587,9 @@ impl Resume {
                 .unwrap_or_else(|| own.prompt_tokens.unwrap_or(0).saturating_sub(self.base.tokens));
             let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion,
                                "total_tokens": prompt + completion});
-            let cached = self.cached_tokens.or_else(|| {
-                own.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens)
-            });
+            let cached = self
+                .cached_tokens
+                .or_else(|| own.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens));
             if let Some(c) = cached {
                 u["prompt_tokens_details"] = json!({"cached_tokens": c.min(prompt)});
             }
@@ -733,7 +733,13 @@ pub(crate) async fn relay(
     }
 }
 
-fn served(done: relay::Relayed, status: u16, worker: &Arc<Worker>, resume: &Resume, app: &App) -> Served {
+fn served(
+    done: relay::Relayed,
+    status: u16,
+    worker: &Arc<Worker>,
+    resume: &Resume,
+    app: &App,
+) -> Served {
     if let Some(seam) = resume.seam {
         app.metrics.migration_seam(seam);
     }
@@ -842,5 +848,8 @@ pub(crate) fn accept(
         super::failed(app, &worker, breaker);
         worker.set_last_error(format!("answered {status}"));
     }
-    Err(Failed::Outcome("failed", format!("{} answered the continuation with {status}", worker.url())))
+    Err(Failed::Outcome(
+        "failed",
+        format!("{} answered the continuation with {status}", worker.url()),
+    ))
 }

@@ -389,8 +389,10 @@ async fn dispatch(
             extra.push((DECISION_HEADER.as_bytes(), d.as_bytes()));
         }
         let events = answer.head().is_event_stream();
-        if let (Some(Ok(resume)), 200, true) = (resume.take(), status, events) {
-            let r = migrate::Request { app, live, head, body: &body, ask: &ask, rid, deadline, keep };
+        if let (Some(Ok(_)), 200, true) = (&resume, status, events) {
+            let Some(Ok(resume)) = resume.take() else { unreachable!("matched above") };
+            let r =
+                migrate::Request { app, live, head, body: &body, ask: &ask, rid, deadline, keep };
             let worker = worker.clone();
             let leg = migrate::Leg { answer, worker, guards: vec![guard], usage: Some(scan) };
             return Ok(migrate::relay(&r, c, leg, &extra, resume).await);
@@ -412,7 +414,9 @@ async fn dispatch(
 }
 
 /// Why a stream cut mid-way was not continued, when it was not relayed for continuation.
-pub(crate) fn not_migrated(resume: &Option<Result<migrate::Resume, migrate::Excluded>>) -> &'static str {
+pub(crate) fn not_migrated(
+    resume: &Option<Result<migrate::Resume, migrate::Excluded>>,
+) -> &'static str {
     match resume {
         Some(Err(why)) => why,
         _ => "excluded",

@@ -17,8 +17,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::extract::{Probe, Route};
-use super::relay;
 use super::migrate::{self, Failed, Leg};
+use super::relay;
 use super::{failed, pick, retry, send, upstream, usage, write_request, Ask, Served, Stop};
 use crate::app::{App, Live, PoolPolicies};
 use crate::decisions::DECISION_HEADER;
@@ -91,7 +91,8 @@ pub(crate) async fn dispatch(
                 let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
                 let events = answer.head().is_event_stream();
-                if let (Some(Ok(resume)), 200, true) = (resume.take(), status, events) {
+                if let (Some(Ok(_)), 200, true) = (&resume, status, events) {
+                    let Some(Ok(resume)) = resume.take() else { unreachable!("matched above") };
                     let r = migrate::Request { app, live, head, body, ask, rid, deadline, keep };
                     let guards = vec![pg, dg];
                     let worker = decode.clone();
@@ -203,8 +204,10 @@ pub(super) async fn continuation(
 ) -> Result<Leg, Failed> {
     let cfg = &r.live.config;
     let no_worker = |_| Failed::Outcome("no_worker", "no PD pair is routable".into());
-    let (prefill, _) = pick_in(r.app, WorkerRole::Prefill, &*pools.prefill, ask, avoid).map_err(no_worker)?;
-    let (decode, _) = pick_in(r.app, WorkerRole::Decode, &*pools.decode, ask, avoid).map_err(no_worker)?;
+    let (prefill, _) =
+        pick_in(r.app, WorkerRole::Prefill, &*pools.prefill, ask, avoid).map_err(no_worker)?;
+    let (decode, _) =
+        pick_in(r.app, WorkerRole::Decode, &*pools.decode, ask, avoid).map_err(no_worker)?;
     let guards = vec![prefill.start_request(), decode.start_request()];
     let with_room = bootstrap(body, &prefill, None);
     let (mut req_p, mut req_d) = (Vec::new(), Vec::new());

@@ -266,7 +266,9 @@ mod tests {
 
     fn cut(stream: &[u8], piece: usize, edit: bool) -> (Vec<Vec<u8>>, Vec<u8>) {
         let mut add = |e: &[u8]| {
-            Verdict::Replace(self::edit(e.to_vec(), &mut |v: &mut Value| v["x"] = serde_json::json!(1)))
+            Verdict::Replace(self::edit(e.to_vec(), &mut |v: &mut Value| {
+                v["x"] = serde_json::json!(1)
+            }))
         };
         let mut c = if edit { Cutter::with_filter(&mut add) } else { Cutter::new() };
         let mut out = Vec::new();
