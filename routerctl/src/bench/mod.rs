@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// text, so that routerd routes on KV events without a tokenizer (docs/kv-events.md).
     #[arg(long)]
     pub input_ids: bool,
+    /// Check every answer against the simulated model's own (a `routerctl sim-worker` fleet
+    /// without --tokenizer-path): an answer with a token missing, repeated or changed (as a
+    /// badly spliced failover would give) counts in `wrong_answers`.
+    #[arg(long)]
+    pub check_answers: bool,
     /// Run --exec once this fraction of the requests has been answered.
     #[arg(long, requires = "exec", value_parser = fraction)]
     pub at_fraction: Option<f64>,
@@ -110,6 +115,8 @@ pub struct Sample {
     pub error: Option<String>,
     /// Failed before any answer (connection refused or closed): another replica may take it.
     pub unsent: bool,
+    /// With --check-answers: the answer differs from the simulated model's.
+    pub wrong: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -168,6 +175,7 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     let shared = Arc::new(Shared {
         workload: Mutex::new(workload),
         rng: Mutex::new(StdRng::seed_from_u64(args.seed ^ 0x5eed)),
+        check_answers: args.check_answers,
         ready: Notify::new(),
         samples: Mutex::new(Vec::with_capacity(total)),
         progress,
@@ -293,6 +301,7 @@ struct Shared {
     /// What the hook did, for the report.
     event: Mutex<Option<String>>,
     hook_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    check_answers: bool,
 }
 
 impl Shared {
@@ -316,6 +325,10 @@ impl Shared {
                 let other = &self.target.routers[(k + t) % self.target.routers.len()];
                 (sample, answer) = send(&self.http, other, &job).await;
             }
+        }
+        if self.check_answers && sample.ok {
+            sample.wrong =
+                crate::sim::expected_answer(job.path, &job.body).is_some_and(|want| want != answer);
         }
         self.workload.lock().expect("workload").complete(&job, &answer);
         let answered = {
@@ -420,6 +433,7 @@ async fn send(http: &reqwest::Client, base: &str, job: &Job) -> (Sample, String)
         worker: base.to_owned(),
         error: None,
         unsent: false,
+        wrong: false,
     };
     let mut answer = String::new();
     let resp = match http.post(format!("{base}{}", job.path)).json(&job.body).send().await {

@@ -34,6 +34,9 @@ pub struct Report {
     pub cached_tokens: Option<u64>,
     pub prompt_tokens: Option<u64>,
     pub per_worker: BTreeMap<String, usize>,
+    /// With --check-answers: answers that differ from the simulated model's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wrong_answers: Option<usize>,
     pub first_errors: Vec<String>,
     /// What `--exec` did, and when.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +113,7 @@ impl Report {
             cached_tokens: cached,
             prompt_tokens: prompt,
             per_worker,
+            wrong_answers: args.check_answers.then(|| samples.iter().filter(|s| s.wrong).count()),
             first_errors: samples.iter().filter_map(|s| s.error.clone()).take(5).collect(),
             event: None,
         }
@@ -135,6 +139,9 @@ impl Report {
             self.latency_p50_ms, self.latency_p99_ms
         );
         println!("ttft         p50 {:.1} ms, p99 {:.1} ms", self.ttft_p50_ms, self.ttft_p99_ms);
+        if let Some(n) = self.wrong_answers {
+            println!("answers      {n} differ from the simulated model's (checked: {})", self.ok);
+        }
         match (self.cache_hit_rate, self.cached_tokens, self.prompt_tokens) {
             (Some(r), Some(c), Some(p)) => println!(
                 "cache hits   {:.1}% ({c} of {p} prompt tokens, from /sim/stats)",

@@ -20,6 +20,41 @@ pub use server::SimWorker;
 
 use routerd::serve::Ended;
 
+/// The text a simulated worker (with its own tokenizer, not `--tokenizer-path`) answers to
+/// `body` on `path` when it runs to its length limit: what any answer routed through failures
+/// must equal (`routerctl bench --check-answers`). `None` for requests it cannot tell (no
+/// explicit length, batches).
+pub fn expected_answer(path: &str, body: &serde_json::Value) -> Option<String> {
+    use tokenizer::{token_text, Sequence};
+    let obj = body.as_object()?;
+    let (sequence, n) = match path {
+        "/generate" => {
+            let n = body["sampling_params"]["max_new_tokens"].as_u64()?;
+            let sequence = match (body["text"].as_str(), body["input_ids"].as_array()) {
+                (Some(t), _) => Sequence::of_text(t),
+                (None, Some(ids)) => Sequence::of_ids(
+                    &ids.iter()
+                        .map(|i| i.as_u64().map(|i| i as u32))
+                        .collect::<Option<Vec<_>>>()?,
+                ),
+                _ => return None,
+            };
+            (sequence, n)
+        }
+        "/v1/chat/completions" => {
+            let n = obj.get("max_completion_tokens").or(obj.get("max_tokens"))?.as_u64()?;
+            let messages = obj.get("messages")?.as_array()?;
+            (Sequence::of_text(&request::render_chat_request(obj, messages).ok()?), n)
+        }
+        "/v1/completions" => {
+            let n = obj.get("max_tokens")?.as_u64()?;
+            (Sequence::of_text(obj.get("prompt")?.as_str()?), n)
+        }
+        _ => return None,
+    };
+    Some(sequence.generate(n as usize).into_iter().map(token_text).collect())
+}
+
 /// Runs a worker until Ctrl-C / SIGTERM (graceful) or an injected crash. Returns the process
 /// exit code.
 pub async fn run(args: SimArgs) -> anyhow::Result<i32> {

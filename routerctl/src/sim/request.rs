@@ -135,7 +135,7 @@ pub fn parse_chat(body: &Value, ctx: &Ctx) -> ParseResult<Parsed> {
 /// The simulated chat template applied as SGLang applies a real one: with
 /// `continue_final_message`, a last assistant message is taken out, the rest rendered with the
 /// generation prompt, and its content appended (so the answer continues it).
-fn render_chat_request(
+pub fn render_chat_request(
     obj: &serde_json::Map<String, Value>,
     messages: &[Value],
 ) -> ParseResult<String> {

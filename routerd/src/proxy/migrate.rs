@@ -745,6 +745,7 @@ fn served(
     }
     let mut s = Served::relayed(done, status, worker);
     s.migrations = resume.legs;
+    s.seam = resume.seam;
     s
 }
 
@@ -852,4 +853,161 @@ pub(crate) fn accept(
         "failed",
         format!("{} answered the continuation with {status}", worker.url()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(route: Route, body: &str) -> Result<Resume, Excluded> {
+        plan(route, &super::super::extract::probe(body.as_bytes()).unwrap(), 1)
+    }
+
+    fn feed(r: &mut Resume, events: &[Value]) -> Vec<Option<Value>> {
+        events
+            .iter()
+            .map(|e| match r.on_event(format!("data: {e}\n\n").as_bytes()) {
+                Verdict::Pass => Some(e.clone()),
+                Verdict::Replace(b) => {
+                    Some(serde_json::from_slice(b.strip_prefix(b"data: ").unwrap()).unwrap())
+                }
+                Verdict::Drop => None,
+                Verdict::Failed(why) => panic!("failed: {why}"),
+            })
+            .collect()
+    }
+
+    fn gen(text: &str, ids: &[u32], n: u64) -> Value {
+        json!({"text": text, "output_ids": ids,
+               "meta_info": {"id": "x", "prompt_tokens": 5, "cached_tokens": 2,
+                             "completion_tokens": n, "finish_reason": null}})
+    }
+
+    #[test]
+    fn what_cannot_be_continued_is_named() {
+        for (route, body) in [
+            (Route::Generate, r#"{"text": ["a", "b"], "stream": true}"#),
+            (Route::Generate, r#"{"text": "a", "return_logprob": true}"#),
+            (Route::Generate, r#"{"text": "a", "sampling_params": {"json_schema": "{}"}}"#),
+            (Route::Completions, r#"{"prompt": "a", "n": 2}"#),
+            (Route::Completions, r#"{"prompt": [1, 2, 3]}"#),
+            (Route::Completions, r#"{"prompt": "a", "echo": true}"#),
+            (Route::Chat, r#"{"messages": [], "logprobs": true}"#),
+            (Route::Chat, r#"{"messages": [], "response_format": {"type": "json_object"}}"#),
+            (Route::Chat, r#"{"messages": [], "tools": [{"type": "function"}]}"#),
+        ] {
+            assert_eq!(resume(route, body).err(), Some("excluded"), "{body}");
+        }
+        for (route, body) in [
+            (Route::Generate, r#"{"input_ids": [1, 2], "sampling_params": {"temperature": 0}}"#),
+            (Route::Chat, r#"{"messages": [], "n": 1, "response_format": {"type": "text"}}"#),
+            (Route::Chat, r#"{"messages": [], "tools": [{}], "tool_choice": "none"}"#),
+        ] {
+            assert!(resume(route, body).is_ok(), "{body}");
+        }
+        let probe = super::super::extract::probe(b"{\"text\": \"a\"}").unwrap();
+        assert_eq!(plan(Route::Generate, &probe, 0).err(), Some("disabled"));
+    }
+
+    #[test]
+    fn generate_continues_text_and_ids_and_rewrites_cumulative_events() {
+        let mut r = resume(Route::Generate, r#"{"text": "Hi", "stream": true}"#).unwrap();
+        feed(&mut r, &[gen(" a", &[7], 1), gen(" a b", &[7, 8], 2)]);
+        let body = r#"{"text": "Hi", "stream": true, "sampling_params": {"max_new_tokens": 5}}"#;
+        let next: Value =
+            serde_json::from_slice(&r.continuation(body.as_bytes()).unwrap()).unwrap();
+        assert_eq!(next["text"], "Hi a b");
+        assert_eq!(next["sampling_params"]["max_new_tokens"], 3);
+        r.begin_leg();
+        let mut own = gen(" c", &[9], 1);
+        own["meta_info"]["id"] = json!("other");
+        own["meta_info"]["prompt_tokens"] = json!(7);
+        own["meta_info"]["finish_reason"] = json!({"type": "length", "length": 3});
+        let out = feed(&mut r, &[own]).pop().unwrap().unwrap();
+        assert_eq!(out["text"], " a b c");
+        assert_eq!(out["output_ids"], json!([7, 8, 9]));
+        assert_eq!(out["meta_info"]["id"], "x");
+        assert_eq!(out["meta_info"]["prompt_tokens"], 5);
+        assert_eq!(out["meta_info"]["completion_tokens"], 3);
+        assert_eq!(out["meta_info"]["finish_reason"]["length"], 5);
+        assert!(r.continuable(5).is_err(), "finished: nothing to continue");
+
+        let body = r#"{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}"#;
+        let mut r = resume(Route::Generate, body).unwrap();
+        feed(&mut r, &[gen(" a", &[7], 1), gen(" a b", &[7, 8], 2)]);
+        assert!(r.continuation(body.as_bytes()).is_none(), "the length limit is reached");
+        let body = r#"{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}}"#;
+        let next: Value =
+            serde_json::from_slice(&r.continuation(body.as_bytes()).unwrap()).unwrap();
+        assert_eq!(next["input_ids"], json!([1, 2, 7, 8]));
+    }
+
+    #[test]
+    fn incremental_generate_events_are_told_apart_and_left_as_they_are() {
+        let mut r = resume(Route::Generate, r#"{"text": "Hi"}"#).unwrap();
+        feed(&mut r, &[gen(" a", &[7], 1), gen(" b", &[8], 2), gen(" c", &[9], 3)]);
+        assert_eq!(
+            (r.text.as_str(), r.ids.clone(), r.mode),
+            (" a b c", vec![7, 8, 9], Mode::Incremental)
+        );
+        r.begin_leg();
+        let out = feed(&mut r, &[gen(" d", &[10], 1)]).pop().unwrap().unwrap();
+        assert_eq!((out["text"].clone(), out["output_ids"].clone()), (json!(" d"), json!([10])));
+        assert_eq!(out["meta_info"]["completion_tokens"], 4);
+    }
+
+    #[test]
+    fn chat_continues_the_assistant_message_and_counts_the_whole_usage() {
+        let body = r#"{"messages": [{"role": "user", "content": "q"}], "max_tokens": 10,
+                       "stream": true, "stream_options": {"include_usage": true}}"#;
+        let mut r = resume(Route::Chat, body).unwrap();
+        let first = r.first_body(body.as_bytes());
+        let sent: Value = serde_json::from_slice(&first).unwrap();
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage": true, "continuous_usage_stats": true})
+        );
+        let chunk = |content: &str, usage: Value| {
+            json!({"id": "c1", "created": 1, "model": "m", "usage": usage,
+                   "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
+        };
+        let u = |c: u64| json!({"prompt_tokens": 4, "completion_tokens": c, "prompt_tokens_details": {"cached_tokens": 3}});
+        let out = feed(&mut r, &[chunk(" a", u(1)), chunk(" b", u(2))]);
+        assert!(
+            out.iter().all(|e| e.as_ref().unwrap()["usage"].is_null()),
+            "usage the client did not ask for per chunk"
+        );
+        let next: Value =
+            serde_json::from_slice(&r.continuation(body.as_bytes()).unwrap()).unwrap();
+        assert_eq!(next["messages"][1], json!({"role": "assistant", "content": " a b"}));
+        assert_eq!(
+            (next["continue_final_message"].clone(), next["max_tokens"].clone()),
+            (json!(true), json!(8))
+        );
+        r.begin_leg();
+        let role = json!({"id": "c2", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+        let end = json!({"id": "c2", "choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 8,
+                         "prompt_tokens_details": {"cached_tokens": 0}}});
+        let mut cont = chunk(" c", json!({"prompt_tokens": 6, "completion_tokens": 1}));
+        cont["id"] = json!("c2");
+        let out = feed(&mut r, &[role, cont, end]);
+        assert!(out[0].is_none(), "the continuation's opening chunk is dropped");
+        let c = out[1].as_ref().unwrap();
+        assert_eq!((c["id"].clone(), c["usage"].clone()), (json!("c1"), Value::Null));
+        let end = out[2].as_ref().unwrap();
+        assert_eq!(
+            end["usage"],
+            json!({"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14,
+                                        "prompt_tokens_details": {"cached_tokens": 3}})
+        );
+    }
+
+    #[test]
+    fn an_error_event_is_the_worker_failing() {
+        let mut r = resume(Route::Completions, r#"{"prompt": "a"}"#).unwrap();
+        let v = r.on_event(b"data: {\"error\": {\"message\": \"boom\", \"code\": 500}}\n\n");
+        assert!(matches!(v, Verdict::Failed(m) if m.contains("boom")));
+        assert!(matches!(r.on_event(b"data: [DONE]\n\n"), Verdict::Pass));
+        assert!(matches!(r.on_event(b": keep-alive\n\n"), Verdict::Pass));
+    }
 }

@@ -88,17 +88,20 @@ pub struct Served {
     pub first_event: Option<Instant>,
     /// Times the stream went on with another worker after its worker failed mid-way.
     pub migrations: u32,
+    /// The last such seam: from the failure noticed to the continuation's first event sent.
+    pub seam: Option<std::time::Duration>,
 }
 
 impl Served {
     fn relayed(r: relay::Relayed, status: u16, worker: &Arc<Worker>) -> Self {
         let status = r.replaced_status.unwrap_or(status);
         let (keep, first_event) = (r.keep, r.first_event);
-        Self { keep, status, worker: Some(worker.clone()), first_event, migrations: 0 }
+        let worker = Some(worker.clone());
+        Self { keep, status, worker, first_event, migrations: 0, seam: None }
     }
 
     fn unanswered(keep: bool, status: u16) -> Self {
-        Self { keep, status, worker: None, first_event: None, migrations: 0 }
+        Self { keep, status, worker: None, first_event: None, migrations: 0, seam: None }
     }
 }
 
@@ -143,6 +146,7 @@ pub async fn forward(
         worker = served.worker.as_ref().map_or("-", |w| w.url()),
         status = served.status,
         migrations = served.migrations,
+        seam_ms = served.seam.map(|s| (s.as_secs_f64() * 1e6).round() / 1e3),
         latency_ms = (took.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
     );
     served.keep

@@ -256,7 +256,7 @@ async fn relay_fetched(
     resp.headers_mut().insert(rid.0.clone(), rid.1.clone());
     let keep = respond::write(c, resp, head.version, keep, false).await;
     let worker = Some(prefill.clone());
-    Served { keep, status: status.as_u16(), worker, first_event: None, migrations: 0 }
+    Served { keep, status: status.as_u16(), worker, first_event: None, migrations: 0, seam: None }
 }
 
 /// Both legs' decision records in one header value.

@@ -95,6 +95,7 @@ mod tests {
         RetryConfig {
             enabled: true,
             max_retries: 3,
+            migration_limit: 1,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
             backoff_multiplier: 2.0,
