@@ -242,11 +242,12 @@ fn set(v: Option<&RawValue>) -> bool {
     v.is_some_and(|v| v.get() != "null")
 }
 
-/// The JSON of an event's `data:` line, when it has one.
+/// The JSON object of an event's `data:` line, when it has one (an event of several lines
+/// does not parse as one object, and is passed on as it is).
 fn data_of(event: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(event).ok()?;
-    let data = text.trim_start().strip_prefix("data:")?.trim();
-    (data.starts_with('{') && !data.contains("\n")).then_some(data)
+    let data = event.trim_ascii_start().strip_prefix(b"data:")?.trim_ascii();
+    // Checked once here, so the parsers below need not check the strings they read.
+    data.starts_with(b"{").then(|| std::str::from_utf8(data).ok()).flatten()
 }
 
 /// The message of an error event's `error` field.
@@ -475,11 +476,12 @@ impl Resume {
         serde_json::to_vec(&req).ok()
     }
 
-    /// A continuation begins: its events are rewritten from now on.
-    pub fn begin_leg(&mut self) {
+    /// A continuation begins (its worker's failure was noticed at `noticed`): its events are
+    /// rewritten from now on.
+    pub fn begin_leg(&mut self, noticed: Instant) {
         self.legs += 1;
         self.base = Base { text: self.text.clone(), ids: self.ids.clone(), tokens: self.tokens };
-        self.seam_from = Some(Instant::now());
+        self.seam_from = Some(noticed);
         self.seam = None;
     }
 
@@ -673,6 +675,8 @@ pub(crate) async fn relay(
     let status = leg.answer.head().status();
     let keep = relay::begin(c, &leg.answer, extra, (r.head.version, r.keep));
     let mut tried: Vec<Arc<Worker>> = Vec::new();
+    // A continuation's seam is yet to be counted in the histogram.
+    let mut seam_open = false;
     loop {
         let mut filter = |e: &[u8]| resume.on_event(e);
         let mut cutter = Cutter::with_filter(&mut filter);
@@ -680,31 +684,38 @@ pub(crate) async fn relay(
         let pumped = relay::pump(answer, &worker, c, &mut cutter, &mut usage, limits).await;
         drop(usage);
         let mut cutter = cutter.unfiltered();
+        let noticed = Instant::now();
+        if let (true, Some(seam)) = (std::mem::take(&mut seam_open), resume.seam) {
+            r.app.metrics.migration_seam(seam);
+        }
         let reason = match pumped {
             Ok(()) => {
                 let done = relay::complete(c, true, keep, limits).await;
-                return served(done, status, &worker, &resume, r.app);
+                return served(done, status, &worker, &resume);
             }
             Err(Cut::Worker(reason)) => reason,
             Err(cut) => {
                 let done = relay::cut_short(c, &mut cutter, cut, &worker, true, keep).await;
-                return served(done, status, &worker, &resume, r.app);
+                return served(done, status, &worker, &resume);
             }
         };
         worker.errors_total.fetch_add(1, Relaxed);
         super::failed(r.app, &worker, &cfg.circuit_breaker);
         worker.set_last_error(&reason);
-        let whole = !cutter.done_seen() && !cutter.mid_event();
-        let why_not = match whole {
-            true => resume.continuable(cfg.retry.migration_limit).err(),
-            false => Some("excluded"),
+        let why_not = match (cutter.done_seen(), cutter.mid_event()) {
+            // The stream had said all it had: nothing to continue, nothing to count.
+            (true, _) => Some(None),
+            (false, true) => Some(Some("excluded")),
+            (false, false) => resume.continuable(cfg.retry.migration_limit).err().map(Some),
         };
         if let Some(outcome) = why_not {
-            r.app.metrics.migration(outcome);
+            if let Some(outcome) = outcome {
+                r.app.metrics.migration(outcome);
+            }
             let cut = Cut::Worker(reason);
             let mut done = relay::cut_short(c, &mut cutter, cut, &worker, true, keep).await;
             done.worker_failure = None;
-            return served(done, status, &worker, &resume, r.app);
+            return served(done, status, &worker, &resume);
         }
         drop(guards);
         tracing::warn!(worker = worker.url(), error = %reason, tokens = resume.tokens,
@@ -714,12 +725,13 @@ pub(crate) async fn relay(
             Ok(next) => {
                 r.app.metrics.migration("continued");
                 worker.retries_total.fetch_add(1, Relaxed);
-                resume.begin_leg();
+                resume.begin_leg(noticed);
+                seam_open = true;
                 leg = next;
             }
             Err(Failed::ClientGone) => {
                 let done = relay::cut_short(c, &mut cutter, Cut::ClientGone, &worker, true, keep);
-                return served(done.await, status, &worker, &resume, r.app);
+                return served(done.await, status, &worker, &resume);
             }
             Err(Failed::Outcome(outcome, why)) => {
                 r.app.metrics.migration(outcome);
@@ -727,22 +739,13 @@ pub(crate) async fn relay(
                 let cut = Cut::Worker(reason);
                 let mut done = relay::cut_short(c, &mut cutter, cut, &worker, true, keep).await;
                 done.worker_failure = None;
-                return served(done, status, &worker, &resume, r.app);
+                return served(done, status, &worker, &resume);
             }
         }
     }
 }
 
-fn served(
-    done: relay::Relayed,
-    status: u16,
-    worker: &Arc<Worker>,
-    resume: &Resume,
-    app: &App,
-) -> Served {
-    if let Some(seam) = resume.seam {
-        app.metrics.migration_seam(seam);
-    }
+fn served(done: relay::Relayed, status: u16, worker: &Arc<Worker>, resume: &Resume) -> Served {
     let mut s = Served::relayed(done, status, worker);
     s.migrations = resume.legs;
     s.seam = resume.seam;
@@ -769,7 +772,7 @@ async fn continue_on(
     };
     let mut avoid = tried.to_vec();
     let ask = Ask { migration: resume.legs + 1, ..*r.ask };
-    let attempts = cfg.retry.max_retries.max(0) + 1;
+    let attempts = if cfg.retry.enabled { cfg.retry.max_retries + 1 } else { 1 };
     let mut last = String::from("no attempt");
     for attempt in 0..attempts {
         if Instant::now() >= r.deadline {
@@ -918,7 +921,7 @@ mod tests {
             serde_json::from_slice(&r.continuation(body.as_bytes()).unwrap()).unwrap();
         assert_eq!(next["text"], "Hi a b");
         assert_eq!(next["sampling_params"]["max_new_tokens"], 3);
-        r.begin_leg();
+        r.begin_leg(Instant::now());
         let mut own = gen(" c", &[9], 1);
         own["meta_info"]["id"] = json!("other");
         own["meta_info"]["prompt_tokens"] = json!(7);
@@ -950,7 +953,7 @@ mod tests {
             (r.text.as_str(), r.ids.clone(), r.mode),
             (" a b c", vec![7, 8, 9], Mode::Incremental)
         );
-        r.begin_leg();
+        r.begin_leg(Instant::now());
         let out = feed(&mut r, &[gen(" d", &[10], 1)]).pop().unwrap().unwrap();
         assert_eq!((out["text"].clone(), out["output_ids"].clone()), (json!(" d"), json!([10])));
         assert_eq!(out["meta_info"]["completion_tokens"], 4);
@@ -984,7 +987,7 @@ mod tests {
             (next["continue_final_message"].clone(), next["max_tokens"].clone()),
             (json!(true), json!(8))
         );
-        r.begin_leg();
+        r.begin_leg(Instant::now());
         let role = json!({"id": "c2", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
         let end = json!({"id": "c2", "choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 8,
                          "prompt_tokens_details": {"cached_tokens": 0}}});
