@@ -65,8 +65,9 @@ if seams:
           f"p50 {pick(50):.1f} ms, p99 {pick(99):.1f} ms (failure noticed -> next event sent)")
 else:
     print("streams continued   0")
-print(f"dead worker         {w['errors_total']} failed attempts while down "
-      f"({w['errors_total'] - b['failed_mid_stream']} refused connections, each retried elsewhere); "
+cut = b['failed_mid_stream'] + len(seams)
+print(f"dead worker         {w['errors_total']} failed attempts while down: {cut} streams it was "
+      f"serving, {w['errors_total'] - cut} refused connections (each retried elsewhere); "
       f"circuit {w['circuit']}, healthy {w['healthy']}, opened {w['circuit_opened_total']}x")
 print(f"recovery            routable {t_ok - t_back:.2f} s after restart, circuit closed after {t_closed - t_back:.2f} s")
 for e in b['first_errors'][:3]:

@@ -183,134 +183,186 @@ fn assert_same(got: &Answer, want: &Answer) {
     );
 }
 
-#[tokio::test]
-async fn generate_text_continues_exactly_when_the_worker_is_killed() {
-    let (victim, spare) = pair(|_| {}, |_| {}).await;
-    let (r, m) = routed(config(vec![victim.url(), spare.url()], |_| {})).await;
-    let body = json!({"text": "The capital of France is", "stream": true,
-                      "sampling_params": {"max_new_tokens": 30}});
-    let want = unbroken(&spare, "/generate", &body, false).await;
-    let victim_url = victim.url();
-    let (first, text) = through(&r.url(), "/generate", &body, 8, || async move {
-        victim.crash().await;
-    })
-    .await;
-    assert_eq!(first, victim_url, "round robin starts with the victim");
-    let got = read("/generate", &text, false);
-    assert_same(&got, &want);
-    assert_eq!(want.ids.len(), 30);
-    assert!(migrations(&m).await.contains("outcome=\"continued\"} 1"));
-    r.shutdown().await;
+/// How the victim fails mid-stream.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Killed: every connection dropped at once, after some events reached the client.
+    Kill,
+    /// Falls silent after 6 tokens (the router's idle timeout is 400 ms here).
+    Stall,
+    /// Sends an error event after 6 tokens (an engine error mid-stream).
+    ErrorEvent,
 }
 
-#[tokio::test]
-async fn generate_ids_continue_when_the_worker_stalls_and_incremental_events_too() {
-    for incremental in [false, true] {
-        let mode = move |a: &mut SimArgs| a.incremental_streaming_output = incremental;
-        let (victim, spare) = pair(mode, |a| a.faults.stall_after_tokens = Some(6)).await;
-        let r = router(config(vec![victim.url(), spare.url()], |_| {})).await;
-        let body = json!({"input_ids": [11, 12, 13, 14, 15], "stream": true,
-                          "sampling_params": {"max_new_tokens": 20}});
-        let want = unbroken(&spare, "/generate", &body, incremental).await;
-        let (first, text) = through(&r.url(), "/generate", &body, usize::MAX, || async {}).await;
-        assert_eq!(first, victim.url());
-        let got = read("/generate", &text, incremental);
-        assert_same(&got, &want);
-        r.shutdown().await;
-        victim.shutdown().await;
-        spare.shutdown().await;
+impl Fault {
+    fn victim(self, a: &mut SimArgs) {
+        match self {
+            Fault::Kill => {}
+            Fault::Stall => a.faults.stall_after_tokens = Some(6),
+            Fault::ErrorEvent => a.faults.error_after_tokens = Some(6),
+        }
     }
 }
 
-#[tokio::test]
-async fn completions_and_chat_continue_after_an_error_event_with_the_whole_usage() {
-    for (route, body) in [
+/// The requests every fault is tried with: route, body, and whether the stream's events are
+/// incremental (`/generate` with `--incremental-streaming-output`).
+fn cases() -> Vec<(&'static str, Value, bool)> {
+    let usage = json!({"include_usage": true});
+    vec![
+        (
+            "/generate",
+            json!({"text": "The capital of France is", "stream": true,
+                              "sampling_params": {"max_new_tokens": 24}}),
+            false,
+        ),
+        (
+            "/generate",
+            json!({"input_ids": [11, 12, 13, 14, 15], "stream": true,
+                              "sampling_params": {"max_new_tokens": 24}}),
+            false,
+        ),
+        (
+            "/generate",
+            json!({"input_ids": [21, 22, 23], "stream": true,
+                              "sampling_params": {"max_new_tokens": 24}}),
+            true,
+        ),
         (
             "/v1/completions",
             json!({"model": "m", "prompt": "Once upon a time", "stream": true,
-                                   "max_tokens": 24, "stream_options": {"include_usage": true}}),
+                                   "max_tokens": 24, "stream_options": usage}),
+            false,
         ),
         (
             "/v1/chat/completions",
             json!({"model": "m", "stream": true, "max_tokens": 24,
-                                        "messages": [{"role": "user", "content": "Tell me a story"}],
-                                        "stream_options": {"include_usage": true}}),
+                                        "messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "Tell me a story"}],
+                                        "stream_options": usage}),
+            false,
         ),
-    ] {
-        let (victim, spare) = pair(|_| {}, |a| a.faults.error_after_tokens = Some(7)).await;
-        let r = router(config(vec![victim.url(), spare.url()], |_| {})).await;
-        let want = unbroken(&spare, route, &body, false).await;
-        assert_eq!(want.completion_tokens, Some(24));
-        let (first, text) = through(&r.url(), route, &body, usize::MAX, || async {}).await;
-        assert_eq!(first, victim.url());
-        let got = read(route, &text, false);
-        assert_same(&got, &want);
-        // One role chunk, usage only in the final chunk (as the client asked).
-        let events = sse_events(&text);
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "stream": true, "max_completion_tokens": 24,
+                                        "messages": [{"role": "user", "content": "What is a router?"}]}),
+            false,
+        ),
+    ]
+}
+
+/// One case: the stream through the router, its first worker failing as `fault` says, must
+/// equal the unbroken answer of a healthy worker.
+async fn case(fault: Fault, route: &str, body: &Value, incremental: bool) {
+    let mode = move |a: &mut SimArgs| a.incremental_streaming_output = incremental;
+    let (victim, spare) = pair(mode, |a| fault.victim(a)).await;
+    let (r, m) = routed(config(vec![victim.url(), spare.url()], |_| {})).await;
+    let want = unbroken(&spare, route, body, incremental).await;
+    // Every simulated token's text is one word after a space.
+    let words = want.text.matches(' ').count();
+    assert_eq!(words, 24, "{route}: the unbroken answer runs to its limit");
+    let victim_url = victim.url();
+    let mut victim = Some(victim);
+    let kill = match fault {
+        Fault::Kill => 8,
+        _ => usize::MAX,
+    };
+    let (first, text) = through(&r.url(), route, body, kill, || async {
+        if let Some(v) = victim.take() {
+            v.crash().await;
+        }
+    })
+    .await;
+    let what = format!("{fault:?} {route} {body}");
+    assert_eq!(first, victim_url, "{what}: round robin starts with the victim");
+    let got = read(route, &text, incremental);
+    assert!(got.errors.is_empty(), "{what}: no error event: {text}");
+    assert_same(&got, &want);
+    let events = sse_events(&text);
+    if route == "/v1/chat/completions" {
         let roles = events.iter().filter(|e| e.contains("\"role\"")).count();
-        assert!(roles <= 1, "{route}: one opening chunk: {text}");
+        assert_eq!(roles, 1, "{what}: one opening chunk: {text}");
+    }
+    if route != "/generate" {
+        // Usage only where the client asked: once, at the end.
+        let asked = body.get("stream_options").is_some();
         let with_usage = events.iter().filter(|e| e.contains("\"prompt_tokens\"")).count();
-        assert_eq!(with_usage, 1, "{route}: usage once, at the end: {text}");
-        r.shutdown().await;
-        victim.shutdown().await;
-        spare.shutdown().await;
+        assert_eq!(with_usage, usize::from(asked), "{what}: {text}");
+    }
+    assert!(migrations(&m).await.contains("outcome=\"continued\"} 1"), "{what}");
+    if let Some(v) = victim {
+        v.shutdown().await;
+    }
+    r.shutdown().await;
+    spare.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_costs_no_stream_a_token() {
+    for (route, body, incremental) in cases() {
+        case(Fault::Kill, route, &body, incremental).await;
     }
 }
 
 #[tokio::test]
-async fn chat_without_usage_continues_after_a_kill() {
-    let (victim, spare) = pair(|_| {}, |_| {}).await;
-    let r = router(config(vec![victim.url(), spare.url()], |_| {})).await;
-    let body = json!({"model": "m", "stream": true, "max_tokens": 30,
-                      "messages": [{"role": "system", "content": "Be brief."},
-                                   {"role": "user", "content": "What is a router?"}]});
-    let want = unbroken(&spare, "/v1/chat/completions", &body, false).await;
-    let (_, text) = through(&r.url(), "/v1/chat/completions", &body, 10, || async move {
-        victim.crash().await;
-    })
-    .await;
-    let got = read("/v1/chat/completions", &text, false);
-    assert_same(&got, &want);
-    assert!(!text.contains("\"usage\":{"), "no usage the client did not ask for");
-    r.shutdown().await;
+async fn a_stalled_worker_costs_no_stream_a_token() {
+    for (route, body, incremental) in cases() {
+        case(Fault::Stall, route, &body, incremental).await;
+    }
 }
 
 #[tokio::test]
-async fn a_pd_stream_whose_decode_worker_dies_continues_on_a_new_pair() {
-    let role = |r: Role| {
-        move |a: &mut SimArgs| {
-            a.role = r;
-            a.bootstrap_timeout_secs = 10.0;
-            a.speed = 1.0;
-            a.decode_ms_per_step = 20.0;
-            a.decode_us_per_running = 0.0;
-        }
-    };
-    let p = sim(role(Role::Prefill)).await;
-    let victim = sim(role(Role::Decode)).await;
-    let spare = sim(role(Role::Decode)).await;
-    let flags = routerd::config::Flags {
-        pd_disaggregation: true,
-        policy: Some("round_robin".into()),
-        prefill: vec![p.url(), p.bootstrap_addr.unwrap().port().to_string()],
-        decode: vec![victim.url(), spare.url()],
-        ..Default::default()
-    };
-    let r = router(routerd::config::Config::build(None, &flags).unwrap()).await;
-    let body = json!({"text": "Disaggregated serving", "stream": true,
-                      "sampling_params": {"max_new_tokens": 25}});
-    // The unbroken answer: the same request on a regular worker (the model is the same).
-    let regular = sim(|_| {}).await;
-    let want = unbroken(&regular, "/generate", &body, false).await;
-    let victim_url = victim.url();
-    let (first, text) = through(&r.url(), "/generate", &body, 6, || async move {
-        victim.crash().await;
-    })
-    .await;
-    assert_eq!(first, victim_url);
-    let got = read("/generate", &text, false);
-    assert_same(&got, &want);
-    r.shutdown().await;
+async fn an_error_event_mid_stream_costs_no_stream_a_token() {
+    for (route, body, incremental) in cases() {
+        case(Fault::ErrorEvent, route, &body, incremental).await;
+    }
+}
+
+#[tokio::test]
+async fn a_pd_stream_whose_decode_worker_fails_continues_on_a_new_pair() {
+    for fault in [Fault::Kill, Fault::Stall, Fault::ErrorEvent] {
+        let role = |r: Role, fail: bool| {
+            move |a: &mut SimArgs| {
+                a.role = r;
+                a.bootstrap_timeout_secs = 10.0;
+                a.speed = 1.0;
+                a.decode_ms_per_step = 20.0;
+                a.decode_us_per_running = 0.0;
+                if fail {
+                    fault.victim(a);
+                }
+            }
+        };
+        let p = sim(role(Role::Prefill, false)).await;
+        let victim = sim(role(Role::Decode, true)).await;
+        let spare = sim(role(Role::Decode, false)).await;
+        let flags = routerd::config::Flags {
+            pd_disaggregation: true,
+            policy: Some("round_robin".into()),
+            prefill: vec![p.url(), p.bootstrap_addr.unwrap().port().to_string()],
+            decode: vec![victim.url(), spare.url()],
+            ..Default::default()
+        };
+        let mut c = routerd::config::Config::build(None, &flags).unwrap();
+        c.server.stream_idle_timeout = Duration::from_millis(400);
+        let r = router(c).await;
+        let body = json!({"text": "Disaggregated serving", "stream": true,
+                          "sampling_params": {"max_new_tokens": 25}});
+        // The unbroken answer: the same request on a regular worker (the model is the same).
+        let regular = sim(|_| {}).await;
+        let want = unbroken(&regular, "/generate", &body, false).await;
+        let victim_url = victim.url();
+        let mut victim = Some(victim);
+        let kill = if matches!(fault, Fault::Kill) { 6 } else { usize::MAX };
+        let (first, text) = through(&r.url(), "/generate", &body, kill, || async {
+            if let Some(v) = victim.take() {
+                v.crash().await;
+            }
+        })
+        .await;
+        assert_eq!(first, victim_url, "{fault:?}");
+        assert_same(&read("/generate", &text, false), &want);
+        r.shutdown().await;
+    }
 }
 
 #[tokio::test]
