@@ -7,7 +7,7 @@
 # worker before ejecting it, and how long the restarted worker took to be routable. Runs once
 # with mid-stream failover (--migration-limit 1, the default) and once without (0).
 #   examples/fault-drill.sh [KILL_AT_SECS=5] [DOWN_SECS=6] [RATE=150]
-#   MIGRATION="1 0" (the limits to run), ROUTERD_FLAGS (more routerd flags)
+#   MIGRATION="1 0" (the limits to run), MAX_TOKENS=32 (per request), ROUTERD_FLAGS (more routerd flags)
 set -euo pipefail
 kill_at=${1:-5}; down=${2:-6}; rate=${3:-150}
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ for u in "${urls[@]}"; do wait_up "$u/health"; done
 pids+=($!); wait_up "$R/readiness"
 total=$(( rate * (kill_at + down + 20) ))
 "$B/routerctl" bench --url $R --rate "$rate" --concurrency 256 --groups 16 --questions $(( total / 16 )) \
-    --max-tokens 32 --check-answers -o json >"$tmp/bench.json" 2>/dev/null &
+    --max-tokens "${MAX_TOKENS:-32}" --check-answers -o json >"$tmp/bench.json" 2>/dev/null &
 bench=$!
 sleep "$kill_at"
 victim=${urls[1]}
