@@ -30,9 +30,19 @@ fn args(extra: &[&str]) -> BenchArgs {
 async fn shared_prefix_through_the_router_and_direct() {
     let ws = fleet(2, |a| a.zero_compute = true).await;
     let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
-    let rep =
-        execute(&args(&["--url", &r.url(), "--groups", "4", "--questions", "5"])).await.unwrap();
+    let rep = execute(&args(&[
+        "--url",
+        &r.url(),
+        "--groups",
+        "4",
+        "--questions",
+        "5",
+        "--check-answers",
+    ]))
+    .await
+    .unwrap();
     assert_eq!((rep.requests, rep.ok, rep.failed), (20, 20, 0), "{:?}", rep.first_errors);
+    assert_eq!(rep.wrong_answers, Some(0), "every answer is the model's own");
     assert_eq!(rep.per_worker.values().sum::<usize>(), 20);
     assert!(
         rep.per_worker.keys().all(|w| *w == ws[0].url() || *w == ws[1].url()),
@@ -70,11 +80,40 @@ async fn multi_turn_at_a_fixed_rate() {
         "4",
         "--rate",
         "200",
+        "--check-answers",
     ]))
     .await
     .unwrap();
     assert_eq!((rep.ok, rep.failed), (12, 0), "{:?}", rep.first_errors);
+    assert_eq!(rep.wrong_answers, Some(0), "every turn's answer is the model's own");
     assert!(rep.cache_hit_rate.unwrap() > 0.5, "later turns hit: {:?}", rep.cache_hit_rate);
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+#[tokio::test]
+async fn answers_that_are_not_the_models_own_are_counted() {
+    // The bench reads /generate streams as SGLang sends them by default (the whole text so
+    // far in each event); from incremental events it keeps only the last piece, so every
+    // answer of more than one token differs from the model's.
+    let ws = fleet(1, |a| {
+        a.zero_compute = true;
+        a.incremental_streaming_output = true;
+    })
+    .await;
+    let r = router(router_config("round_robin", &[&ws[0]])).await;
+    let rep = execute(&args(&[
+        "--url",
+        &r.url(),
+        "--groups",
+        "2",
+        "--questions",
+        "3",
+        "--check-answers",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!((rep.ok, rep.wrong_answers), (6, Some(6)), "{:?}", rep.first_errors);
     r.shutdown().await;
     shutdown_all(ws).await;
 }
