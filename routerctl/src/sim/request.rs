@@ -373,18 +373,12 @@ fn openai_parsed(
     batched: bool,
     ctx: &Ctx,
 ) -> ParseResult<Parsed> {
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .map(|v| flag(Some(v), "stream_options.include_usage"))
-        .transpose()?
-        .unwrap_or(false);
-    let continuous_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("continuous_usage_stats"))
-        .map(|v| flag(Some(v), "stream_options.continuous_usage_stats"))
-        .transpose()?
-        .unwrap_or(false);
+    let option = |key: &str| {
+        let v = obj.get("stream_options").and_then(|o| o.get(key));
+        flag(v, &format!("stream_options.{key}"))
+    };
+    let (include_usage, continuous_usage) =
+        (option("include_usage")?, option("continuous_usage_stats")?);
     Ok(Parsed {
         items,
         batched,
