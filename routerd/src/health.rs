@@ -84,6 +84,34 @@ async fn probe(app: Arc<App>, ranks: Vec<Arc<Worker>>, cfg: HealthConfig) {
     for w in &ranks {
         record(&app, w, &cfg, &outcome);
     }
+    if outcome.is_ok() && ranks.len() == 1 && ranks[0].dp_rank.is_none() {
+        learn_capacity(&app, &ranks[0], cfg.timeout).await;
+    }
+}
+
+/// How long a worker that did not say its `max_running_requests` waits to be asked again.
+const CAPACITY_RETRY_MS: u64 = 30_000;
+
+/// Learns the engine's `max_running_requests` from `/get_server_info` (SGLang's server
+/// arguments, or its first scheduler's `internal_states`) once a worker is up, for the
+/// saturation metrics; asked again when the worker comes back from failing its checks (it may
+/// have restarted with other settings). A data-parallel rank's share is not known, so ranks
+/// are not asked.
+pub async fn learn_capacity(app: &App, w: &Worker, timeout: Duration) {
+    let now = crate::registry::clock_ms();
+    let asked = w.capacity_asked_ms.load(Relaxed);
+    if w.max_running.load(Relaxed) > 0 || (asked > 0 && now - asked < CAPACITY_RETRY_MS) {
+        return;
+    }
+    w.capacity_asked_ms.store(now, Relaxed);
+    let Some(info) = app.http.get_json(w, "/get_server_info", timeout).await else { return };
+    let max = info["max_running_requests"]
+        .as_u64()
+        .or_else(|| info["internal_states"][0]["max_running_requests"].as_u64())
+        .filter(|m| *m > 0);
+    if let Some(m) = max {
+        w.max_running.store(m, Relaxed);
+    }
 }
 
 fn record(app: &App, w: &Worker, cfg: &HealthConfig, outcome: &Result<(), String>) {
@@ -101,9 +129,12 @@ fn record(app: &App, w: &Worker, cfg: &HealthConfig, outcome: &Result<(), String
                 tracing::info!(worker = w.url(), "worker is healthy");
                 app.events.push("worker_healthy", w.url());
                 if t.ever_passed {
-                    // Back after failing its checks: it may have restarted with an empty cache.
+                    // Back after failing its checks: it may have restarted with an empty cache
+                    // (and other settings).
                     app.policy_for(w.spec.role).worker_reset(w.url());
                     app.kv.reset_worker(w.url());
+                    w.max_running.store(0, Relaxed);
+                    w.capacity_asked_ms.store(0, Relaxed);
                 }
             }
             t.ever_passed = true;

@@ -98,6 +98,11 @@ pub struct Worker {
     pub predicted_tokens: AtomicU64,
     /// What the worker itself last said of its load (its load socket, or `/get_load`).
     pub report: LoadReport,
+    /// The engine's `max_running_requests` from its `/get_server_info` (0: not known), for
+    /// the saturation metrics; asked after its health checks pass (`health::learn_capacity`).
+    pub max_running: AtomicU64,
+    /// When it was last asked (`clock_ms`; 0: never).
+    pub capacity_asked_ms: AtomicU64,
     /// Prompt characters sent to this worker that it has not yet cached by the policy's
     /// estimate and not yet answered (cost_aware's queue of prefill work).
     pub pending_prefill: AtomicU64,
@@ -211,6 +216,8 @@ impl Worker {
             cached_tokens: AtomicU64::new(0),
             predicted_tokens: AtomicU64::new(0),
             report: LoadReport::default(),
+            max_running: AtomicU64::new(0),
+            capacity_asked_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             idle: Default::default(),
             breaker: Default::default(),

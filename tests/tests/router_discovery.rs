@@ -267,6 +267,15 @@ fn the_kubernetes_example_config_is_valid_and_selects_the_example_workers() {
     assert!(router.contains("replicas: 3") && router.contains("kind: PodDisruptionBudget"));
     assert!(router.contains("minAvailable: 2"));
     assert!(workers.contains("--kv-events-config") && workers.contains("--load-publish-endpoint"));
+    // The autoscaler's adapter rules read series routerd exports; the queue they scale on is
+    // filled by the router's admission limit.
+    assert!(config.server.max_concurrent_requests.is_some());
+    let hpa = std::fs::read_to_string(root.join("autoscaling.yaml")).unwrap();
+    assert!(hpa.contains("kind: HorizontalPodAutoscaler") && hpa.contains("name: sglang-worker"));
+    for series in ["sgl_router_queue_depth", "routerd_pool_requests_active"] {
+        assert!(hpa.contains(&format!("^{series}$")), "{series}");
+        assert!(routerd::metrics::DESCRIPTIONS.iter().any(|(n, _, _)| *n == series), "{series}");
+    }
     for f in ["rbac-namespace.yaml", "rbac-cluster.yaml"] {
         let rbac = std::fs::read_to_string(root.join(f)).unwrap();
         assert!(rbac.contains(r#"verbs: ["get", "list", "watch"]"#), "{f}");

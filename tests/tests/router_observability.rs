@@ -258,3 +258,57 @@ async fn admin_stats_totals_latency_and_events() {
         w.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn autoscaling_signals_under_a_burst() {
+    // One worker that runs 4 requests at once, 400 ms each; routerd admits 2 at a time.
+    let w = sim(|a| {
+        a.speed = 1.0;
+        a.decode_ms_per_step = 20.0;
+        a.max_running_requests = 4;
+    })
+    .await;
+    let mut c = router_config("round_robin", &[&w]);
+    c.server.max_concurrent_requests = std::num::NonZeroUsize::new(2);
+    c.server.queue_size = 100;
+    let r = router(c).await;
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
+    r.serve_metrics(ml);
+    let worker = format!("{{worker=\"{}\"}}", w.url());
+    let max = format!("routerd_worker_max_running_requests{worker}");
+    routerd_e2e::eventually(Duration::from_secs(5), "the engine's capacity is learned", || async {
+        series(&scrape(&metrics_url).await, &max) == Some(4.0)
+    })
+    .await;
+    let url = format!("{}/generate", r.url());
+    let burst: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = json!({"text": format!("burst {i}"), "sampling_params": {"max_new_tokens": 20}});
+                post_json(url, &body).await.0
+            })
+        })
+        .collect();
+    routerd_e2e::eventually(Duration::from_secs(5), "six wait, two run", || async {
+        let text = scrape(&metrics_url).await;
+        series(&text, "sgl_router_queue_depth") == Some(6.0)
+            && series(&text, "routerd_pool_requests_active{pool=\"regular\"}") == Some(2.0)
+            && series(&text, &format!("routerd_worker_saturation{worker}")) == Some(0.5)
+            && series(&text, "routerd_pool_saturation{pool=\"regular\"}") == Some(0.5)
+    })
+    .await;
+    for b in burst {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    let text = scrape(&metrics_url).await;
+    assert_eq!(series(&text, "routerd_queue_wait_seconds_count"), Some(8.0), "{text}");
+    // The last two waited for three rounds of two: at least 1.2 s between them.
+    let waited = series(&text, "routerd_queue_wait_seconds_sum").unwrap();
+    assert!(waited > 1.5, "{waited}");
+    assert_eq!(series(&text, "sgl_router_queue_depth"), Some(0.0));
+    assert_eq!(series(&text, "routerd_pool_requests_active{pool=\"regular\"}"), Some(0.0));
+    r.shutdown().await;
+    w.shutdown().await;
+}

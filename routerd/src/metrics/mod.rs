@@ -43,6 +43,11 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_cache_misses_total", Unit::Count, "cache_aware decisions that went to the worker with the most cache room"),
     ("sgl_router_cache_match_ratio", Unit::Count, "cache_aware: share of the prompt the chosen worker's tree matched"),
     ("sgl_router_queue_depth", Unit::Count, "Requests waiting for an admission slot"),
+    ("routerd_queue_wait_seconds", Unit::Seconds, "Time each request waited for an admission slot (0 when one was free), with max_concurrent_requests set; those refused (queue full) or that gave up (queue timeout) included"),
+    ("routerd_pool_requests_active", Unit::Count, "Requests in flight on the pool's workers, by pool (regular, prefill, decode)"),
+    ("routerd_pool_saturation", Unit::Count, "Requests in flight over the engines' max_running_requests, summed over the pool's workers that report it (absent when none does)"),
+    ("routerd_worker_max_running_requests", Unit::Count, "The engine's max_running_requests, from its /get_server_info (absent when it does not say)"),
+    ("routerd_worker_saturation", Unit::Count, "Requests in flight on the worker over its max_running_requests (above 1: requests wait in the engine's queue)"),
     ("routerd_migrations_total", Unit::Count, "Streams a worker failed after bytes reached the client, by what routerd did: continued (on another worker), and when it could not: excluded (the request cannot be continued), limit (migration_limit reached), budget (retry budget spent), no_worker, failed (every continuation attempt failed), disabled"),
     ("routerd_migration_seam_seconds", Unit::Seconds, "Migrated streams: time from the failure noticed to the continuation's first event sent to the client"),
     ("sgl_router_pd_leg_failures_total", Unit::Count, "PD requests whose prefill or decode leg failed (the other leg was cancelled)"),
@@ -140,6 +145,7 @@ pub struct Metrics {
     pd_leg_failures: [AtomicU64; 2],
     migrations: [AtomicU64; MIGRATION_OUTCOMES.len()],
     seam: Histogram,
+    queue_wait: Histogram,
     reloads: [AtomicU64; 3],
     last_reload_ok: AtomicU64,
 }
@@ -192,6 +198,7 @@ impl Metrics {
             pd_leg_failures: Default::default(),
             migrations: Default::default(),
             seam: r.register_histogram(&key("routerd_migration_seam_seconds", &[]), &META),
+            queue_wait: r.register_histogram(&key("routerd_queue_wait_seconds", &[]), &META),
             last_reload_ok: AtomicU64::new(1),
             requests: tally::Tally::new(128),
             decisions: tally::Tally::new(64),
@@ -240,6 +247,11 @@ impl Metrics {
         if let Some(i) = MIGRATION_OUTCOMES.iter().position(|o| *o == outcome) {
             self.migrations[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// A request waited this long for an admission slot (or gave up after it).
+    pub fn queue_wait(&self, waited: Duration) {
+        self.queue_wait.record(waited.as_secs_f64());
     }
 
     /// A continuation's first event reached the client `after` the failure was noticed.
@@ -303,9 +315,24 @@ impl Metrics {
         let snap = app.registry.snapshot();
         let live = app.live();
         for role in [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode] {
-            let n = snap.workers.iter().filter(|w| w.spec.role == role).count();
-            r.register_gauge(&key("sgl_router_workers", &[("role", role.as_str())]), &META)
-                .set(n as f64);
+            let pool: Vec<&Arc<crate::registry::Worker>> =
+                snap.workers.iter().filter(|w| w.spec.role == role).collect();
+            let labels = [("role", role.as_str())];
+            r.register_gauge(&key("sgl_router_workers", &labels), &META).set(pool.len() as f64);
+            if pool.is_empty() {
+                continue;
+            }
+            let labels = [("pool", role.as_str())];
+            let active: u64 = pool.iter().map(|w| w.in_flight.load(Relaxed)).sum();
+            r.register_gauge(&key("routerd_pool_requests_active", &labels), &META)
+                .set(active as f64);
+            let known: Vec<_> = pool.iter().filter(|w| w.max_running.load(Relaxed) > 0).collect();
+            if !known.is_empty() {
+                let busy: u64 = known.iter().map(|w| w.in_flight.load(Relaxed)).sum();
+                let max: u64 = known.iter().map(|w| w.max_running.load(Relaxed)).sum();
+                r.register_gauge(&key("routerd_pool_saturation", &labels), &META)
+                    .set(busy as f64 / max as f64);
+            }
         }
         for w in &snap.workers {
             let labels = [("worker", w.url())];
@@ -315,6 +342,11 @@ impl Metrics {
                 r.register_counter(&key(name, &labels), &META).absolute(v)
             };
             gauge("sgl_router_worker_requests_active", w.in_flight.load(Relaxed) as f64);
+            let max = w.max_running.load(Relaxed);
+            if max > 0 {
+                gauge("routerd_worker_max_running_requests", max as f64);
+                gauge("routerd_worker_saturation", w.in_flight.load(Relaxed) as f64 / max as f64);
+            }
             gauge("sgl_router_worker_health", f64::from(u8::from(w.healthy.load(Relaxed))));
             gauge("sgl_router_cb_state", w.breaker.state() as u8 as f64);
             gauge(

@@ -269,7 +269,12 @@ async fn dispatch(
     let probe = extract::probe(&body).map_err(Stop::Failed)?;
     let streaming = probe.stream.unwrap_or(false);
     let _slot = match &live.limiter {
-        Some(l) => Some(l.acquire().await.map_err(Stop::Failed)?),
+        Some(l) => {
+            let asked = Instant::now();
+            let slot = l.acquire().await;
+            app.metrics.queue_wait(asked.elapsed());
+            Some(slot.map_err(Stop::Failed)?)
+        }
         None => None,
     };
     let needs_text = match &live.pools {
