@@ -43,6 +43,9 @@ pub struct Record {
     loads: Vec<(Arc<Worker>, u64)>,
     /// n for the n-th continuation of a stream its worker failed mid-way.
     migration: u32,
+    /// What the worker reported cached, in the prediction's unit, once its answer ended
+    /// (`u64::MAX` until then).
+    actual: Option<Arc<AtomicU64>>,
 }
 
 /// A record as the admin API and the response header show it.
@@ -74,6 +77,21 @@ pub struct View {
     /// mid-way (absent for the request as sent).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub migration: u32,
+    /// Prefix policies: the prompt's length, the longest cached prefix any routable worker
+    /// had, the chosen worker's (predicted), and what it reported cached (once its answer
+    /// ended), in `unit` (tokens, or characters without a tokenizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<AccountingView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountingView {
+    pub unit: String,
+    pub prompt: u64,
+    pub best: u64,
+    pub predicted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -101,7 +119,13 @@ impl Record {
             decision: *decision,
             loads: candidates.iter().map(|w| (w.clone(), w.load())).collect(),
             migration: 0,
+            actual: None,
         }
+    }
+
+    /// Where the answer's reported cache hit goes once it ends (`usage::Accounting`).
+    pub fn actual_slot(&mut self) -> Arc<AtomicU64> {
+        self.actual.get_or_insert_with(|| Arc::new(AtomicU64::new(u64::MAX))).clone()
     }
 
     /// Marks the decision as placing a continuation (`Ask::migration`).
@@ -128,6 +152,13 @@ impl Record {
             worker: self.loads.get(d.index).map(|(w, _)| w.url().to_owned()).unwrap_or_default(),
             loads: self.loads.iter().map(|(w, l)| (w.url().to_owned(), *l)).collect(),
             migration: self.migration,
+            accounting: d.predicted.map(|p| AccountingView {
+                unit: p.unit.as_str().into(),
+                prompt: p.prompt as u64,
+                best: p.best as u64,
+                predicted: p.chosen as u64,
+                actual: self.actual.as_ref().map(|a| a.load(Relaxed)).filter(|a| *a != u64::MAX),
+            }),
         }
     }
 
@@ -145,6 +176,11 @@ impl Record {
         if let (Some(m), Some(p)) = (v.matched_tokens, v.prompt_tokens) {
             h["matched_tokens"] = json!(m);
             h["prompt_tokens"] = json!(p);
+        }
+        // The prediction (the worker's own figure comes with its answer, after this header).
+        if let Some(a) = v.accounting {
+            h["accounting"] = json!({"unit": a.unit, "prompt": a.prompt, "best": a.best,
+                                     "predicted": a.predicted});
         }
         h.to_string()
     }

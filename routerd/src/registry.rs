@@ -98,6 +98,9 @@ pub struct Worker {
     pub predicted_tokens: AtomicU64,
     /// What the worker itself last said of its load (its load socket, or `/get_load`).
     pub report: LoadReport,
+    /// Cache-routing accounting of the prompts routed here, by unit (tokens, characters) and
+    /// part (`ACCOUNTING_PARTS`): docs/metrics.md.
+    pub accounting: [[AtomicU64; ACCOUNTING_PARTS.len()]; 2],
     /// The engine's `max_running_requests` from its `/get_server_info` (0: not known), for
     /// the saturation metrics; asked after its health checks pass (`health::learn_capacity`).
     pub max_running: AtomicU64,
@@ -216,6 +219,7 @@ impl Worker {
             cached_tokens: AtomicU64::new(0),
             predicted_tokens: AtomicU64::new(0),
             report: LoadReport::default(),
+            accounting: Default::default(),
             max_running: AtomicU64::new(0),
             capacity_asked_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -358,6 +362,12 @@ pub struct LoadReport {
 
 /// A monotonic millisecond clock for report deadlines (from the first call, plus one so that
 /// 0 can mean "none").
+/// How a routed prompt splits (docs/metrics.md, "Why the hit rate is what it is"): `workload`
+/// (no routable worker held it), `policy` (another worker held more: given up for balance),
+/// `stale` (the chosen worker was believed to hold it and did not), `underpredicted` (it held
+/// more than believed), `hit` (what the worker reported cached).
+pub const ACCOUNTING_PARTS: [&str; 5] = ["workload", "policy", "stale", "underpredicted", "hit"];
+
 pub fn clock_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1

@@ -312,3 +312,80 @@ async fn autoscaling_signals_under_a_burst() {
     r.shutdown().await;
     w.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_cache_accounting_splits_each_prompt_and_sees_a_stale_prediction() {
+    let ws = [sim(|_| {}).await, sim(|_| {}).await];
+    let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
+    r.serve_metrics(ml);
+    let prompt = "an accounting prompt, long enough that its prefix is cached ".repeat(8);
+    let chars = prompt.chars().count() as u64;
+    let body = json!({"text": prompt, "sampling_params": {"max_new_tokens": 1}});
+    // The latest record of this router's decisions, once its answer has settled it (the
+    // client may read the answer's end a moment before routerd is done with it).
+    let settled = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let d = get_json(&format!("{}/admin/decisions?limit=1", r.url())).await;
+            let a = d["decisions"][0]["accounting"].clone();
+            if a.get("actual").is_some() || std::time::Instant::now() > deadline {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let split = |a: &Value| -> [u64; 4] {
+        let n = |k: &str| a[k].as_u64().unwrap();
+        [n("prompt"), n("best"), n("predicted"), n("actual")]
+    };
+
+    // New to the fleet: all of it is the workload's.
+    let (first, d, _) = routerd_e2e::explained(&r.url(), "/generate", &body).await;
+    assert_eq!(
+        d["accounting"],
+        json!({"unit": "chars", "prompt": chars, "best": 0, "predicted": 0})
+    );
+    let [_, _, _, actual] = split(&settled().await);
+    assert_eq!(actual, 0);
+
+    // Again: the same worker, predicted nearly whole, and the worker agrees.
+    let (again, d, _) = routerd_e2e::explained(&r.url(), "/generate", &body).await;
+    assert_eq!(again, first);
+    let a = settled().await;
+    let [p, best, predicted, actual] = split(&a);
+    assert_eq!((p, best, predicted), (chars, chars, chars), "{d}");
+    assert!(actual > chars * 9 / 10, "the worker reports most of it cached: {a}");
+
+    // Its cache flushed behind the router's back: predicted, not there (stale).
+    let holder = ws.iter().find(|w| w.url() == first).unwrap();
+    client().post(format!("{}/sim/cache/flush", holder.url())).send().await.unwrap();
+    let (third, _, _) = routerd_e2e::explained(&r.url(), "/generate", &body).await;
+    assert_eq!(third, first, "the router still believes it holds the prompt");
+    let [_, _, predicted, actual] = split(&settled().await);
+    assert_eq!((predicted, actual), (chars, 0));
+
+    routerd_e2e::eventually(Duration::from_secs(5), "three prompts settled", || async {
+        let text = scrape(&metrics_url).await;
+        let labels = "{pool=\"regular\",unit=\"chars\",part=\"stale\"}";
+        series(&text, &format!("routerd_pool_cache_accounting_total{labels}")).unwrap_or(0.0)
+            >= chars as f64
+    })
+    .await;
+    let text = scrape(&metrics_url).await;
+    let part = |p: &str| {
+        let labels = format!("{{pool=\"regular\",unit=\"chars\",part=\"{p}\"}}");
+        series(&text, &format!("routerd_pool_cache_accounting_total{labels}")).unwrap_or(0.0) as u64
+    };
+    assert_eq!(part("workload"), chars, "{text}");
+    assert_eq!(part("policy"), 0);
+    assert_eq!(part("stale"), chars + (chars - actual_of_second(&text)), "{text}");
+    r.shutdown().await;
+}
+
+/// The hit the second request reported: all the `hit` part (the first and third had none).
+fn actual_of_second(text: &str) -> u64 {
+    let labels = "{pool=\"regular\",unit=\"chars\",part=\"hit\"}";
+    series(text, &format!("routerd_pool_cache_accounting_total{labels}")).unwrap() as u64
+}

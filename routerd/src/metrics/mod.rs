@@ -43,6 +43,8 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("sgl_router_cache_misses_total", Unit::Count, "cache_aware decisions that went to the worker with the most cache room"),
     ("sgl_router_cache_match_ratio", Unit::Count, "cache_aware: share of the prompt the chosen worker's tree matched"),
     ("sgl_router_queue_depth", Unit::Count, "Requests waiting for an admission slot"),
+    ("routerd_cache_accounting_total", Unit::Count, "cache_aware: the prompts routed to the worker, split by part (workload: no routable worker held it; policy: another held more, given up for balance; stale: predicted cached and not; underpredicted: cached beyond the prediction; hit: reported cached), in tokens (KV events) or characters (no tokenizer), by unit"),
+    ("routerd_pool_cache_accounting_total", Unit::Count, "routerd_cache_accounting_total summed over the pool's workers"),
     ("routerd_queue_wait_seconds", Unit::Seconds, "Time each request waited for an admission slot (0 when one was free), with max_concurrent_requests set; those refused (queue full) or that gave up (queue timeout) included"),
     ("routerd_pool_requests_active", Unit::Count, "Requests in flight on the pool's workers, by pool (regular, prefill, decode)"),
     ("routerd_pool_saturation", Unit::Count, "Requests in flight over the engines' max_running_requests, summed over the pool's workers that report it (absent when none does)"),
@@ -323,6 +325,16 @@ impl Metrics {
                 continue;
             }
             let labels = [("pool", role.as_str())];
+            for (u, unit) in ["tokens", "chars"].iter().enumerate() {
+                for (p, part) in crate::registry::ACCOUNTING_PARTS.iter().enumerate() {
+                    let n: u64 = pool.iter().map(|w| w.accounting[u][p].load(Relaxed)).sum();
+                    if n > 0 {
+                        let l = [("pool", role.as_str()), ("unit", unit), ("part", part)];
+                        r.register_counter(&key("routerd_pool_cache_accounting_total", &l), &META)
+                            .absolute(n);
+                    }
+                }
+            }
             let active: u64 = pool.iter().map(|w| w.in_flight.load(Relaxed)).sum();
             r.register_gauge(&key("routerd_pool_requests_active", &labels), &META)
                 .set(active as f64);
@@ -342,6 +354,16 @@ impl Metrics {
                 r.register_counter(&key(name, &labels), &META).absolute(v)
             };
             gauge("sgl_router_worker_requests_active", w.in_flight.load(Relaxed) as f64);
+            for (u, unit) in ["tokens", "chars"].iter().enumerate() {
+                for (p, part) in crate::registry::ACCOUNTING_PARTS.iter().enumerate() {
+                    let n = w.accounting[u][p].load(Relaxed);
+                    if n > 0 {
+                        let l = [("worker", w.url()), ("unit", unit), ("part", part)];
+                        r.register_counter(&key("routerd_cache_accounting_total", &l), &META)
+                            .absolute(n);
+                    }
+                }
+            }
             let max = w.max_running.load(Relaxed);
             if max > 0 {
                 gauge("routerd_worker_max_running_requests", max as f64);

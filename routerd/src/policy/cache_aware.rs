@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use rand::Rng;
 
 use super::tree::{Tenant, TenantIds, Tree};
-use super::{Policy, RequestInfo};
+use super::{Policy, Predicted, RequestInfo, Unit};
 use crate::registry::Worker;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +193,27 @@ impl CacheAware {
             .expect("non-empty");
             (room, Branch::Miss)
         };
+        // What the accounting compares with the worker's answer: in tokens where the chosen
+        // worker's events flow, else in characters (the tree's match, or the peers').
+        let predicted = match ev.tokens(pick) {
+            Some(chosen) if token_count > 0 => Some(Predicted {
+                unit: Unit::Tokens,
+                prompt: token_count,
+                best: (0..routable.len()).filter_map(|k| ev.tokens(k)).max().unwrap_or(0),
+                chosen,
+            }),
+            Some(_) => None,
+            None if text_chars > 0 => {
+                let chars = |k: usize| (tree_share(k) * text_chars as f64).round() as usize;
+                Some(Predicted {
+                    unit: Unit::Chars,
+                    prompt: text_chars,
+                    best: (0..routable.len()).map(chars).max().unwrap_or(0),
+                    chosen: chars(pick),
+                })
+            }
+            None => None,
+        };
         if text_chars > 0 {
             st.tree.insert(req.text, tenants[pick]);
         }
@@ -217,6 +238,7 @@ impl CacheAware {
             matched,
             matched_tokens,
             prompt_tokens: matched_tokens.map(|_| token_count),
+            predicted,
         })
     }
 
@@ -233,6 +255,7 @@ struct Choice {
     matched: usize,
     matched_tokens: Option<usize>,
     prompt_tokens: Option<usize>,
+    predicted: Option<Predicted>,
 }
 
 /// A worker's rendezvous score for a page: the highest takes the page.
@@ -287,6 +310,7 @@ impl Policy for CacheAware {
             estimate_ms: None,
             matched_tokens: c.matched_tokens,
             prompt_tokens: c.prompt_tokens,
+            predicted: c.predicted,
         })
     }
 

@@ -72,6 +72,35 @@ pub struct Decision {
     /// `prompt_tokens`.
     pub matched_tokens: Option<usize>,
     pub prompt_tokens: Option<usize>,
+    /// cache_aware: what it predicted of the prompt's cache hits, for the accounting.
+    pub predicted: Option<Predicted>,
+}
+
+/// What a prefix policy predicted of one prompt (docs/metrics.md, "Why the hit rate is what it
+/// is"): its length, the longest cached prefix any routable worker had, and the chosen
+/// worker's. In tokens where the workers' KV events flow, else in characters of the routing
+/// text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Predicted {
+    pub unit: Unit,
+    pub prompt: usize,
+    pub best: usize,
+    pub chosen: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Tokens,
+    Chars,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Tokens => "tokens",
+            Unit::Chars => "chars",
+        }
+    }
 }
 
 /// What routerd saw of one answer, for policies that learn (`Policy::observe`).

@@ -207,6 +207,8 @@ pub(crate) struct Picked {
     pub header: Option<String>,
     /// Characters of the routing text the policy predicted the worker holds.
     pub matched_chars: usize,
+    /// The cache accounting to settle when the answer ends (prefix policies).
+    pub accounting: Option<usage::Accounting>,
 }
 
 /// `policy`'s choice among the routable workers of `pool` minus `avoid` (with panic routing,
@@ -245,14 +247,20 @@ pub(crate) fn pick(
         candidates[d.index].predicted_tokens.fetch_add(m as u64, Relaxed);
     }
     let mut header = None;
+    let mut accounting = d.predicted.map(|predicted| usage::Accounting { predicted, record: None });
     if ask.explain || app.decisions.wanted() {
         let route = crate::metrics::route_label(ask.route);
-        let record = Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates)
-            .migration(ask.migration);
+        let mut record =
+            Record::new(ask.request_id, route, pool_name, policy.name(), &d, candidates)
+                .migration(ask.migration);
+        if let Some(a) = accounting.as_mut() {
+            a.record = Some(record.actual_slot());
+        }
         header = ask.explain.then(|| record.header_value());
         app.decisions.push(record);
     }
-    Some(Picked { worker: candidates[d.index].clone(), header, matched_chars: d.matched_chars })
+    let worker = candidates[d.index].clone();
+    Some(Picked { worker, header, matched_chars: d.matched_chars, accounting })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -320,6 +328,8 @@ async fn dispatch(
             .ok_or(Stop::Failed(RouterError::NoWorkers))?;
         drop(snap);
         let (worker, decision) = (picked.worker, picked.header);
+        // A batch's routing text is its whole list: no one prompt to account for.
+        let accounting = picked.accounting.filter(|_| probe.batch_size(route).is_none());
         let feedback = live.policy.learns().then(|| {
             let text_chars = ask.text.chars().count();
             usage::Feedback::sent(
@@ -389,7 +399,9 @@ async fn dispatch(
             continue;
         };
         let status = answer.head().status();
-        let scan = usage::UsageScan::new(worker.clone(), streaming).with_feedback(feedback);
+        let scan = usage::UsageScan::new(worker.clone(), streaming)
+            .with_feedback(feedback)
+            .with_accounting(accounting);
         let mut extra: Vec<(&[u8], &[u8])> = vec![
             (rid.0.as_str().as_bytes(), rid.1.as_bytes()),
             (upstream::WORKER_HEADER_NAME.as_bytes(), worker.url().as_bytes()),

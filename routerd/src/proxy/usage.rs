@@ -26,6 +26,40 @@ pub struct UsageScan {
     cached: u64,
     seen: bool,
     feedback: Option<Feedback>,
+    accounting: Option<Accounting>,
+}
+
+/// A prompt's prediction, settled against what the worker reported (`cached_tokens`) when the
+/// answer ends: counted on the worker by part, and the actual figure put in the decision
+/// record if one was kept.
+pub struct Accounting {
+    pub predicted: crate::policy::Predicted,
+    /// The decision record's `actual` (in the prediction's unit).
+    pub record: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl Accounting {
+    /// The parts of the prompt, in the prediction's unit, given what the worker reported.
+    pub fn split(&self, prompt_tokens: u64, cached_tokens: u64) -> [u64; 5] {
+        let p = self.predicted;
+        let actual = match p.unit {
+            crate::policy::Unit::Tokens => cached_tokens.min(p.prompt as u64),
+            // No tokenizer: the reported share of the prompt, in characters.
+            crate::policy::Unit::Chars if prompt_tokens > 0 => {
+                let share = cached_tokens.min(prompt_tokens) as f64 / prompt_tokens as f64;
+                (share * p.prompt as f64).round() as u64
+            }
+            crate::policy::Unit::Chars => 0,
+        };
+        let (prompt, best, chosen) = (p.prompt as u64, p.best as u64, p.chosen as u64);
+        [
+            prompt.saturating_sub(best),
+            best.saturating_sub(chosen),
+            chosen.saturating_sub(actual),
+            actual.saturating_sub(chosen),
+            actual,
+        ]
+    }
 }
 
 /// A request routed by a learning policy: what it is told when the answer ends, and the
@@ -85,7 +119,14 @@ impl Drop for Feedback {
 
 impl UsageScan {
     pub fn new(worker: Arc<Worker>, streaming: bool) -> Self {
-        Self { worker, sum: !streaming, prompt: 0, cached: 0, seen: false, feedback: None }
+        let (prompt, cached, seen) = (0, 0, false);
+        Self { worker, sum: !streaming, prompt, cached, seen, feedback: None, accounting: None }
+    }
+
+    /// Also settles the routing policy's prediction when the answer ends.
+    pub fn with_accounting(mut self, accounting: Option<Accounting>) -> Self {
+        self.accounting = accounting;
+        self
     }
 
     /// Also tells the routing policy what the answer showed (`Policy::observe`).
@@ -115,6 +156,16 @@ impl Drop for UsageScan {
         if self.seen {
             self.worker.prompt_tokens.fetch_add(self.prompt, Relaxed);
             self.worker.cached_tokens.fetch_add(self.cached.min(self.prompt), Relaxed);
+            if let Some(a) = self.accounting.take() {
+                let parts = a.split(self.prompt, self.cached);
+                let unit = usize::from(a.predicted.unit == crate::policy::Unit::Chars);
+                for (counter, n) in self.worker.accounting[unit].iter().zip(parts) {
+                    counter.fetch_add(n, Relaxed);
+                }
+                if let Some(r) = &a.record {
+                    r.store(parts[4], Relaxed);
+                }
+            }
         }
         if let Some(mut f) = self.feedback.take() {
             f.release();
@@ -182,6 +233,23 @@ mod tests {
         assert_eq!(all(openai, b"\"prompt_tokens\""), vec![40]);
         assert_eq!(all(openai, b"\"cached_tokens\""), vec![39]);
         assert_eq!(all(br#"{"prompt_tokens": null}"#, b"\"prompt_tokens\""), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_accounting_splits_the_prompt_into_its_parts() {
+        use crate::policy::{Predicted, Unit};
+        let a = |unit, prompt, best, chosen| Accounting {
+            predicted: Predicted { unit, prompt, best, chosen },
+            record: None,
+        };
+        // 100 tokens: 60 cached somewhere, the chosen worker believed to hold 40, holds 30.
+        let [workload, policy, stale, under, hit] = a(Unit::Tokens, 100, 60, 40).split(100, 30);
+        assert_eq!((workload, policy, stale, under, hit), (40, 20, 10, 0, 30));
+        // Held more than believed (another replica sent it there): underpredicted.
+        assert_eq!(a(Unit::Tokens, 100, 40, 40).split(100, 70), [60, 0, 0, 30, 70]);
+        // Characters: the worker's reported share of its own tokens, of the prompt's characters.
+        assert_eq!(a(Unit::Chars, 400, 400, 400).split(100, 50), [0, 0, 200, 0, 200]);
+        assert_eq!(a(Unit::Chars, 400, 0, 0).split(0, 0), [400, 0, 0, 0, 0]);
     }
 
     #[test]
