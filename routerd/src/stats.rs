@@ -113,6 +113,17 @@ pub struct Stats {
     pub latency_counts: Vec<u64>,
     pub workers: Vec<WorkerView>,
     pub events: Vec<Event>,
+    /// Cache-routing accounting over every worker since start (docs/metrics.md).
+    #[serde(default)]
+    pub cache_accounting: CacheAccounting,
+}
+
+/// `routerd_cache_accounting_total` summed over the workers: the parts (`ACCOUNTING_PARTS`
+/// order) in tokens and in characters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheAccounting {
+    pub tokens: [u64; 5],
+    pub chars: [u64; 5],
 }
 
 pub fn stats(app: &App, started: Instant) -> Stats {
@@ -140,9 +151,22 @@ pub fn stats(app: &App, started: Instant) -> Stats {
         in_flight: workers.iter().map(|w| w.in_flight).sum(),
         latency_bounds_ms: LATENCY_BOUNDS_MS[..15].to_vec(),
         latency_counts: app.totals.latency.iter().map(|c| c.load(Relaxed)).collect(),
+        cache_accounting: accounting(&snap.workers),
         workers,
         events: app.events.latest(50),
     }
+}
+
+fn accounting(workers: &[Arc<crate::registry::Worker>]) -> CacheAccounting {
+    let mut a = CacheAccounting::default();
+    for w in workers {
+        for (total, unit) in [&mut a.tokens, &mut a.chars].into_iter().zip(&w.accounting) {
+            for (t, n) in total.iter_mut().zip(unit) {
+                *t += n.load(Relaxed);
+            }
+        }
+    }
+    a
 }
 
 /// `GET /admin/stats`.

@@ -11,7 +11,8 @@ use ratatui::Frame;
 use super::state::{Mode, State};
 
 pub fn render(f: &mut Frame, s: &State) {
-    let lines = if s.replicas.len() > 1 { 2 } else { 1 };
+    let lines = 1 + usize::from(s.replicas.len() > 1) + usize::from(s.accounting.is_some());
+    let lines = lines as u16;
     let [header, sparks, table, events] = Layout::vertical([
         Constraint::Length(lines),
         Constraint::Length(5),
@@ -20,8 +21,11 @@ pub fn render(f: &mut Frame, s: &State) {
     ])
     .areas(f.area());
     let mut head = vec![header_line(s)];
-    if lines > 1 {
+    if s.replicas.len() > 1 {
         head.push(replicas_line(s));
+    }
+    if let Some(split) = &s.accounting {
+        head.push(accounting_line(split));
     }
     f.render_widget(Paragraph::new(head), header);
     render_sparklines(f, s, sparks);
@@ -96,6 +100,25 @@ fn replicas_line(s: &State) -> Line<'static> {
         spans.push(Span::styled(format!(" {} {} {state} ", k + 1, r.endpoint), style));
     }
     spans.push(Span::styled("  tab: next", Style::default().fg(Color::DarkGray)));
+    Line::from(spans)
+}
+
+/// Why the hit rate is what it is, over the last minute (docs/metrics.md).
+fn accounting_line(a: &super::state::CacheSplit) -> Line<'static> {
+    let prompt = a.prompt().max(1) as f64;
+    let pct = |n: u64| format!("{:.0}%", n as f64 * 100.0 / prompt);
+    let [workload, policy, stale, under, hit] = a.parts;
+    let mut spans = vec![
+        Span::raw(format!("cache, last {:.0}s of {} prompt {}: ", a.over_secs, a.prompt(), a.unit)),
+        Span::styled(format!("hit {}", pct(hit)), Style::default().fg(Color::Green)),
+        Span::raw(format!("  not in the fleet {}", pct(workload))),
+        Span::raw(format!("  given up for balance {}", pct(policy))),
+    ];
+    let stale_style = if stale > 0 { Style::default().fg(Color::Yellow) } else { Style::default() };
+    spans.push(Span::styled(format!("  stale {}", pct(stale)), stale_style));
+    if under > 0 {
+        spans.push(Span::raw(format!("  underpredicted {}", pct(under))));
+    }
     Line::from(spans)
 }
 

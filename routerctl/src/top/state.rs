@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use routerd::admin::WorkerView;
 use routerd::decisions::View as Decision;
-use routerd::stats::{Event, Stats};
+use routerd::stats::{CacheAccounting, Event, Stats};
 
 /// Points kept in each sparkline.
 pub const HISTORY: usize = 120;
@@ -98,6 +98,29 @@ pub struct State {
     pub stale: Option<std::time::Duration>,
     /// With several replicas (`--endpoint A,B,...`): one line each, and which one this is.
     pub replicas: Vec<Replica>,
+    /// The cache accounting's totals at each poll of the last minute.
+    accounting_history: VecDeque<(f64, CacheAccounting)>,
+    /// How the prompts routed over the last minute split (None before any was accounted).
+    pub accounting: Option<CacheSplit>,
+}
+
+/// The prompts routed over the last minute, split as docs/metrics.md says, in the unit most of
+/// them were accounted in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheSplit {
+    pub unit: &'static str,
+    /// workload, policy, stale, underpredicted, hit.
+    pub parts: [u64; 5],
+    /// Seconds the figures span.
+    pub over_secs: f64,
+}
+
+impl CacheSplit {
+    /// The prompts' total length.
+    pub fn prompt(&self) -> u64 {
+        let [workload, policy, stale, under, hit] = self.parts;
+        (workload + policy + stale + hit).saturating_sub(under)
+    }
 }
 
 /// One replica's summary, for the line that lists them all.
@@ -146,7 +169,36 @@ impl State {
             notice: None,
             stale: None,
             replicas: Vec::new(),
+            accounting_history: VecDeque::new(),
+            accounting: None,
         }
+    }
+
+    /// The accounting over the last minute of polls.
+    fn account(&mut self, uptime: f64, totals: CacheAccounting, restarted: bool) {
+        if restarted {
+            self.accounting_history.clear();
+        }
+        self.accounting_history.push_back((uptime, totals));
+        while self.accounting_history.len() > 2
+            && self.accounting_history.front().is_some_and(|(t, _)| uptime - t > 60.0)
+        {
+            self.accounting_history.pop_front();
+        }
+        let (from, before) = match self.accounting_history.front() {
+            Some(&(t, b)) if self.accounting_history.len() > 1 => (t, b),
+            _ => (0.0, CacheAccounting::default()),
+        };
+        let delta = |now: [u64; 5], then: [u64; 5]| -> [u64; 5] {
+            std::array::from_fn(|i| now[i].saturating_sub(then[i]))
+        };
+        let tokens = delta(totals.tokens, before.tokens);
+        let chars = delta(totals.chars, before.chars);
+        let sum = |p: &[u64; 5]| p.iter().sum::<u64>();
+        let (unit, parts) =
+            if sum(&tokens) >= sum(&chars) { ("tokens", tokens) } else { ("chars", chars) };
+        self.accounting =
+            (sum(&parts) > 0).then_some(CacheSplit { unit, parts, over_secs: uptime - from });
     }
 
     /// A new poll's figures; rates come from the difference with the previous poll.
@@ -154,6 +206,7 @@ impl State {
         let prev = self.stats.take();
         let dt = prev.as_ref().map_or(0.0, |p| stats.uptime_secs - p.uptime_secs);
         let restarted = prev.as_ref().is_some_and(|p| stats.uptime_secs < p.uptime_secs);
+        self.account(stats.uptime_secs, stats.cache_accounting, restarted);
         let prev = if restarted { None } else { prev };
         let per_sec = |now: u64, before: u64| {
             if dt > 0.0 {

@@ -99,6 +99,7 @@ fn stats(uptime: f64, scale: u64) -> Stats {
                 message: "http://10.0.0.3:8000".into(),
             },
         ],
+        cache_accounting: Default::default(),
     }
 }
 
@@ -159,6 +160,25 @@ fn several_replicas_in_one_line() {
         crate::top::state::Replica::of(&other, false),
     ];
     insta::assert_snapshot!("replicas", screen(&s));
+}
+
+#[test]
+fn the_cache_accounting_over_the_last_minute() {
+    let mut s = State::new("http://127.0.0.1:30000");
+    let at = |uptime: f64, scale: u64| {
+        let mut st = stats(uptime, scale);
+        // workload, policy, stale, underpredicted, hit (characters).
+        st.cache_accounting.chars = [300 * scale, 50 * scale, 100 * scale, 0, 550 * scale];
+        st
+    };
+    s.update(at(10.0, 1), vec![]);
+    s.update(at(40.0, 2), vec![]);
+    s.update(at(80.0, 4), vec![]);
+    let a = s.accounting.expect("an accounting line");
+    // Against the poll of 40 s (within the minute), not the one of 10 s.
+    assert_eq!((a.unit, a.parts, a.over_secs), ("chars", [600, 100, 200, 0, 1100], 40.0));
+    assert_eq!(a.prompt(), 2000);
+    insta::assert_snapshot!("accounting", screen(&s));
 }
 
 /// A router that takes connections and never answers: `q` still quits at once, and the screen
