@@ -36,8 +36,8 @@ pub struct TopArgs {
 pub enum Input {
     Key(KeyCode),
     Resize,
-    /// A poll of replica `.0` (0 with one router).
-    Polled(usize, Result<(Stats, Vec<Decision>), String>),
+    /// A poll of replica `.0` (0 with one router); boxed, as it is much larger than the rest.
+    Polled(usize, Result<Box<(Stats, Vec<Decision>)>, String>),
     Notice(String),
 }
 
@@ -77,12 +77,12 @@ fn read_keys(tx: tokio::sync::mpsc::UnboundedSender<Input>) {
     });
 }
 
-async fn poll(admin: &Admin) -> Result<(Stats, Vec<Decision>), String> {
+async fn poll(admin: &Admin) -> Result<Box<(Stats, Vec<Decision>)>, String> {
     let stats: Stats = admin.get("/admin/stats").await.map_err(|e| e.to_string())?;
     let decisions: Value =
         admin.get("/admin/decisions?limit=20").await.map_err(|e| e.to_string())?;
     let decisions = serde_json::from_value(decisions["decisions"].clone()).unwrap_or_default();
-    Ok((stats, decisions))
+    Ok(Box::new((stats, decisions)))
 }
 
 /// Polls replica `k` every `every` on its own, one poll at a time, sending each result to the
@@ -152,7 +152,8 @@ async fn dashboard_loop<B: ratatui::backend::Backend>(
             got = input.recv() => match got {
                 None => return Ok(()),
                 Some(Input::Resize) => {}
-                Some(Input::Polled(k, Ok((stats, decisions)))) => {
+                Some(Input::Polled(k, Ok(polled))) => {
+                    let (stats, decisions) = *polled;
                     if let Some(s) = states.get_mut(k) {
                         s.update(stats, decisions);
                         fresh[k] = std::time::Instant::now();
