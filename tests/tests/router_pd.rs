@@ -227,6 +227,8 @@ async fn cache_aware_prefill_placement_follows_the_conversation() {
     let ps = [prefill(|_| {}).await, prefill(|_| {}).await];
     let d = decode(|_| {}).await;
     let r = router(pd_config("cache_aware", &[&ps[0], &ps[1]], &[&d])).await;
+    // A reader of the decision log: every decision is kept.
+    get_json(&format!("{}/admin/decisions", r.url())).await;
     let mut messages =
         vec![json!({"role": "system", "content": "You are a careful assistant. ".repeat(20)})];
     for turn in 0..4 {
@@ -248,6 +250,17 @@ async fn cache_aware_prefill_placement_follows_the_conversation() {
     let hits: u64 = stats(&ps[0]).await["cached_tokens"].as_u64().unwrap()
         + stats(&ps[1]).await["cached_tokens"].as_u64().unwrap();
     assert!(hits > 0, "later turns hit the prefill worker's cache");
+    // The prefill pool's decisions are accounted against what the prefill worker cached.
+    let log = get_json(&format!("{}/admin/decisions?limit=50", r.url())).await;
+    let settled: Vec<&Value> = log["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["pool"] == "prefill")
+        .filter_map(|d| d["accounting"]["actual"].as_u64().map(|_| &d["accounting"]))
+        .collect();
+    assert!(!settled.is_empty(), "{log}");
+    assert!(settled.iter().any(|a| a["actual"].as_u64().unwrap() > 0), "{settled:?}");
     r.shutdown().await;
     for w in ps {
         w.shutdown().await;

@@ -63,7 +63,10 @@ pub(crate) async fn dispatch(
     let mut avoid: Vec<Arc<Worker>> = Vec::new();
     let mut attempt = 0;
     loop {
-        let (prefill, p_why) = pick_in(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
+        let p = pick_in_pool(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
+        // The prefill worker's cache is the one the prompt hits (a batch is not accounted).
+        let accounting = p.accounting.filter(|_| batch.is_none());
+        let (prefill, p_why) = (p.worker, p.header);
         let (decode, d_why) = pick_in(app, WorkerRole::Decode, &*pools.decode, ask, &avoid)?;
         let (pg, dg) = (prefill.start_request(), decode.start_request());
         let with_room = bootstrap(&first_body, &prefill, batch);
@@ -88,7 +91,8 @@ pub(crate) async fn dispatch(
                 }
                 let status = answer.head().status();
                 let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
-                let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false));
+                let scan = usage::UsageScan::new(prefill.clone(), probe.stream.unwrap_or(false))
+                    .with_accounting(accounting);
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
                 let events = answer.head().is_event_stream();
                 if let (Some(Ok(_)), 200, true) = (&resume, status, events) {
@@ -277,11 +281,21 @@ fn pick_in(
     ask: &Ask<'_>,
     avoid: &[Arc<Worker>],
 ) -> Result<(Arc<Worker>, Option<String>), Stop> {
+    pick_in_pool(app, role, policy, ask, avoid).map(|p| (p.worker, p.header))
+}
+
+/// `pick_in` with everything the choice says (the prefill leg's cache accounting).
+fn pick_in_pool(
+    app: &App,
+    role: WorkerRole,
+    policy: &dyn crate::policy::Policy,
+    ask: &Ask<'_>,
+    avoid: &[Arc<Worker>],
+) -> Result<super::Picked, Stop> {
     let name = if role == WorkerRole::Prefill { "prefill" } else { "decode" };
     let pool = app.registry.load().pool(role);
     pick(app, name, &pool, policy, ask, avoid)
         .or_else(|| pick(app, name, &pool, policy, ask, &[]))
-        .map(|p| (p.worker, p.header))
         .ok_or(Stop::Failed(RouterError::NoPoolWorkers(name)))
 }
 
