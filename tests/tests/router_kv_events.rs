@@ -135,6 +135,10 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
         assert_eq!(d["branch"], "hit");
         let (m, n) = (d["matched_tokens"].as_u64().unwrap(), d["prompt_tokens"].as_u64().unwrap());
         assert_eq!(m, n - n % 4, "every whole page matched: {d}");
+        // Accounted in tokens: the best any worker had is what the chosen one had.
+        let a = &d["accounting"];
+        assert_eq!((a["unit"].as_str(), a["prompt"].as_u64()), (Some("tokens"), Some(n)), "{d}");
+        assert_eq!((a["best"].as_u64(), a["predicted"].as_u64()), (Some(m), Some(m)), "{d}");
     }
     // The prediction is exported next to what the worker reported.
     let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -158,6 +162,12 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
         "predicted {predicted}, reported {reported}"
     );
     assert!(text.contains("routerd_kv_events_total "), "{text}");
+    let hit = format!(
+        "routerd_cache_accounting_total{{worker=\"{}\",unit=\"tokens\",part=\"hit\"}} ",
+        away.url()
+    );
+    let hit: f64 = text.lines().find_map(|l| l.strip_prefix(&hit)).expect(&hit).parse().unwrap();
+    assert_eq!(hit, reported, "the accounting's hits are what the worker reported");
     r.shutdown().await;
     shutdown_all(ws).await;
 }
