@@ -124,6 +124,14 @@ pub async fn router(config: routerd::config::Config) -> routerd::run::Running {
     routerd::run::start(listener, config).expect("start router")
 }
 
+/// Serves `r`'s Prometheus metrics on an ephemeral loopback port; returns their URL.
+pub async fn serve_metrics(r: &routerd::run::Running) -> String {
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+    let url = format!("http://{}/metrics", ml.local_addr().expect("bound"));
+    r.serve_metrics(ml);
+    url
+}
+
 /// `n` simulated workers with the same tweak.
 pub async fn fleet(n: usize, tweak: impl Fn(&mut SimArgs)) -> Vec<SimWorker> {
     let mut out = Vec::with_capacity(n);

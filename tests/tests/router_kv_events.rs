@@ -141,9 +141,7 @@ async fn a_cache_flushed_behind_the_routers_back_and_warmed_by_another_router() 
         assert_eq!((a["best"].as_u64(), a["predicted"].as_u64()), (Some(m), Some(m)), "{d}");
     }
     // The prediction is exported next to what the worker reported.
-    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
-    r.serve_metrics(ml);
+    let metrics_url = routerd_e2e::serve_metrics(&r).await;
     let text = client().get(metrics_url).send().await.unwrap().text().await.unwrap();
     let series = |name: &str| -> f64 {
         let prefix = format!("{name}{{worker=\"{}\"}} ", away.url());

@@ -157,9 +157,7 @@ where
 /// A router with its metrics served; returns it and the metrics URL.
 async fn routed(config: routerd::config::Config) -> (routerd::run::Running, String) {
     let r = router(config).await;
-    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/metrics", ml.local_addr().unwrap());
-    r.serve_metrics(ml);
+    let url = routerd_e2e::serve_metrics(&r).await;
     (r, url)
 }
 

@@ -23,9 +23,7 @@ async fn scrape(url: &str) -> String {
 async fn metrics_move_with_known_traffic() {
     let ws = [sim(|_| {}).await, sim(|_| {}).await];
     let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
-    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
-    r.serve_metrics(ml);
+    let metrics_url = routerd_e2e::serve_metrics(&r).await;
     let prompt = "a system prompt long enough to be recognised again later ".repeat(4);
     for _ in 0..3 {
         let (s, _) = post_json(
@@ -272,9 +270,7 @@ async fn autoscaling_signals_under_a_burst() {
     c.server.max_concurrent_requests = std::num::NonZeroUsize::new(2);
     c.server.queue_size = 100;
     let r = router(c).await;
-    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
-    r.serve_metrics(ml);
+    let metrics_url = routerd_e2e::serve_metrics(&r).await;
     let worker = format!("{{worker=\"{}\"}}", w.url());
     let max = format!("routerd_worker_max_running_requests{worker}");
     routerd_e2e::eventually(Duration::from_secs(5), "the engine's capacity is learned", || async {
@@ -317,9 +313,7 @@ async fn autoscaling_signals_under_a_burst() {
 async fn the_cache_accounting_splits_each_prompt_and_sees_a_stale_prediction() {
     let ws = [sim(|_| {}).await, sim(|_| {}).await];
     let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
-    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", ml.local_addr().unwrap());
-    r.serve_metrics(ml);
+    let metrics_url = routerd_e2e::serve_metrics(&r).await;
     let prompt = "an accounting prompt, long enough that its prefix is cached ".repeat(8);
     let chars = prompt.chars().count() as u64;
     let body = json!({"text": prompt, "sampling_params": {"max_new_tokens": 1}});
