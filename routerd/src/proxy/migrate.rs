@@ -395,7 +395,11 @@ impl Resume {
             }
             self.finished |= set(choice.finish_reason);
         }
-        let usage = ev.usage.and_then(|u| serde_json::from_str::<Usage>(u.get()).ok());
+        // (A `null` is not parsed: a failed parse allocates its error.)
+        let usage = ev
+            .usage
+            .filter(|u| u.get() != "null")
+            .and_then(|u| serde_json::from_str::<Usage>(u.get()).ok());
         match usage.as_ref().and_then(|u| u.completion_tokens) {
             Some(n) => {
                 self.counted_by_usage = true;

@@ -56,7 +56,9 @@ fn last_boundary(d: &[u8]) -> Option<usize> {
 /// The end of the first complete event in `d`.
 fn first_boundary(d: &[u8]) -> Option<usize> {
     let lf = memmem::find(d, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(d, b"\r\n\r\n").map(|i| i + 4);
+    // A CRLF boundary only counts before the first LF one: search no further (else each event
+    // of a piece would scan the whole rest of it).
+    let crlf = memmem::find(&d[..lf.unwrap_or(d.len())], b"\r\n\r\n").map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
