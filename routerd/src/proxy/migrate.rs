@@ -102,6 +102,42 @@ pub fn plan(route: Route, probe: &Probe, limit: u32) -> Result<Resume, Excluded>
     })
 }
 
+/// What becomes of a request's answer if its worker fails mid-stream, decided once at dispatch
+/// and used by both request paths (regular and PD): nothing for a request that does not
+/// stream, else the continuation to follow or why there can be none.
+pub(crate) struct Plan(Option<Result<Resume, Excluded>>);
+
+impl Plan {
+    pub fn new(streaming: bool, route: Route, probe: &Probe, limit: u32) -> Self {
+        Self(streaming.then(|| plan(route, probe, limit)))
+    }
+
+    /// The first worker's request body (`Resume::first_body`).
+    pub fn first_body<'b>(&self, body: &'b [u8]) -> Cow<'b, [u8]> {
+        match &self.0 {
+            Some(Ok(r)) => r.first_body(body),
+            _ => Cow::Borrowed(body),
+        }
+    }
+
+    /// The continuation to relay an answer with, when the answer is a stream that began well
+    /// (200, an event stream) and the request can be continued; once.
+    pub fn take_for(&mut self, status: u16, events: bool) -> Option<Resume> {
+        if status != 200 || !events || !matches!(self.0, Some(Ok(_))) {
+            return None;
+        }
+        self.0.take().and_then(Result::ok)
+    }
+
+    /// Why a stream cut mid-way was not continued (`routerd_migrations_total`'s outcome).
+    pub fn why_not(&self) -> Excluded {
+        match &self.0 {
+            Some(Err(why)) => why,
+            _ => "excluded",
+        }
+    }
+}
+
 /// How a `/generate` stream carries text and ids.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Mode {

@@ -304,17 +304,13 @@ async fn dispatch(
         tokens: tokens.as_deref(),
         migration: 0,
     };
-    let mut resume =
-        streaming.then(|| migrate::plan(route, &probe, live.config.retry.migration_limit));
+    let limit = live.config.retry.migration_limit;
+    let mut plan = migrate::Plan::new(streaming, route, &probe, limit);
     if let Some(pools) = &live.pools {
-        return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep, resume)
-            .await;
+        return pd::dispatch(app, live, pools, c, head, &body, &probe, &ask, rid, keep, plan).await;
     }
     let cfg = &live.config;
-    let first_body = match &resume {
-        Some(Ok(r)) => r.first_body(&body),
-        _ => std::borrow::Cow::Borrowed(&body[..]),
-    };
+    let first_body = plan.first_body(&body);
     let retry = &cfg.retry;
     let attempts = if retry.enabled { retry.max_retries + 1 } else { 1 };
     app.retry_budget.deposit(retry);
@@ -410,8 +406,7 @@ async fn dispatch(
             extra.push((DECISION_HEADER.as_bytes(), d.as_bytes()));
         }
         let events = answer.head().is_event_stream();
-        if let (Some(Ok(_)), 200, true) = (&resume, status, events) {
-            let Some(Ok(resume)) = resume.take() else { unreachable!("matched above") };
+        if let Some(resume) = plan.take_for(status, events) {
             let r =
                 migrate::Request { app, live, head, body: &body, ask: &ask, rid, deadline, keep };
             let worker = worker.clone();
@@ -426,21 +421,11 @@ async fn dispatch(
             failed(app, &worker, &cfg.circuit_breaker);
             worker.set_last_error(failure);
             if events {
-                app.metrics.migration(not_migrated(&resume));
+                app.metrics.migration(plan.why_not());
             }
         }
         drop(guard);
         return Ok(Served::relayed(done, status, &worker));
-    }
-}
-
-/// Why a stream cut mid-way was not continued, when it was not relayed for continuation.
-pub(crate) fn not_migrated(
-    resume: &Option<Result<migrate::Resume, migrate::Excluded>>,
-) -> &'static str {
-    match resume {
-        Some(Err(why)) => why,
-        _ => "excluded",
     }
 }
 

@@ -44,7 +44,7 @@ pub(crate) async fn dispatch(
     ask: &Ask<'_>,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
-    resume: Option<Result<migrate::Resume, migrate::Excluded>>,
+    mut plan: migrate::Plan,
 ) -> Result<Served, Stop> {
     let route = ask.route;
     let cfg = &live.config;
@@ -55,11 +55,7 @@ pub(crate) async fn dispatch(
     let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
     let batch = probe.batch_size(route);
     let merge = route == Route::Generate && probe.wants_logprob();
-    let first_body = match &resume {
-        Some(Ok(r)) => r.first_body(body),
-        _ => std::borrow::Cow::Borrowed(&body[..]),
-    };
-    let mut resume = resume;
+    let first_body = plan.first_body(body);
     let mut avoid: Vec<Arc<Worker>> = Vec::new();
     let mut attempt = 0;
     loop {
@@ -95,8 +91,7 @@ pub(crate) async fn dispatch(
                     .with_accounting(accounting);
                 let prefix = if merge { prefill_logprobs(&fetched.body) } else { None };
                 let events = answer.head().is_event_stream();
-                if let (Some(Ok(_)), 200, true) = (&resume, status, events) {
-                    let Some(Ok(resume)) = resume.take() else { unreachable!("matched above") };
+                if let Some(resume) = plan.take_for(status, events) {
                     let r = migrate::Request { app, live, head, body, ask, rid, deadline, keep };
                     let guards = vec![pg, dg];
                     let worker = decode.clone();
@@ -120,7 +115,7 @@ pub(crate) async fn dispatch(
                     failed(app, &decode, &cfg.circuit_breaker);
                     decode.set_last_error(failure);
                     if events {
-                        app.metrics.migration(super::not_migrated(&resume));
+                        app.metrics.migration(plan.why_not());
                     }
                 }
                 return Ok(Served::relayed(done, status, &decode));
