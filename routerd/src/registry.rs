@@ -368,6 +368,21 @@ pub struct LoadReport {
 /// more than believed), `hit` (what the worker reported cached).
 pub const ACCOUNTING_PARTS: [&str; 5] = ["workload", "policy", "stale", "underpredicted", "hit"];
 
+/// The accounting of `workers` summed, by unit (tokens, characters) and part.
+pub fn accounting_totals<'a>(
+    workers: impl IntoIterator<Item = &'a Worker>,
+) -> [[u64; ACCOUNTING_PARTS.len()]; 2] {
+    let mut totals = [[0; ACCOUNTING_PARTS.len()]; 2];
+    for w in workers {
+        for (total, unit) in totals.iter_mut().zip(&w.accounting) {
+            for (t, n) in total.iter_mut().zip(unit) {
+                *t += n.load(Relaxed);
+            }
+        }
+    }
+    totals
+}
+
 pub fn clock_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1

@@ -158,15 +158,8 @@ pub fn stats(app: &App, started: Instant) -> Stats {
 }
 
 fn accounting(workers: &[Arc<crate::registry::Worker>]) -> CacheAccounting {
-    let mut a = CacheAccounting::default();
-    for w in workers {
-        for (total, unit) in [&mut a.tokens, &mut a.chars].into_iter().zip(&w.accounting) {
-            for (t, n) in total.iter_mut().zip(unit) {
-                *t += n.load(Relaxed);
-            }
-        }
-    }
-    a
+    let [tokens, chars] = crate::registry::accounting_totals(workers.iter().map(|w| &**w));
+    CacheAccounting { tokens, chars }
 }
 
 /// `GET /admin/stats`.

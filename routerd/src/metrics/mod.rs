@@ -325,16 +325,8 @@ impl Metrics {
                 continue;
             }
             let labels = [("pool", role.as_str())];
-            for (u, unit) in ["tokens", "chars"].iter().enumerate() {
-                for (p, part) in crate::registry::ACCOUNTING_PARTS.iter().enumerate() {
-                    let n: u64 = pool.iter().map(|w| w.accounting[u][p].load(Relaxed)).sum();
-                    if n > 0 {
-                        let l = [("pool", role.as_str()), ("unit", unit), ("part", part)];
-                        r.register_counter(&key("routerd_pool_cache_accounting_total", &l), &META)
-                            .absolute(n);
-                    }
-                }
-            }
+            let totals = crate::registry::accounting_totals(pool.iter().map(|w| &***w));
+            accounting(r, "routerd_pool_cache_accounting_total", labels[0], totals);
             let active: u64 = pool.iter().map(|w| w.in_flight.load(Relaxed)).sum();
             r.register_gauge(&key("routerd_pool_requests_active", &labels), &META)
                 .set(active as f64);
@@ -354,16 +346,8 @@ impl Metrics {
                 r.register_counter(&key(name, &labels), &META).absolute(v)
             };
             gauge("sgl_router_worker_requests_active", w.in_flight.load(Relaxed) as f64);
-            for (u, unit) in ["tokens", "chars"].iter().enumerate() {
-                for (p, part) in crate::registry::ACCOUNTING_PARTS.iter().enumerate() {
-                    let n = w.accounting[u][p].load(Relaxed);
-                    if n > 0 {
-                        let l = [("worker", w.url()), ("unit", unit), ("part", part)];
-                        r.register_counter(&key("routerd_cache_accounting_total", &l), &META)
-                            .absolute(n);
-                    }
-                }
-            }
+            let totals = crate::registry::accounting_totals([&**w]);
+            accounting(r, "routerd_cache_accounting_total", labels[0], totals);
             let max = w.max_running.load(Relaxed);
             if max > 0 {
                 gauge("routerd_worker_max_running_requests", max as f64);
@@ -426,6 +410,24 @@ impl Metrics {
         r.register_gauge(&key("sgl_router_queue_depth", &[]), &META).set(waiting as f64);
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+/// The cache accounting's counters under `name`, labelled `by` (a pool or a worker), unit and
+/// part; parts still at 0 are left out.
+fn accounting(
+    r: &PrometheusRecorder,
+    name: &'static str,
+    by: (&'static str, &str),
+    totals: [[u64; crate::registry::ACCOUNTING_PARTS.len()]; 2],
+) {
+    for (unit, parts) in ["tokens", "chars"].into_iter().zip(totals) {
+        for (part, n) in crate::registry::ACCOUNTING_PARTS.into_iter().zip(parts) {
+            if n > 0 {
+                let labels = [by, ("unit", unit), ("part", part)];
+                r.register_counter(&key(name, &labels), &META).absolute(n);
+            }
+        }
     }
 }
 
