@@ -596,13 +596,13 @@ impl Resume {
 
     fn rewrite_openai(&mut self, v: &mut Value) -> bool {
         let Some(obj) = v.as_object_mut() else { return true };
-        let choices = obj.get("choices").and_then(Value::as_array).cloned().unwrap_or_default();
-        let choice = choices.first();
+        let choice = obj.get("choices").and_then(Value::as_array).and_then(|c| c.first());
         let role_only = choice.is_some_and(|c| {
             c["delta"].get("role").is_some()
                 && c["delta"]["content"].as_str().unwrap_or("").is_empty()
                 && c["finish_reason"].is_null()
         });
+        let final_usage = choice.is_none();
         if role_only && self.route == Route::Chat {
             // The continuation's opening chunk: the client had its own.
             return false;
@@ -637,7 +637,6 @@ impl Resume {
             }
             u
         });
-        let final_usage = choices.is_empty();
         // Followed before the usage is stripped to what the client asked for.
         if let Some(u) = &whole {
             obj.insert("usage".into(), u.clone());
@@ -1042,6 +1041,22 @@ mod tests {
             end["usage"],
             json!({"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14,
                                         "prompt_tokens_details": {"cached_tokens": 3}})
+        );
+    }
+
+    #[test]
+    fn a_second_continuation_carries_what_every_leg_produced() {
+        let body = r#"{"prompt": "P", "max_tokens": 10, "stream": true}"#;
+        let mut r = resume(Route::Completions, body).unwrap();
+        let chunk = |t: &str| json!({"id": "c", "choices": [{"index": 0, "text": t, "finish_reason": null}]});
+        feed(&mut r, &[chunk(" a")]);
+        r.begin_leg(Instant::now());
+        feed(&mut r, &[chunk(" b")]);
+        let next: Value =
+            serde_json::from_slice(&r.continuation(body.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            (next["prompt"].clone(), next["max_tokens"].clone()),
+            (json!("P a b"), json!(8))
         );
     }
 
