@@ -59,11 +59,12 @@ pub(crate) async fn dispatch(
     let mut avoid: Vec<Arc<Worker>> = Vec::new();
     let mut attempt = 0;
     loop {
-        let p = pick_in_pool(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
+        let p = pick_in(app, WorkerRole::Prefill, &*pools.prefill, ask, &avoid)?;
         // The prefill worker's cache is the one the prompt hits (a batch is not accounted).
         let accounting = p.accounting.filter(|_| batch.is_none());
         let (prefill, p_why) = (p.worker, p.header);
-        let (decode, d_why) = pick_in(app, WorkerRole::Decode, &*pools.decode, ask, &avoid)?;
+        let d = pick_in(app, WorkerRole::Decode, &*pools.decode, ask, &avoid)?;
+        let (decode, d_why) = (d.worker, d.header);
         let (pg, dg) = (prefill.start_request(), decode.start_request());
         let with_room = bootstrap(&first_body, &prefill, batch);
         let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
@@ -203,10 +204,10 @@ pub(super) async fn continuation(
 ) -> Result<Leg, Failed> {
     let cfg = &r.live.config;
     let no_worker = |_| Failed::Outcome("no_worker", "no PD pair is routable".into());
-    let (prefill, _) =
-        pick_in(r.app, WorkerRole::Prefill, &*pools.prefill, ask, avoid).map_err(no_worker)?;
-    let (decode, _) =
-        pick_in(r.app, WorkerRole::Decode, &*pools.decode, ask, avoid).map_err(no_worker)?;
+    let prefill =
+        pick_in(r.app, WorkerRole::Prefill, &*pools.prefill, ask, avoid).map_err(no_worker)?.worker;
+    let decode =
+        pick_in(r.app, WorkerRole::Decode, &*pools.decode, ask, avoid).map_err(no_worker)?.worker;
     let guards = vec![prefill.start_request(), decode.start_request()];
     let with_room = bootstrap(body, &prefill, None);
     let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
@@ -270,17 +271,6 @@ fn excerpt(body: &[u8]) -> String {
 /// The pool policy's choice among the workers of `role` not to avoid (all of them again when
 /// every one was tried); 503 naming the pool when it is empty.
 fn pick_in(
-    app: &App,
-    role: WorkerRole,
-    policy: &dyn crate::policy::Policy,
-    ask: &Ask<'_>,
-    avoid: &[Arc<Worker>],
-) -> Result<(Arc<Worker>, Option<String>), Stop> {
-    pick_in_pool(app, role, policy, ask, avoid).map(|p| (p.worker, p.header))
-}
-
-/// `pick_in` with everything the choice says (the prefill leg's cache accounting).
-fn pick_in_pool(
     app: &App,
     role: WorkerRole,
     policy: &dyn crate::policy::Policy,
