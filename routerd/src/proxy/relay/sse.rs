@@ -121,39 +121,29 @@ impl<'a> Cutter<'a> {
     /// Runs the filter over the whole events of `whole`; relays what it lets through.
     fn filtered(&mut self, whole: &[u8], out: &mut dyn FnMut(&[u8])) {
         let Some(filter) = self.filter.as_mut() else { return self.emit(whole, out) };
-        let mut rest = whole;
         let mut kept = std::mem::take(&mut self.out);
         kept.clear();
         // Until an event is changed, `whole` itself is relayed: no copy.
         let mut at = 0;
         let mut changed = false;
-        while !rest.is_empty() {
-            let end = first_boundary(rest).unwrap_or(rest.len());
-            let event = &rest[..end];
-            match filter(event) {
-                Verdict::Pass => {
-                    if changed {
-                        kept.extend_from_slice(event);
-                    }
-                }
-                v => {
-                    if !changed {
-                        kept.extend_from_slice(&whole[..at]);
-                        changed = true;
-                    }
-                    match v {
-                        Verdict::Replace(r) => kept.extend_from_slice(&r),
-                        Verdict::Drop => {}
-                        Verdict::Failed(reason) => {
-                            self.failed = Some(reason);
-                            break;
-                        }
-                        Verdict::Pass => unreachable!(),
-                    }
+        while at < whole.len() {
+            let end = at + first_boundary(&whole[at..]).unwrap_or(whole.len() - at);
+            let event = &whole[at..end];
+            let verdict = filter(event);
+            if !changed && !matches!(verdict, Verdict::Pass) {
+                kept.extend_from_slice(&whole[..at]);
+                changed = true;
+            }
+            match verdict {
+                Verdict::Pass if changed => kept.extend_from_slice(event),
+                Verdict::Pass | Verdict::Drop => {}
+                Verdict::Replace(r) => kept.extend_from_slice(&r),
+                Verdict::Failed(reason) => {
+                    self.failed = Some(reason);
+                    break;
                 }
             }
-            at += end;
-            rest = &rest[end..];
+            at = end;
         }
         if changed {
             if !kept.is_empty() {
