@@ -139,6 +139,8 @@ pub struct App {
     pub kv: Arc<crate::kv::KvState>,
     /// What peer replicas routed (approximate mode across replicas: `[peers]`).
     pub peers: Arc<crate::peers::Peers>,
+    /// The tracer, when OpenTelemetry traces are on (`[trace]`).
+    pub otel: Option<crate::otel::Otel>,
 }
 
 impl App {
@@ -155,7 +157,16 @@ impl App {
                 Some(Arc::new(crate::tls::ServerTls::new(spec).map_err(std::io::Error::other)?))
             }
         };
+        let metrics = crate::metrics::Metrics::default();
+        let otel = match &config.trace {
+            Some(t) => Some(
+                crate::otel::Otel::start(t, metrics.trace_spans.clone())
+                    .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            otel,
             kv: Arc::new(crate::kv::KvState::new(&config.kv_events)),
             peers: Arc::new(crate::peers::Peers::new(&config.peers)),
             server_tls,
@@ -166,7 +177,7 @@ impl App {
             reloader: Reloader::new(flags),
             info_spread: Default::default(),
             retry_budget: Default::default(),
-            metrics: Default::default(),
+            metrics,
             decisions: Default::default(),
             totals: Default::default(),
             events: Default::default(),

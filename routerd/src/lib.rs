@@ -22,6 +22,7 @@ pub mod info;
 pub mod kv;
 pub mod limits;
 pub mod metrics;
+pub mod otel;
 
 pub mod peers;
 pub mod policy;

@@ -171,6 +171,9 @@ fn apply(app: &App, new: Config, generation: u64) -> Outcome {
     if (old.log_format, &old.log_dir) != (new.log_format, &new.log_dir) {
         restart.push("log_format/log_dir".to_owned());
     }
+    if old.trace != new.trace {
+        restart.push("trace (the OpenTelemetry exporter)".to_owned());
+    }
     if old.pd.is_some() != new.pd.is_some() {
         restart.push("PD mode (on or off)".to_owned());
     }

@@ -96,6 +96,16 @@ impl Running {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        // The last spans (the drained requests') go out, within a few seconds.
+        if self.app.otel.is_some() {
+            let app = self.app.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(o) = &app.otel {
+                    o.shutdown()
+                }
+            })
+            .await;
+        }
         ended
     }
 

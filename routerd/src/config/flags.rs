@@ -214,6 +214,18 @@ pub struct Flags {
     /// this one routes on its approximate tree, where workers publish no KV events.
     #[arg(global = true, long, num_args = 1.., value_name = "URL")]
     pub peer_urls: Option<Vec<String>>,
+    /// Export OpenTelemetry traces: a span per request, with its routing decisions and worker
+    /// attempts (docs/tracing.md).
+    #[arg(global = true, long)]
+    pub enable_trace: bool,
+    /// The OpenTelemetry collector, with --enable-trace: HOST:PORT or a URL
+    /// [default: localhost:4317].
+    #[arg(global = true, long, value_name = "ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// How spans reach the collector: grpc or http/protobuf
+    /// [default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else grpc].
+    #[arg(global = true, long, value_name = "PROTOCOL")]
+    pub otlp_traces_protocol: Option<String>,
     /// Route to each data-parallel rank of a worker (`--dp-size N` in SGLang) as its own
     /// target, with `data_parallel_rank` in the request body.
     #[arg(global = true, long)]
@@ -315,8 +327,6 @@ pub const UNSUPPORTED_SGL_ROUTER_FLAGS: &[(&str, &str)] = &[
     ("--rate-limit-tokens-per-second", "token-bucket rate limiting"),
     ("--tokenizer-cache-enable-l1", "gRPC routing (local tokenizer)"),
     ("--tokenizer-cache-l1-max-memory", "gRPC routing (local tokenizer)"),
-    ("--enable-trace", "OpenTelemetry traces"),
-    ("--otlp-traces-endpoint", "OpenTelemetry traces"),
     ("--jwt-issuer", "JWT authentication of the control plane"),
     ("--jwt-audience", "JWT authentication of the control plane"),
     ("--jwt-jwks-uri", "JWT authentication of the control plane"),

@@ -10,6 +10,7 @@ mod raw;
 mod sections;
 mod security;
 mod tls;
+mod trace;
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -23,6 +24,7 @@ pub use crate::secret::Secret;
 pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{unsupported_flag, Cli, Command, Flags, UNSUPPORTED_SGL_ROUTER_FLAGS};
+pub use trace::{TraceConfig, TraceProtocol};
 use raw::RawConfig;
 pub use tls::TlsConfig;
 
@@ -54,6 +56,8 @@ pub struct Config {
     pub tokenizer: Option<crate::kv::tokenize::TokenizerFiles>,
     /// Peer replicas told what this one routes on its approximate tree (docs/replicas.md).
     pub peers: PeersConfig,
+    /// `[trace]`: OpenTelemetry traces, when on (a restart applies changes).
+    pub trace: Option<TraceConfig>,
 }
 
 /// `[peers]`: the other router replicas (approximate mode across replicas).
@@ -484,6 +488,7 @@ impl Builder<'_> {
             kv_events: self.kv_events(raw.kv_events),
             tokenizer: self.tokenizer(raw.tokenizer, f),
             peers: self.peers(raw.peers, f),
+            trace: self.trace(raw.trace, f),
         }
     }
 

@@ -22,6 +22,21 @@ pub struct RawConfig {
     pub kv_events: RawKvEvents,
     pub tokenizer: RawTokenizer,
     pub peers: RawPeers,
+    pub trace: RawTrace,
+}
+
+/// `[trace]`: OpenTelemetry traces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTrace {
+    pub enabled: Option<bool>,
+    pub endpoint: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<String>>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    pub max_queue_size: Option<Spanned<u64>>,
+    pub max_export_batch_size: Option<Spanned<u64>>,
+    pub schedule_delay: Option<Spanned<String>>,
 }
 
 /// `[peers]`: the other router replicas.

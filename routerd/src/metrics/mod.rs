@@ -52,6 +52,7 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
     ("routerd_worker_saturation", Unit::Count, "Requests in flight on the worker over its max_running_requests (above 1: requests wait in the engine's queue)"),
     ("routerd_migrations_total", Unit::Count, "Streams a worker failed after bytes reached the client, by what routerd did: continued (on another worker), and when it could not: excluded (the request cannot be continued), limit (migration_limit reached), budget (retry budget spent), no_worker, failed (every continuation attempt failed), disabled"),
     ("routerd_migration_seam_seconds", Unit::Seconds, "Migrated streams: time from the failure noticed to the continuation's first event sent to the client"),
+    ("routerd_trace_spans_total", Unit::Count, "OpenTelemetry spans the collector took (exported) and lost to failed or timed-out exports (failed); spans dropped because the export queue was full are logged"),
     ("sgl_router_pd_leg_failures_total", Unit::Count, "PD requests whose prefill or decode leg failed (the other leg was cancelled)"),
     ("sgl_router_config_reloads_total", Unit::Count, "Configuration reloads by result: applied, unchanged, rejected"),
     ("sgl_router_config_last_reload_successful", Unit::Count, "1 if the last reload was applied or unchanged, 0 if rejected"),
@@ -150,6 +151,8 @@ pub struct Metrics {
     queue_wait: Histogram,
     reloads: [AtomicU64; 3],
     last_reload_ok: AtomicU64,
+    /// Spans the trace exporter delivered and lost (`otel::Otel` counts them).
+    pub trace_spans: std::sync::Arc<crate::otel::ExportCounts>,
 }
 
 impl Default for Metrics {
@@ -205,6 +208,7 @@ impl Metrics {
             requests: tally::Tally::new(128),
             decisions: tally::Tally::new(64),
             reloads: Default::default(),
+            trace_spans: Default::default(),
             handle,
             recorder,
         }
@@ -298,6 +302,13 @@ impl Metrics {
             let n = n.load(Relaxed);
             if n > 0 {
                 counter("routerd_migrations_total", &[("outcome", outcome)], n);
+            }
+        }
+        let spans = [("exported", &self.trace_spans.exported), ("failed", &self.trace_spans.failed)];
+        for (outcome, n) in spans {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                counter("routerd_trace_spans_total", &[("outcome", outcome)], n);
             }
         }
         for (result, n) in RELOAD_RESULTS.iter().zip(&self.reloads) {

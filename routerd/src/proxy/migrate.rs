@@ -697,6 +697,8 @@ pub(crate) struct Leg {
     pub worker: Arc<Worker>,
     pub guards: Vec<LoadGuard>,
     pub usage: Option<UsageScan>,
+    /// The worker attempt's trace span (ends with the leg).
+    pub span: crate::otel::Attempt,
 }
 
 /// Relays an event stream to the client and, each time its worker fails mid-way, goes on
@@ -719,9 +721,16 @@ pub(crate) async fn relay(
     loop {
         let mut filter = |e: &[u8]| resume.on_event(e);
         let mut cutter = Cutter::with_filter(&mut filter);
-        let Leg { answer, worker, guards, mut usage } = leg;
+        let Leg { answer, worker, guards, mut usage, span } = leg;
         let pumped = relay::pump(answer, &worker, c, &mut cutter, &mut usage, limits).await;
         drop(usage);
+        match &pumped {
+            Ok(()) => span.ended("relayed"),
+            Err(Cut::Worker(reason)) => span.failed(reason),
+            Err(Cut::ClientGone) => span.ended("client_gone"),
+            Err(Cut::Deadline) => span.ended("deadline"),
+        }
+        drop(span);
         let mut cutter = cutter.unfiltered();
         let noticed = Instant::now();
         if let (true, Some(seam)) = (std::mem::take(&mut seam_open), resume.seam) {
@@ -821,8 +830,10 @@ async fn continue_on(
             return Err(Failed::Outcome("budget", "the retry budget is spent".into()));
         }
         let got = match &r.live.pools {
-            Some(pools) => super::pd::continuation(r, pools, c, &ask, &body, &mut avoid).await,
-            None => regular(r, c, &ask, &body, &mut avoid).await,
+            Some(pools) => {
+                super::pd::continuation(r, pools, c, &ask, &body, &mut avoid, attempt).await
+            }
+            None => regular(r, c, &ask, &body, &mut avoid, attempt).await,
         };
         match got {
             Ok(leg) => return Ok(leg),
@@ -844,6 +855,7 @@ async fn regular(
     ask: &Ask<'_>,
     body: &[u8],
     avoid: &mut Vec<Arc<Worker>>,
+    attempt: u32,
 ) -> Result<Leg, Failed> {
     let cfg = &r.live.config;
     let snap = r.app.registry.load();
@@ -853,13 +865,19 @@ async fn regular(
     let worker = picked.worker;
     let guard = worker.start_request();
     let mut request = Vec::with_capacity(body.len() + 256);
-    super::write_request(&mut request, &worker, ask.route.path(), &r.head.headers, r.rid, body);
+    let span = ask.trace.attempt(&worker, "regular", attempt, ask.migration);
+    let (path, tp) = (ask.route.path(), span.traceparent());
+    super::write_request(&mut request, &worker, path, &r.head.headers, r.rid, tp, body);
     let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
     avoid.push(worker.clone());
     let answer = match super::send(&worker, &request, Some(c), timeouts, r.deadline).await {
-        Ok(a) => a,
+        Ok(a) => {
+            span.answered(a.head().status());
+            a
+        }
         Err(super::Stop::Closed) => return Err(Failed::ClientGone),
         Err(super::Stop::Failed(e)) => {
+            span.failed(&e);
             worker.errors_total.fetch_add(1, Relaxed);
             super::failed(r.app, &worker, &cfg.circuit_breaker);
             worker.set_last_error(&e);
@@ -867,7 +885,7 @@ async fn regular(
         }
     };
     let usage = worker.clone();
-    accept(r.app, answer, worker, vec![guard], usage, &cfg.circuit_breaker)
+    accept(r.app, answer, worker, vec![guard], usage, span, &cfg.circuit_breaker)
 }
 
 /// A continuation's answer is used when it is a stream that began well (the engine's usage
@@ -878,14 +896,16 @@ pub(crate) fn accept(
     worker: Arc<Worker>,
     guards: Vec<LoadGuard>,
     usage_of: Arc<Worker>,
+    span: crate::otel::Attempt,
     breaker: &crate::config::BreakerConfig,
 ) -> Result<Leg, Failed> {
     let status = answer.head().status();
     if status == 200 && answer.head().is_event_stream() && answer.check_buffered().is_ok() {
         worker.breaker.record_success(breaker);
         let usage = Some(UsageScan::new(usage_of, true));
-        return Ok(Leg { answer, worker, guards, usage });
+        return Ok(Leg { answer, worker, guards, usage, span });
     }
+    span.failed(&format!("answered the continuation with {status}"));
     if status >= 500 {
         worker.errors_total.fetch_add(1, Relaxed);
         super::failed(app, &worker, breaker);

@@ -26,6 +26,7 @@ use crate::error::RouterError;
 use crate::http1::head::Head;
 use crate::http1::worker::{exchange, RequestWriter, WireError, WorkerResponse};
 use crate::http1::{respond, ClientSession};
+use crate::otel::RequestSpan;
 use crate::policy::{Policy, RequestInfo};
 use crate::registry::Worker;
 pub use extract::Route;
@@ -117,7 +118,12 @@ pub async fn forward(
 ) -> bool {
     let started = Instant::now();
     let (rid_name, rid) = request_id(&live.config, &head.headers);
-    let served = match dispatch(app, live, c, route, head, body, (&rid_name, &rid), keep).await {
+    let trace = match &app.otel {
+        Some(o) => o.request("POST", route.path(), &head.headers),
+        None => RequestSpan::default(),
+    };
+    let rid_pair = (&rid_name, &rid);
+    let served = match dispatch(app, live, c, route, head, body, rid_pair, keep, &trace).await {
         Ok(served) => served,
         Err(Stop::Closed) => Served::unanswered(false, 499),
         Err(Stop::Failed(e)) => {
@@ -134,6 +140,8 @@ pub async fn forward(
         }
     };
     let took = started.elapsed();
+    let worker = served.worker.as_ref().map(|w| w.url());
+    trace.end(served.status, worker, served.migrations, served.first_event);
     app.metrics.request(route, served.status, took);
     app.totals.record(served.status, took);
     if let Some(t) = served.first_event {
@@ -198,6 +206,8 @@ pub(crate) struct Ask<'a> {
     /// 0 for the request as the client sent it, n for its n-th continuation after a worker
     /// failed mid-stream.
     pub migration: u32,
+    /// The request's trace (empty when traces are off).
+    pub trace: &'a RequestSpan<'a>,
 }
 
 /// A policy's choice.
@@ -238,6 +248,7 @@ pub(crate) fn pick(
         kv: ask.tokens.map(|_| &*app.kv),
         peers: app.peers.active().then_some(&*app.peers),
     };
+    let started = ask.trace.is_on().then(std::time::SystemTime::now);
     let d = policy.decide(candidates, &strict).or_else(|| {
         let any = RequestInfo { ignore_health: true, ..strict };
         ask.panic.then(|| policy.decide(candidates, &any)).flatten()
@@ -260,6 +271,9 @@ pub(crate) fn pick(
         app.decisions.push(record);
     }
     let worker = candidates[d.index].clone();
+    if let Some(started) = started {
+        ask.trace.decision(started, pool_name, policy.name(), &d, &worker, ask.migration);
+    }
     Some(Picked { worker, header, matched_chars: d.matched_chars, accounting })
 }
 
@@ -273,6 +287,7 @@ async fn dispatch(
     body: Bytes,
     rid: (&HeaderName, &HeaderValue),
     keep: bool,
+    trace: &RequestSpan<'_>,
 ) -> Result<Served, Stop> {
     let probe = extract::probe(&body).map_err(Stop::Failed)?;
     let streaming = probe.stream.unwrap_or(false);
@@ -303,6 +318,7 @@ async fn dispatch(
         routing_key,
         tokens: tokens.as_deref(),
         migration: 0,
+        trace,
     };
     let limit = live.config.retry.migration_limit;
     let mut plan = migrate::Plan::new(streaming, route, &probe, limit);
@@ -336,7 +352,9 @@ async fn dispatch(
             )
         });
         let guard = worker.start_request();
-        write_request(&mut request, &worker, route.path(), &head.headers, rid, &first_body);
+        let span = trace.attempt(&worker, "regular", attempt, 0);
+        let tp = span.traceparent();
+        write_request(&mut request, &worker, route.path(), &head.headers, rid, tp, &first_body);
         let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
         let outcome = send(&worker, &request, Some(&mut *c), timeouts, deadline).await;
         attempt += 1;
@@ -349,6 +367,7 @@ async fn dispatch(
         let answer = match outcome {
             Err(Stop::Closed) => return Err(Stop::Closed),
             Err(Stop::Failed(e)) => {
+                span.failed(&e);
                 worker.errors_total.fetch_add(1, Relaxed);
                 failed(app, &worker, &cfg.circuit_breaker);
                 worker.set_last_error(&e);
@@ -360,6 +379,7 @@ async fn dispatch(
             }
             Ok(answer) => {
                 let status = answer.head().status();
+                span.answered(status);
                 if status >= 500 {
                     worker.errors_total.fetch_add(1, Relaxed);
                     failed(app, &worker, &cfg.circuit_breaker);
@@ -384,7 +404,7 @@ async fn dispatch(
             }
         };
         let Some(answer) = answer else {
-            drop(guard);
+            drop((guard, span));
             app.metrics.retried();
             worker.retries_total.fetch_add(1, Relaxed);
             tried.push(worker);
@@ -410,12 +430,14 @@ async fn dispatch(
             let r =
                 migrate::Request { app, live, head, body: &body, ask: &ask, rid, deadline, keep };
             let worker = worker.clone();
-            let leg = migrate::Leg { answer, worker, guards: vec![guard], usage: Some(scan) };
+            let guards = vec![guard];
+            let leg = migrate::Leg { answer, worker, guards, usage: Some(scan), span };
             return Ok(migrate::relay(&r, c, leg, &extra, resume).await);
         }
         let limits = relay::BodyTimeouts { deadline, idle: cfg.server.stream_idle_timeout };
         let v = head.version;
         let done = relay::respond(answer, &worker, c, v, keep, &extra, Some(scan), limits).await;
+        span.relayed(&done);
         if let Some(failure) = &done.worker_failure {
             worker.errors_total.fetch_add(1, Relaxed);
             failed(app, &worker, &cfg.circuit_breaker);
@@ -446,12 +468,19 @@ fn write_request(
     path: &str,
     client: &HeaderMap,
     rid: (&HeaderName, &HeaderValue),
+    traceparent: Option<&HeaderValue>,
     body: &[u8],
 ) {
     let mut req = RequestWriter::post(out, path, worker.authority.as_str());
     upstream::each_worker_header(worker, client, Some(rid), |name, value| {
-        req.header(name.as_str().as_bytes(), value.as_bytes())
+        // With traces on, the worker's parent is routerd's attempt, not the client's span.
+        if traceparent.is_none() || name != upstream::TRACEPARENT {
+            req.header(name.as_str().as_bytes(), value.as_bytes())
+        }
     });
+    if let Some(tp) = traceparent {
+        req.header(upstream::TRACEPARENT.as_str().as_bytes(), tp.as_bytes());
+    }
     match worker.dp_rank {
         Some(rank) => req.body(&crate::dp::with_rank(body, rank)),
         None => req.body(body),

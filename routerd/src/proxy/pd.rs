@@ -26,6 +26,7 @@ use crate::error::RouterError;
 use crate::http1::head::Head;
 use crate::http1::worker::WorkerResponse;
 use crate::http1::{respond, ClientSession};
+use crate::otel::Attempt;
 use crate::registry::{Worker, WorkerRole};
 
 /// Largest prefill answer read (it carries the prompt's logprobs at most).
@@ -68,9 +69,13 @@ pub(crate) async fn dispatch(
         let (pg, dg) = (prefill.start_request(), decode.start_request());
         let with_room = bootstrap(&first_body, &prefill, batch);
         let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
-        write_request(&mut req_p, &prefill, route.path(), &head.headers, rid, &with_room);
-        write_request(&mut req_d, &decode, route.path(), &head.headers, rid, &with_room);
+        let (sp, sd) = spans(ask, &prefill, &decode, attempt);
+        let (tp, td) = (sp.traceparent(), sd.traceparent());
+        write_request(&mut req_p, &prefill, route.path(), &head.headers, rid, tp, &with_room);
+        write_request(&mut req_d, &decode, route.path(), &head.headers, rid, td, &with_room);
         let legs = both(app, &prefill, &decode, &req_p, &req_d, c, timeouts, deadline).await;
+        legs.trace(&sp, &sd);
+        drop(sp);
         attempt += 1;
         let (failed_leg, failure, answered) = match legs {
             Legs::ClientGone => return Err(Stop::Closed),
@@ -96,7 +101,8 @@ pub(crate) async fn dispatch(
                     let r = migrate::Request { app, live, head, body, ask, rid, deadline, keep };
                     let guards = vec![pg, dg];
                     let worker = decode.clone();
-                    let leg = migrate::Leg { answer, worker, guards, usage: Some(scan) };
+                    let usage = Some(scan);
+                    let leg = migrate::Leg { answer, worker, guards, usage, span: sd };
                     return Ok(migrate::relay(&r, c, leg, &extra, resume).await);
                 }
                 let v = head.version;
@@ -111,6 +117,7 @@ pub(crate) async fn dispatch(
                             .await
                     }
                 };
+                sd.relayed(&done);
                 if let Some(failure) = &done.worker_failure {
                     decode.errors_total.fetch_add(1, Relaxed);
                     failed(app, &decode, &cfg.circuit_breaker);
@@ -201,6 +208,7 @@ pub(super) async fn continuation(
     ask: &Ask<'_>,
     body: &[u8],
     avoid: &mut Vec<Arc<Worker>>,
+    attempt: u32,
 ) -> Result<Leg, Failed> {
     let cfg = &r.live.config;
     let no_worker = |_| Failed::Outcome("no_worker", "no PD pair is routable".into());
@@ -212,15 +220,19 @@ pub(super) async fn continuation(
     let with_room = bootstrap(body, &prefill, None);
     let (mut req_p, mut req_d) = (Vec::new(), Vec::new());
     let path = ask.route.path();
-    write_request(&mut req_p, &prefill, path, &r.head.headers, r.rid, &with_room);
-    write_request(&mut req_d, &decode, path, &r.head.headers, r.rid, &with_room);
+    let (sp, sd) = spans(ask, &prefill, &decode, attempt);
+    let (tp, td) = (sp.traceparent(), sd.traceparent());
+    write_request(&mut req_p, &prefill, path, &r.head.headers, r.rid, tp, &with_room);
+    write_request(&mut req_d, &decode, path, &r.head.headers, r.rid, td, &with_room);
     let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);
     let legs = both(r.app, &prefill, &decode, &req_p, &req_d, c, timeouts, r.deadline).await;
+    legs.trace(&sp, &sd);
+    drop(sp);
     let (leg, why) = match legs {
         Legs::Ok(_, answer) => {
             prefill.breaker.record_success(&cfg.circuit_breaker);
-            let usage = prefill.clone();
-            return migrate::accept(r.app, answer, decode, guards, usage, &cfg.circuit_breaker);
+            let (usage, breaker) = (prefill.clone(), &cfg.circuit_breaker);
+            return migrate::accept(r.app, answer, decode, guards, usage, sd, breaker);
         }
         Legs::ClientGone => return Err(Failed::ClientGone),
         Legs::PrefillFailed(e) => (prefill, e.to_string()),
@@ -291,6 +303,31 @@ enum Legs {
     PrefillAnswered(relay::Fetched),
     DecodeAnswered(WorkerResponse),
     ClientGone,
+}
+
+impl Legs {
+    /// What each leg's trace span records of how the pair's attempt went.
+    fn trace(&self, prefill: &Attempt, decode: &Attempt) {
+        match self {
+            Legs::Ok(f, a) => {
+                prefill.answered(f.status);
+                decode.answered(a.head().status());
+            }
+            Legs::PrefillFailed(e) => prefill.failed(e),
+            Legs::DecodeFailed(e) => decode.failed(e),
+            Legs::PrefillAnswered(f) => prefill.answered(f.status),
+            Legs::DecodeAnswered(a) => decode.answered(a.head().status()),
+            Legs::ClientGone => decode.ended("client_gone"),
+        }
+    }
+}
+
+/// The trace spans of a pair's attempt: one per leg.
+fn spans(ask: &Ask<'_>, prefill: &Worker, decode: &Worker, attempt: u32) -> (Attempt, Attempt) {
+    (
+        ask.trace.attempt(prefill, "prefill", attempt, ask.migration),
+        ask.trace.attempt(decode, "decode", attempt, ask.migration),
+    )
 }
 
 /// Runs both legs at once. The first failure wins and drops the other leg (which cancels it on

@@ -29,12 +29,15 @@ use crate::registry::Worker;
 pub const WORKER_HEADER_NAME: &str = "x-routerd-worker";
 pub const WORKER_HEADER: HeaderName = HeaderName::from_static(WORKER_HEADER_NAME);
 
+/// The W3C trace context header (passed to workers; replaced by routerd's own with traces on).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// Request headers passed from the client to the worker (besides `authorization`, which the
 /// worker's own key replaces when it has one).
 const PASSED: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::ACCEPT,
-    HeaderName::from_static("traceparent"),
+    TRACEPARENT,
     HeaderName::from_static("tracestate"),
 ];
 
