@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -100,7 +100,12 @@ impl Otel {
 
     /// The root span of one inference request, a child of the client's `traceparent` when it
     /// sent one.
-    pub fn request(&self, method: &str, path: &'static str, headers: &HeaderMap) -> RequestSpan<'_> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &'static str,
+        headers: &HeaderMap,
+    ) -> RequestSpan<'_> {
         let parent = self.propagator.extract(&Headers(headers));
         let span = self
             .tracer
@@ -180,7 +185,13 @@ impl RequestSpan<'_> {
 
     /// One attempt on `worker` (`role`: regular, prefill or decode), number `attempt` from 0;
     /// `migration` > 0 for a stream's continuation after its worker failed. Ends when dropped.
-    pub fn attempt(&self, worker: &Worker, role: &'static str, attempt: u32, migration: u32) -> Attempt {
+    pub fn attempt(
+        &self,
+        worker: &Worker,
+        role: &'static str,
+        attempt: u32,
+        migration: u32,
+    ) -> Attempt {
         let Some((cx, otel)) = &self.on else { return Attempt::default() };
         let mut attrs = vec![
             KeyValue::new("routerd.worker", worker.url().to_owned()),
@@ -209,7 +220,13 @@ impl RequestSpan<'_> {
 
     /// Ends the request's span: the status the client got, the worker that answered, how many
     /// times the stream was continued, and when its first event went out.
-    pub fn end(&self, status: u16, worker: Option<&str>, migrations: u32, first_event: Option<Instant>) {
+    pub fn end(
+        &self,
+        status: u16,
+        worker: Option<&str>,
+        migrations: u32,
+        first_event: Option<Instant>,
+    ) {
         let Some((cx, _)) = &self.on else { return };
         let span = cx.span();
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
@@ -337,7 +354,8 @@ impl<E> std::fmt::Debug for Exporter<E> {
 impl<E: SpanExporter> SpanExporter for Exporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len() as u64;
-        let result = Entered { handle: &self.handle, inner: Box::pin(self.inner.export(batch)) }.await;
+        let result =
+            Entered { handle: &self.handle, inner: Box::pin(self.inner.export(batch)) }.await;
         match &result {
             Ok(()) => self.counts.exported.fetch_add(n, Relaxed),
             Err(e) => {

@@ -20,6 +20,7 @@ mod router_replicas;
 mod router_routes;
 mod router_security;
 mod router_tls;
+mod router_traces;
 mod router_watch;
 mod router_wire;
 mod sim_api;

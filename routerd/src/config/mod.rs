@@ -24,9 +24,9 @@ pub use crate::secret::Secret;
 pub use discovery::label_selector;
 pub use error::{ConfigError, ConfigErrors, Source};
 pub use flags::{unsupported_flag, Cli, Command, Flags, UNSUPPORTED_SGL_ROUTER_FLAGS};
-pub use trace::{TraceConfig, TraceProtocol};
 use raw::RawConfig;
 pub use tls::TlsConfig;
+pub use trace::{TraceConfig, TraceProtocol};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {

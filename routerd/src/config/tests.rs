@@ -798,3 +798,36 @@ endpoint = "tcp://h:2"
         assert!(e.iter().any(|e| e.contains(want)), "{want}: {e:?}");
     }
 }
+
+#[test]
+fn trace_section_and_its_errors() {
+    let c = build(
+        r#"
+[trace]
+enabled = true
+endpoint = "collector:4318"
+protocol = "http/protobuf"
+service_name = "router-eu"
+sample_ratio = 0.25
+max_queue_size = 100
+schedule_delay = "1s"
+"#,
+        &Flags::default(),
+    )
+    .unwrap();
+    let t = c.trace.unwrap();
+    assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+    assert_eq!((t.protocol, t.service_name.as_str()), (TraceProtocol::HttpProtobuf, "router-eu"));
+    assert_eq!((t.sample_ratio, t.max_queue_size), (0.25, 100));
+    assert_eq!(t.max_export_batch_size, 512);
+    assert_eq!(t.schedule_delay, Duration::from_secs(1));
+    assert!(build("[trace]\nendpoint = \"c:4317\"\n", &Flags::default()).unwrap().trace.is_none());
+    let e = errors("[trace]\nenabled = true\nprotocol = \"udp\"\nsample_ratio = 2.0\n");
+    assert!(e.iter().any(|e| e.contains("trace.protocol") && e.contains("r.toml:3")), "{e:?}");
+    assert!(e.iter().any(|e| e.contains("trace.sample_ratio") && e.contains("r.toml:4")), "{e:?}");
+    let e = errors("[trace]\nenabled = true\nendpoint = \"nohost\"\n");
+    assert!(e.iter().any(|e| e.contains("trace.endpoint") && e.contains("no port")), "{e:?}");
+    let flags = Flags { enable_trace: true, ..Flags::default() };
+    let t = build("", &flags).unwrap().trace.unwrap();
+    assert_eq!((t.endpoint.as_str(), t.protocol), ("http://localhost:4317", TraceProtocol::Grpc));
+}

@@ -77,8 +77,12 @@ impl Builder<'_> {
         let batch = t.max_export_batch_size.as_ref().map(|v| (*v.get_ref() as usize, At::span(v)));
         let max_export_batch_size =
             batch.map_or(512, |b| self.count("trace.max_export_batch_size", b, 512));
-        let schedule_delay =
-            self.duration("trace.schedule_delay", None, t.schedule_delay, Duration::from_millis(500));
+        let schedule_delay = self.duration(
+            "trace.schedule_delay",
+            None,
+            t.schedule_delay,
+            Duration::from_millis(500),
+        );
         let service_name = t.service_name.unwrap_or_else(|| "routerd".to_owned());
         enabled.then_some(TraceConfig {
             endpoint,
@@ -102,7 +106,9 @@ fn normalize(raw: &str, protocol: TraceProtocol) -> Result<String, String> {
         return Err(format!("{raw:?} is not HOST:PORT or an http(s):// URL"));
     }
     if uri.port_u16().is_none() {
-        return Err(format!("{raw:?} has no port (the collector's is 4317 for gRPC, 4318 for HTTP)"));
+        return Err(format!(
+            "{raw:?} has no port (the collector's is 4317 for gRPC, 4318 for HTTP)"
+        ));
     }
     Ok(match protocol {
         TraceProtocol::HttpProtobuf if uri.path() == "/" => {

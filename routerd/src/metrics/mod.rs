@@ -304,7 +304,8 @@ impl Metrics {
                 counter("routerd_migrations_total", &[("outcome", outcome)], n);
             }
         }
-        let spans = [("exported", &self.trace_spans.exported), ("failed", &self.trace_spans.failed)];
+        let spans =
+            [("exported", &self.trace_spans.exported), ("failed", &self.trace_spans.failed)];
         for (outcome, n) in spans {
             let n = n.load(Relaxed);
             if n > 0 {

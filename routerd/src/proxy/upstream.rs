@@ -34,12 +34,8 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Request headers passed from the client to the worker (besides `authorization`, which the
 /// worker's own key replaces when it has one).
-const PASSED: [HeaderName; 4] = [
-    header::CONTENT_TYPE,
-    header::ACCEPT,
-    TRACEPARENT,
-    HeaderName::from_static("tracestate"),
-];
+const PASSED: [HeaderName; 4] =
+    [header::CONTENT_TYPE, header::ACCEPT, TRACEPARENT, HeaderName::from_static("tracestate")];
 
 #[derive(Clone)]
 pub struct Upstream {
