@@ -393,3 +393,60 @@ fn trace_flags_map_into_the_config_and_bad_endpoints_are_named() {
     let e = Config::build(None, &bad).unwrap_err().to_string();
     assert!(e.contains("--otlp-traces-endpoint") && e.contains("no port"), "{e}");
 }
+
+#[tokio::test]
+async fn a_pd_request_has_a_span_per_leg() {
+    use routerctl::sim::Role;
+    let received = Received::default();
+    let (collector, serving) = grpc_collector(received.clone()).await;
+    let leg = |role| {
+        move |a: &mut routerctl::sim::SimArgs| {
+            a.role = role;
+            a.bootstrap_timeout_secs = 10.0;
+        }
+    };
+    let (p, d) = (sim(leg(Role::Prefill)).await, sim(leg(Role::Decode)).await);
+    let flags = Flags {
+        pd_disaggregation: true,
+        policy: Some("round_robin".into()),
+        prefill: vec![p.url(), p.bootstrap_addr.unwrap().port().to_string()],
+        decode: vec![d.url()],
+        enable_trace: true,
+        otlp_traces_endpoint: Some(collector),
+        ..Default::default()
+    };
+    let mut c = Config::build(None, &flags).unwrap();
+    c.trace.as_mut().unwrap().schedule_delay = Duration::from_millis(50);
+    let r = router(c).await;
+    let (s, _) = routerd_e2e::post_json(
+        format!("{}/generate", r.url()),
+        &json!({"text": "pd", "sampling_params": {"max_new_tokens": 2}}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    eventually(Duration::from_secs(10), "the PD request's spans", || {
+        let n = received.all().len();
+        async move { n >= 5 }
+    })
+    .await;
+    let all: Vec<Span> = received.all().into_iter().map(|(_, s)| s).collect();
+    let root = all.iter().find(|s| s.name == "POST /generate").unwrap();
+    let child = |name: &str| {
+        all.iter()
+            .filter(|s| s.parent_span_id == root.span_id && s.name == name)
+            .collect::<Vec<_>>()
+    };
+    let mut pools: Vec<_> = child("route").iter().filter_map(|s| text(s, "routerd.pool")).collect();
+    pools.sort();
+    assert_eq!(pools, ["decode", "prefill"]);
+    let (pa, da) = (child("prefill attempt"), child("decode attempt"));
+    assert_eq!((pa.len(), da.len()), (1, 1));
+    assert_eq!(text(pa[0], "routerd.worker"), Some(p.url().as_str()));
+    assert_eq!(text(da[0], "routerd.worker"), Some(d.url().as_str()));
+    assert_eq!(int(pa[0], "http.response.status_code"), Some(200));
+    assert_eq!(text(da[0], "routerd.end"), Some("relayed"));
+    r.shutdown().await;
+    serving.abort();
+    p.shutdown().await;
+    d.shutdown().await;
+}
