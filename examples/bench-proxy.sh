@@ -15,7 +15,8 @@
 # the way they run by default. ROUTERD_BASE=path adds a target `routerd-base`: that routerd
 # binary (an earlier build) with the same flags, measured in the same run.
 #   examples/bench-proxy.sh [DURATION_SECS=10] [TARGETS="direct nginx routerd sgl-router"] [CONCS="1 16 64 256"]
-#   env: REPS=3 RATE=5000 PROXY_THREADS=1 ROUTERD_BASE= ROUTERD_BIN=target/release/routerd
+# ROUTERD_ARGS adds flags to the `routerd` target only (e.g. --enable-trace ...).
+#   env: REPS=3 RATE=5000 PROXY_THREADS=1 ROUTERD_BASE= ROUTERD_BIN=target/release/routerd ROUTERD_ARGS=
 set -euo pipefail
 dur=${1:-10}
 targets=${2:-"direct nginx routerd sgl-router"}
@@ -80,7 +81,7 @@ for t in $targets; do
         nginx) "${pin[@]}" "$NGINX" -c "$tmp/px.conf" -p "$tmp"; wait_up "$NGX" ;;
         routerd)
             "${pin[@]}" "$rd_bin" --worker-threads "$pthreads" --policy round_robin --port "$RD" --prometheus-port 0 \
-                --worker-urls "http://127.0.0.1:$UP" --log-level warn >"$tmp/routerd.log" 2>&1 &
+                --worker-urls "http://127.0.0.1:$UP" --log-level warn ${ROUTERD_ARGS:-} >"$tmp/routerd.log" 2>&1 &
             pids+=($!); rd_pid=$!; wait_up "$RD" ;;
         routerd-base)
             "${pin[@]}" "$ROUTERD_BASE" --worker-threads "$pthreads" --policy round_robin --port "$RB" --prometheus-port 0 \

@@ -135,9 +135,9 @@ pub struct RequestSpan<'a> {
 }
 
 impl RequestSpan<'_> {
-    /// Whether this request is traced (spans to record).
+    /// Whether this request is recorded (sampled): whether its decisions make spans.
     pub fn is_on(&self) -> bool {
-        self.on.is_some()
+        self.on.as_ref().is_some_and(|(cx, _)| cx.span().is_recording())
     }
 
     /// A routing decision, made between `started` and now: a child span of the request.
@@ -150,7 +150,7 @@ impl RequestSpan<'_> {
         worker: &Worker,
         migration: u32,
     ) {
-        let Some((cx, otel)) = &self.on else { return };
+        let Some((cx, otel)) = self.on.as_ref().filter(|_| self.is_on()) else { return };
         let mut attrs = vec![
             KeyValue::new("routerd.pool", pool),
             KeyValue::new("routerd.policy", policy),

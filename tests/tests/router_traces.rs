@@ -450,3 +450,36 @@ async fn a_pd_request_has_a_span_per_leg() {
     p.shutdown().await;
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unsampled_client_trace_is_passed_on_and_not_recorded() {
+    let received = Received::default();
+    let (collector, serving) = grpc_collector(received.clone()).await;
+    let (good, mut heads) = recording_worker().await;
+    let r = router(traced(vec![good], &collector, "grpc")).await;
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let sampled = "1bf7651916cd43dd8448eb211c80319d";
+    for (trace, flags) in [(unsampled, "00"), (sampled, "01")] {
+        let resp = client()
+            .post(format!("{}/generate", r.url()))
+            .header("traceparent", format!("00-{trace}-b7ad6b7169203331-{flags}"))
+            .json(&json!({"text": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let head = heads.recv().await.unwrap();
+        let passed = head.lines().find_map(|l| l.strip_prefix("traceparent: ")).unwrap();
+        assert!(passed.starts_with(&format!("00-{trace}-")), "{passed}");
+        assert!(passed.ends_with(&format!("-{flags}")), "the decision is passed on: {passed}");
+        assert!(!passed.contains("b7ad6b7169203331"), "the worker's parent is routerd's span");
+    }
+    eventually(Duration::from_secs(10), "the sampled trace exported", || {
+        let n = received.of_trace(&unhex(sampled)).len();
+        async move { n >= 3 }
+    })
+    .await;
+    r.shutdown().await;
+    assert!(received.of_trace(&unhex(unsampled)).is_empty(), "the client said not to record");
+    serving.abort();
+}
