@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::config::{TraceConfig, TraceProtocol};
 use crate::policy::Decision;
+use crate::proxy::Route;
 use crate::registry::Worker;
 
 /// How long one export may take before it counts as failed (the spans it carried are lost).
@@ -100,23 +101,27 @@ impl Otel {
 
     /// The root span of one inference request, a child of the client's `traceparent` when it
     /// sent one.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &'static str,
-        headers: &HeaderMap,
-    ) -> RequestSpan<'_> {
+    pub fn request(&self, route: Route, headers: &HeaderMap) -> RequestSpan<'_> {
         let parent = self.propagator.extract(&Headers(headers));
-        let span = self
+        let name = match route {
+            Route::Generate => "POST /generate",
+            Route::Completions => "POST /v1/completions",
+            Route::Chat => "POST /v1/chat/completions",
+            Route::Embeddings => "POST /v1/embeddings",
+        };
+        let mut span = self
             .tracer
-            .span_builder(format!("{method} {path}"))
+            .span_builder(name)
             .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("http.route", path),
-                KeyValue::new("url.path", path),
-            ])
             .start_with_context(&self.tracer, &parent);
+        // Attributes only for a recorded span: an unsampled request costs as little as can be.
+        if span.is_recording() {
+            span.set_attributes([
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("http.route", route.path()),
+                KeyValue::new("url.path", route.path()),
+            ]);
+        }
         RequestSpan { on: Some((parent.with_span(span), self)) }
     }
 
@@ -193,6 +198,19 @@ impl RequestSpan<'_> {
         migration: u32,
     ) -> Attempt {
         let Some((cx, otel)) = &self.on else { return Attempt::default() };
+        let name = match role {
+            "prefill" => "prefill attempt",
+            "decode" => "decode attempt",
+            _ => "regular attempt",
+        };
+        let mut span = otel
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .start_with_context(&otel.tracer, cx);
+        if !span.is_recording() {
+            return Attempt::propagating(otel, cx.with_span(span));
+        }
         let mut attrs = vec![
             KeyValue::new("routerd.worker", worker.url().to_owned()),
             KeyValue::new("server.address", worker.authority.host().to_owned()),
@@ -206,16 +224,8 @@ impl RequestSpan<'_> {
         if migration > 0 {
             attrs.push(KeyValue::new("routerd.migration", i64::from(migration)));
         }
-        let span = otel
-            .tracer
-            .span_builder(format!("{role} attempt"))
-            .with_kind(SpanKind::Client)
-            .with_attributes(attrs)
-            .start_with_context(&otel.tracer, cx);
-        let cx = cx.with_span(span);
-        let mut headers = Carrier::default();
-        otel.propagator.inject_context(&cx, &mut headers);
-        Attempt { cx: Some(cx), traceparent: headers.traceparent }
+        span.set_attributes(attrs);
+        Attempt::propagating(otel, cx.with_span(span))
     }
 
     /// Ends the request's span: the status the client got, the worker that answered, how many
@@ -229,6 +239,9 @@ impl RequestSpan<'_> {
     ) {
         let Some((cx, _)) = &self.on else { return };
         let span = cx.span();
+        if !span.is_recording() {
+            return span.end();
+        }
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
         if let Some(w) = worker {
             span.set_attribute(KeyValue::new("routerd.worker", w.to_owned()));
@@ -251,10 +264,24 @@ impl RequestSpan<'_> {
 #[derive(Default)]
 pub struct Attempt {
     cx: Option<Context>,
+    recording: bool,
     traceparent: Option<HeaderValue>,
 }
 
 impl Attempt {
+    /// The attempt in `cx`, with the `traceparent` that names it.
+    fn propagating(otel: &Otel, cx: Context) -> Self {
+        let mut headers = Carrier::default();
+        otel.propagator.inject_context(&cx, &mut headers);
+        let recording = cx.span().is_recording();
+        Attempt { cx: Some(cx), recording, traceparent: headers.traceparent }
+    }
+
+    /// The span, when it is recorded.
+    fn recorded(&self) -> Option<opentelemetry::trace::SpanRef<'_>> {
+        self.cx.as_ref().filter(|_| self.recording).map(|cx| cx.span())
+    }
+
     /// The `traceparent` for the worker's request: this attempt as the engine's parent.
     pub fn traceparent(&self) -> Option<&HeaderValue> {
         self.traceparent.as_ref()
@@ -262,8 +289,7 @@ impl Attempt {
 
     /// The worker's answer began (its head arrived) with `status`.
     pub fn answered(&self, status: u16) {
-        let Some(cx) = &self.cx else { return };
-        let span = cx.span();
+        let Some(span) = self.recorded() else { return };
         span.add_event("first_byte", vec![]);
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
         if status >= 500 {
@@ -273,8 +299,7 @@ impl Attempt {
 
     /// The attempt failed: before an answer (`error`), or the worker's stream was cut.
     pub fn failed(&self, error: &dyn std::fmt::Display) {
-        let Some(cx) = &self.cx else { return };
-        let span = cx.span();
+        let Some(span) = self.recorded() else { return };
         let message = error.to_string();
         span.add_event("failed", vec![KeyValue::new("exception.message", message.clone())]);
         span.set_status(Status::error(message));
@@ -291,8 +316,8 @@ impl Attempt {
     /// How the worker's answer ended when the worker did not fail: `relayed` (whole),
     /// `client_gone`, `deadline`.
     pub fn ended(&self, how: &'static str) {
-        let Some(cx) = &self.cx else { return };
-        cx.span().set_attribute(KeyValue::new("routerd.end", how));
+        let Some(span) = self.recorded() else { return };
+        span.set_attribute(KeyValue::new("routerd.end", how));
     }
 }
 

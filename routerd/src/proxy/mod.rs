@@ -119,7 +119,7 @@ pub async fn forward(
     let started = Instant::now();
     let (rid_name, rid) = request_id(&live.config, &head.headers);
     let trace = match &app.otel {
-        Some(o) => o.request("POST", route.path(), &head.headers),
+        Some(o) => o.request(route, &head.headers),
         None => RequestSpan::default(),
     };
     let rid_pair = (&rid_name, &rid);
