@@ -493,12 +493,13 @@ fn unimplemented_sgl_router_flags_are_named() {
 #[test]
 fn help_defaults_are_the_real_defaults() {
     use clap::{CommandFactory, Parser};
-    const DESCRIPTIVE: [&str; 5] = [
+    const DESCRIPTIVE: [&str; 6] = [
         "--policy",
         "unlimited",
         "one per CPU",
         "all namespaces",
         "any but link-local and metadata addresses",
+        "$OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else grpc",
     ];
     let base = Config::build(None, &Flags::default()).unwrap();
     let (mut checked, mut described) = (0, Vec::new());
