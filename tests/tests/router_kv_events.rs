@@ -426,3 +426,59 @@ async fn a_workers_endpoint_from_the_config_wins_over_the_fleets() {
     r.shutdown().await;
     shutdown_all(vec![w]).await;
 }
+
+/// A PD pool's own tokenizer (`[tokenizer.prefill]` / `[tokenizer.decode]`): that pool's
+/// decisions are made on the prompt's tokens, the other pool's (no tokenizer) on the tree.
+#[tokio::test]
+async fn a_pd_pool_routes_on_events_with_its_own_tokenizer() {
+    use routerctl::sim::Role;
+    use routerd::kv::tokenize::TokenizerFiles;
+    let dir = ConfigDir::new("pool-tokenizer");
+    let tok = tokenizer(&dir);
+    let leg = |role| {
+        let tok = tok.clone();
+        move |a: &mut SimArgs| {
+            kv_args(a, &tok, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1000);
+            a.role = role;
+            a.bootstrap_timeout_secs = 10.0;
+        }
+    };
+    let (p, d) = (sim(leg(Role::Prefill)).await, sim(leg(Role::Decode)).await);
+    for own in ["prefill", "decode"] {
+        let flags = routerd::config::Flags {
+            pd_disaggregation: true,
+            policy: Some("cache_aware".into()),
+            prefill: vec![p.url(), p.bootstrap_addr.unwrap().port().to_string()],
+            decode: vec![d.url()],
+            ..Default::default()
+        };
+        let mut config = routerd::config::Config::build(None, &flags).unwrap();
+        let files = Some(TokenizerFiles { path: tok.clone(), chat_template: None });
+        match own {
+            "prefill" => config.pool_tokenizers.prefill = files,
+            _ => config.pool_tokenizers.decode = files,
+        }
+        let r = router(config).await;
+        eventually(Duration::from_secs(10), "both pools' events followed", || async {
+            let s = kv_status(&r).await;
+            s["tokenizers"][own].is_string()
+                && s["workers"].as_array().unwrap().len() == 2
+                && s["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|w| w["ranks"].as_array().unwrap().iter().all(|r| r["connected"] == true))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, decision, _) = explained(&r, "/generate", &generate(&prompt(own))).await;
+        let other = if own == "prefill" { "decode" } else { "prefill" };
+        assert!(decision[own]["prompt_tokens"].as_u64().unwrap() > 0, "{decision}");
+        assert!(decision[other].get("prompt_tokens").is_none(), "{decision}");
+        let s = kv_status(&r).await;
+        assert!(s["tokenizers"].get(other).is_none(), "{s}");
+        r.shutdown().await;
+    }
+    p.shutdown().await;
+    d.shutdown().await;
+}

@@ -1,11 +1,14 @@
 //! `[kv_events]` (where workers publish their KV events), the tokenizer routerd hashes
-//! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`), and `[peers]` (the
+//! prompts with (`--tokenizer-path`, `--model-path`, `[tokenizer] path`, a PD pool's own in
+//! `[tokenizer.prefill]` / `[tokenizer.decode]`), and `[peers]` (the
 //! replicas told what this one routes where there are no events).
+
+use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::raw::{RawKvEndpoint, RawKvEvents, RawTokenizer};
-use super::{At, Builder, Flags};
+use super::raw::{RawKvEndpoint, RawKvEvents, RawPoolTokenizer, RawTokenizer};
+use super::{At, Builder, Flags, PoolTokenizers};
 use crate::kv::tokenize::TokenizerFiles;
 use crate::kv::{KvEndpoint, KvEventsConfig, KvWorkerEndpoint};
 
@@ -152,7 +155,7 @@ impl Builder<'_> {
             (None, Some(p)) => Some((self.in_file_dir(p.get_ref()), At::span(&p))),
             (None, None) => None,
         };
-        let (path, at) = match (&f.tokenizer_path, &f.model_path, raw.path) {
+        let path = match (&f.tokenizer_path, &f.model_path, raw.path) {
             (Some(p), _, _) => (p.clone(), At::flag("--tokenizer-path")),
             (None, Some(p), _) => (p.clone(), At::flag("--model-path")),
             (None, None, Some(p)) => (self.in_file_dir(p.get_ref()), At::span(&p)),
@@ -169,10 +172,42 @@ impl Builder<'_> {
                 return None;
             }
         };
+        self.tokenizer_files("tokenizer", path, chat_template)
+    }
+
+    /// `[tokenizer.prefill]` and `[tokenizer.decode]`, PD mode only.
+    pub(super) fn pool_tokenizers(&mut self, raw: &RawTokenizer, pd: bool) -> PoolTokenizers {
+        let mut pool = |name: &str, t: &Option<Spanned<RawPoolTokenizer>>| {
+            let t = t.as_ref()?;
+            let key = format!("tokenizer.{name}");
+            if !pd {
+                let msg = format!("[{key}] is a PD pool's tokenizer; no PD pools are configured");
+                self.error(&key, &At::span(t), msg);
+                return None;
+            }
+            let t = t.get_ref();
+            let path = (self.in_file_dir(t.path.get_ref()), At::span(&t.path));
+            let chat =
+                t.chat_template.as_ref().map(|c| (self.in_file_dir(c.get_ref()), At::span(c)));
+            self.tokenizer_files(&key, path, chat)
+        };
+        PoolTokenizers {
+            prefill: pool("prefill", &raw.prefill),
+            decode: pool("decode", &raw.decode),
+        }
+    }
+
+    /// The files of one tokenizer, checked to exist (errors under `key`).
+    fn tokenizer_files(
+        &mut self,
+        key: &str,
+        (path, at): (PathBuf, At),
+        chat_template: Option<(PathBuf, At)>,
+    ) -> Option<TokenizerFiles> {
         let file = crate::kv::tokenize::tokenizer_file(&path);
         if !file.is_file() {
             self.error(
-                "tokenizer.path",
+                &format!("{key}.path"),
                 &at,
                 format!(
                     "{} is not a tokenizer.json file (or a directory that has one)",
@@ -184,7 +219,7 @@ impl Builder<'_> {
         let chat_template = match chat_template {
             Some((p, at)) if !p.is_file() => {
                 self.error(
-                    "tokenizer.chat_template",
+                    &format!("{key}.chat_template"),
                     &at,
                     format!("{} is not a chat template file", p.display()),
                 );

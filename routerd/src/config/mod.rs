@@ -54,10 +54,35 @@ pub struct Config {
     /// template when one is named (`None`: only requests that carry `input_ids` route on
     /// events).
     pub tokenizer: Option<crate::kv::tokenize::TokenizerFiles>,
+    /// `[tokenizer.prefill]`, `[tokenizer.decode]`: a PD pool's own tokenizer.
+    pub pool_tokenizers: PoolTokenizers,
     /// Peer replicas told what this one routes on its approximate tree (docs/replicas.md).
     pub peers: PeersConfig,
     /// `[trace]`: OpenTelemetry traces, when on (a restart applies changes).
     pub trace: Option<TraceConfig>,
+}
+
+/// A PD pool's own tokenizer, each replacing `Config::tokenizer` for its pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct PoolTokenizers {
+    pub prefill: Option<crate::kv::tokenize::TokenizerFiles>,
+    pub decode: Option<crate::kv::tokenize::TokenizerFiles>,
+}
+
+impl Config {
+    /// The tokenizer requests are hashed with for the workers of `role`.
+    pub fn tokenizer_for(
+        &self,
+        role: crate::registry::WorkerRole,
+    ) -> Option<&crate::kv::tokenize::TokenizerFiles> {
+        use crate::registry::WorkerRole::*;
+        let own = match role {
+            Regular => None,
+            Prefill => self.pool_tokenizers.prefill.as_ref(),
+            Decode => self.pool_tokenizers.decode.as_ref(),
+        };
+        own.or(self.tokenizer.as_ref())
+    }
 }
 
 /// `[peers]`: the other router replicas (approximate mode across replicas).
@@ -470,6 +495,7 @@ impl Builder<'_> {
             self.error("workers", &at, "PD mode routes to prefill and decode pools; regular workers are not allowed with them".into());
         }
         let discovery = self.discovery(raw.discovery, pd.is_some(), f);
+        let pool_tokenizers = self.pool_tokenizers(&raw.tokenizer, pd.is_some());
         Config {
             server,
             policy,
@@ -486,6 +512,7 @@ impl Builder<'_> {
             security,
             tls,
             kv_events: self.kv_events(raw.kv_events),
+            pool_tokenizers,
             tokenizer: self.tokenizer(raw.tokenizer, f),
             peers: self.peers(raw.peers, f),
             trace: self.trace(raw.trace, f),

@@ -83,6 +83,17 @@ pub struct RawTokenizer {
     pub path: Option<Spanned<std::path::PathBuf>>,
     /// A Jinja chat template file (else the one beside the tokenizer).
     pub chat_template: Option<Spanned<std::path::PathBuf>>,
+    /// `[tokenizer.prefill]`, `[tokenizer.decode]`: a PD pool's own, replacing the above.
+    pub prefill: Option<Spanned<RawPoolTokenizer>>,
+    pub decode: Option<Spanned<RawPoolTokenizer>>,
+}
+
+/// `[tokenizer.prefill]` or `[tokenizer.decode]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolTokenizer {
+    pub path: Spanned<std::path::PathBuf>,
+    pub chat_template: Option<Spanned<std::path::PathBuf>>,
 }
 
 /// `[tls]`: how `https://` workers are verified and the client certificate shown to them;

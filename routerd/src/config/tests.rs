@@ -832,3 +832,35 @@ schedule_delay = "1s"
     let t = build("", &flags).unwrap().trace.unwrap();
     assert_eq!((t.endpoint.as_str(), t.protocol), ("http://localhost:4317", TraceProtocol::Grpc));
 }
+
+#[test]
+fn a_pd_pool_can_have_its_own_tokenizer() {
+    use crate::registry::WorkerRole::*;
+    let dir = std::env::temp_dir().join(format!("routerd-cfg-pooltok-{}", std::process::id()));
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    crate::kv::tokenize::write_byte_level(&a).unwrap();
+    crate::kv::tokenize::write_byte_level(&b).unwrap();
+    let pd = "[[prefill]]\nurl = \"http://p:1\"\n[[decode]]\nurl = \"http://d:1\"\n";
+    let text = format!(
+        "{pd}[tokenizer]\npath = \"{}\"\n[tokenizer.decode]\npath = \"{}\"\n",
+        a.display(),
+        b.display()
+    );
+    let c = build(&text, &Flags::default()).unwrap();
+    let path = |role| c.tokenizer_for(role).map(|t| t.path.clone());
+    assert_eq!(path(Prefill), Some(a.join("tokenizer.json")), "[tokenizer]'s");
+    assert_eq!(path(Decode), Some(b.join("tokenizer.json")), "its own");
+    // A pool's own alone: the other pool has none.
+    let only = format!("{pd}[tokenizer.prefill]\npath = \"{}\"\n", a.display());
+    let c = build(&only, &Flags::default()).unwrap();
+    assert!(c.tokenizer_for(Prefill).is_some() && c.tokenizer_for(Decode).is_none());
+    // Outside PD mode, and a missing file, are errors naming the key and the line.
+    let e = errors(&format!("[tokenizer.decode]\npath = \"{}\"\n", b.display()));
+    assert!(e.iter().any(|e| e.contains("tokenizer.decode") && e.contains("no PD pools")), "{e:?}");
+    let e = errors(&format!("{pd}[tokenizer.prefill]\npath = \"{}/nope\"\n", dir.display()));
+    assert!(
+        e.iter().any(|e| e.contains("tokenizer.prefill.path") && e.contains("r.toml:6")),
+        "{e:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,14 +28,17 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     // on them is in use) or only its load reports.
     let mut running: HashMap<String, (CancellationToken, bool)> = HashMap::new();
     let mut asked: HashMap<String, Instant> = HashMap::new();
-    let mut tokenizer_failed: Option<(TokenizerFiles, Instant)> = None;
+    let mut tokenizer_failed: [Option<(TokenizerFiles, Instant)>; 3] = Default::default();
     // Said once per stretch of event routing without a tokenizer (again after one is removed).
     let mut told_no_tokenizer = false;
     loop {
         let live = app.live();
         let cfg = &live.config.kv_events;
         app.kv.set_pending_ttl(cfg.pending_ttl);
-        load_tokenizer(&app, live.config.tokenizer.as_ref(), &mut tokenizer_failed).await;
+        let roles = [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode];
+        for (role, failed) in roles.into_iter().zip(&mut tokenizer_failed) {
+            load_tokenizer(&app, role, live.config.tokenizer_for(role), failed).await;
+        }
         let snapshot = app.registry.snapshot();
         let kv_on = live.uses_kv_events();
         let wanted: BTreeMap<String, WorkerRole> = if cfg.enabled && (kv_on || live.uses_load()) {
@@ -47,7 +50,10 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         } else {
             BTreeMap::new()
         };
-        if kv_on && !running.is_empty() && live.config.tokenizer.is_none() {
+        let any_tokenizer = live.config.tokenizer.is_some()
+            || live.config.pool_tokenizers.prefill.is_some()
+            || live.config.pool_tokenizers.decode.is_some();
+        if kv_on && !running.is_empty() && !any_tokenizer {
             if !told_no_tokenizer {
                 tracing::info!(
                     "KV events without a tokenizer: requests with input_ids route on the events, \
@@ -56,7 +62,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                 );
                 told_no_tokenizer = true;
             }
-        } else if live.config.tokenizer.is_some() {
+        } else if any_tokenizer {
             told_no_tokenizer = false;
         }
         let again = app.kv.take_reresolve();
@@ -107,23 +113,31 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     tasks.wait().await;
 }
 
-/// Loads the configured tokenizer when it changed (off the runtime's threads: a real model's
-/// tokenizer.json takes a moment to parse). A file that does not load is logged once, leaves
+/// Loads the tokenizer configured for `role`'s pool when it changed (off the runtime's
+/// threads: a real model's tokenizer.json takes a moment to parse); one another pool already
+/// loaded from the same files is shared. A file that does not load is logged once, leaves
 /// text prompts on the approximate tree, and is tried again every 10 s (not every pass: a
 /// large file that fails late would cost a parse a second).
 async fn load_tokenizer(
     app: &Arc<App>,
+    role: WorkerRole,
     files: Option<&TokenizerFiles>,
     failed: &mut Option<(TokenizerFiles, Instant)>,
 ) {
-    let current = app.kv.tokenizer.load();
+    let current = app.kv.tokenizer(role);
     if current.as_ref().map(|t| &t.files) == files {
         return;
     }
     let Some(files) = files.cloned() else {
-        app.kv.tokenizer.store(None);
+        app.kv.set_tokenizer(role, None);
         return;
     };
+    let roles = [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode];
+    if let Some(same) = roles.iter().filter_map(|r| app.kv.tokenizer(*r)).find(|t| t.files == files)
+    {
+        app.kv.set_tokenizer(role, Some(same));
+        return;
+    }
     if failed.as_ref().is_some_and(|(f, at)| *f == files && at.elapsed() < ASK_AGAIN) {
         return;
     }
@@ -132,14 +146,15 @@ async fn load_tokenizer(
     match loaded {
         Ok(Ok(t)) => {
             *failed = None;
-            tracing::info!(path = %t.files.path.display(), "tokenizer loaded: text prompts route on KV events");
+            let pool = format!("{role:?}").to_lowercase();
+            tracing::info!(path = %t.files.path.display(), %pool, "tokenizer loaded: text prompts route on KV events");
             match &t.chat {
                 Ok(c) => {
                     tracing::info!(from = %c.origin, "chat template loaded: chat requests route on KV events")
                 }
                 Err(e) => tracing::warn!(error = %e, "chat requests route on the approximate tree"),
             }
-            app.kv.tokenizer.store(Some(Arc::new(t)));
+            app.kv.set_tokenizer(role, Some(Arc::new(t)));
         }
         Ok(Err(e)) => {
             if app.kv.tokenizer_error(&e) {

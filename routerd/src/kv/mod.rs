@@ -17,10 +17,12 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use crate::registry::WorkerRole;
 
 use hash::BlockHash;
 use index::{BlockIndex, Holder, WorkerId};
@@ -210,7 +212,9 @@ pub struct KvState {
     inner: Mutex<Inner>,
     /// Workers tracked (the request path skips tokenizing while there are none).
     tracked: std::sync::atomic::AtomicUsize,
-    pub tokenizer: arc_swap::ArcSwapOption<tokenize::Tokenizer>,
+    /// The tokenizer of each pool (regular, prefill, decode: `slot`); pools with the same
+    /// files share one.
+    tokenizers: [arc_swap::ArcSwapOption<tokenize::Tokenizer>; 3],
     tokenizer_error: Mutex<Option<String>>,
     /// Digests of recently hashed prompt pages (a shared prefix is hashed once).
     digests: Mutex<hash::DigestCache>,
@@ -246,7 +250,7 @@ impl KvState {
                 pending_ttl: cfg.pending_ttl,
             }),
             tracked: Default::default(),
-            tokenizer: Default::default(),
+            tokenizers: Default::default(),
             tokenizer_error: Mutex::new(None),
             digests: Mutex::new(hash::DigestCache::new(1 << 16)),
             reresolve: Mutex::new(Vec::new()),
@@ -296,6 +300,23 @@ impl KvState {
         }
     }
 
+    /// The tokenizer prompts for `role`'s workers are hashed with, when one is loaded.
+    pub fn tokenizer(&self, role: WorkerRole) -> Option<Arc<tokenize::Tokenizer>> {
+        self.tokenizers[slot(role)].load_full()
+    }
+
+    pub fn set_tokenizer(&self, role: WorkerRole, t: Option<Arc<tokenize::Tokenizer>>) {
+        self.tokenizers[slot(role)].store(t);
+    }
+
+    /// Whether `a`'s and `b`'s workers hash prompts with the same tokenizer (or none).
+    pub fn same_tokenizer(&self, a: WorkerRole, b: WorkerRole) -> bool {
+        match (self.tokenizer(a), self.tokenizer(b)) {
+            (Some(x), Some(y)) => Arc::ptr_eq(&x, &y),
+            (x, y) => x.is_none() && y.is_none(),
+        }
+    }
+
     /// Records a tokenizer load failure; true the first time this error is seen (logged once).
     pub fn tokenizer_error(&self, e: &str) -> bool {
         let mut g = self.tokenizer_error.lock().unwrap_or_else(|p| p.into_inner());
@@ -322,11 +343,12 @@ impl KvState {
         &self,
         probe: &crate::proxy::extract::Probe,
         route: crate::proxy::extract::Route,
+        role: WorkerRole,
     ) -> Option<Vec<u32>> {
         if let Some(ids) = probe.token_ids(route) {
             return Some(ids);
         }
-        let tokenizer = self.tokenizer.load();
+        let tokenizer = self.tokenizers[slot(role)].load();
         let tokenizer = tokenizer.as_ref()?;
         if route == crate::proxy::extract::Route::Chat {
             return match tokenizer.chat_ids(&probe.chat_input()) {
@@ -517,9 +539,18 @@ impl KvState {
             })
             .collect();
         workers.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
-        let tokenizer = self.tokenizer.load();
+        let tokenizers: Vec<_> = self.tokenizers.iter().map(|t| t.load_full()).collect();
+        // The regular pool's, else the prefill pool's, else the decode pool's.
+        let tokenizer = tokenizers.iter().flatten().next();
+        let path = |t: &Arc<tokenize::Tokenizer>| t.files.path.display().to_string();
+        let per_pool: serde_json::Map<String, serde_json::Value> = ["regular", "prefill", "decode"]
+            .iter()
+            .zip(&tokenizers)
+            .filter_map(|(pool, t)| Some(((*pool).to_owned(), path(t.as_ref()?).into())))
+            .collect();
         serde_json::json!({
-            "tokenizer": tokenizer.as_ref().map(|t| t.files.path.display().to_string()),
+            "tokenizer": tokenizer.map(path),
+            "tokenizers": per_pool,
             "chat_template": tokenizer.as_ref().map(|t| match &t.chat {
                 Ok(c) => serde_json::json!({"from": c.origin}),
                 Err(e) => serde_json::json!({"error": e}),
@@ -741,5 +772,14 @@ mod tests {
         );
         kv.reset_worker("http://a:1");
         assert_eq!(toks(&["http://a:1"], &tokens), vec![Some(0)]);
+    }
+}
+
+/// The index of `role`'s pool in `KvState::tokenizers`.
+fn slot(role: WorkerRole) -> usize {
+    match role {
+        WorkerRole::Regular => 0,
+        WorkerRole::Prefill => 1,
+        WorkerRole::Decode => 2,
     }
 }

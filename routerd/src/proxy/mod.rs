@@ -28,7 +28,7 @@ use crate::http1::worker::{exchange, RequestWriter, WireError, WorkerResponse};
 use crate::http1::{respond, ClientSession};
 use crate::otel::RequestSpan;
 use crate::policy::{Policy, RequestInfo};
-use crate::registry::Worker;
+use crate::registry::{Worker, WorkerRole};
 pub use extract::Route;
 
 /// The client's sticky-routing key for the `manual` policy, as sgl-router 0.3 names it.
@@ -201,8 +201,11 @@ pub(crate) struct Ask<'a> {
     pub panic: bool,
     /// `X-SMG-Routing-Key` (the `manual` policy).
     pub routing_key: Option<&'a str>,
-    /// The prompt's token ids, when workers publish KV events and they are known.
+    /// The prompt's token ids, when workers publish KV events and they are known: as the
+    /// regular (or PD prefill) pool's tokenizer makes them.
     pub tokens: Option<&'a [u32]>,
+    /// PD: as the decode pool's tokenizer makes them, when it is not the prefill pool's.
+    pub decode_tokens: Option<&'a [u32]>,
     /// 0 for the request as the client sent it, n for its n-th continuation after a worker
     /// failed mid-stream.
     pub migration: u32,
@@ -305,7 +308,15 @@ async fn dispatch(
         None => live.policy.needs_text(),
     };
     let text = if needs_text { probe.routing_text(route) } else { Default::default() };
-    let tokens = if needs_text && app.kv.active() { app.kv.tokens(&probe, route) } else { None };
+    let on_events = needs_text && app.kv.active();
+    let first = if live.pools.is_some() { WorkerRole::Prefill } else { WorkerRole::Regular };
+    let tokens = if on_events { app.kv.tokens(&probe, route, first) } else { None };
+    // A decode pool with its own tokenizer hashes the prompt its own way.
+    let own_decode = on_events
+        && live.pools.is_some()
+        && !app.kv.same_tokenizer(WorkerRole::Prefill, WorkerRole::Decode);
+    let decode_own =
+        if own_decode { app.kv.tokens(&probe, route, WorkerRole::Decode) } else { None };
     let explain = head.headers.contains_key(EXPLAIN_HEADER);
     let panic = live.config.policy.panic_routing;
     let routing_key = head.headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok());
@@ -317,6 +328,7 @@ async fn dispatch(
         panic,
         routing_key,
         tokens: tokens.as_deref(),
+        decode_tokens: if own_decode { decode_own.as_deref() } else { tokens.as_deref() },
         migration: 0,
         trace,
     };

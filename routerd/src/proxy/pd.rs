@@ -290,6 +290,9 @@ fn pick_in(
     avoid: &[Arc<Worker>],
 ) -> Result<super::Picked, Stop> {
     let name = if role == WorkerRole::Prefill { "prefill" } else { "decode" };
+    // The decode pool's decision is made on the prompt as its own tokenizer makes it.
+    let decode = Ask { tokens: ask.decode_tokens, ..*ask };
+    let ask = if role == WorkerRole::Decode { &decode } else { ask };
     let pool = app.registry.load().pool(role);
     pick(app, name, &pool, policy, ask, avoid)
         .or_else(|| pick(app, name, &pool, policy, ask, &[]))
