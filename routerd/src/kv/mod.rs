@@ -656,6 +656,15 @@ fn url_host(url: &str) -> Option<String> {
     Some(u.host()?.to_owned())
 }
 
+/// The index of `role`'s pool in `KvState::tokenizers`.
+fn slot(role: WorkerRole) -> usize {
+    match role {
+        WorkerRole::Regular => 0,
+        WorkerRole::Prefill => 1,
+        WorkerRole::Decode => 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,14 +781,5 @@ mod tests {
         );
         kv.reset_worker("http://a:1");
         assert_eq!(toks(&["http://a:1"], &tokens), vec![Some(0)]);
-    }
-}
-
-/// The index of `role`'s pool in `KvState::tokenizers`.
-fn slot(role: WorkerRole) -> usize {
-    match role {
-        WorkerRole::Regular => 0,
-        WorkerRole::Prefill => 1,
-        WorkerRole::Decode => 2,
     }
 }
