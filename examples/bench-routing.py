@@ -7,7 +7,8 @@ same `routerctl bench` load, fresh processes for every run.
 
 Scenarios: shared-prefix, multi-turn, shared-system, zipf, mixed-speed, restart, scale-out,
 low-concurrency, long-docs, and (issue 24) flush (two workers' caches emptied mid-run behind the
-router's back, `/sim/cache/flush`) and pressure (a zipf working set twice the fleet's cache).
+router's back, `/sim/cache/flush`) and pressure (a zipf working set twice the fleet's cache),
+pressure-mixed (the same on workers of two speeds).
 Routings: cost (routerd cost_aware), ca5 (routerd cache_aware,
 defaults 0.5 / 32 / 1.0001), ca3 (routerd cache_aware with sglang-router's 0.3 / 64 / 1.5), rr
 (routerd round_robin), affinity (routerctl bench --affinity: each group pinned to one worker,
@@ -85,6 +86,12 @@ SCENARIOS = {
     "pressure": dict(n=4, sim=["--cache-capacity-tokens", "8000"],
                      bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
                             "--zipf-s", "0.8", "--concurrency", "64"]),
+    # Pressure on a fleet of mixed speeds: the slow workers' queues make the router move hot
+    # prefixes to the fast ones, and the caches' LRU then keeps one copy or the other.
+    "pressure-mixed": dict(n=4, speeds=["10", "10", "5", "5"],
+                           sim=["--cache-capacity-tokens", "8000"],
+                           bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
+                                  "--zipf-s", "0.8", "--concurrency", "128"]),
 }
 ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "ca5p", "evi", "affi", "ca5t",
             "evt", "afft"]
