@@ -81,7 +81,13 @@ impl Otel {
                 .build(),
         };
         let inner = built.map_err(|e| format!("the OTLP exporter for {}: {e}", cfg.endpoint))?;
-        let exporter = Exporter { inner, handle: handle.clone(), counts };
+        let exporter = Exporter {
+            inner,
+            handle: handle.clone(),
+            counts,
+            endpoint: cfg.endpoint.clone(),
+            failing: AtomicU64::new(0),
+        };
         let batch = BatchConfigBuilder::default()
             .with_max_queue_size(cfg.max_queue_size)
             .with_max_export_batch_size(cfg.max_export_batch_size.min(cfg.max_queue_size))
@@ -363,11 +369,16 @@ impl Injector for Carrier {
 }
 
 /// The OTLP exporter, entered into the Tokio runtime while the batch thread polls an export
-/// (its connections are driven there), with the spans it delivered and lost counted.
+/// (its connections are driven there), with the spans it delivered and lost counted. A failing
+/// collector is logged once when exports start failing and once when they work again, not
+/// once a batch.
 struct Exporter<E> {
     inner: E,
     handle: tokio::runtime::Handle,
     counts: Arc<ExportCounts>,
+    endpoint: String,
+    /// Batches failed in a row.
+    failing: AtomicU64,
 }
 
 impl<E> std::fmt::Debug for Exporter<E> {
@@ -381,14 +392,25 @@ impl<E: SpanExporter> SpanExporter for Exporter<E> {
         let n = batch.len() as u64;
         let result =
             Entered { handle: &self.handle, inner: Box::pin(self.inner.export(batch)) }.await;
-        match &result {
-            Ok(()) => self.counts.exported.fetch_add(n, Relaxed),
-            Err(e) => {
-                tracing::debug!(error = %e, spans = n, "trace export failed");
-                self.counts.failed.fetch_add(n, Relaxed)
+        match result {
+            Ok(()) => {
+                self.counts.exported.fetch_add(n, Relaxed);
+                let failed = self.failing.swap(0, Relaxed);
+                if failed > 0 {
+                    tracing::info!(collector = %self.endpoint, failed_batches = failed,
+                                   "trace export works again");
+                }
             }
-        };
-        result
+            Err(e) => {
+                self.counts.failed.fetch_add(n, Relaxed);
+                if self.failing.fetch_add(1, Relaxed) == 0 {
+                    tracing::warn!(collector = %self.endpoint, error = %e,
+                                   "trace export failing: spans are lost until it works again");
+                }
+            }
+        }
+        // Said above, once per stretch (the batch processor would log every failed batch).
+        Ok(())
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
