@@ -101,11 +101,18 @@ async fn invalid_files_are_rejected_whole_and_the_last_good_config_keeps_serving
     assert_eq!(st, 400);
     assert!(out["errors"][0].as_str().unwrap().contains("requires a restart"), "{out}");
 
+    // Traces on or off (any [trace] key) need a restart too: the exporter is made at start.
+    s.write("[policy]\nname = \"random\"\n[trace]\nenabled = true\n");
+    let (st, out) = reload(&u).await;
+    assert_eq!(st, 400);
+    let e = out["errors"][0].as_str().unwrap();
+    assert!(e.starts_with("trace") && e.contains("requires a restart"), "{out}");
+
     s.write("[server\n");
     assert_eq!(reload(&u).await.0, 400);
     let cfg = get_json(&format!("{u}/admin/config")).await;
     assert_eq!(cfg["generation"], 1);
-    assert_eq!(cfg["reloads"], json!({"applied": 0, "rejected": 3}));
+    assert_eq!(cfg["reloads"], json!({"applied": 0, "rejected": 4}));
     assert_eq!(cfg["last_reload"]["outcome"]["result"], "rejected");
     assert_eq!(cfg["config"]["policy"]["name"], "random");
     assert_eq!(cfg["config"]["workers"][0]["url"], ws[0].url());
