@@ -483,3 +483,27 @@ async fn an_unsampled_client_trace_is_passed_on_and_not_recorded() {
     assert!(received.of_trace(&unhex(unsampled)).is_empty(), "the client said not to record");
     serving.abort();
 }
+
+#[tokio::test]
+async fn a_request_no_worker_can_take_is_one_error_span() {
+    let received = Received::default();
+    let (collector, serving) = grpc_collector(received.clone()).await;
+    let r = router(traced(vec![], &collector, "grpc")).await;
+    let (s, _) =
+        routerd_e2e::post_json(format!("{}/v1/completions", r.url()), &json!({"prompt": "x"}))
+            .await;
+    assert_eq!(s, 503);
+    eventually(Duration::from_secs(10), "the refused request's span", || {
+        let n = received.all().len();
+        async move { n >= 1 }
+    })
+    .await;
+    r.shutdown().await;
+    let all = received.all();
+    assert_eq!(all.len(), 1, "no decision, no attempt: {all:#?}");
+    let root = &all[0].1;
+    assert_eq!(root.name, "POST /v1/completions");
+    assert_eq!(int(root, "http.response.status_code"), Some(503));
+    assert!(errored(root));
+    serving.abort();
+}
