@@ -139,7 +139,8 @@ impl Otel {
     }
 }
 
-/// One request's trace; empty when traces are off or the request is not sampled.
+/// One request's trace: empty when traces are off; a span that records nothing (but still
+/// gives workers a `traceparent`) when the request is not sampled.
 #[derive(Default)]
 pub struct RequestSpan<'a> {
     on: Option<(Context, &'a Otel)>,
@@ -147,7 +148,7 @@ pub struct RequestSpan<'a> {
 
 impl RequestSpan<'_> {
     /// Whether this request is recorded (sampled): whether its decisions make spans.
-    pub fn is_on(&self) -> bool {
+    pub fn is_recorded(&self) -> bool {
         self.on.as_ref().is_some_and(|(cx, _)| cx.span().is_recording())
     }
 
@@ -161,7 +162,7 @@ impl RequestSpan<'_> {
         worker: &Worker,
         migration: u32,
     ) {
-        let Some((cx, otel)) = self.on.as_ref().filter(|_| self.is_on()) else { return };
+        let Some((cx, otel)) = self.on.as_ref().filter(|_| self.is_recorded()) else { return };
         let mut attrs = vec![
             KeyValue::new("routerd.pool", pool),
             KeyValue::new("routerd.policy", policy),

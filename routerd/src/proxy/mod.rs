@@ -251,7 +251,7 @@ pub(crate) fn pick(
         kv: ask.tokens.map(|_| &*app.kv),
         peers: app.peers.active().then_some(&*app.peers),
     };
-    let started = ask.trace.is_on().then(std::time::SystemTime::now);
+    let started = ask.trace.is_recorded().then(std::time::SystemTime::now);
     let d = policy.decide(candidates, &strict).or_else(|| {
         let any = RequestInfo { ignore_health: true, ..strict };
         ask.panic.then(|| policy.decide(candidates, &any)).flatten()
