@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::config::{TraceConfig, TraceProtocol};
 use crate::policy::Decision;
 use crate::proxy::Route;
-use crate::registry::Worker;
+use crate::registry::{Worker, WorkerRole};
 
 /// How long one export may take before it counts as failed (the spans it carried are lost).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,20 +195,15 @@ impl RequestSpan<'_> {
         span.end();
     }
 
-    /// One attempt on `worker` (`role`: regular, prefill or decode), number `attempt` from 0;
-    /// `migration` > 0 for a stream's continuation after its worker failed. Ends when dropped.
-    pub fn attempt(
-        &self,
-        worker: &Worker,
-        role: &'static str,
-        attempt: u32,
-        migration: u32,
-    ) -> Attempt {
+    /// One attempt on `worker` (named after its role), number `attempt` from 0; `migration` > 0
+    /// for a stream's continuation after its worker failed. Ends when dropped.
+    pub fn attempt(&self, worker: &Worker, attempt: u32, migration: u32) -> Attempt {
         let Some((cx, otel)) = &self.on else { return Attempt::default() };
+        let role = worker.spec.role;
         let name = match role {
-            "prefill" => "prefill attempt",
-            "decode" => "decode attempt",
-            _ => "regular attempt",
+            WorkerRole::Regular => "regular attempt",
+            WorkerRole::Prefill => "prefill attempt",
+            WorkerRole::Decode => "decode attempt",
         };
         let mut span = otel
             .tracer
@@ -221,7 +216,7 @@ impl RequestSpan<'_> {
         let mut attrs = vec![
             KeyValue::new("routerd.worker", worker.url().to_owned()),
             KeyValue::new("server.address", worker.authority.host().to_owned()),
-            KeyValue::new("routerd.role", role),
+            KeyValue::new("routerd.role", role.as_str()),
             KeyValue::new("routerd.attempt", i64::from(attempt)),
             KeyValue::new("routerd.retry", attempt > 0),
         ];

@@ -28,6 +28,8 @@ pub enum WorkerRole {
 }
 
 impl WorkerRole {
+    pub const ALL: [WorkerRole; 3] = [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode];
+
     /// The name used in the API, metrics labels and events.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -35,8 +35,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         let live = app.live();
         let cfg = &live.config.kv_events;
         app.kv.set_pending_ttl(cfg.pending_ttl);
-        let roles = [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode];
-        for (role, failed) in roles.into_iter().zip(&mut tokenizer_failed) {
+        for (role, failed) in WorkerRole::ALL.into_iter().zip(&mut tokenizer_failed) {
             load_tokenizer(&app, role, live.config.tokenizer_for(role), failed).await;
         }
         let snapshot = app.registry.snapshot();
@@ -50,9 +49,8 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         } else {
             BTreeMap::new()
         };
-        let any_tokenizer = live.config.tokenizer.is_some()
-            || live.config.pool_tokenizers.prefill.is_some()
-            || live.config.pool_tokenizers.decode.is_some();
+        let any_tokenizer =
+            WorkerRole::ALL.into_iter().any(|r| live.config.tokenizer_for(r).is_some());
         if kv_on && !running.is_empty() && !any_tokenizer {
             if !told_no_tokenizer {
                 tracing::info!(
@@ -132,9 +130,8 @@ async fn load_tokenizer(
         app.kv.set_tokenizer(role, None);
         return;
     };
-    let roles = [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode];
-    if let Some(same) = roles.iter().filter_map(|r| app.kv.tokenizer(*r)).find(|t| t.files == files)
-    {
+    let mut loaded = WorkerRole::ALL.into_iter().filter_map(|r| app.kv.tokenizer(r));
+    if let Some(same) = loaded.find(|t| t.files == files) {
         app.kv.set_tokenizer(role, Some(same));
         return;
     }
@@ -146,8 +143,7 @@ async fn load_tokenizer(
     match loaded {
         Ok(Ok(t)) => {
             *failed = None;
-            let pool = format!("{role:?}").to_lowercase();
-            tracing::info!(path = %t.files.path.display(), %pool, "tokenizer loaded: text prompts route on KV events");
+            tracing::info!(path = %t.files.path.display(), pool = role.as_str(), "tokenizer loaded: text prompts route on KV events");
             match &t.chat {
                 Ok(c) => {
                     tracing::info!(from = %c.origin, "chat template loaded: chat requests route on KV events")

@@ -543,10 +543,10 @@ impl KvState {
         // The regular pool's, else the prefill pool's, else the decode pool's.
         let tokenizer = tokenizers.iter().flatten().next();
         let path = |t: &Arc<tokenize::Tokenizer>| t.files.path.display().to_string();
-        let per_pool: serde_json::Map<String, serde_json::Value> = ["regular", "prefill", "decode"]
+        let per_pool: serde_json::Map<String, serde_json::Value> = WorkerRole::ALL
             .iter()
             .zip(&tokenizers)
-            .filter_map(|(pool, t)| Some(((*pool).to_owned(), path(t.as_ref()?).into())))
+            .filter_map(|(role, t)| Some((role.as_str().to_owned(), path(t.as_ref()?).into())))
             .collect();
         serde_json::json!({
             "tokenizer": tokenizer.map(path),

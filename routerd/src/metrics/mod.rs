@@ -328,7 +328,7 @@ impl Metrics {
         let r = &self.recorder;
         let snap = app.registry.snapshot();
         let live = app.live();
-        for role in [WorkerRole::Regular, WorkerRole::Prefill, WorkerRole::Decode] {
+        for role in WorkerRole::ALL {
             let pool: Vec<&Arc<crate::registry::Worker>> =
                 snap.workers.iter().filter(|w| w.spec.role == role).collect();
             let labels = [("role", role.as_str())];

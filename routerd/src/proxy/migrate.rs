@@ -865,7 +865,7 @@ async fn regular(
     let worker = picked.worker;
     let guard = worker.start_request();
     let mut request = Vec::with_capacity(body.len() + 256);
-    let span = ask.trace.attempt(&worker, "regular", attempt, ask.migration);
+    let span = ask.trace.attempt(&worker, attempt, ask.migration);
     let (path, tp) = (ask.route.path(), span.traceparent());
     super::write_request(&mut request, &worker, path, &r.head.headers, r.rid, tp, body);
     let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);

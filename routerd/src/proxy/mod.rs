@@ -364,7 +364,7 @@ async fn dispatch(
             )
         });
         let guard = worker.start_request();
-        let span = trace.attempt(&worker, "regular", attempt, 0);
+        let span = trace.attempt(&worker, attempt, 0);
         let tp = span.traceparent();
         write_request(&mut request, &worker, route.path(), &head.headers, rid, tp, &first_body);
         let timeouts = (cfg.server.connect_timeout, cfg.server.header_timeout);

@@ -328,8 +328,8 @@ impl Legs {
 /// The trace spans of a pair's attempt: one per leg.
 fn spans(ask: &Ask<'_>, prefill: &Worker, decode: &Worker, attempt: u32) -> (Attempt, Attempt) {
     (
-        ask.trace.attempt(prefill, "prefill", attempt, ask.migration),
-        ask.trace.attempt(decode, "decode", attempt, ask.migration),
+        ask.trace.attempt(prefill, attempt, ask.migration),
+        ask.trace.attempt(decode, attempt, ask.migration),
     )
 }
 
