@@ -362,8 +362,6 @@ pub struct LoadReport {
     source: std::sync::atomic::AtomicU8,
 }
 
-/// A monotonic millisecond clock for report deadlines (from the first call, plus one so that
-/// 0 can mean "none").
 /// How a routed prompt splits (docs/metrics.md, "Why the hit rate is what it is"): `workload`
 /// (no routable worker held it), `policy` (another worker held more: given up for balance),
 /// `stale` (the chosen worker was believed to hold it and did not), `underpredicted` (it held
@@ -385,6 +383,8 @@ pub fn accounting_totals<'a>(
     totals
 }
 
+/// A monotonic millisecond clock for report deadlines (from the first call, plus one so that
+/// 0 can mean "none").
 pub fn clock_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1

@@ -119,8 +119,15 @@ impl Drop for Feedback {
 
 impl UsageScan {
     pub fn new(worker: Arc<Worker>, streaming: bool) -> Self {
-        let (prompt, cached, seen) = (0, 0, false);
-        Self { worker, sum: !streaming, prompt, cached, seen, feedback: None, accounting: None }
+        Self {
+            worker,
+            sum: !streaming,
+            prompt: 0,
+            cached: 0,
+            seen: false,
+            feedback: None,
+            accounting: None,
+        }
     }
 
     /// Also settles the routing policy's prediction when the answer ends.
