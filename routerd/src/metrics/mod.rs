@@ -433,10 +433,10 @@ fn accounting(
     by: (&'static str, &str),
     totals: [[u64; crate::registry::ACCOUNTING_PARTS.len()]; 2],
 ) {
-    for (unit, parts) in ["tokens", "chars"].into_iter().zip(totals) {
+    for (unit, parts) in crate::policy::Unit::ALL.into_iter().zip(totals) {
         for (part, n) in crate::registry::ACCOUNTING_PARTS.into_iter().zip(parts) {
             if n > 0 {
-                let labels = [by, ("unit", unit), ("part", part)];
+                let labels = [by, ("unit", unit.as_str()), ("part", part)];
                 r.register_counter(&key(name, &labels), &META).absolute(n);
             }
         }

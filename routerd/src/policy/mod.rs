@@ -95,6 +95,14 @@ pub enum Unit {
 }
 
 impl Unit {
+    /// Both, in the order per-unit arrays keep them (`Worker::accounting`).
+    pub const ALL: [Unit; 2] = [Unit::Tokens, Unit::Chars];
+
+    /// The unit's place in those arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::Tokens => "tokens",

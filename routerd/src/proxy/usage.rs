@@ -165,7 +165,7 @@ impl Drop for UsageScan {
             self.worker.cached_tokens.fetch_add(self.cached.min(self.prompt), Relaxed);
             if let Some(a) = self.accounting.take() {
                 let parts = a.split(self.prompt, self.cached);
-                let unit = usize::from(a.predicted.unit == crate::policy::Unit::Chars);
+                let unit = a.predicted.unit.index();
                 for (counter, n) in self.worker.accounting[unit].iter().zip(parts) {
                     counter.fetch_add(n, Relaxed);
                 }
