@@ -53,6 +53,15 @@ impl Received {
     fn all(&self) -> Vec<(String, Span)> {
         self.0.lock().unwrap().clone()
     }
+
+    /// Waits (up to 10 s) until what the collector received is `enough`.
+    async fn wait(&self, what: &str, enough: impl Fn(&Self) -> bool) {
+        eventually(Duration::from_secs(10), what, || {
+            let done = enough(self);
+            async move { done }
+        })
+        .await;
+    }
 }
 
 #[tonic::async_trait]
@@ -225,11 +234,7 @@ async fn request_span_tree_over_grpc_with_a_retry_and_the_clients_trace() {
     let head = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
 
     let trace_id = unhex(client_trace);
-    eventually(Duration::from_secs(10), "the request's spans exported", || {
-        let n = received.of_trace(&trace_id).len();
-        async move { n >= 5 }
-    })
-    .await;
+    received.wait("the request's spans exported", |r| r.of_trace(&trace_id).len() >= 5).await;
     let spans = received.of_trace(&trace_id);
     let root = spans.iter().find(|s| s.name == "POST /generate").expect("the request's span");
     assert_eq!(hex(&root.parent_span_id), client_span, "the client's span is the parent");
@@ -288,11 +293,8 @@ async fn a_continued_stream_is_one_trace_over_http_protobuf() {
     let events = post_stream(format!("{}/generate", r.url()), &body).await;
     assert!(events.iter().all(|e| e.get("error").is_none()), "continued: {events:?}");
 
-    eventually(Duration::from_secs(10), "a trace with both legs", || {
-        let all = received.all();
-        async move { all.iter().filter(|(_, s)| s.name == "regular attempt").count() >= 2 }
-    })
-    .await;
+    let legs = |r: &Received| r.all().iter().filter(|(_, s)| s.name == "regular attempt").count();
+    received.wait("a trace with both legs", |r| legs(r) >= 2).await;
     let all = received.all();
     let root = all.iter().map(|(_, s)| s).find(|s| s.name == "POST /generate").unwrap();
     assert!(root.parent_span_id.is_empty(), "no client trace: a new root");
@@ -424,11 +426,7 @@ async fn a_pd_request_has_a_span_per_leg() {
     )
     .await;
     assert_eq!(s, 200);
-    eventually(Duration::from_secs(10), "the PD request's spans", || {
-        let n = received.all().len();
-        async move { n >= 5 }
-    })
-    .await;
+    received.wait("the PD request's spans", |r| r.all().len() >= 5).await;
     let all: Vec<Span> = received.all().into_iter().map(|(_, s)| s).collect();
     let root = all.iter().find(|s| s.name == "POST /generate").unwrap();
     let child = |name: &str| {
@@ -474,11 +472,7 @@ async fn an_unsampled_client_trace_is_passed_on_and_not_recorded() {
         assert!(passed.ends_with(&format!("-{flags}")), "the decision is passed on: {passed}");
         assert!(!passed.contains("b7ad6b7169203331"), "the worker's parent is routerd's span");
     }
-    eventually(Duration::from_secs(10), "the sampled trace exported", || {
-        let n = received.of_trace(&unhex(sampled)).len();
-        async move { n >= 3 }
-    })
-    .await;
+    received.wait("the sampled trace exported", |r| r.of_trace(&unhex(sampled)).len() >= 3).await;
     r.shutdown().await;
     assert!(received.of_trace(&unhex(unsampled)).is_empty(), "the client said not to record");
     serving.abort();
@@ -493,11 +487,7 @@ async fn a_request_no_worker_can_take_is_one_error_span() {
         routerd_e2e::post_json(format!("{}/v1/completions", r.url()), &json!({"prompt": "x"}))
             .await;
     assert_eq!(s, 503);
-    eventually(Duration::from_secs(10), "the refused request's span", || {
-        let n = received.all().len();
-        async move { n >= 1 }
-    })
-    .await;
+    received.wait("the refused request's span", |r| !r.all().is_empty()).await;
     r.shutdown().await;
     let all = received.all();
     assert_eq!(all.len(), 1, "no decision, no attempt: {all:#?}");
