@@ -122,8 +122,8 @@ pub struct Stats {
 /// order) in tokens and in characters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheAccounting {
-    pub tokens: [u64; 5],
-    pub chars: [u64; 5],
+    pub tokens: [u64; crate::registry::ACCOUNTING_PARTS.len()],
+    pub chars: [u64; crate::registry::ACCOUNTING_PARTS.len()],
 }
 
 pub fn stats(app: &App, started: Instant) -> Stats {
