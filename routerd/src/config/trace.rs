@@ -105,6 +105,13 @@ fn normalize(raw: &str, protocol: TraceProtocol) -> Result<String, String> {
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(format!("{raw:?} is not HOST:PORT or an http(s):// URL"));
     }
+    if protocol == TraceProtocol::HttpProtobuf && uri.scheme_str() == Some("https") {
+        // The HTTP exporter's client here speaks plain HTTP only.
+        return Err(format!(
+            "{raw:?}: TLS to the collector is over gRPC only; use protocol grpc, or a plain \
+             http:// collector (a local agent or sidecar)"
+        ));
+    }
     if uri.port_u16().is_none() {
         return Err(format!(
             "{raw:?} has no port (the collector's is 4317 for gRPC, 4318 for HTTP)"
@@ -133,5 +140,6 @@ mod tests {
         assert_eq!(normalize(custom, h).unwrap(), custom);
         assert!(normalize("localhost", g).unwrap_err().contains("no port"));
         assert!(normalize("ftp://x:1", g).is_err());
+        assert!(normalize("https://c:4318", h).unwrap_err().contains("gRPC only"));
     }
 }
