@@ -139,6 +139,9 @@ pub struct Feed {
     /// Each rank's load PUB endpoint (SGLang's `--load-publish-endpoint`; topic `load`), or
     /// empty where the worker publishes no load.
     pub load: Vec<String>,
+    /// The KV tokens one rank's cache holds at most (`max_total_num_tokens` of its
+    /// `/server_info`), when known; a rank's load reports say it too, and win.
+    pub capacity: Option<u64>,
 }
 
 /// The last load report of a rank, as `/admin/kv` shows it.
@@ -177,6 +180,8 @@ struct WorkerKv {
     id: WorkerId,
     block_size: Option<usize>,
     ranks: Vec<RankStatus>,
+    /// Each rank's cache size in tokens by its `/server_info` (`Feed::capacity`).
+    capacity: Option<u64>,
 }
 
 impl WorkerKv {
@@ -197,6 +202,35 @@ impl WorkerKv {
     fn held(&self, index: &BlockIndex, rank: Option<u32>) -> usize {
         let holder = |rank| Holder { worker: self.id, rank };
         self.ranks(rank).into_iter().map(|r| index.holder_blocks(holder(r))).sum()
+    }
+
+    /// The tokens those ranks' caches hold at most: each rank's last load report
+    /// (`max_total_num_tokens`), else its `/server_info`; `None` while a rank's is unknown.
+    fn capacity(&self, rank: Option<u32>) -> Option<u64> {
+        self.ranks(rank)
+            .into_iter()
+            .map(|r| {
+                let reported = self.ranks.get(usize::from(r)).and_then(|s| s.load);
+                reported.map(|l| l.max_tokens).filter(|&m| m > 0).or(self.capacity)
+            })
+            .sum()
+    }
+}
+
+/// How full a worker's cache is, by its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheRoom {
+    /// Blocks it holds, plus those just sent there and not yet confirmed.
+    pub blocks: usize,
+    pub block_size: usize,
+    /// The tokens it can hold, when known (`WorkerKv::capacity`).
+    pub capacity_tokens: Option<u64>,
+}
+
+impl CacheRoom {
+    /// Tokens taken.
+    pub fn tokens(&self) -> usize {
+        self.blocks * self.block_size
     }
 }
 
@@ -287,7 +321,8 @@ impl KvState {
                 ..Default::default()
             })
             .collect();
-        g.workers.insert(base.to_owned(), WorkerKv { id, block_size: feed.block_size, ranks });
+        let w = WorkerKv { id, block_size: feed.block_size, ranks, capacity: feed.capacity };
+        g.workers.insert(base.to_owned(), w);
         self.tracked.fetch_add(1, Relaxed);
     }
 
@@ -509,9 +544,9 @@ impl KvState {
         }
     }
 
-    /// Blocks a worker holds (all ranks) or was just sent, and its block size; `None` without
-    /// events.
-    pub fn worker_blocks(&self, url: &str) -> Option<(usize, usize)> {
+    /// Blocks a worker holds (all ranks, or the rank its URL names) or was just sent, its block
+    /// size and its capacity; `None` without events.
+    pub fn worker_blocks(&self, url: &str) -> Option<CacheRoom> {
         let (base, rank) = crate::registry::split_rank(url);
         let g = self.lock();
         let w = g.workers.get(base)?;
@@ -519,8 +554,11 @@ impl KvState {
             return None;
         }
         // What was just sent there takes room too: a burst of new prefixes spreads.
-        let taken = w.held(&g.index, rank) + g.index.pending_pages(w.id);
-        Some((taken, w.block_size.unwrap_or(1)))
+        Some(CacheRoom {
+            blocks: w.held(&g.index, rank) + g.index.pending_pages(w.id),
+            block_size: w.block_size.unwrap_or(1),
+            capacity_tokens: w.capacity(rank),
+        })
     }
 
     /// Every tracked worker's feed, for `/admin/kv`.
@@ -534,6 +572,7 @@ impl KvState {
                     "url": url,
                     "block_size": w.block_size,
                     "blocks": w.held(&g.index, None),
+                    "capacity_tokens": w.capacity(None),
                     "ranks": w.ranks,
                 })
             })
@@ -599,6 +638,13 @@ pub fn feed_from_server_info(worker_url: &str, info: &serde_json::Value) -> Opti
         replay: (0..dp).map(|r| replay.map(|p| format!("tcp://{host}:{}", p + r))).collect(),
         topic: kv.get("topic").and_then(|t| t.as_str()).unwrap_or("").to_owned(),
         block_size: kv.get("block_size").and_then(|b| b.as_u64()).map(|b| b as usize),
+        // SGLang's scheduler info, merged into the server info (or its first scheduler's
+        // internal state).
+        capacity: info
+            .get("max_total_num_tokens")
+            .or_else(|| info.pointer("/internal_states/0/max_total_num_tokens"))
+            .and_then(|m| m.as_u64())
+            .filter(|&m| m > 0),
     })
 }
 
@@ -647,6 +693,8 @@ pub fn feed_from_config(
         replay: (0..dp_size).map(|r| replay.and_then(|e| ranked(e, r))).collect(),
         topic: cfg.topic.clone(),
         block_size: cfg.block_size,
+        // The load reports say it, where the worker publishes them.
+        capacity: None,
     })
 }
 
@@ -684,7 +732,14 @@ mod tests {
         // The load range pairs with the worker URL's host, as SGLang asks.
         assert_eq!(f.load, vec!["tcp://10.0.0.7:5562", "tcp://10.0.0.7:5563"]);
         assert_eq!((f.topic.as_str(), f.block_size), ("kv", Some(16)));
+        assert_eq!(f.capacity, None, "no max_total_num_tokens");
         assert_eq!(feed_from_server_info("http://h:1", &serde_json::json!({})), None);
+        // The cache's size: SGLang's scheduler info, else its first scheduler's state.
+        let mut info = serde_json::json!({"kv_events": {"endpoint_port_base": 5557},
+            "internal_states": [{"max_total_num_tokens": 7000}]});
+        assert_eq!(feed_from_server_info("http://h:1", &info).unwrap().capacity, Some(7000));
+        info["max_total_num_tokens"] = 9000.into();
+        assert_eq!(feed_from_server_info("http://h:1", &info).unwrap().capacity, Some(9000));
     }
 
     #[test]
@@ -734,6 +789,37 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_size_is_its_ranks_load_reports_else_its_server_info() {
+        let kv = KvState::default();
+        let feed = |capacity| Feed {
+            endpoints: vec!["tcp://a:1".into(), "tcp://a:2".into()],
+            replay: vec![None, None],
+            topic: String::new(),
+            block_size: Some(4),
+            load: Vec::new(),
+            capacity,
+        };
+        kv.track("http://a:1", &feed(Some(1000)));
+        kv.track("http://b:1", &feed(None));
+        for (url, rank) in [("http://a:1", 0), ("http://a:1", 1), ("http://b:1", 0)] {
+            kv.update_rank(url, rank, |r| r.connected = true);
+        }
+        let size = |url: &str| kv.worker_blocks(url).unwrap().capacity_tokens;
+        assert_eq!(size("http://a:1"), Some(2000), "two ranks of 1000");
+        assert_eq!(size("http://b:1"), None, "unknown");
+        let report = |max_tokens| Some(LoadSeen { max_tokens, ..Default::default() });
+        kv.update_rank("http://a:1", 1, |r| r.load = report(3000));
+        assert_eq!(size("http://a:1"), Some(4000), "rank 1 reported 3000");
+        assert_eq!(size("http://a:1@1"), Some(3000), "a dp-aware target: its rank's");
+        assert_eq!(size("http://a:1@0"), Some(1000));
+        kv.update_rank("http://b:1", 0, |r| r.load = report(0));
+        assert_eq!(size("http://b:1"), None, "a report of 0 says nothing");
+        kv.update_rank("http://b:1", 1, |r| r.load = report(500));
+        assert_eq!(size("http://b:1"), None, "rank 0 still unknown");
+        assert_eq!(kv.status()["workers"][0]["capacity_tokens"], 4000);
+    }
+
+    #[test]
     fn matches_follow_events_and_none_without_a_feed() {
         let kv = KvState::default();
         let feed = Feed {
@@ -742,6 +828,7 @@ mod tests {
             topic: String::new(),
             block_size: Some(4),
             load: Vec::new(),
+            capacity: None,
         };
         kv.track("http://a:1", &feed);
         let tokens: Vec<u32> = (0..10).collect();

@@ -336,6 +336,7 @@ mod tests {
         let base = "http://w:1";
         let feed = Feed {
             load: Vec::new(),
+            capacity: None,
             endpoints: vec![endpoint.clone()],
             replay: vec![None],
             topic: String::new(),
@@ -351,7 +352,7 @@ mod tests {
             topic: String::new(),
         };
         let task = tokio::spawn(run(kv.clone(), target, cancel.clone()));
-        let blocks = || kv.worker_blocks(base).map_or(0, |(b, _)| b);
+        let blocks = || kv.worker_blocks(base).map_or(0, |r| r.blocks);
         until("connected", || kv.worker_blocks(base).is_some()).await;
         // A subscription reaches the publisher just after the connection: send until seen.
         for _ in 0..100 {

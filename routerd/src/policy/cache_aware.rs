@@ -158,35 +158,61 @@ impl CacheAware {
         } else if let Some(k) = ev.per.iter().any(Option::is_some).then(home).flatten() {
             (k, Branch::Home)
         } else {
-            // Cache room: blocks held (in tokens) where events flow, the tree's share elsewhere.
-            let used = |k: usize| match ev.tokens(k) {
-                Some(_) => req
-                    .kv
-                    .and_then(|kv| kv.worker_blocks(workers[routable[k]].url()))
-                    .map_or(0, |(blocks, bs)| blocks * bs),
-                None => st.tree.tenant_chars(tenants[k]),
-            };
-            let sizes: Vec<(usize, usize)> = candidates.iter().map(|&k| (k, used(k))).collect();
+            // Cache room where events flow: what the cache holds (and was just sent), as a
+            // share of its size where every candidate's size is known (a cache twice the size
+            // takes twice the prefixes), else in tokens; the tree's share elsewhere.
+            let rooms: Vec<Option<crate::kv::CacheRoom>> = candidates
+                .iter()
+                .map(|&k| {
+                    let url = workers[routable[k]].url();
+                    ev.tokens(k).and(req.kv).and_then(|kv| kv.worker_blocks(url))
+                })
+                .collect();
+            let sized = !rooms.is_empty()
+                && rooms.iter().all(|r| r.is_some_and(|r| r.capacity_tokens.is_some()));
+            let capacity = |i: usize| rooms[i].and_then(|r| r.capacity_tokens).unwrap_or(1).max(1);
+            let sizes: Vec<(usize, u64)> = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| {
+                    let used = match (ev.tokens(k), rooms[i]) {
+                        (Some(_), Some(r)) if sized => r.tokens() as u64 * PARTS / capacity(i),
+                        (Some(_), Some(r)) => r.tokens() as u64,
+                        (Some(_), None) => 0,
+                        (None, _) => st.tree.tenant_chars(tenants[k]) as u64,
+                    };
+                    (i, used)
+                })
+                .collect();
             // Where every candidate's events flow, the caches with about the most room (within
             // 1/32 of the emptiest's use: closer than a prompt on a warm cache, so the fleet
             // fills evenly) are equally good, and the prompt's first page that no cache holds
-            // picks among them (rendezvous hashing): router replicas, which see the same caches
-            // but not each other's just-sent requests, then place a new prefix on the same
-            // worker.
+            // picks among them (rendezvous hashing, weighted by the caches' sizes when known):
+            // router replicas, which see the same caches but not each other's just-sent
+            // requests, then place a new prefix on the same worker, and full caches share the
+            // new prefixes in proportion to their sizes.
             let key = ev.per.iter().all(Option::is_some).then(|| ev.first_new_page()).flatten();
             let min = sizes.iter().map(|&(_, s)| s).min().unwrap_or(0);
             let slack = min / 32;
             let room = match key {
-                Some(key) => sizes
-                    .iter()
-                    .filter(|&&(_, s)| s <= min + slack)
-                    .max_by_key(|&&(k, _)| {
-                        (rendezvous(key, workers[routable[k]].url()), std::cmp::Reverse(loads[k]))
-                    })
-                    .map(|&(k, _)| k),
+                Some(key) => {
+                    let score = |i: usize| {
+                        let url = workers[routable[candidates[i]]].url();
+                        weighted(rendezvous(key, url), if sized { capacity(i) } else { 1 })
+                    };
+                    sizes
+                        .iter()
+                        .filter(|&&(_, s)| s <= min + slack)
+                        .map(|&(i, _)| (i, score(i)))
+                        .max_by(|a, b| {
+                            let load = |i: usize| loads[candidates[i]];
+                            a.1.total_cmp(&b.1).then(load(b.0).cmp(&load(a.0)))
+                        })
+                        .map(|(i, _)| candidates[i])
+                }
                 None => sizes
                     .iter()
-                    .map(|&(k, s)| (k, s, rng.random::<u32>()))
+                    .map(|&(i, s)| (candidates[i], s, rng.random::<u32>()))
                     .min_by_key(|&(k, size, r)| (size, loads[k], r))
                     .map(|(k, _, _)| k),
             }
@@ -256,6 +282,17 @@ struct Choice {
     matched_tokens: Option<usize>,
     prompt_tokens: Option<usize>,
     predicted: Option<Predicted>,
+}
+
+/// Cache use is compared in millionths of a cache's size.
+const PARTS: u64 = 1_000_000;
+
+/// A rendezvous score weighted by `weight` (logarithmic method): over many pages, each worker
+/// takes the highest score in proportion to its weight; equal weights keep `score`'s order.
+fn weighted(score: u64, weight: u64) -> f64 {
+    // A uniform draw in (0, 1) from the score's top 53 bits.
+    let u = ((score >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    weight as f64 / -u.ln()
 }
 
 /// A worker's rendezvous score for a page: the highest takes the page.
@@ -460,6 +497,7 @@ mod tests {
         for w in ws {
             let feed = crate::kv::Feed {
                 load: Vec::new(),
+                capacity: None,
                 endpoints: vec!["tcp://x:1".into()],
                 replay: vec![None],
                 topic: String::new(),
@@ -485,6 +523,43 @@ mod tests {
                 namespaced: false,
             }],
         );
+    }
+
+    #[test]
+    fn a_new_prefix_goes_to_the_cache_with_the_most_room_for_its_size_when_sizes_are_known() {
+        let ws = workers(2);
+        let p = policy(0.5, 32);
+        let kv = events_for(&ws);
+        // Worker 0 holds 1000 tokens, worker 1 holds 500.
+        stored(&kv, ws[0].url(), &(1000..2000).collect::<Vec<u32>>());
+        stored(&kv, ws[1].url(), &(5000..5500).collect::<Vec<u32>>());
+        let ask = |text: &str| {
+            let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+            let r = RequestInfo { text, tokens: Some(&tokens), kv: Some(&kv), ..Default::default() };
+            let d = p.decide(&ws, &r).unwrap();
+            (d.index, d.branch)
+        };
+        assert_eq!(ask("a first new prefix of some length"), (1, "miss"), "fewer tokens held");
+        // Their sizes become known (load reports): 4000 and 1000 tokens. Worker 0 is a quarter
+        // full, worker 1 half full.
+        for (w, max_tokens) in ws.iter().zip([4000, 1000]) {
+            let seen = crate::kv::LoadSeen { max_tokens, ..Default::default() };
+            kv.update_rank(w.url(), 0, |r| r.load = Some(seen));
+        }
+        assert_eq!(ask("a second new prefix, as long"), (0, "miss"), "more room for its size");
+    }
+
+    #[test]
+    fn weighted_rendezvous_shares_pages_by_weight_and_keeps_the_order_at_equal_weights() {
+        let n = 20_000;
+        let mut first = 0;
+        for page in 0..n {
+            let (a, b) = (rendezvous(page, "http://a:1"), rendezvous(page, "http://b:1"));
+            first += u32::from(weighted(a, 3) > weighted(b, 1));
+            assert_eq!(weighted(a, 7) > weighted(b, 7), a > b);
+        }
+        let share = f64::from(first) / n as f64;
+        assert!((share - 0.75).abs() < 0.02, "a worker of weight 3 against 1 took {share}");
     }
 
     #[test]
