@@ -8,7 +8,9 @@ same `routerctl bench` load, fresh processes for every run.
 Scenarios: shared-prefix, multi-turn, shared-system, zipf, mixed-speed, restart, scale-out,
 low-concurrency, long-docs, and (issue 24) flush (two workers' caches emptied mid-run behind the
 router's back, `/sim/cache/flush`) and pressure (a zipf working set twice the fleet's cache),
-pressure-mixed (the same on workers of two speeds).
+pressure-mixed (the same on workers of two speeds), pressure-sizes (a working set about the
+fleet's whole cache, on caches of two sizes) and pressure-even (its control: the same total
+cache in four equal caches). BENCH_EXTRA="--groups 20" sets bench flags over a scenario's.
 Routings: cost (routerd cost_aware), ca5 (routerd cache_aware,
 defaults 0.5 / 32 / 1.0001), ca3 (routerd cache_aware with sglang-router's 0.3 / 64 / 1.5), rr
 (routerd round_robin), affinity (routerctl bench --affinity: each group pinned to one worker,
@@ -53,6 +55,8 @@ BIN = os.environ.get("BIN", os.path.join(ROOT, "target", "release"))
 SIM = ["--speed", os.environ.get("SIM_SPEED", "10"), "--cache-capacity-tokens", "24000",
        "--max-running-requests", "16"]
 BENCH = ["--system-chars", "8000", "--question-chars", "200", "--max-tokens", "4"]
+# BENCH_EXTRA="--groups 20": bench flags over the scenario's (the scenario's label says them).
+BENCH_EXTRA = shlex.split(os.environ.get("BENCH_EXTRA", ""))
 
 # name -> (workers, per-worker extra sim flags, bench flags, churn)
 SCENARIOS = {
@@ -92,6 +96,16 @@ SCENARIOS = {
                            sim=["--cache-capacity-tokens", "8000"],
                            bench=["--workload", "zipf", "--groups", "64", "--questions", "60",
                                   "--zipf-s", "0.8", "--concurrency", "128"]),
+    # Pressure on caches of two sizes (two of 16000 tokens, two of 8000; the working set about
+    # the fleet's whole cache): whoever places prefixes must know the sizes to fill each cache
+    # in proportion, and not overflow the small ones.
+    "pressure-sizes": dict(n=4, caps=["24000", "24000", "8000", "8000"],
+                           bench=["--workload", "zipf", "--groups", "28", "--questions", "150",
+                                  "--zipf-s", "0.8", "--concurrency", "64"]),
+    # Its control: the same working set and the same total cache, in four equal caches.
+    "pressure-even": dict(n=4, caps=["16000"] * 4,
+                          bench=["--workload", "zipf", "--groups", "28", "--questions", "150",
+                                 "--zipf-s", "0.8", "--concurrency", "64"]),
 }
 ROUTINGS = ["cost", "ca5", "ca3", "rr", "affinity", "sgl", "ca5i", "ca5p", "evi", "affi", "ca5t",
             "evt", "afft"]
@@ -181,7 +195,8 @@ def merged(base, override):
 
 
 def sim_argv(port, sc, i, routing=""):
-    own = sc.get("sim", []) + (["--speed", sc["speeds"][i]] if "speeds" in sc else [])
+    own = sc.get("sim", []) + (["--speed", sc["speeds"][i]] if "speeds" in sc else []) + \
+        (["--cache-capacity-tokens", sc["caps"][i]] if "caps" in sc else [])
     args = merged(SIM, own)
     if routing in TOKENIZED:
         # One token per byte instead of per 4 characters: 4x the tokens, 1/4 the time each.
@@ -287,12 +302,13 @@ def run(scenario, routing, seed, replicas=1):
         if replicas > 1 and os.environ.get("IDLE_REPLICAS") != "1":
             extra += ["--targets", ",".join(routers)]
         argv = pinned(1, [f"{BIN}/routerctl", "bench", "--url", router, "--seed", str(seed),
-                          *merged(BENCH, sc["bench"]), *extra, "-o", "json"])
+                          *merged(merged(BENCH, sc["bench"]), BENCH_EXTRA), *extra, "-o", "json"])
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if not out.stdout.strip():
             raise RuntimeError(f"bench printed nothing: {out.stderr[-2000:]}")
         rep = json.loads(out.stdout)
-        rep.update(scenario=scenario, routing=routing, seed=seed, pinned=PIN, replicas=replicas,
+        label = " ".join([scenario, *BENCH_EXTRA])
+        rep.update(scenario=label, routing=routing, seed=seed, pinned=PIN, replicas=replicas,
                    idle_replicas=os.environ.get("IDLE_REPLICAS") == "1",
                    sim_speed=os.environ.get("SIM_SPEED", "10"))
         if routing in ROUTERD:
@@ -327,7 +343,11 @@ def table(path):
     print("| scenario | routing | hit rate | req/s | ttft p50 ms | ttft p99 ms | seed spread | "
           "failed | per-worker shares |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for sc in SCENARIOS:
+    # Scenarios in their order above; one run with BENCH_EXTRA after its scenario's plain runs.
+    order = list(SCENARIOS)
+    labels = sorted({k[0] for k in by}, key=lambda label: (
+        order.index(label.split()[0]) if label.split()[0] in order else len(order), label))
+    for sc in labels:
         for ro, nrep in [(ro, c) for ro in ROUTINGS for c in counts]:
             rs = by.get((sc, ro, nrep))
             if not rs:

@@ -253,6 +253,41 @@ async fn a_working_set_that_overflows_the_cache_is_followed() {
 }
 
 #[tokio::test]
+async fn a_new_prefix_goes_to_the_cache_with_the_most_room_for_its_size() {
+    let dir = ConfigDir::new("kv-sizes");
+    let tok = tokenizer(&dir);
+    let ws = vec![
+        kv_sim(&tok, |a| a.cache_capacity_tokens = 4096).await,
+        kv_sim(&tok, |a| a.cache_capacity_tokens = 1024).await,
+    ];
+    let (big, small) = (&ws[0], &ws[1]);
+    let r = kv_router(&[big, small], &tok).await;
+    // Each cache's size, from the workers' /server_info.
+    let s = kv_status(&r).await;
+    for (w, size) in [(big, 4096), (small, 1024)] {
+        let x = s["workers"].as_array().unwrap().iter().find(|x| x["url"] == w.url()).unwrap();
+        assert_eq!(x["capacity_tokens"], size, "{s}");
+    }
+    // Other traffic fills the small cache to about 40% (two prompts) and the big one to about
+    // 25% (five): the big one holds more tokens, but has more room for its size.
+    for k in 0..2 {
+        direct(small, &prompt(&format!("small {k}"))).await;
+    }
+    for k in 0..5 {
+        direct(big, &prompt(&format!("big {k}"))).await;
+    }
+    eventually(Duration::from_secs(5), "both caches indexed", || async {
+        let (b, s) = (blocks(&r, &big.url()).await, blocks(&r, &small.url()).await);
+        b * 4 > 1000 && s * 4 > 400
+    })
+    .await;
+    let (to, d) = route(&r, &prompt("new")).await;
+    assert_eq!((to.as_str(), d["branch"].as_str()), (big.url().as_str(), Some("miss")), "{d}");
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
+#[tokio::test]
 async fn lost_events_are_replayed_and_a_gap_older_than_the_buffer_runs_cold() {
     let dir = ConfigDir::new("kv-gap");
     let tok = tokenizer(&dir);
