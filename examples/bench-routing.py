@@ -319,6 +319,13 @@ def run(scenario, routing, seed, replicas=1):
                 rep["decisions"] = {line.split('branch="')[1].split('"')[0]: float(line.split()[-1])
                                     for line in text.splitlines()
                                     if line.startswith("sgl_router_routing_decisions_total")}
+                # Where the prompts' tokens went (docs/metrics.md): hit, stale, policy, ...
+                acc = {}
+                for line in text.splitlines():
+                    if line.startswith("routerd_pool_cache_accounting_total"):
+                        part = line.split('part="')[1].split('"')[0]
+                        acc[part] = acc.get(part, 0.0) + float(line.split()[-1])
+                rep["accounting"] = acc
             except Exception:
                 pass
         return rep
