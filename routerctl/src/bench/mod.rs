@@ -328,7 +328,7 @@ impl Shared {
         }
         if self.check_answers && sample.ok {
             sample.wrong =
-                crate::sim::expected_answer(job.path, &job.body).is_some_and(|want| want != answer);
+                crate::sim::expected_answer(job.path, &job.body()).is_some_and(|want| want != answer);
         }
         self.workload.lock().expect("workload").complete(&job, &answer);
         let answered = {
@@ -436,7 +436,11 @@ async fn send(http: &reqwest::Client, base: &str, job: &Job) -> (Sample, String)
         wrong: false,
     };
     let mut answer = String::new();
-    let resp = match http.post(format!("{base}{}", job.path)).json(&job.body).send().await {
+    let post = http
+        .post(format!("{base}{}", job.path))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(job.raw.clone());
+    let resp = match post.send().await {
         Ok(r) => r,
         Err(e) => {
             sample.unsent = e.is_connect() || e.is_request();

@@ -42,7 +42,21 @@ pub struct Job {
     /// The group or conversation: what perfect affinity hashes to pick a worker.
     pub key: usize,
     pub path: &'static str,
-    pub body: Value,
+    /// The JSON body, serialized once when the job is made: sent as is (again to another
+    /// router when the first refused it), and smaller than a `Value` of thousands of ids.
+    pub raw: bytes::Bytes,
+}
+
+impl Job {
+    pub fn new(key: usize, path: &'static str, body: &Value) -> Self {
+        let raw = serde_json::to_vec(body).expect("a Value serializes").into();
+        Self { key, path, raw }
+    }
+
+    /// The body, parsed again (to check the answer, in tests).
+    pub fn body(&self) -> Value {
+        serde_json::from_slice(&self.raw).expect("serialized from a Value")
+    }
 }
 
 pub struct Workload {
@@ -126,13 +140,13 @@ impl Workload {
                     let draws = zipf_draws(&mut rng, groups, groups * per_group, shape.zipf_s);
                     for (q, g) in draws.into_iter().enumerate() {
                         let body = question(&mut rng, q, &systems[g]);
-                        queue.push(Job { key: g, path: "/generate", body });
+                        queue.push(Job::new(g, "/generate", &body));
                     }
                 } else {
                     for (g, sys) in systems.iter().enumerate() {
                         for q in 0..per_group {
                             let body = question(&mut rng, q, sys);
-                            queue.push(Job { key: g, path: "/generate", body });
+                            queue.push(Job::new(g, "/generate", &body));
                         }
                     }
                     queue.shuffle(&mut rng);
@@ -181,7 +195,7 @@ impl Workload {
                 c.messages.push(json!({"role": "user", "content": c.questions[c.next_turn]}));
                 let body = json!({"messages": c.messages, "max_tokens": self.max_tokens, "stream": true,
                                   "stream_options": {"include_usage": true}});
-                Some(Job { key: i, path: "/v1/chat/completions", body })
+                Some(Job::new(i, "/v1/chat/completions", &body))
             }
         }
     }
@@ -230,9 +244,9 @@ mod tests {
         let mut w = Workload::new(&s);
         let mut rng = StdRng::seed_from_u64(0);
         let job = w.next(&mut rng).unwrap();
-        let ids: Vec<u8> = serde_json::from_value(job.body["input_ids"].clone()).unwrap();
+        let ids: Vec<u8> = serde_json::from_value(job.body()["input_ids"].clone()).unwrap();
         assert!(String::from_utf8(ids).unwrap().starts_with("System prompt 0"));
-        assert!(job.body.get("text").is_none());
+        assert!(job.body().get("text").is_none());
     }
 
     #[test]
@@ -241,7 +255,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let mut per_group = vec![0usize; 32];
         while let Some(j) = w.next(&mut rng) {
-            assert!(j.body["text"]
+            assert!(j.body()["text"]
                 .as_str()
                 .unwrap()
                 .starts_with(&format!("System prompt {}", j.key)));
@@ -261,7 +275,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let mut firsts = Vec::new();
         while let Some(j) = w.next(&mut rng) {
-            firsts.push(j.body["messages"][0]["content"].as_str().unwrap().to_owned());
+            firsts.push(j.body()["messages"][0]["content"].as_str().unwrap().to_owned());
             w.complete(&j, "ok");
         }
         assert_eq!(firsts.len(), 3);
@@ -277,7 +291,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let mut n = 0;
         while let Some(j) = w.next(&mut rng) {
-            assert!(j.body["text"]
+            assert!(j.body()["text"]
                 .as_str()
                 .unwrap()
                 .starts_with(&format!("System prompt {}", j.key)));
@@ -295,7 +309,8 @@ mod tests {
         assert!(w.next(&mut rng).is_none(), "turn 2 must wait for turn 1");
         w.complete(&j, "answer one");
         let j2 = w.next(&mut rng).unwrap();
-        let msgs = j2.body["messages"].as_array().unwrap();
+        let body = j2.body();
+        let msgs = body["messages"].as_array().unwrap();
         assert_eq!(msgs.len(), 4);
         assert_eq!(msgs[2]["content"], "answer one");
         w.complete(&j2, "two");

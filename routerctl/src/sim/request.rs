@@ -180,7 +180,7 @@ pub fn render_chat(messages: &[Value]) -> ParseResult<String> {
         let role = m
             .get("role")
             .and_then(Value::as_str)
-            .ok_or(format!("messages[{i}].role must be a string"))?;
+            .ok_or_else(|| format!("messages[{i}].role must be a string"))?;
         out.push_str("<|");
         out.push_str(role);
         out.push_str("|>\n");
@@ -247,7 +247,7 @@ fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
             let mut out = Vec::with_capacity(a.len());
             for (i, x) in a.iter().enumerate() {
                 out.push(Prompt::Text(
-                    x.as_str().ok_or(format!("{name}[{i}] must be a string"))?.to_owned(),
+                    x.as_str().ok_or_else(|| format!("{name}[{i}] must be a string"))?.to_owned(),
                 ));
             }
             Ok((out, true))
@@ -258,7 +258,7 @@ fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
 
 fn token_lists(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
     let a =
-        v.as_array().filter(|a| !a.is_empty()).ok_or(format!("{name} must be a non-empty list"))?;
+        v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| format!("{name} must be a non-empty list"))?;
     if a[0].is_array() {
         let mut out = Vec::with_capacity(a.len());
         for (i, x) in a.iter().enumerate() {
@@ -271,14 +271,14 @@ fn token_lists(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
 }
 
 fn ids(v: &Value, name: &str) -> ParseResult<Vec<u32>> {
-    let a = v.as_array().ok_or(format!("{name} must be a list of token ids"))?;
+    let a = v.as_array().ok_or_else(|| format!("{name} must be a list of token ids"))?;
     a.iter().map(|x| as_u32(x, name)).collect()
 }
 
 fn as_u32(v: &Value, name: &str) -> ParseResult<u32> {
     v.as_u64()
         .and_then(|n| u32::try_from(n).ok())
-        .ok_or(format!("{name} must be a non-negative integer"))
+        .ok_or_else(|| format!("{name} must be a non-negative integer"))
 }
 
 fn flag(v: Option<&Value>, name: &str) -> ParseResult<bool> {
