@@ -327,7 +327,7 @@ impl Worker {
     /// fresh report, this router's own count.
     pub fn load(&self) -> u64 {
         let own = self.in_flight.load(Relaxed);
-        own + self.report.others()
+        own + self.report.others(own)
     }
 
     /// Counts a request in flight on this worker until the guard is dropped.
@@ -360,7 +360,15 @@ pub struct LoadReport {
     until_ms: AtomicU64,
     /// 1: published, 2: polled.
     source: std::sync::atomic::AtomicU8,
+    /// This router's share of the worker's requests at its reports, in thousandths, smoothed
+    /// over reports (0: none yet): how the others' count is carried forward between reports.
+    share_milli: AtomicU64,
 }
+
+/// Between two reports, other routers are taken to send (and finish) this many requests per
+/// one of this router's at most: their share carried forward is capped at 7 times ours (eight
+/// replicas spread evenly), so a router with a sliver of the traffic does not magnify noise.
+const MAX_OTHERS_PER_OWN_MILLI: i64 = 7_000;
 
 /// How a routed prompt splits (docs/metrics.md, "Why the hit rate is what it is"): `workload`
 /// (no routable worker held it), `policy` (another worker held more: given up for balance),
@@ -394,6 +402,12 @@ impl LoadReport {
     /// Records a report of `requests` (running + waiting), `own` being this router's
     /// in-flight count on the worker now, valid for `valid`.
     pub fn set(&self, requests: u64, own: u64, valid: std::time::Duration, source: ReportSource) {
+        if let Some(share) = (own * 1000).checked_div(requests) {
+            let share = share.clamp(1, 1000);
+            let prev = self.share_milli.load(Relaxed);
+            let next = if prev == 0 { share } else { (prev * 4 + share) / 5 };
+            self.share_milli.store(next, Relaxed);
+        }
         self.requests.store(requests, Relaxed);
         self.own_then.store(own, Relaxed);
         self.source.store(if source == ReportSource::Published { 1 } else { 2 }, Relaxed);
@@ -418,12 +432,23 @@ impl LoadReport {
         Some((self.requests.load(Relaxed), self.own_then.load(Relaxed), source))
     }
 
-    /// Requests on the worker that were not this router's when it reported.
-    pub fn others(&self) -> u64 {
+    /// Requests on the worker that are not this router's, `own` being this router's in-flight
+    /// count now: those the worker reported beyond this router's own then, carried forward by
+    /// what this router sent or finished there since, in proportion to the others' share of
+    /// the worker's requests (router replicas that route alike move alike). A report comes
+    /// every few scheduler steps, tens of milliseconds, in which the other replicas keep
+    /// sending: without this, each replica sees a worker's queue late and they overshoot it
+    /// together.
+    pub fn others(&self, own: u64) -> u64 {
         if self.until_ms.load(Relaxed) == 0 {
             return 0;
         }
-        self.fresh().map_or(0, |(r, own, _)| r.saturating_sub(own))
+        let Some((reported, own_then, _)) = self.fresh() else { return 0 };
+        let then = reported.saturating_sub(own_then) as i64;
+        let share = self.share_milli.load(Relaxed).max(1) as i64;
+        let per_own = (1_000_000 / share - 1000).clamp(0, MAX_OTHERS_PER_OWN_MILLI);
+        let since = (own as i64 - own_then as i64) * per_own / 1000;
+        (then + since).max(0) as u64
     }
 }
 
@@ -644,6 +669,33 @@ impl Registry {
 mod tests {
     use super::*;
 
+    #[test]
+    fn others_are_carried_forward_by_this_routers_moves_in_proportion_to_their_share() {
+        let valid = std::time::Duration::from_secs(3);
+        let r = LoadReport::default();
+        assert_eq!(r.others(5), 0, "no report");
+        r.set(10, 10, valid, ReportSource::Published);
+        assert_eq!(r.others(14), 0, "alone on the worker: no one else moves");
+        // A third of the worker's requests are this router's.
+        let r = LoadReport::default();
+        r.set(30, 10, valid, ReportSource::Published);
+        assert_eq!(r.others(10), 20);
+        assert_eq!(r.others(13), 26, "three more of ours: six more of theirs");
+        assert_eq!(r.others(7), 14, "three of ours done: six of theirs");
+        assert_eq!(r.others(0), 0);
+        // A sliver of the traffic: the others move at most 7 per one of ours.
+        let r = LoadReport::default();
+        r.set(1000, 1, valid, ReportSource::Published);
+        assert_eq!(r.others(2), 999 + 7);
+        // The share is smoothed over reports: alone again moves it a fifth of the way.
+        let r = LoadReport::default();
+        r.set(30, 10, valid, ReportSource::Published);
+        r.set(10, 10, valid, ReportSource::Published);
+        assert_eq!(r.others(15), 5, "share 466/1000: 1.145 of theirs per one of ours");
+        r.clear();
+        assert_eq!(r.others(15), 0, "no fresh report");
+    }
+
     fn spec(url: &str) -> WorkerSpec {
         WorkerSpec {
             url: url.into(),
@@ -720,7 +772,9 @@ mod tests {
         w.report.set(5, 1, std::time::Duration::from_secs(60), ReportSource::Published);
         assert_eq!(w.load(), 5);
         let g2 = w.start_request();
-        assert_eq!(w.load(), 6, "ours since the report add to the others'");
+        // One more of ours since the report; the others, four in five of the worker's
+        // requests, are taken to have sent four more meanwhile.
+        assert_eq!(w.load(), 2 + 4 + 4, "ours since the report, and the others' carried forward");
         // Ours not yet on the worker when it reported: nobody else's.
         w.report.set(1, 2, std::time::Duration::from_secs(60), ReportSource::Polled);
         assert_eq!(w.load(), 2);
