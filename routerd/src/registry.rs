@@ -445,8 +445,11 @@ impl LoadReport {
         }
         let Some((reported, own_then, _)) = self.fresh() else { return 0 };
         let then = reported.saturating_sub(own_then) as i64;
-        let share = self.share_milli.load(Relaxed).max(1) as i64;
-        let per_own = (1_000_000 / share - 1000).clamp(0, MAX_OTHERS_PER_OWN_MILLI);
+        // No report with requests yet: nothing says the others move at all.
+        let per_own = match self.share_milli.load(Relaxed) as i64 {
+            0 => 0,
+            share => (1_000_000 / share - 1000).clamp(0, MAX_OTHERS_PER_OWN_MILLI),
+        };
         let since = (own as i64 - own_then as i64) * per_own / 1000;
         (then + since).max(0) as u64
     }
@@ -674,6 +677,8 @@ mod tests {
         let valid = std::time::Duration::from_secs(3);
         let r = LoadReport::default();
         assert_eq!(r.others(5), 0, "no report");
+        r.set(0, 0, valid, ReportSource::Published);
+        assert_eq!(r.others(3), 0, "an idle worker's report says nothing of the others' moves");
         r.set(10, 10, valid, ReportSource::Published);
         assert_eq!(r.others(14), 0, "alone on the worker: no one else moves");
         // A third of the worker's requests are this router's.

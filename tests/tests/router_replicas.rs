@@ -333,15 +333,18 @@ async fn peered(ws: &[SimWorker], share: bool) -> (routerd::run::Running, router
 async fn without_events_peers_tell_each_other_what_they_routed() {
     let ws = fleet(4, |a| a.zero_compute = true).await;
     let (a, b) = peered(&ws, true).await;
-    let texts: Vec<String> = (0..8)
-        .map(|n| format!("conversation {n}: ") + &"a long system prompt. ".repeat(20))
+    // 16 prompts: two replicas that know nothing of each other place the first four of every
+    // four alike with a chance of 1 in 24 (4 empty workers, then 3, 2, 1), all 16 with 1 in
+    // 24^4.
+    let texts: Vec<String> = (0..16)
+        .map(|n| format!("conversation {n:02}: ") + &"a long system prompt. ".repeat(20))
         .collect();
     let mut homes = Vec::new();
     for t in &texts {
         homes.push(route_text(&a, t).await.0);
     }
     eventually(Duration::from_secs(5), "the peer heard of every decision", || async {
-        get_json(&format!("{}/admin/peers", b.url())).await["received"].as_u64().unwrap() >= 8
+        get_json(&format!("{}/admin/peers", b.url())).await["received"].as_u64().unwrap() >= 16
     })
     .await;
     for (t, home) in texts.iter().zip(&homes) {
@@ -353,7 +356,7 @@ async fn without_events_peers_tell_each_other_what_they_routed() {
     a.shutdown().await;
     b.shutdown().await;
     // Without peers, the second replica knows nothing of the first's decisions: most of the
-    // same prompts land elsewhere (4 workers: 1 in 4 by chance).
+    // same prompts land elsewhere.
     let (a, b) = peered(&ws, false).await;
     let mut same = 0;
     for t in &texts {
