@@ -327,8 +327,8 @@ impl Shared {
             }
         }
         if self.check_answers && sample.ok {
-            sample.wrong =
-                crate::sim::expected_answer(job.path, &job.body()).is_some_and(|want| want != answer);
+            sample.wrong = crate::sim::expected_answer(job.path, &job.body())
+                .is_some_and(|want| want != answer);
         }
         self.workload.lock().expect("workload").complete(&job, &answer);
         let answered = {

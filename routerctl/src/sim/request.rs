@@ -257,8 +257,10 @@ fn texts(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
 }
 
 fn token_lists(v: &Value, name: &str) -> ParseResult<(Vec<Prompt>, bool)> {
-    let a =
-        v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| format!("{name} must be a non-empty list"))?;
+    let a = v
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("{name} must be a non-empty list"))?;
     if a[0].is_array() {
         let mut out = Vec::with_capacity(a.len());
         for (i, x) in a.iter().enumerate() {

@@ -535,7 +535,8 @@ mod tests {
         stored(&kv, ws[1].url(), &(5000..5500).collect::<Vec<u32>>());
         let ask = |text: &str| {
             let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
-            let r = RequestInfo { text, tokens: Some(&tokens), kv: Some(&kv), ..Default::default() };
+            let r =
+                RequestInfo { text, tokens: Some(&tokens), kv: Some(&kv), ..Default::default() };
             let d = p.decide(&ws, &r).unwrap();
             (d.index, d.branch)
         };
