@@ -440,9 +440,6 @@ impl LoadReport {
     /// sending: without this, each replica sees a worker's queue late and they overshoot it
     /// together.
     pub fn others(&self, own: u64) -> u64 {
-        if self.until_ms.load(Relaxed) == 0 {
-            return 0;
-        }
         let Some((reported, own_then, _)) = self.fresh() else { return 0 };
         let then = reported.saturating_sub(own_then) as i64;
         // No report with requests yet: nothing says the others move at all.
