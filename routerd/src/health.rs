@@ -105,11 +105,7 @@ pub async fn learn_capacity(app: &App, w: &Worker, timeout: Duration) {
     }
     w.capacity_asked_ms.store(now, Relaxed);
     let Some(info) = app.http.get_json(w, "/get_server_info", timeout).await else { return };
-    let max = info["max_running_requests"]
-        .as_u64()
-        .or_else(|| info["internal_states"][0]["max_running_requests"].as_u64())
-        .filter(|m| *m > 0);
-    if let Some(m) = max {
+    if let Some(m) = crate::info::server_info_count(&info, "max_running_requests") {
         w.max_running.store(m, Relaxed);
     }
 }

@@ -22,6 +22,13 @@ use crate::registry::{Worker, WorkerRole};
 
 const INFO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A positive count from a worker's `/server_info` (or `/get_server_info`): SGLang merges its
+/// scheduler's info into the server arguments there, and also lists each scheduler's state in
+/// `internal_states`: the top-level value, else the first scheduler's.
+pub fn server_info_count(info: &Value, key: &str) -> Option<u64> {
+    info[key].as_u64().or_else(|| info["internal_states"][0][key].as_u64()).filter(|&n| n > 0)
+}
+
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }

@@ -638,13 +638,7 @@ pub fn feed_from_server_info(worker_url: &str, info: &serde_json::Value) -> Opti
         replay: (0..dp).map(|r| replay.map(|p| format!("tcp://{host}:{}", p + r))).collect(),
         topic: kv.get("topic").and_then(|t| t.as_str()).unwrap_or("").to_owned(),
         block_size: kv.get("block_size").and_then(|b| b.as_u64()).map(|b| b as usize),
-        // SGLang's scheduler info, merged into the server info (or its first scheduler's
-        // internal state).
-        capacity: info
-            .get("max_total_num_tokens")
-            .or_else(|| info.pointer("/internal_states/0/max_total_num_tokens"))
-            .and_then(|m| m.as_u64())
-            .filter(|&m| m > 0),
+        capacity: crate::info::server_info_count(info, "max_total_num_tokens"),
     })
 }
 
