@@ -316,16 +316,9 @@ def run(scenario, routing, seed, replicas=1):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2) as m:
                     text = m.read().decode()
-                rep["decisions"] = {line.split('branch="')[1].split('"')[0]: float(line.split()[-1])
-                                    for line in text.splitlines()
-                                    if line.startswith("sgl_router_routing_decisions_total")}
+                rep["decisions"] = by_label(text, "sgl_router_routing_decisions_total", "branch")
                 # Where the prompts' tokens went (docs/metrics.md): hit, stale, policy, ...
-                acc = {}
-                for line in text.splitlines():
-                    if line.startswith("routerd_pool_cache_accounting_total"):
-                        part = line.split('part="')[1].split('"')[0]
-                        acc[part] = acc.get(part, 0.0) + float(line.split()[-1])
-                rep["accounting"] = acc
+                rep["accounting"] = by_label(text, "routerd_pool_cache_accounting_total", "part")
             except Exception:
                 pass
         return rep
@@ -339,6 +332,16 @@ def run(scenario, routing, seed, replicas=1):
             except (ValueError, ProcessLookupError, PermissionError):
                 pass
             os.remove(pidfile)
+
+
+def by_label(text, metric, label):
+    """A Prometheus exposition's `metric`, summed by the value of its `label`."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            value = line.split(f'{label}="')[1].split('"')[0]
+            out[value] = out.get(value, 0.0) + float(line.split()[-1])
+    return out
 
 
 def table(path):
