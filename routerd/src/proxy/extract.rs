@@ -128,6 +128,13 @@ impl<'a> Probe<'a> {
             Route::Completions => self.prompt,
             Route::Chat | Route::Embeddings => None,
         }?;
+        // One prompt of token ids is thousands of numbers: known by its first item, without
+        // reading the list into values (that was a quarter of the router's CPU with them).
+        let first = field.get().strip_prefix('[')?.trim_start().bytes().next();
+        let a_number = first.is_some_and(|b| b == b'-' || b.is_ascii_digit());
+        if a_number && (route != Route::Generate || self.text.is_none()) {
+            return None;
+        }
         let items: Vec<&RawValue> = serde_json::from_str(field.get()).ok()?;
         let nested =
             items.first().is_some_and(|v| v.get().starts_with('[') || v.get().starts_with('"'));
@@ -353,6 +360,28 @@ mod tests {
             {"role": "assistant", "content": null}]}"#;
         assert_eq!(text(Route::Chat, chat), "system: S\nuser: Q\nassistant: \n");
         assert_eq!(text(Route::Generate, "{}"), "");
+    }
+
+    #[test]
+    fn batch_sizes_per_shape() {
+        let size = |route, body: &str| probe(body.as_bytes()).unwrap().batch_size(route);
+        let g = Route::Generate;
+        let c = Route::Completions;
+        // One prompt of ids (read by its first item only, however long) is no batch.
+        assert_eq!(size(g, r#"{"input_ids": [ 5, 6, 7]}"#), None);
+        assert_eq!(size(g, r#"{"input_ids": []}"#), None);
+        assert_eq!(size(c, r#"{"prompt": [5, 6]}"#), None);
+        assert_eq!(size(c, r#"{"prompt": "p"}"#), None);
+        assert_eq!(size(g, r#"{"text": "t"}"#), None);
+        // Lists of prompts are batches of their length.
+        assert_eq!(size(g, r#"{"input_ids": [[1, 2], [3]]}"#), Some(2));
+        assert_eq!(size(g, r#"{"text": ["a", "b", "c"]}"#), Some(3));
+        assert_eq!(size(g, r#"{"text": [1, 2]}"#), Some(2), "text items are prompts");
+        assert_eq!(size(g, r#"{"text": []}"#), Some(0));
+        assert_eq!(size(c, r#"{"prompt": ["a", "b"]}"#), Some(2));
+        assert_eq!(size(c, r#"{"prompt": [[1], [2]]}"#), Some(2));
+        assert_eq!(size(c, r#"{"prompt": []}"#), Some(0));
+        assert_eq!(size(Route::Chat, r#"{"input_ids": [[1], [2]]}"#), None);
     }
 
     #[test]
