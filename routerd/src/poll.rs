@@ -42,6 +42,7 @@ pub async fn poll_loads(app: Arc<App>, cancel: CancellationToken) {
                     w.in_flight.load(Relaxed),
                     (every * 3).max(Duration::from_secs(3)),
                     ReportSource::Polled,
+                    &app.registry.share,
                 ),
                 None => w.report.clear(),
             }

@@ -360,9 +360,39 @@ pub struct LoadReport {
     until_ms: AtomicU64,
     /// 1: published, 2: polled.
     source: std::sync::atomic::AtomicU8,
-    /// This router's share of the worker's requests at its reports, in thousandths, smoothed
-    /// over reports (0: none yet): how the others' count is carried forward between reports.
+    /// This router's share of the fleet's traffic when the report came ([`TrafficShare`]), in
+    /// thousandths (0: none yet): how the others' count is carried forward between reports.
     share_milli: AtomicU64,
+}
+
+/// This router's share of the requests on the fleet's workers, from their load reports: its
+/// own in-flight count against what each worker reported, summed over the workers' reports
+/// and smoothed (each report weighs 1/64, a few hundred milliseconds of reports). Replicas
+/// behind a Service get the same share of every kind of request and route alike, so this
+/// router's share of any one worker's traffic is about its share of the fleet's; measured per
+/// worker instead, it is noise where a worker holds few requests (one of ours or none flips
+/// it), and a wrong share magnifies the noise.
+#[derive(Debug, Default)]
+pub struct TrafficShare {
+    /// Decayed sums of (own, reported) requests.
+    sums: Mutex<(f64, f64)>,
+}
+
+impl TrafficShare {
+    /// Learns from a report of `requests` while `own` were this router's; returns the share,
+    /// in thousandths (0 while no report had requests).
+    pub fn record(&self, own: u64, requests: u64) -> u64 {
+        let mut s = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        if requests > 0 {
+            const KEEP: f64 = 63.0 / 64.0;
+            s.0 = s.0 * KEEP + own.min(requests) as f64;
+            s.1 = s.1 * KEEP + requests as f64;
+        }
+        match *s {
+            (_, all) if all <= 0.0 => 0,
+            (own, all) => ((own / all * 1000.0).round() as u64).clamp(1, 1000),
+        }
+    }
 }
 
 /// Between two reports, other routers are taken to send (and finish) this many requests per
@@ -400,14 +430,17 @@ pub fn clock_ms() -> u64 {
 
 impl LoadReport {
     /// Records a report of `requests` (running + waiting), `own` being this router's
-    /// in-flight count on the worker now, valid for `valid`.
-    pub fn set(&self, requests: u64, own: u64, valid: std::time::Duration, source: ReportSource) {
-        if let Some(share) = (own * 1000).checked_div(requests) {
-            let share = share.clamp(1, 1000);
-            let prev = self.share_milli.load(Relaxed);
-            let next = if prev == 0 { share } else { (prev * 4 + share) / 5 };
-            self.share_milli.store(next, Relaxed);
-        }
+    /// in-flight count on the worker now, valid for `valid`; `share` learns from it this
+    /// router's share of the fleet's traffic, by which the others' count is carried forward.
+    pub fn set(
+        &self,
+        requests: u64,
+        own: u64,
+        valid: std::time::Duration,
+        source: ReportSource,
+        share: &TrafficShare,
+    ) {
+        self.share_milli.store(share.record(own, requests), Relaxed);
         self.requests.store(requests, Relaxed);
         self.own_then.store(own, Relaxed);
         self.source.store(if source == ReportSource::Published { 1 } else { 2 }, Relaxed);
@@ -516,6 +549,8 @@ pub struct Registry {
     /// for each source that writes whole sets.
     writer: Mutex<Generations>,
     on_removed: OnceLock<OnRemoved>,
+    /// This router's share of the fleet's traffic, from the workers' load reports.
+    pub share: TrafficShare,
 }
 
 #[derive(Default)]
@@ -550,6 +585,7 @@ impl Registry {
             current: ArcSwap::from_pointee(Snapshot { workers }),
             writer: Mutex::default(),
             on_removed: OnceLock::new(),
+            share: TrafficShare::default(),
         }
     }
 
@@ -670,30 +706,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn others_are_carried_forward_by_this_routers_moves_in_proportion_to_their_share() {
+    fn others_are_carried_forward_by_this_routers_moves_in_proportion_to_its_fleet_share() {
         let valid = std::time::Duration::from_secs(3);
+        let pub_ = ReportSource::Published;
+        let share = TrafficShare::default();
         let r = LoadReport::default();
         assert_eq!(r.others(5), 0, "no report");
-        r.set(0, 0, valid, ReportSource::Published);
-        assert_eq!(r.others(3), 0, "an idle worker's report says nothing of the others' moves");
-        r.set(10, 10, valid, ReportSource::Published);
-        assert_eq!(r.others(14), 0, "alone on the worker: no one else moves");
-        // A third of the worker's requests are this router's.
+        r.set(0, 0, valid, pub_, &share);
+        assert_eq!(r.others(3), 0, "no report with requests yet: nothing says the others move");
+        r.set(10, 10, valid, pub_, &share);
+        assert_eq!(r.others(14), 0, "alone in the fleet: no one else moves");
+        // A third of the fleet's requests are this router's.
+        let share = TrafficShare::default();
         let r = LoadReport::default();
-        r.set(30, 10, valid, ReportSource::Published);
+        r.set(30, 10, valid, pub_, &share);
         assert_eq!(r.others(10), 20);
         assert_eq!(r.others(13), 26, "three more of ours: six more of theirs");
         assert_eq!(r.others(7), 14, "three of ours done: six of theirs");
         assert_eq!(r.others(0), 0);
+        // The share is the fleet's: a worker where we hold none of few requests does not make
+        // the others move faster there than anywhere.
+        let quiet = LoadReport::default();
+        quiet.set(2, 0, valid, pub_, &share);
+        assert_eq!(quiet.others(1), 2 + 2, "share 10/32: 2.2 of theirs per one of ours");
         // A sliver of the traffic: the others move at most 7 per one of ours.
+        let share = TrafficShare::default();
         let r = LoadReport::default();
-        r.set(1000, 1, valid, ReportSource::Published);
+        r.set(1000, 1, valid, pub_, &share);
         assert_eq!(r.others(2), 999 + 7);
-        // The share is smoothed over reports: alone again moves it a fifth of the way.
+        // Smoothed over reports: one report alone moves the share by its weight only.
+        let share = TrafficShare::default();
+        for _ in 0..200 {
+            share.record(10, 30);
+        }
         let r = LoadReport::default();
-        r.set(30, 10, valid, ReportSource::Published);
-        r.set(10, 10, valid, ReportSource::Published);
-        assert_eq!(r.others(15), 5, "share 466/1000: 1.145 of theirs per one of ours");
+        r.set(10, 10, valid, pub_, &share);
+        assert_eq!(
+            r.others(13),
+            5,
+            "still about a third (337/1000): 1.97 of theirs per one of ours"
+        );
         r.clear();
         assert_eq!(r.others(15), 0, "no fresh report");
     }
@@ -768,22 +820,23 @@ mod tests {
     #[test]
     fn guard_counts_until_dropped_and_load_adds_what_others_sent() {
         let w = Arc::new(Worker::new(spec("http://a:1")));
+        let share = TrafficShare::default();
         let g = w.start_request();
         assert_eq!(w.load(), 1);
         // The worker runs 5, one of them ours: 4 are other routers'.
-        w.report.set(5, 1, std::time::Duration::from_secs(60), ReportSource::Published);
+        w.report.set(5, 1, std::time::Duration::from_secs(60), ReportSource::Published, &share);
         assert_eq!(w.load(), 5);
         let g2 = w.start_request();
         // One more of ours since the report; the others, four in five of the worker's
         // requests, are taken to have sent four more meanwhile.
         assert_eq!(w.load(), 2 + 4 + 4, "ours since the report, and the others' carried forward");
         // Ours not yet on the worker when it reported: nobody else's.
-        w.report.set(1, 2, std::time::Duration::from_secs(60), ReportSource::Polled);
+        w.report.set(1, 2, std::time::Duration::from_secs(60), ReportSource::Polled, &share);
         assert_eq!(w.load(), 2);
-        w.report.set(9, 0, std::time::Duration::ZERO, ReportSource::Polled);
+        w.report.set(9, 0, std::time::Duration::ZERO, ReportSource::Polled, &share);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(w.load(), 2, "a stale report does not count");
-        w.report.set(9, 0, std::time::Duration::from_secs(60), ReportSource::Polled);
+        w.report.set(9, 0, std::time::Duration::from_secs(60), ReportSource::Polled, &share);
         w.report.clear();
         assert_eq!(w.load(), 2);
         drop((g, g2));

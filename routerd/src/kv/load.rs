@@ -115,7 +115,7 @@ pub fn on_report(kv: &KvState, registry: &Registry, t: &Target, stat: wire::Load
             _ => continue,
         };
         let own = w.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        w.report.set(n, own, VALID, ReportSource::Published);
+        w.report.set(n, own, VALID, ReportSource::Published, &registry.share);
     }
     kv.update_rank(&t.base, t.rank, |r| {
         r.load_connected = Some(true);
