@@ -68,6 +68,12 @@ fn bench(c: &mut Criterion) {
     c.bench_function("kv_index/hash a 2048-token prompt (16-token pages)", |b| {
         b.iter(|| page_hashes(black_box(&tokens), 16))
     });
+    // A zipf-bench prompt: 8,000 ids of a 150,000-token vocabulary, as a client sends them.
+    let ids: Vec<u32> = (0..8000u32).map(|i| i.wrapping_mul(2_654_435_761) % 150_000).collect();
+    let json = serde_json::to_string(&ids).expect("ids");
+    c.bench_function("kv_index/read an 8000-id prompt's JSON", |b| {
+        b.iter(|| routerd::proxy::extract::id_list(black_box(&json)))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -205,49 +205,49 @@ impl<'a> Probe<'a> {
 /// lists, signs, fractions, exponents), which the caller then leaves to serde_json.
 pub fn id_list(s: &str) -> Option<Vec<u32>> {
     let b = s.as_bytes();
-    let mut i = 0;
-    let skip = |i: &mut usize| {
-        while *i < b.len() && b[*i].is_ascii_whitespace() {
-            *i += 1;
+    let skip = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
         }
+        i
     };
-    skip(&mut i);
+    let mut i = skip(0);
     if b.get(i) != Some(&b'[') {
         return None;
     }
-    i += 1;
-    let mut out = Vec::with_capacity(b.len() / 4);
-    skip(&mut i);
+    // About five bytes an id: "1234," or "123, ".
+    let mut out = Vec::with_capacity(b.len() / 5 + 1);
+    i = skip(i + 1);
     if b.get(i) == Some(&b']') {
-        i += 1;
-        skip(&mut i);
-        return (i == b.len()).then_some(out);
+        return (skip(i + 1) == b.len()).then_some(out);
     }
     loop {
-        skip(&mut i);
         let start = i;
         let mut v: u64 = 0;
-        while i < b.len() && b[i].is_ascii_digit() {
-            v = v * 10 + u64::from(b[i] - b'0');
-            if v > u64::from(u32::MAX) {
-                return None;
-            }
+        while let Some(d) = b.get(i).map(|c| c.wrapping_sub(b'0')).filter(|&d| d < 10) {
+            v = v.wrapping_mul(10).wrapping_add(u64::from(d));
             i += 1;
         }
-        // JSON numbers have no leading zeros.
-        if i == start || (b[start] == b'0' && i - start > 1) {
+        // Ten digits at most (u32::MAX has ten; more could wrap), and JSON numbers have no
+        // leading zeros.
+        let digits = i - start;
+        if digits == 0 || digits > 10 || v > u64::from(u32::MAX) || (digits > 1 && b[start] == b'0')
+        {
             return None;
         }
         out.push(v as u32);
-        skip(&mut i);
+        // The separator, most often "," or ", ".
         match b.get(i) {
-            Some(b',') => i += 1,
-            Some(b']') => {
-                i += 1;
-                skip(&mut i);
-                return (i == b.len()).then_some(out);
+            Some(b',') => i = if b.get(i + 1) == Some(&b' ') { skip(i + 2) } else { skip(i + 1) },
+            Some(b']') => return (skip(i + 1) == b.len()).then_some(out),
+            _ => {
+                i = skip(i);
+                match b.get(i) {
+                    Some(b',') => i = skip(i + 1),
+                    Some(b']') => return (skip(i + 1) == b.len()).then_some(out),
+                    _ => return None,
+                }
             }
-            _ => return None,
         }
     }
 }
