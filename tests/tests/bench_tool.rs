@@ -162,6 +162,35 @@ async fn zipf_through_the_router_with_a_command_part_way() {
     shutdown_all(ws).await;
 }
 
+#[tokio::test]
+async fn a_warmup_is_sent_first_and_left_out_of_the_figures() {
+    let ws = fleet(2, |a| a.zero_compute = true).await;
+    let r = router(router_config("cache_aware", &[&ws[0], &ws[1]])).await;
+    let zipf = ["--url", &r.url(), "--workload", "zipf", "--groups", "4", "--questions", "5"];
+    let warm = [&zipf[..], &["--warmup", "8"]].concat();
+    let rep = execute(&args(&warm)).await.unwrap();
+    assert_eq!((rep.requests, rep.ok, rep.failed), (12, 12, 0), "{:?}", rep.first_errors);
+    assert!(rep.workload.ends_with("the first 8 unmeasured"), "{}", rep.workload);
+    // The fleet served all 20, the report counts the last 12.
+    let served: u64 = {
+        let mut n = 0;
+        for w in &ws {
+            let v = client().get(format!("{}/sim/stats", w.url())).send().await.unwrap();
+            n += v.json::<serde_json::Value>().await.unwrap()["prompt_tokens"].as_u64().unwrap();
+        }
+        n
+    };
+    let measured = rep.prompt_tokens.expect("sim workers report cache stats");
+    assert!(served > measured + measured / 2, "served {served} prompt tokens, measured {measured}");
+    let err = execute(&args(&[&zipf[..], &["--warmup", "20"]].concat())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("--warmup 20 leaves no request to measure"), "{err:#}");
+    let turns = ["--url", &r.url(), "--workload", "multi-turn", "--warmup", "2"];
+    let err = execute(&args(&turns)).await.unwrap_err();
+    assert!(format!("{err:#}").contains("shared-prefix and zipf"), "{err:#}");
+    r.shutdown().await;
+    shutdown_all(ws).await;
+}
+
 #[test]
 fn exec_needs_a_fraction_and_a_fraction_is_between_0_and_1() {
     let e = Wrap::try_parse_from(["bench", "--exec", "true"]).err().unwrap().to_string();

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// A shell command (`sh -c`) to run part-way through, e.g. to restart or add a worker.
     #[arg(long, requires = "at_fraction")]
     pub exec: Option<String>,
+    /// shared-prefix, zipf: send the workload's first N requests before measuring, and
+    /// measure the rest: the caches and routers are then warm, as in a fleet that has run a
+    /// while, instead of all starting empty together.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
     /// The global `-o/--output` (set by `cli::run`).
     #[arg(skip = Output::Table)]
     pub output: Output,
@@ -146,7 +151,7 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         Kind::SharedPrefix | Kind::Zipf => (args.groups, args.questions),
         Kind::MultiTurn => (args.conversations, args.turns),
     };
-    let workload = Workload::new(&workload::Shape {
+    let mut workload = Workload::new(&workload::Shape {
         kind: args.workload,
         groups,
         per_group,
@@ -158,44 +163,38 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
         seed: args.seed,
         input_ids: args.input_ids,
     });
+    let all = workload.total();
+    let warmup = match args.warmup {
+        0 => None,
+        n => Some(workload.split_warmup(n).ok_or_else(|| {
+            anyhow::anyhow!("--warmup works with the shared-prefix and zipf workloads")
+        })?),
+    };
     let total = workload.total();
+    if total == 0 {
+        bail!("--warmup {} leaves no request to measure: the workload has {all}", args.warmup);
+    }
+    let target = || Target {
+        routers: routers.clone(),
+        next: std::sync::atomic::AtomicUsize::new(0),
+        workers: workers.clone(),
+        affinity: args.affinity,
+    };
+    if let Some(warm) = warmup {
+        let warm =
+            Arc::new(Shared::new(args, warm, http.clone(), target(), None, CacheTally::default()));
+        drive(&warm, args).await;
+        warm.progress.finish_and_clear();
+    }
     let mut tally = CacheTally::default();
     tally.sample(&http, &workers, true).await;
     let hook = args.at_fraction.zip(args.exec.clone()).map(|(f, cmd)| Hook {
         at: ((f * total as f64).round() as usize).clamp(1, total.max(1)),
         cmd,
     });
-    let progress = indicatif::ProgressBar::new(total as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {bar:40} {pos}/{len} requests {per_sec} {elapsed}",
-        )
-        .expect("static template"),
-    );
-    let shared = Arc::new(Shared {
-        workload: Mutex::new(workload),
-        rng: Mutex::new(StdRng::seed_from_u64(args.seed ^ 0x5eed)),
-        check_answers: args.check_answers,
-        ready: Notify::new(),
-        samples: Mutex::new(Vec::with_capacity(total)),
-        progress,
-        http,
-        target: Target {
-            routers,
-            next: std::sync::atomic::AtomicUsize::new(0),
-            workers: workers.clone(),
-            affinity: args.affinity,
-        },
-        hook: Mutex::new(hook),
-        tally: tokio::sync::Mutex::new(tally),
-        event: Mutex::new(None),
-        hook_task: Mutex::new(None),
-    });
+    let shared = Arc::new(Shared::new(args, workload, http, target(), hook, tally));
     let started = Instant::now();
-    match args.rate {
-        None => drive_closed_loop(&shared, args.concurrency.max(1)).await,
-        Some(rate) => drive_open_loop(&shared, rate, args.concurrency.max(1)).await,
-    }
+    drive(&shared, args).await;
     let elapsed = started.elapsed().as_secs_f64();
     shared.progress.finish_and_clear();
     let hook_task = shared.hook_task.lock().expect("hook task").take();
@@ -304,7 +303,46 @@ struct Shared {
     check_answers: bool,
 }
 
+/// Keeps `--concurrency` requests busy, or starts them at `--rate`, until the workload is done.
+async fn drive(shared: &Arc<Shared>, args: &BenchArgs) {
+    match args.rate {
+        None => drive_closed_loop(shared, args.concurrency.max(1)).await,
+        Some(rate) => drive_open_loop(shared, rate, args.concurrency.max(1)).await,
+    }
+}
+
 impl Shared {
+    fn new(
+        args: &BenchArgs,
+        workload: Workload,
+        http: reqwest::Client,
+        target: Target,
+        hook: Option<Hook>,
+        tally: CacheTally,
+    ) -> Self {
+        let progress = indicatif::ProgressBar::new(workload.total() as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bar:40} {pos}/{len} requests {per_sec} {elapsed}",
+            )
+            .expect("static template"),
+        );
+        Shared {
+            samples: Mutex::new(Vec::with_capacity(workload.total())),
+            workload: Mutex::new(workload),
+            rng: Mutex::new(StdRng::seed_from_u64(args.seed ^ 0x5eed)),
+            check_answers: args.check_answers,
+            ready: Notify::new(),
+            progress,
+            http,
+            target,
+            hook: Mutex::new(hook),
+            tally: tokio::sync::Mutex::new(tally),
+            event: Mutex::new(None),
+            hook_task: Mutex::new(None),
+        }
+    }
+
     fn next(&self) -> Result<Option<Job>, ()> {
         let mut w = self.workload.lock().expect("workload");
         if w.finished() {

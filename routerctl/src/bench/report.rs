@@ -88,6 +88,10 @@ impl Report {
                 format!("multi-turn ({} conversations x {} turns)", args.conversations, args.turns)
             }
         };
+        let workload = match args.warmup {
+            0 => workload,
+            n => format!("{workload}, the first {n} unmeasured"),
+        };
         let target = if args.affinity {
             "perfect affinity (direct to workers)".to_owned()
         } else {

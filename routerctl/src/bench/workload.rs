@@ -210,6 +210,23 @@ impl Workload {
         }
     }
 
+    /// Takes the first `n` requests this workload would send as a workload of their own (to
+    /// warm the caches and routers before the rest is measured); `None` for multi-turn, whose
+    /// turns wait on each other's answers.
+    pub fn split_warmup(&mut self, n: usize) -> Option<Self> {
+        if self.kind == Kind::MultiTurn {
+            return None;
+        }
+        // Requests are sent from the end of the queue.
+        let queue = self.queue.split_off(self.queue.len().saturating_sub(n));
+        Some(Self {
+            kind: self.kind,
+            queue,
+            conversations: Vec::new(),
+            max_tokens: self.max_tokens,
+        })
+    }
+
     pub fn finished(&self) -> bool {
         match self.kind {
             Kind::SharedPrefix | Kind::Zipf => self.queue.is_empty(),
