@@ -362,6 +362,11 @@ pub struct LoadReport {
     source: std::sync::atomic::AtomicU8,
     /// This router's share of the fleet's traffic when the report came ([`TrafficShare`]), in
     /// thousandths (0: none yet): how the others' count is carried forward between reports.
+    fleet_milli: AtomicU64,
+    /// This router's share of this worker's requests at its reports, smoothed (each report
+    /// moves it a fifth of the way; 0: no report with requests yet). The others are carried
+    /// forward no faster than this says either: where they never sent anything (a client that
+    /// bypasses the routers, on one worker), they are not taken to send.
     share_milli: AtomicU64,
 }
 
@@ -440,7 +445,13 @@ impl LoadReport {
         source: ReportSource,
         share: &TrafficShare,
     ) {
-        self.share_milli.store(share.record(own, requests), Relaxed);
+        self.fleet_milli.store(share.record(own, requests), Relaxed);
+        if let Some(mine) = (own * 1000).checked_div(requests) {
+            let mine = mine.clamp(1, 1000);
+            let prev = self.share_milli.load(Relaxed);
+            let next = if prev == 0 { mine } else { (prev * 4 + mine) / 5 };
+            self.share_milli.store(next, Relaxed);
+        }
         self.requests.store(requests, Relaxed);
         self.own_then.store(own, Relaxed);
         self.source.store(if source == ReportSource::Published { 1 } else { 2 }, Relaxed);
@@ -476,10 +487,11 @@ impl LoadReport {
         let Some((reported, own_then, _)) = self.fresh() else { return 0 };
         let then = reported.saturating_sub(own_then) as i64;
         // No report with requests yet: nothing says the others move at all.
-        let per_own = match self.share_milli.load(Relaxed) as i64 {
+        let per_own = |share: &AtomicU64| match share.load(Relaxed) as i64 {
             0 => 0,
             share => (1_000_000 / share - 1000).clamp(0, MAX_OTHERS_PER_OWN_MILLI),
         };
+        let per_own = per_own(&self.fleet_milli).min(per_own(&self.share_milli));
         let since = (own as i64 - own_then as i64) * per_own / 1000;
         (then + since).max(0) as u64
     }
@@ -706,7 +718,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn others_are_carried_forward_by_this_routers_moves_in_proportion_to_its_fleet_share() {
+    fn others_are_carried_forward_by_this_routers_moves_by_the_fleets_share_and_the_workers() {
         let valid = std::time::Duration::from_secs(3);
         let pub_ = ReportSource::Published;
         let share = TrafficShare::default();
@@ -734,18 +746,25 @@ mod tests {
         let r = LoadReport::default();
         r.set(1000, 1, valid, pub_, &share);
         assert_eq!(r.others(2), 999 + 7);
-        // Smoothed over reports: one report alone moves the share by its weight only.
+        // Smoothed over reports: one report alone moves the fleet's share by 1/64 and the
+        // worker's by a fifth; the others move no faster than either says.
         let share = TrafficShare::default();
         for _ in 0..200 {
             share.record(10, 30);
         }
         let r = LoadReport::default();
+        r.set(30, 10, valid, pub_, &share);
         r.set(10, 10, valid, pub_, &share);
-        assert_eq!(
-            r.others(13),
-            5,
-            "still about a third (337/1000): 1.97 of theirs per one of ours"
-        );
+        assert_eq!(r.others(13), 3, "the worker's 466/1000 (the fleet's 337): 1.1 per one of ours");
+        // Others that bypass the routers, all on one worker: this router is a sliver of the
+        // fleet, but on a worker where the others never sent anything they do not move.
+        let share = TrafficShare::default();
+        let busy = LoadReport::default();
+        let idle = LoadReport::default();
+        busy.set(6, 0, valid, pub_, &share);
+        idle.set(0, 0, valid, pub_, &share);
+        assert_eq!(idle.others(3), 0, "three of ours on the idle worker: nobody else's");
+        assert_eq!(busy.others(0), 6);
         r.clear();
         assert_eq!(r.others(15), 0, "no fresh report");
     }
