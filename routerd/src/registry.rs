@@ -375,8 +375,9 @@ pub struct LoadReport {
 /// and smoothed (each report weighs 1/64, a few hundred milliseconds of reports). Replicas
 /// behind a Service get the same share of every kind of request and route alike, so this
 /// router's share of any one worker's traffic is about its share of the fleet's; measured per
-/// worker instead, it is noise where a worker holds few requests (one of ours or none flips
-/// it), and a wrong share magnifies the noise.
+/// worker alone, it is noise where a worker holds few requests (one of ours or none flips
+/// it), and a wrong share magnifies the noise. [`LoadReport::others`] carries the others
+/// forward by whichever of the two shares moves them slower.
 #[derive(Debug, Default)]
 pub struct TrafficShare {
     /// Decayed sums of (own, reported) requests.
@@ -487,11 +488,11 @@ impl LoadReport {
         let Some((reported, own_then, _)) = self.fresh() else { return 0 };
         let then = reported.saturating_sub(own_then) as i64;
         // No report with requests yet: nothing says the others move at all.
-        let per_own = |share: &AtomicU64| match share.load(Relaxed) as i64 {
+        let others_per_own = |share: &AtomicU64| match share.load(Relaxed) as i64 {
             0 => 0,
             share => (1_000_000 / share - 1000).clamp(0, MAX_OTHERS_PER_OWN_MILLI),
         };
-        let per_own = per_own(&self.fleet_milli).min(per_own(&self.share_milli));
+        let per_own = others_per_own(&self.fleet_milli).min(others_per_own(&self.share_milli));
         let since = (own as i64 - own_then as i64) * per_own / 1000;
         (then + since).max(0) as u64
     }
